@@ -1,0 +1,181 @@
+"""The edgepack command line: export, smoke, inspect, doctor.
+
+Human text goes to stderr; with --json, one machine-readable object goes to stdout.
+Exit codes: 0 all produced and smoke-tested, 1 a backend or a check failed, 2 bad usage or input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from edgepack import __version__
+from edgepack.errors import EXIT_BAD_INPUT, EXIT_FAILED, EdgepackError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Turn a PyTorch model into Android and iOS artifacts with 4-bit weights, bundled with its "
+         "tokenizer, a manifest and a smoke test.\n\n"
+         "Example:  [bold]edgepack export ./my-model --target executorch --out dist/[/]",
+)
+err = Console(stderr=True)
+
+
+def _emit_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _fail(error: BaseException, as_json: bool, verbose: bool) -> None:
+    if isinstance(error, EdgepackError):
+        code, kind = error.exit_code, type(error).__name__
+        err.print(f"[bold red]error:[/] {error.message}", highlight=False)
+        if error.hint:
+            err.print(f"  [dim]hint:[/] {error.hint}", highlight=False)
+    else:
+        code, kind = EXIT_FAILED, "InternalError"
+        err.print(f"[bold red]internal error (a bug in edgepack):[/] {type(error).__name__}: {error}", highlight=False)
+    if verbose:
+        err.print("".join(traceback.format_exception(error)), highlight=False, markup=False)
+    if as_json:
+        _emit_json({"ok": False, "exit_code": code, "error": {"type": kind, "message": str(error)}})
+    raise typer.Exit(code)
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="A local Hugging Face model directory, a .pt2 file, or file.py:factory / module:factory."),
+    target: str = typer.Option("executorch", "--target", "-t", help="Comma-separated backends, or 'all'."),
+    out: Path = typer.Option(Path("dist"), "--out", "-o", help="The bundle is written to OUT/NAME/."),
+    name: Optional[str] = typer.Option(None, help="Bundle name (default: the source's directory or file name)."),
+    quant: str = typer.Option("int4", help="int4 (4-bit group-wise weights, int8 dynamic activations), int8, or none."),
+    group_size: int = typer.Option(32, help="Weights per quantization group for int4."),
+    max_seq_len: Optional[int] = typer.Option(None, help="KV cache length for decoder LMs (default: min(config max positions, 2048))."),
+    min_cosine: Optional[float] = typer.Option(None, help="Fail (exit 1) if quantized vs fp32 logits cosine falls below this."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first backend failure."),
+    no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Export a model directory without tokenizer files (non-text models)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show full tracebacks."),
+) -> None:
+    """Export a model to mobile artifacts, package the bundle, and smoke-test it on the host.
+
+    [bold]Examples[/]
+
+      edgepack export ./SmolLM2-135M --target executorch --out dist/
+      edgepack export ./tiny-llama --quant int8 --max-seq-len 512 --json > summary.json
+      edgepack export my_model.py:build --name mymodel
+    """
+    from edgepack.pipeline import ExportRequest, export as run_export
+    from edgepack.progress import Progress
+    from edgepack.report import export_summary, print_export_summary
+
+    request = ExportRequest(source, target, out, name, quant, group_size, max_seq_len, min_cosine, strict, no_tokenizer)
+    try:
+        result = run_export(request, Progress(err))
+    except BaseException as e:  # noqa: BLE001 - every failure becomes an exit code
+        if isinstance(e, (KeyboardInterrupt, typer.Exit)):
+            raise
+        _fail(e, as_json, verbose)
+    summary = export_summary(result)
+    print_export_summary(err, summary)
+    if as_json:
+        _emit_json(summary)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def smoke(
+    bundle: Path = typer.Argument(..., help="A bundle directory written by `edgepack export`."),
+    on: str = typer.Option("host", help="Where to run: host."),
+    backend: Optional[str] = typer.Option(None, help="Only this backend (default: every artifact)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Replay the bundle's golden cases through its artifacts and compare with the expected outputs.
+
+    [bold]Example[/]
+
+      edgepack smoke dist/my-model
+    """
+    from edgepack.packaging.manifest import read_manifest
+    from edgepack.packaging.smoke import smoke_bundle
+    from edgepack.report import print_smoke
+
+    try:
+        if on != "host":
+            raise EdgepackError(f"--on {on!r}: only 'host' is available in this version")
+        manifest = read_manifest(bundle)
+        results = smoke_bundle(bundle, manifest, [backend] if backend else None)
+        if backend and not results:
+            raise EdgepackError(f"{bundle}: has no {backend!r} artifact")
+    except typer.Exit:
+        raise
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        if isinstance(e, EdgepackError) and e.exit_code == EXIT_FAILED and "only 'host'" in e.message:
+            e.exit_code = EXIT_BAD_INPUT
+        _fail(e, as_json, verbose)
+    print_smoke(err, results)
+    passed = all(r.passed for r in results)
+    if as_json:
+        _emit_json({"ok": passed, "bundle": str(bundle), "results": {r.backend: r.as_dict() for r in results}})
+    raise typer.Exit(0 if passed else EXIT_FAILED)
+
+
+@app.command()
+def inspect(
+    bundle: Path = typer.Argument(..., help="A bundle directory written by `edgepack export`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+) -> None:
+    """Show a bundle's manifest (validated against the schema) as readable tables.
+
+    [bold]Example[/]
+
+      edgepack inspect dist/my-model
+    """
+    from edgepack.packaging.manifest import read_manifest
+    from edgepack.report import print_manifest
+
+    try:
+        manifest = read_manifest(bundle)
+    except EdgepackError as e:
+        _fail(e, as_json, False)
+    if as_json:
+        _emit_json(manifest)
+    else:
+        print_manifest(Console(), manifest)
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON on stdout.")) -> None:
+    """List the backends, converters and runtimes installed here, with their versions.
+
+    [bold]Example[/]
+
+      edgepack doctor
+    """
+    from edgepack.report import doctor_report, print_doctor
+
+    report = doctor_report()
+    if as_json:
+        _emit_json(report)
+    else:
+        print_doctor(Console(), report)
+
+
+@app.callback(invoke_without_command=True)
+def _version(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        typer.echo(f"edgepack {__version__}")
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,226 @@
+"""Tiny, deterministic demo models for tests and examples (no network needed).
+
+Builds random-weight Llama and BERT models plus tokenizers trained on a small
+bundled corpus, and writes them as ordinary Hugging Face model directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+CORPUS_PATH = Path(__file__).parent / "demo_corpus.txt"
+
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>"]
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+# Llama-3-like, but only uses tokens our vocab actually has: role header on its
+# own line, content, then <|eot_id|> (the chat stop token).
+LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ message['role'] }}\n{{ message['content'] }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant\n{% endif %}"
+)
+
+
+def _corpus_lines() -> list[str]:
+    """Corpus paragraphs; non-empty lines keep the trainer input stable."""
+    text = CORPUS_PATH.read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def train_tokenizer(vocab_size: int = 512) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (Llama-3 style specials, ids 0-3)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=LLAMA_SPECIALS,  # list order fixes their ids 0..3
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte is encodable
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    bos = LLAMA_SPECIALS[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A",
+        pair=f"{bos} $A $B:1",
+        special_tokens=[(bos, tok.token_to_id(bos))],
+    )
+    return tok
+
+
+def _train_wordpiece(vocab_size: int = 500) -> Tokenizer:
+    """Train a lowercase BERT-style WordPiece tokenizer ([PAD]=0 ... [MASK]=4)."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    lines = _corpus_lines()
+    # The trainer gives "##x" pieces ids in hash-map order, so merge tie-breaks
+    # (and the vocab) vary per process. Pinning them as extra specials, in
+    # sorted order, makes training deterministic; they become plain vocab below.
+    inner: set[str] = set()
+    for line in lines:
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line)):
+            inner.update(word[1:])
+    pinned = [f"##{c}" for c in sorted(inner)]
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=BERT_SPECIALS + pinned, show_progress=False
+    )
+    tok.train_from_iterator(lines, trainer=trainer)
+
+    # Rebuild from the trained vocab so only the real specials are special.
+    out = Tokenizer(models.WordPiece(vocab=tok.get_vocab(), unk_token="[UNK]"))
+    out.normalizer = tok.normalizer
+    out.pre_tokenizer = tok.pre_tokenizer
+    out.decoder = decoders.WordPiece()
+    out.add_special_tokens(BERT_SPECIALS)
+    cls_id, sep_id = out.token_to_id("[CLS]"), out.token_to_id("[SEP]")
+    out.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return out
+
+
+def fit_to_corpus(model, tok: Tokenizer, steps: int, seed: int, seq_len: int = 64, batch: int = 16) -> None:
+    """A few steps of next-token training on the demo corpus, single-threaded so the weights
+    (and so the saved bytes) are the same on every machine."""
+    import torch
+
+    ids = torch.tensor(tok.encode("\n".join(_corpus_lines())).ids, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.train()
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=generator)
+            window = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+            loss = model(input_ids=window, labels=window).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_llama_dir(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 512,
+    vocab_size: int = 512,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    train_steps: int = 150,
+) -> Path:
+    """Write a tiny LlamaForCausalLM + tokenizer as an HF model dir.
+
+    The weights are fitted to the demo corpus for `train_steps` steps (a second or two): an
+    untrained model's next-token logits are near-ties, so greedy decoding flips on the tiniest
+    numerical difference and a token-for-token smoke test would only measure noise.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = train_tokenizer(vocab_size)
+    assert tok.get_vocab_size() == vocab_size, (tok.get_vocab_size(), vocab_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ids = {"bos_token_id": 0, "eos_token_id": [1, 2], "pad_token_id": 3}
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        **ids,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    fit_to_corpus(model, tok, train_steps, seed)
+    model.eval().save_pretrained(out, safe_serialization=True)
+    GenerationConfig(**ids).save_pretrained(out)
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|pad|>",
+        model_max_length=max_position_embeddings,
+    )
+    hf_tok.chat_template = LLAMA_CHAT_TEMPLATE
+    hf_tok.save_pretrained(out)
+    return out
+
+
+def build_bert_dir(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Write a random tiny BertModel + WordPiece tokenizer as an HF model dir."""
+    import torch
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tok = _train_wordpiece()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = BertModel(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+    hf_tok.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m edgepack.demo OUT_DIR [--bert]``."""
+    parser = argparse.ArgumentParser(prog="python -m edgepack.demo", description=__doc__)
+    parser.add_argument("out_dir", help="directory to write the model into")
+    parser.add_argument("--bert", action="store_true", help="build the BERT encoder instead of Llama")
+    args = parser.parse_args(argv)
+    build = build_bert_dir if args.bert else build_llama_dir
+    print(build(args.out_dir))
+
+
+if __name__ == "__main__":
+    main()

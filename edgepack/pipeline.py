@@ -1,0 +1,95 @@
+"""The whole export, in order: load → capture → lower (per backend) → package → smoke → commit.
+No stage here knows a backend by name; backends come from the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError
+from edgepack.progress import Progress, peak_rss_bytes
+from edgepack.quant import QuantSpec
+from edgepack.stages import Artifact, Bundle
+from edgepack.exporters.capture import capture
+from edgepack.exporters.registry import resolve_targets
+from edgepack.exporters.sources import load_source
+from edgepack.packaging.bundle import StagedBundle, check_writable, commit, stage_contents
+from edgepack.packaging.smoke import BackendSmoke, smoke_bundle
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    source: str
+    targets: str = "executorch"
+    out_dir: Path = Path("dist")
+    name: str | None = None
+    quant: str = "int4"
+    group_size: int = 32
+    max_seq_len: int | None = None
+    min_cosine: float | None = None
+    strict: bool = False
+    no_tokenizer: bool = False
+
+
+@dataclass
+class ExportResult:
+    bundle: Bundle | None
+    artifacts: list[Artifact]
+    failures: list[dict]
+    smoke: list[BackendSmoke]
+    progress: Progress
+    peak_rss_bytes: int = 0
+    quality_failures: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        ok = self.bundle is not None and not self.failures and not self.quality_failures
+        return EXIT_OK if ok and all(s.passed for s in self.smoke) else EXIT_FAILED
+
+
+def _failure(error: EdgepackError, backend: str) -> dict:
+    return {"backend": backend, "step": getattr(error, "step", None), "message": str(error)}
+
+
+def export(request: ExportRequest, progress: Progress) -> ExportResult:
+    # Everything the user typed is checked before the first slow step.
+    backends = resolve_targets(request.targets)
+    quant = QuantSpec.from_options(request.quant, request.group_size)
+    check_writable(request.out_dir)
+
+    with progress.stage("load"):
+        loaded = load_source(request.source, name=request.name, no_tokenizer=request.no_tokenizer)
+    quant.check_model(loaded.module)
+
+    with progress.stage("capture"):
+        captured = capture(loaded, max_seq_len=request.max_seq_len)
+
+    artifacts, failures = [], []
+    for backend in backends:
+        try:
+            with progress.stage(f"lower {backend.name}") as stage:
+                artifacts.append(backend.load().lower(captured, quant, on_step=stage.step))
+        except EdgepackError as e:
+            if request.strict:
+                raise
+            failures.append(_failure(e, backend.name))
+            progress.console.print(f"[red]{backend.name} failed:[/] {e}")
+    result = ExportResult(None, artifacts, failures, [], progress)
+    if not artifacts:
+        result.peak_rss_bytes = peak_rss_bytes()
+        return result
+
+    with StagedBundle(request.out_dir, loaded.name) as staging:
+        with progress.stage("package"):
+            manifest = stage_contents(staging, captured, quant, artifacts, failures)
+        with progress.stage("smoke"):
+            result.smoke = smoke_bundle(staging.root, manifest)
+        manifest["comparisons"]["lowering_fidelity"] = {s.backend: s.as_dict() for s in result.smoke}
+        if request.min_cosine is not None:
+            for backend, cases in manifest["comparisons"]["quantization_quality"].items():
+                worst = min(m["min_cosine"] for m in cases.values())
+                if worst < request.min_cosine:
+                    result.quality_failures.append(f"{backend}: quantized vs fp32 cosine {worst} < --min-cosine {request.min_cosine}")
+        result.bundle = commit(staging, manifest)
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result

@@ -1,0 +1,105 @@
+"""The one backend-neutral description of weight quantization; each backend translates it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from edgepack.errors import InputError
+
+Scheme = Literal["int4", "int8", "none"]
+SCHEMES: tuple[str, ...] = ("int4", "int8", "none")
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How one kind of layer stores its weights."""
+
+    bits: int
+    group_size: int | None  # None: one scale per output channel
+    symmetric: bool = True
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage per weight with one fp16 scale per group: the 'ideal' size of the scheme."""
+        return self.bits + (16 / self.group_size if self.group_size else 0.0)
+
+    def describe(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Which layers are quantized and how. Layers are resolved by type: linear (lm_head included)
+    or embedding; anything else (norms, biases) stays fp32."""
+
+    scheme: Scheme
+    linear: WeightQuant | None
+    embedding: WeightQuant | None
+    dynamic_int8_activations: bool
+
+    @classmethod
+    def from_options(cls, scheme: str, group_size: int = 32) -> "QuantSpec":
+        if scheme not in SCHEMES:
+            raise InputError(f"--quant {scheme!r} is not a scheme", hint=f"choose one of {', '.join(SCHEMES)}")
+        if group_size < 1 or group_size & (group_size - 1):
+            raise InputError(f"--group-size {group_size} must be a power of two", hint="32 is the default")
+        if scheme == "int4":
+            four = WeightQuant(bits=4, group_size=group_size)
+            return cls(scheme, linear=four, embedding=four, dynamic_int8_activations=True)
+        if scheme == "int8":
+            eight = WeightQuant(bits=8, group_size=None)
+            return cls(scheme, linear=eight, embedding=eight, dynamic_int8_activations=True)
+        return cls(scheme, linear=None, embedding=None, dynamic_int8_activations=False)
+
+    def for_module(self, module: nn.Module) -> WeightQuant | None:
+        if isinstance(module, nn.Linear):
+            return self.linear
+        if isinstance(module, nn.Embedding):
+            return self.embedding
+        return None
+
+    def check_model(self, model: nn.Module) -> None:
+        """Fail before any work if a group does not divide a layer's input width."""
+        bad = []
+        for name, module in model.named_modules():
+            wq = self.for_module(module)
+            if wq is None or wq.group_size is None:
+                continue
+            width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
+            if width % wq.group_size:
+                bad.append(f"{name} (width {width})")
+        if bad:
+            raise InputError(
+                f"--group-size {self.linear.group_size if self.linear else ''} does not divide the input width of "
+                f"{len(bad)} layer(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}",
+                hint="pick a group size that divides every layer width (e.g. 32 or 16), or --quant int8",
+            )
+
+    def describe(self) -> dict:
+        return {
+            "scheme": self.scheme,
+            "linear": self.linear.describe() if self.linear else "fp32",
+            "embedding": self.embedding.describe() if self.embedding else "fp32",
+            "activations": "int8 dynamic" if self.dynamic_int8_activations else "fp32",
+        }
+
+    def ideal_bytes(self, model: nn.Module) -> int:
+        """Size of the parameters stored exactly as the scheme says, the rest fp32, tied weights once."""
+        bits = 0.0
+        quantized: set[int] = set()
+        for module in model.modules():
+            wq = self.for_module(module)
+            weight = getattr(module, "weight", None)
+            if wq is not None and weight is not None and id(weight) not in quantized:
+                quantized.add(id(weight))
+                bits += weight.numel() * wq.bits_per_weight
+        seen: set[int] = set()
+        for p in model.parameters():
+            if id(p) not in quantized and id(p) not in seen:
+                seen.add(id(p))
+                bits += p.numel() * 32
+        return int(bits // 8)

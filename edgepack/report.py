@@ -1,0 +1,153 @@
+"""What the CLI prints: the export summary, smoke results, a manifest as tables, and doctor.
+Every number comes from the run or the manifest; nothing here measures or guesses."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from rich.console import Console
+from rich.table import Table
+
+from edgepack.exporters.registry import BACKENDS
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def export_summary(result) -> dict:
+    """The --json summary of one export, measured on this run."""
+    manifest = result.bundle.manifest if result.bundle else {}
+    fidelity = manifest.get("comparisons", {}).get("lowering_fidelity", {})
+    quality = manifest.get("comparisons", {}).get("quantization_quality", {})
+    artifacts = []
+    for a in manifest.get("artifacts", []):
+        artifacts.append({
+            "backend": a["backend"], "path": a["path"], "bytes": a["bytes"], "sha256": a["sha256"],
+            "ideal_bytes": a["ideal_bytes"], "ratio_to_ideal": round(a["bytes"] / a["ideal_bytes"], 3),
+            "lowering_fidelity": fidelity.get(a["backend"]), "quantization_quality": quality.get(a["backend"]),
+        })
+    return {
+        "ok": result.exit_code == 0,
+        "exit_code": result.exit_code,
+        "bundle": str(result.bundle.path) if result.bundle else None,
+        "archive": str(result.bundle.archive) if result.bundle else None,
+        "artifacts": artifacts,
+        "failures": result.failures,
+        "quality_failures": result.quality_failures,
+        "stages": [t.as_dict() for t in result.progress.timings],
+        "peak_rss_bytes": result.peak_rss_bytes,
+    }
+
+
+def _case_summary(cases: dict, key: str) -> str:
+    values = [m.get(key) for m in cases.values() if m.get(key) is not None]
+    return f"{min(values):.4f}" if values else "-"
+
+
+def print_export_summary(console: Console, summary: dict) -> None:
+    table = Table(title="edgepack export", title_justify="left")
+    for col in ("backend", "file", "size", "ideal 4-bit", "ratio", "smoke (vs quantized eager)", "quality (vs fp32)"):
+        table.add_column(col)
+    for a in summary["artifacts"]:
+        fid = a["lowering_fidelity"] or {}
+        cases = fid.get("cases", {})
+        tokens = [m.get("tokens_match") for m in cases.values() if "tokens_match" in m]
+        smoke = ("[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]") + (
+            f" tokens {'=' if all(tokens) else '≠'}" if tokens else "") + f" cos {_case_summary(cases, 'min_cosine')}"
+        q = a["quantization_quality"] or {}
+        quality = f"cos {_case_summary(q, 'min_cosine')}" + (
+            f" top-1 {_case_summary(q, 'top1_agreement')}" if any('top1_agreement' in m for m in q.values()) else "")
+        table.add_row(a["backend"], a["path"], _mb(a["bytes"]), _mb(a["ideal_bytes"]), f"{a['ratio_to_ideal']:.2f}×", smoke, quality)
+    for f in summary["failures"]:
+        table.add_row(f["backend"], "-", "-", "-", "-", f"[red]FAILED[/] {f['message']}", "-")
+    console.print(table)
+    times = "  ".join(f"{s['name']} {s['seconds']:.1f}s" for s in summary["stages"])
+    console.print(f"time: {times}   peak RSS: {_mb(summary['peak_rss_bytes'])}")
+    for message in summary["quality_failures"]:
+        console.print(f"[red]quality gate:[/] {message}")
+    if summary["bundle"]:
+        console.print(f"bundle: {summary['bundle']}   archive: {summary['archive']}")
+    console.print("[green]OK[/]" if summary["ok"] else f"[red]FAILED[/] (exit {summary['exit_code']})")
+
+
+def print_smoke(console: Console, results) -> None:
+    table = Table(title="edgepack smoke", title_justify="left")
+    for col in ("backend", "runtime", "case", "result", "tokens", "min cosine", "max abs diff"):
+        table.add_column(col)
+    for r in results:
+        if r.error:
+            table.add_row(r.backend, r.runtime, "-", "[red]ERROR[/]", "-", "-", r.error)
+        for name, m in r.cases.items():
+            verdict = "[green]pass[/]" if not m["failures"] else "[red]FAIL[/] " + "; ".join(m["failures"])
+            tokens = "-" if "tokens_match" not in m else ("match" if m["tokens_match"] else f"differ @ {m['first_token_mismatch']}")
+            table.add_row(r.backend, r.runtime, name, verdict, tokens, str(m.get("min_cosine", "-")), str(m.get("max_abs_diff", "-")))
+    console.print(table)
+
+
+def print_manifest(console: Console, manifest: dict) -> None:
+    model = manifest["model"]
+    head = Table(title=f"bundle {manifest['name']} (manifest schema {manifest['schema_version']})", title_justify="left", show_header=False)
+    head.add_row("source", f"{model['source']} ({model['source_kind']}, {model['task']})")
+    if model["architecture"]:
+        arch = model["architecture"]
+        head.add_row("architecture", f"{arch['family']}: {arch['n_layers']} layers, hidden {arch['hidden_size']}, "
+                                     f"{arch['n_heads']} heads / {arch['n_kv_heads']} kv, vocab {arch['vocab_size']}")
+    head.add_row("parameters", f"{model['parameter_count']:,}")
+    tok = manifest["tokenizer"]
+    if tok:
+        head.add_row("tokenizer", ", ".join(f["path"] for f in tok["files"]))
+        head.add_row("bos / eos / pad", f"{tok['bos_id']} / {tok['eos_ids']} / {tok['pad_id']}")
+        head.add_row("chat template", "yes" if tok["chat_template"] else "no")
+    if manifest["generation"]:
+        head.add_row("max seq len", str(manifest["generation"]["max_seq_len"]))
+    head.add_row("quantization", ", ".join(f"{k} {v}" for k, v in manifest["quantization"].items()))
+    head.add_row("toolchain", ", ".join(f"{k} {v}" for k, v in manifest["toolchain"].items()))
+    console.print(head)
+    arts = Table(title="artifacts", title_justify="left")
+    for col in ("backend", "path", "size", "ratio to ideal", "platforms", "runtime", "methods"):
+        arts.add_column(col)
+    for a in manifest["artifacts"]:
+        methods = "; ".join(
+            f"{m['name']}({', '.join(i['name'] + ':' + i['dtype'] + str(i['shape']) for i in m['inputs'])})"
+            for m in a["methods"])
+        runtime = f"{a['runtime']['name']} {a['runtime']['version']}"
+        if a["runtime"].get("kernel_libraries"):
+            runtime += f" + kernels: {', '.join(a['runtime']['kernel_libraries'])}"
+        arts.add_row(a["backend"], a["path"], _mb(a["bytes"]), f"{a['bytes'] / a['ideal_bytes']:.2f}×",
+                     ", ".join(a["platforms"]), runtime, methods)
+    console.print(arts)
+    for f in manifest["failures"]:
+        console.print(f"[red]failed:[/] {f['backend']}: {f['message']}")
+    fid = manifest["comparisons"]["lowering_fidelity"]
+    for backend, r in fid.items():
+        console.print(f"smoke {backend}: {'pass' if r['passed'] else 'FAIL'} "
+                      + " ".join(f"[{n}: cos {m.get('min_cosine')}]" for n, m in r["cases"].items()))
+
+
+def doctor_report() -> dict:
+    def dist_version(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    backends = {}
+    for entry in BACKENDS.values():
+        found = {d: dist_version(d) for d in entry.distributions}
+        backends[entry.name] = {"available": all(found.values()), "distributions": found,
+                                "artifact": entry.artifact, "platforms": list(entry.platforms)}
+    core = {d: dist_version(d) for d in ("torch", "transformers", "tokenizers", "safetensors", "numpy")}
+    return {"core": core, "backends": backends}
+
+
+def print_doctor(console: Console, report: dict) -> None:
+    table = Table(title="edgepack doctor", title_justify="left")
+    for col in ("component", "status", "versions"):
+        table.add_column(col)
+    for name, v in report["core"].items():
+        table.add_row(name, "[green]ok[/]" if v else "[red]missing[/]", v or "-")
+    for name, b in report["backends"].items():
+        versions = ", ".join(f"{d} {v or 'missing'}" for d, v in b["distributions"].items())
+        table.add_row(f"backend {name}", "[green]ready[/]" if b["available"] else "[red]missing[/]", versions)
+    console.print(table)

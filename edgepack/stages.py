@@ -1,0 +1,125 @@
+"""The value each pipeline stage hands to the next. Each is immutable and of its own type, so
+the order load → capture → lower → package is enforced by what each function accepts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from edgepack.cases import Case, CaseOutput, Tolerance
+
+Task = Literal["causal-lm", "encoder", "module"]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """An architecture's numbers under one vocabulary, whatever the config calls them."""
+
+    family: str
+    model_type: str
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    rope_theta: float | None
+    tied_embeddings: bool
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """What an app needs to tokenize and stop, derived from the model's own files."""
+
+    directory: Path
+    files: tuple[str, ...]
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+    pad_id: int | None
+    chat_template: str | None
+    add_bos: bool
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    source: str
+    source_kind: Literal["hf-dir", "pt2", "factory"]
+    task: Task
+    module: nn.Module = field(repr=False)
+    parameter_count: int
+    weight_files: tuple[tuple[str, str], ...] = ()  # (file name, sha256)
+    facts: ModelFacts | None = None
+    tokenizer: TokenizerFacts | None = None
+    example_inputs: tuple = field(default=(), repr=False)
+    dynamic_shapes: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]  # a str names a dynamic dimension
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dynamic_dims: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (min, max)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "inputs": [t.as_dict() for t in self.inputs],
+            "outputs": [t.as_dict() for t in self.outputs],
+            "dynamic_dims": {k: {"min": lo, "max": hi} for k, (lo, hi) in sorted(self.dynamic_dims.items())},
+        }
+
+
+@dataclass(frozen=True)
+class CapturedModel:
+    """The model in the form every backend lowers: an fp32 module with a fixed calling convention,
+    example inputs with their dynamic dimensions, golden cases and the fp32 eager answers."""
+
+    loaded: LoadedModel
+    module: nn.Module = field(repr=False)
+    example_inputs: tuple = field(repr=False)
+    dynamic_shapes: Any = field(repr=False)
+    methods: tuple[MethodSpec, ...]
+    cases: tuple[Case, ...]
+    fp32_outputs: dict[str, CaseOutput] = field(repr=False)
+    tolerance: Tolerance
+    llm_metadata: dict[str, Any]  # runner-facing facts (bos, eos ids, max seq len, ...)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One backend's product: its files (relative to the bundle), how it was made, and the
+    quantized eager answers it must reproduce."""
+
+    backend: str
+    platforms: tuple[str, ...]
+    files: dict[str, bytes] = field(repr=False)
+    main_file: str
+    methods: tuple[MethodSpec, ...]
+    quantization: dict
+    ideal_bytes: int
+    reference_outputs: dict[str, CaseOutput] = field(repr=False)
+    runtime: dict  # runtime name, version, kernel libraries the app must link
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    archive: Path
+    manifest: dict = field(repr=False)

@@ -1,0 +1,147 @@
+"""Front end, part 3: give every model a fixed calling convention, golden cases, and the fp32
+eager answers to them. Backends lower `CapturedModel.module`; nothing here is backend-specific."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+from edgepack.cases import Case, CaseOutput, MethodCall, Tolerance, compare, run_case
+from edgepack.errors import InputError
+from edgepack.stages import CapturedModel, LoadedModel, MethodSpec, TensorSpec
+from edgepack.exporters.decoder import EncoderLastHidden, StaticCacheLM
+from edgepack.exporters.tokenizer import encode
+
+GOLDEN_PROMPT = "The river ran past the old mill, and the children"
+GOLDEN_STEPS = 16
+GOLDEN_SENTENCES = (
+    "The weather is lovely today.",
+    "Phones run small models on the device.",
+    "Où est la gare ? 駅はどこですか。",
+)
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def eager_call(module: torch.nn.Module) -> MethodCall:
+    def call(method: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = module(*(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.detach().numpy() for o in outs]
+    return call
+
+
+def run_cases(call: MethodCall, cases: Sequence[Case], forced: dict[str, CaseOutput] | None = None) -> dict[str, CaseOutput]:
+    return {c.name: run_case(c, call, forced[c.name] if forced else None) for c in cases}
+
+
+def quantized_reference(module: torch.nn.Module, captured: CapturedModel) -> tuple[dict[str, CaseOutput], dict]:
+    """A backend's quantized eager model on the golden cases: its free-running answers (what the
+    artifact must reproduce) and its quality against fp32 eager, teacher-forced on fp32's tokens."""
+    call = eager_call(module)
+    free = run_cases(call, captured.cases)
+    forced = run_cases(call, captured.cases, captured.fp32_outputs)
+    quality = {c.name: compare(captured.fp32_outputs[c.name], forced[c.name]) for c in captured.cases}
+    return free, quality
+
+
+def _spec(name: str, t: torch.Tensor, dims: dict[int, str] | None = None) -> TensorSpec:
+    shape = tuple((dims or {}).get(i, s) for i, s in enumerate(t.shape))
+    return TensorSpec(name, str(t.dtype).removeprefix("torch."), shape)
+
+
+def capture_decoder_lm(loaded: LoadedModel, max_seq_len: int | None) -> CapturedModel:
+    facts = loaded.facts
+    limit = min(facts.max_positions, DEFAULT_MAX_SEQ_LEN)
+    max_seq_len = max_seq_len or limit
+    if not 2 <= max_seq_len <= facts.max_positions:
+        raise InputError(f"--max-seq-len {max_seq_len} is outside 2..{facts.max_positions} (the model's max positions)")
+    module = StaticCacheLM(loaded.module, facts, max_seq_len).eval()
+    tok = loaded.tokenizer
+    prompt_ids = encode(tok, GOLDEN_PROMPT) if tok else list(range(1, 9))
+    if len(prompt_ids) + GOLDEN_STEPS > max_seq_len:
+        raise InputError(f"--max-seq-len {max_seq_len} is too short for the smoke prompt ({len(prompt_ids)} tokens + {GOLDEN_STEPS} steps)")
+    prompt = np.array([prompt_ids], dtype=np.int64)
+    cases = (Case("greedy", "greedy", "forward", (prompt,), ("tokens",), steps=GOLDEN_STEPS,
+                  note=f"prompt {GOLDEN_PROMPT!r}" if tok else "fixed token ids"),)
+    example = (torch.from_numpy(prompt), torch.tensor([0], dtype=torch.int64))
+    seq = Dim("seq_len", min=1, max=max_seq_len - 1)
+    logits = torch.zeros(1, facts.vocab_size)
+    method = MethodSpec(
+        "forward",
+        inputs=(_spec("tokens", example[0], {1: "seq_len"}), _spec("input_pos", example[1])),
+        outputs=(_spec("logits", logits),),
+        dynamic_dims={"seq_len": (1, max_seq_len - 1)},
+    )
+    metadata = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": facts.vocab_size,
+        "get_n_layers": facts.n_layers,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+    }
+    if tok and tok.bos_id is not None:
+        metadata["get_bos_id"] = tok.bos_id
+    if tok and tok.eos_ids:
+        metadata["get_eos_ids"] = list(tok.eos_ids)
+    fp32 = run_cases(eager_call(module), cases)
+    return CapturedModel(loaded, module, example, ({1: seq}, None), (method,), cases, fp32,
+                         Tolerance(min_cosine=0.99), metadata)
+
+
+def capture_encoder(loaded: LoadedModel, max_seq_len: int | None) -> CapturedModel:
+    facts, tok = loaded.facts, loaded.tokenizer
+    module = EncoderLastHidden(loaded.module).eval()
+    limit = max_seq_len or facts.max_positions
+    sentences = [encode(tok, s)[:limit] for s in GOLDEN_SENTENCES] if tok else [list(range(1, 9))]
+    cases = tuple(
+        Case(f"sentence-{i}", "tensors", "forward",
+             (np.array([ids], dtype=np.int64), np.ones((1, len(ids)), dtype=np.int64)),
+             ("input_ids", "attention_mask"), note=GOLDEN_SENTENCES[i] if tok else "fixed token ids")
+        for i, ids in enumerate(sentences)
+    )
+    example = tuple(torch.from_numpy(x) for x in cases[0].inputs)
+    seq = Dim("seq_len", min=2, max=limit)
+    hidden = torch.zeros(1, 1, facts.hidden_size)
+    method = MethodSpec(
+        "forward",
+        inputs=(_spec("input_ids", example[0], {1: "seq_len"}), _spec("attention_mask", example[1], {1: "seq_len"})),
+        outputs=(_spec("last_hidden_state", hidden, {1: "seq_len"}),),
+        dynamic_dims={"seq_len": (2, limit)},
+    )
+    fp32 = run_cases(eager_call(module), cases)
+    return CapturedModel(loaded, module, example, ({1: seq}, {1: seq}), (method,), cases, fp32,
+                         Tolerance(min_cosine=0.99), {})
+
+
+def capture_module(loaded: LoadedModel, max_seq_len: int | None) -> CapturedModel:
+    module = loaded.module
+    example = tuple(loaded.example_inputs)
+    names = tuple(f"input_{i}" for i in range(len(example)))
+    case = Case("example", "tensors", "forward", tuple(t.detach().numpy() for t in example), names,
+                note="the example inputs")
+    fp32 = run_cases(eager_call(module), (case,))
+    outputs = fp32[case.name].arrays
+    method = MethodSpec(
+        "forward",
+        inputs=tuple(_spec(n, t) for n, t in zip(names, example)),
+        outputs=tuple(TensorSpec(f"output_{i}", str(o.dtype), tuple(o.shape)) for i, o in enumerate(outputs)),
+    )
+    return CapturedModel(loaded, module, example, loaded.dynamic_shapes, (method,), (case,), fp32,
+                         Tolerance(min_cosine=0.99), {})
+
+
+CAPTURE_BY_TASK: dict[str, Callable[[LoadedModel, int | None], CapturedModel]] = {
+    "causal-lm": capture_decoder_lm,
+    "encoder": capture_encoder,
+    "module": capture_module,
+}
+
+
+def capture(loaded: LoadedModel, *, max_seq_len: int | None = None) -> CapturedModel:
+    return CAPTURE_BY_TASK[loaded.task](loaded, max_seq_len)

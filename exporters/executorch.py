@@ -1,0 +1,138 @@
+"""ExecuTorch lowering: torchao 8da4w weights, XNNPACK delegate, a .pte that follows the LLM
+runner's calling convention and carries its metadata as constant methods."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import Artifact, CapturedModel
+from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.steps import Step, run_steps
+
+# Operator namespaces left outside the delegate, and the kernel library that provides them.
+# An app must link these (and the host runtime must import them) or the .pte fails to load (0x14).
+KERNEL_LIBRARIES = {
+    "quantized_decomposed": ("quantized", "executorch.kernels.quantized"),
+    "llama": ("llm_custom_ops", "executorch.extension.llm.custom_ops.custom_ops"),
+}
+
+
+@dataclass
+class _Work:
+    captured: CapturedModel
+    quant: QuantSpec
+    module: nn.Module | None = None
+    reference: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    program: Any = None
+    edge: Any = None
+    pte: bytes = b""
+    kernel_libraries: list[str] = field(default_factory=list)
+
+
+def _torchao_config(wq: WeightQuant, dynamic_activations: bool, for_linear: bool):
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    granularity = PerGroup(wq.group_size) if wq.group_size else PerAxis(0)
+    mapping = MappingType.SYMMETRIC if wq.symmetric else MappingType.ASYMMETRIC
+    dtype = getattr(torch, f"int{wq.bits}")
+    if for_linear and dynamic_activations:
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
+                                                     weight_mapping_type=mapping)
+    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=mapping)
+
+
+def quantize_weights(work: _Work) -> None:
+    """torchao rewrites a copy of the module; the fp32 capture stays for other backends."""
+    from torchao.quantization import quantize_
+
+    module = copy.deepcopy(work.captured.module)
+    spec = work.quant
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
+            # padding_idx only matters for gradients; left set, it hides the embedding from the
+            # quant-fusion pattern (embedding_4bit) and to_executorch fails on dequantize_affine.
+            m.padding_idx = None
+    if spec.embedding:
+        quantize_(module, _torchao_config(spec.embedding, False, for_linear=False),
+                  filter_fn=lambda m, _: isinstance(m, nn.Embedding))
+    if spec.linear:
+        quantize_(module, _torchao_config(spec.linear, spec.dynamic_int8_activations, for_linear=True),
+                  filter_fn=lambda m, _: isinstance(m, nn.Linear))
+    work.module = module
+
+
+def record_reference(work: _Work) -> None:
+    work.reference, work.quality = quantized_reference(work.module, work.captured)
+
+
+def export_program(work: _Work) -> None:
+    captured = work.captured
+    work.program = torch.export.export(work.module, captured.example_inputs,
+                                       dynamic_shapes=captured.dynamic_shapes, strict=False)
+
+
+def lower_to_xnnpack(work: _Work) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    work.edge = to_edge_transform_and_lower(
+        work.program,
+        partitioner=[XnnpackPartitioner()],
+        constant_methods=work.captured.llm_metadata or None,
+    )
+
+
+def to_pte(work: _Work) -> None:
+    from executorch.exir import ExecutorchBackendConfig
+
+    # Quant fusion rewrites torchao's dequantize + embedding into quantized_decomposed.embedding_4bit,
+    # which has an out-variant kernel; without it to_executorch fails on dequantize_affine.
+    program = work.edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
+    work.pte = program.buffer
+    namespaces = {
+        str(node.target).split(".")[0].split("::")[0]
+        for node in program.exported_program().graph.nodes
+        if node.op == "call_function"
+    }
+    work.kernel_libraries = sorted(lib for ns, (lib, _) in KERNEL_LIBRARIES.items() if ns in namespaces)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("quantize", quantize_weights),
+    Step("reference", record_reference),
+    Step("export", export_program),
+    Step("lower", lower_to_xnnpack),
+    Step("serialize", to_pte),
+)
+
+
+def lower(captured: CapturedModel, quant: QuantSpec, on_step: Callable[[str], None] | None = None) -> Artifact:
+    work = run_steps("executorch", STEPS, _Work(captured, quant), on_step)
+    metadata = captured.llm_metadata
+    return Artifact(
+        backend="executorch",
+        platforms=("android", "ios"),
+        files={"executorch/model.pte": work.pte},
+        main_file="executorch/model.pte",
+        methods=captured.methods,
+        quantization={**quant.describe(), "library": f"torchao {version('torchao')}", "delegate": "XNNPACK"},
+        ideal_bytes=quant.ideal_bytes(captured.loaded.module),
+        reference_outputs=work.reference,
+        runtime={
+            "name": "executorch",
+            "version": version("executorch"),
+            "kernel_libraries": work.kernel_libraries,
+            "constant_methods": dict(sorted(metadata.items())),
+        },
+        extra={"quality": work.quality},
+    )

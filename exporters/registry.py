@@ -1,0 +1,42 @@
+"""The backends edgepack can lower to. Modules are imported only when a backend is used, so
+`--help` and `doctor` stay fast; adding a backend is adding a row and a module."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from edgepack.errors import InputError
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    module: str  # exposes lower(captured, quant, on_step) -> Artifact
+    platforms: tuple[str, ...]
+    artifact: str
+    distributions: tuple[str, ...]  # what must be installed, for `doctor`
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+BACKENDS: dict[str, BackendEntry] = {
+    "executorch": BackendEntry(
+        "executorch", "edgepack.exporters.executorch", ("android", "ios"), "executorch/model.pte",
+        ("executorch", "torchao"),
+    ),
+}
+
+
+def resolve_targets(text: str) -> list[BackendEntry]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(BACKENDS.values())
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise InputError(
+            f"--target {text!r}: unknown backend {', '.join(map(repr, unknown)) or '(none given)'}",
+            hint=f"registered backends: {', '.join(BACKENDS)} (or 'all')",
+        )
+    return [BACKENDS[n] for n in dict.fromkeys(names)]
