@@ -35,12 +35,13 @@ def _emit_json(payload: dict) -> None:
 def _fail(error: BaseException, as_json: bool, verbose: bool) -> None:
     if isinstance(error, EdgepackError):
         code, kind = error.exit_code, type(error).__name__
-        err.print(f"[bold red]error:[/] {error.message}", highlight=False)
+        err.print(f"[bold red]error:[/] {error.message}", highlight=False, soft_wrap=True)
         if error.hint:
-            err.print(f"  [dim]hint:[/] {error.hint}", highlight=False)
+            err.print(f"  [dim]hint:[/] {error.hint}", highlight=False, soft_wrap=True)
     else:
         code, kind = EXIT_FAILED, "InternalError"
-        err.print(f"[bold red]internal error (a bug in edgepack):[/] {type(error).__name__}: {error}", highlight=False)
+        err.print(f"[bold red]internal error (a bug in edgepack):[/] {type(error).__name__}: {error}",
+                  highlight=False, soft_wrap=True)
     if verbose:
         err.print("".join(traceback.format_exception(error)), highlight=False, markup=False)
     if as_json:

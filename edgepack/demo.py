@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="directory to write the model into")
     parser.add_argument("--bert", action="store_true", help="build the BERT encoder instead of Llama")
     args = parser.parse_args(argv)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     build = build_bert_dir if args.bert else build_llama_dir
     print(build(args.out_dir))
 

@@ -86,6 +86,7 @@ def load_hf_dir(path: Path, source: str, *, name: str | None, no_tokenizer: bool
 
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # edgepack shows its own progress
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     auto = getattr(transformers, family.auto_class)
     try:

@@ -120,6 +120,9 @@ def build_manifest(captured, quant, artifacts, artifact_files: dict, tokenizer_f
             "max_seq_len": meta["get_max_seq_len"],
             "max_context_len": meta["get_max_context_len"],
             "prefill_len": {"min": 1, "max": meta["get_max_seq_len"] - 1},
+            # The runners' tokenizers (ExecuTorch's pytorch_tokenizers) do not apply tokenizer.json's
+            # post-processor, so the app prepends BOS itself: GenerationConfig.num_bos on ExecuTorch.
+            "num_bos": 1 if tok and tok.add_bos else 0,
             "calling_convention": "forward(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, vocab]; "
                                   "KV cache held inside the program",
         },

@@ -1,0 +1,51 @@
+"""DESIGN.md: top-level exporters/ and packaging/ import as edgepack.*, and `import packaging`
+never resolves to ours, from the repository root included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def _python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_imports_from_the_repository_root():
+    out = _python("import edgepack, torch, transformers, packaging, edgepack.packaging.manifest as m, "
+                  "edgepack.exporters.sources as s; print(packaging.__file__); print(m.__file__); print(s.__file__)")
+    pypi_packaging, manifest, sources = out.splitlines()
+    assert "site-packages" in pypi_packaging
+    assert manifest == str(REPO_ROOT / "packaging" / "manifest.py")
+    assert sources == str(REPO_ROOT / "exporters" / "sources.py")
+
+
+def test_pytest_collects_from_the_repository_root():
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_layout.py"],
+                            cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "test_imports_from_the_repository_root" in result.stdout
+
+
+def test_help_is_fast_and_teaches():
+    # --help must not import torch or a converter
+    out = _python("import sys; from edgepack.cli import app; print('torch' in sys.modules)")
+    assert out.strip() == "False"
+    for command in ("export", "smoke", "inspect", "doctor"):
+        result = subprocess.run([sys.executable, "-m", "edgepack", command, "--help"], cwd=REPO_ROOT,
+                                capture_output=True, text=True)
+        assert result.returncode == 0 and "Example" in result.stdout, command
+
+
+def test_doctor_lists_backends_with_versions():
+    result = subprocess.run([sys.executable, "-m", "edgepack", "doctor", "--json"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True)
+    import json
+
+    report = json.loads(result.stdout)
+    assert report["backends"]["executorch"]["available"]
+    assert report["backends"]["executorch"]["distributions"]["executorch"] == "1.5.1"
+    assert report["core"]["torch"].startswith("2.13.0")

@@ -1,0 +1,55 @@
+"""The other front ends: a BERT encoder directory, a Python factory and a saved .pt2 program,
+each exported to ExecuTorch and checked on the ExecuTorch runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgepack.packaging.manifest import read_manifest
+from tests.conftest import REPO_ROOT, export_json
+
+pytestmark = pytest.mark.slow
+
+
+def _check(out, name, code, summary):
+    assert code == 0, summary
+    manifest = read_manifest(out / name)
+    fidelity = manifest["comparisons"]["lowering_fidelity"]["executorch"]
+    assert fidelity["passed"], fidelity
+    return manifest
+
+
+def test_bert_encoder_exports_with_4bit_weights(bert_dir, tmp_path):
+    code, summary = export_json(str(bert_dir), "--out", str(tmp_path))
+    manifest = _check(tmp_path, "tiny-bert", code, summary)
+    assert manifest["model"]["task"] == "encoder" and manifest["generation"] is None
+    cases = manifest["comparisons"]["lowering_fidelity"]["executorch"]["cases"]
+    assert len(cases) == 3 and all(c["min_cosine"] >= 0.99 for c in cases.values())
+    [method] = manifest["artifacts"][0]["methods"]
+    assert [i["name"] for i in method["inputs"]] == ["input_ids", "attention_mask"]
+    assert method["inputs"][0]["shape"] == [1, "seq_len"]
+    quality = manifest["comparisons"]["quantization_quality"]["executorch"]
+    assert all(0.5 < c["min_cosine"] <= 1.0 for c in quality.values())
+
+
+def test_factory_module(tmp_path):
+    source = f"{REPO_ROOT / 'tests/fixtures/mlp_factory.py'}:build"
+    code, summary = export_json(source, "--out", str(tmp_path), "--no-tokenizer")
+    manifest = _check(tmp_path, "mlp_factory", code, summary)
+    assert manifest["model"]["source_kind"] == "factory" and manifest["tokenizer"] is None
+    [method] = manifest["artifacts"][0]["methods"]
+    assert method["inputs"][0]["shape"] == [4, 64] and method["outputs"][0]["shape"] == [4, 32]
+    # 64*128 + 128*32 weights at 4.5 bits, biases fp32
+    assert manifest["artifacts"][0]["ideal_bytes"] == int((64 * 128 + 128 * 32) * 4.5 / 8 + (128 + 32) * 4)
+
+
+def test_saved_exported_program(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    path = tmp_path / "mlp.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 32),)), path)
+    code, summary = export_json(str(path), "--out", str(tmp_path / "out"))
+    manifest = _check(tmp_path / "out", "mlp", code, summary)
+    assert manifest["model"]["source_kind"] == "pt2"
+    assert manifest["model"]["weight_files"][0]["name"] == "mlp.pt2"

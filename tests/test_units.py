@@ -1,0 +1,74 @@
+"""Fast checks of the pieces every stage shares: the quant spec and the comparisons."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from torch import nn
+
+from edgepack.cases import CaseOutput, Tolerance, compare, cosine, decode_greedy, within
+from edgepack.errors import InputError
+from edgepack.quant import QuantSpec
+
+
+def test_quant_spec_translations():
+    spec = QuantSpec.from_options("int4", 32)
+    assert spec.linear.bits == 4 and spec.linear.group_size == 32 and spec.dynamic_int8_activations
+    assert spec.linear.bits_per_weight == 4.5
+    assert QuantSpec.from_options("int8").linear.group_size is None
+    assert QuantSpec.from_options("none").linear is None
+    with pytest.raises(InputError):
+        QuantSpec.from_options("int4", 48)
+
+
+def test_ideal_bytes_counts_tied_weights_once():
+    emb = nn.Embedding(100, 64)
+    head = nn.Linear(64, 100, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head, "norm": nn.LayerNorm(64)})
+    spec = QuantSpec.from_options("int4", 32)
+    assert spec.ideal_bytes(model) == int(100 * 64 * 4.5 / 8 + 2 * 64 * 4)
+
+
+def test_group_size_check_names_the_layer():
+    model = nn.Sequential(nn.Linear(48, 8))
+    with pytest.raises(InputError, match=r"0 \(width 48\)"):
+        QuantSpec.from_options("int4", 32).check_model(model)
+
+
+def test_compare_detects_token_and_value_drift():
+    logits = np.eye(4, 8, dtype=np.float32) * 5
+    ref = CaseOutput(("tokens", "logits"), (np.arange(4), logits))
+    same = compare(ref, ref)
+    assert same["tokens_match"] and same["min_cosine"] == 1.0 and same["max_abs_diff"] == 0.0
+    assert within(same, Tolerance(0.99)) == []
+    drifted = CaseOutput(("tokens", "logits"), (np.array([0, 1, 3, 3]), logits + np.eye(4, 8) * -5))
+    metrics = compare(ref, drifted)
+    assert metrics["first_token_mismatch"] == 2 and metrics["top1_agreement"] == 0.75
+    assert any("tokens differ from step 2" in r for r in within(metrics, Tolerance(0.99)))
+
+
+def test_compare_reports_shape_mismatch():
+    a = CaseOutput(("output_0",), (np.zeros((2, 3)),))
+    b = CaseOutput(("output_0",), (np.zeros((3, 2)),))
+    assert "shape mismatch" in within(compare(a, b), Tolerance(0.9))[0]
+
+
+def test_cosine():
+    assert cosine(np.array([1.0, 0.0]), np.array([0.0, 1.0])) == 0.0
+    assert cosine(np.array([1.0, 2.0]), np.array([2.0, 4.0])) == pytest.approx(1.0)
+
+
+def test_decode_greedy_feeds_back_argmax_and_positions():
+    calls = []
+
+    def call(method, inputs):
+        tokens, pos = inputs
+        calls.append((tokens.tolist(), int(pos[0])))
+        logits = np.zeros((1, 10), dtype=np.float32)
+        logits[0, (int(pos[0]) + tokens.shape[1]) % 10] = 1.0
+        return [logits]
+
+    out = decode_greedy(call, "forward", np.array([[7, 8, 9]]), steps=3)
+    assert out.get("tokens").tolist() == [3, 4, 5]
+    assert calls == [([[7, 8, 9]], 0), ([[3]], 3), ([[4]], 4)]
