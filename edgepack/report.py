@@ -45,29 +45,39 @@ def _case_summary(cases: dict, key: str) -> str:
     return f"{min(values):.4f}" if values else "-"
 
 
+def _kv_table(title: str) -> Table:
+    """Two columns, so nothing is cut on an 80-column terminal or in a CI log."""
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    return table
+
+
 def print_export_summary(console: Console, summary: dict) -> None:
-    table = Table(title="edgepack export", title_justify="left")
-    for col in ("backend", "file", "size", "ideal 4-bit", "ratio", "smoke (vs quantized eager)", "quality (vs fp32)"):
-        table.add_column(col)
     for a in summary["artifacts"]:
         fid = a["lowering_fidelity"] or {}
         cases = fid.get("cases", {})
         tokens = [m.get("tokens_match") for m in cases.values() if "tokens_match" in m]
-        smoke = ("[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]") + (
-            f" tokens {'=' if all(tokens) else '≠'}" if tokens else "") + f" cos {_case_summary(cases, 'min_cosine')}"
         q = a["quantization_quality"] or {}
-        quality = f"cos {_case_summary(q, 'min_cosine')}" + (
-            f" top-1 {_case_summary(q, 'top1_agreement')}" if any('top1_agreement' in m for m in q.values()) else "")
-        table.add_row(a["backend"], a["path"], _mb(a["bytes"]), _mb(a["ideal_bytes"]), f"{a['ratio_to_ideal']:.2f}×", smoke, quality)
+        table = _kv_table(f"{a['backend']} artifact")
+        table.add_row("file", a["path"])
+        table.add_row("size", f"{_mb(a['bytes'])}  ({a['ratio_to_ideal']:.2f}× the ideal {_mb(a['ideal_bytes'])})")
+        table.add_row("smoke vs quantized eager",
+                      ("[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]")
+                      + (f", greedy tokens {'match' if all(tokens) else 'DIFFER'}" if tokens else "")
+                      + f", min cosine {_case_summary(cases, 'min_cosine')}, max abs diff {_case_summary(cases, 'max_abs_diff')}")
+        table.add_row("quality vs fp32 eager",
+                      f"min cosine {_case_summary(q, 'min_cosine')}"
+                      + (f", top-1 agreement {_case_summary(q, 'top1_agreement')}" if any("top1_agreement" in m for m in q.values()) else ""))
+        console.print(table)
     for f in summary["failures"]:
-        table.add_row(f["backend"], "-", "-", "-", "-", f"[red]FAILED[/] {f['message']}", "-")
-    console.print(table)
-    times = "  ".join(f"{s['name']} {s['seconds']:.1f}s" for s in summary["stages"])
-    console.print(f"time: {times}   peak RSS: {_mb(summary['peak_rss_bytes'])}")
+        console.print(f"[red]{f['backend']} FAILED[/] at step {f['step']}: {f['message']}", soft_wrap=True)
+    times = ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in summary["stages"])
+    console.print(f"time: {times}; peak RSS {_mb(summary['peak_rss_bytes'])}", soft_wrap=True)
     for message in summary["quality_failures"]:
-        console.print(f"[red]quality gate:[/] {message}")
+        console.print(f"[red]quality gate:[/] {message}", soft_wrap=True)
     if summary["bundle"]:
-        console.print(f"bundle: {summary['bundle']}   archive: {summary['archive']}")
+        console.print(f"bundle: {summary['bundle']}", soft_wrap=True)
     console.print("[green]OK[/]" if summary["ok"] else f"[red]FAILED[/] (exit {summary['exit_code']})")
 
 
@@ -87,7 +97,7 @@ def print_smoke(console: Console, results) -> None:
 
 def print_manifest(console: Console, manifest: dict) -> None:
     model = manifest["model"]
-    head = Table(title=f"bundle {manifest['name']} (manifest schema {manifest['schema_version']})", title_justify="left", show_header=False)
+    head = _kv_table(f"bundle {manifest['name']} (manifest schema {manifest['schema_version']})")
     head.add_row("source", f"{model['source']} ({model['source_kind']}, {model['task']})")
     if model["architecture"]:
         arch = model["architecture"]
@@ -100,29 +110,32 @@ def print_manifest(console: Console, manifest: dict) -> None:
         head.add_row("bos / eos / pad", f"{tok['bos_id']} / {tok['eos_ids']} / {tok['pad_id']}")
         head.add_row("chat template", "yes" if tok["chat_template"] else "no")
     if manifest["generation"]:
-        head.add_row("max seq len", str(manifest["generation"]["max_seq_len"]))
+        gen = manifest["generation"]
+        head.add_row("max seq len", f"{gen['max_seq_len']} (prefill 1..{gen['prefill_len']['max']}, prepend {gen['num_bos']} BOS)")
     head.add_row("quantization", ", ".join(f"{k} {v}" for k, v in manifest["quantization"].items()))
     head.add_row("toolchain", ", ".join(f"{k} {v}" for k, v in manifest["toolchain"].items()))
     console.print(head)
-    arts = Table(title="artifacts", title_justify="left")
-    for col in ("backend", "path", "size", "ratio to ideal", "platforms", "runtime", "methods"):
-        arts.add_column(col)
+    fidelity = manifest["comparisons"]["lowering_fidelity"]
     for a in manifest["artifacts"]:
-        methods = "; ".join(
-            f"{m['name']}({', '.join(i['name'] + ':' + i['dtype'] + str(i['shape']) for i in m['inputs'])})"
-            for m in a["methods"])
+        table = _kv_table(f"{a['backend']} artifact")
+        table.add_row("path", a["path"])
+        table.add_row("size", f"{_mb(a['bytes'])} ({a['bytes'] / a['ideal_bytes']:.2f}× ideal), sha256 {a['sha256'][:16]}…")
+        table.add_row("platforms", ", ".join(a["platforms"]))
         runtime = f"{a['runtime']['name']} {a['runtime']['version']}"
         if a["runtime"].get("kernel_libraries"):
             runtime += f" + kernels: {', '.join(a['runtime']['kernel_libraries'])}"
-        arts.add_row(a["backend"], a["path"], _mb(a["bytes"]), f"{a['bytes'] / a['ideal_bytes']:.2f}×",
-                     ", ".join(a["platforms"]), runtime, methods)
-    console.print(arts)
+        table.add_row("runtime", runtime)
+        for m in a["methods"]:
+            inputs = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in m["inputs"])
+            outputs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in m["outputs"])
+            table.add_row(f"method {m['name']}", f"({inputs}) -> {outputs}")
+        if a["backend"] in fidelity:
+            r = fidelity[a["backend"]]
+            table.add_row("smoke", ("pass" if r["passed"] else "FAIL") + "; "
+                          + "; ".join(f"{n}: cosine {m.get('min_cosine')}" for n, m in r["cases"].items()))
+        console.print(table)
     for f in manifest["failures"]:
-        console.print(f"[red]failed:[/] {f['backend']}: {f['message']}")
-    fid = manifest["comparisons"]["lowering_fidelity"]
-    for backend, r in fid.items():
-        console.print(f"smoke {backend}: {'pass' if r['passed'] else 'FAIL'} "
-                      + " ".join(f"[{n}: cos {m.get('min_cosine')}]" for n, m in r["cases"].items()))
+        console.print(f"[red]failed:[/] {f['backend']}: {f['message']}", soft_wrap=True)
 
 
 def doctor_report() -> dict:
