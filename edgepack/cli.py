@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from edgepack import __version__
-from edgepack.errors import EXIT_BAD_INPUT, EXIT_FAILED, EdgepackError
+from edgepack.errors import EXIT_FAILED, EdgepackError, InputError
 
 app = typer.Typer(
     add_completion=False,
@@ -110,18 +110,16 @@ def smoke(
 
     try:
         if on != "host":
-            raise EdgepackError(f"--on {on!r}: only 'host' is available in this version")
+            raise InputError(f"--on {on!r}: only 'host' is available in this version")
         manifest = read_manifest(bundle)
         results = smoke_bundle(bundle, manifest, [backend] if backend else None)
         if backend and not results:
-            raise EdgepackError(f"{bundle}: has no {backend!r} artifact")
+            raise InputError(f"{bundle}: has no {backend!r} artifact")
     except typer.Exit:
         raise
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
-        if isinstance(e, EdgepackError) and e.exit_code == EXIT_FAILED and "only 'host'" in e.message:
-            e.exit_code = EXIT_BAD_INPUT
         _fail(e, as_json, verbose)
     print_smoke(err, results)
     passed = all(r.passed for r in results)

@@ -4,6 +4,7 @@ model's own files. Nothing here is typed by hand."""
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from edgepack.errors import InputError
@@ -40,10 +41,8 @@ def read_tokenizer(model_dir: Path, config) -> TokenizerFacts:
             f"{model_dir}: no tokenizer found (looked for {', '.join(_USABLE)})",
             hint="copy the model's tokenizer files into the directory, or pass --no-tokenizer for a non-text model",
         )
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+        tok = _load(str(model_dir))
     except Exception as e:  # transformers raises many types for a broken tokenizer
         raise InputError(f"{model_dir}: the tokenizer does not load: {e}",
                          hint="check tokenizer.json / tokenizer_config.json") from e
@@ -71,8 +70,12 @@ def read_tokenizer(model_dir: Path, config) -> TokenizerFacts:
     )
 
 
-def encode(facts: TokenizerFacts, text: str) -> list[int]:
+@lru_cache(maxsize=4)
+def _load(directory: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(facts.directory), local_files_only=True, trust_remote_code=False)
-    return tok(text).input_ids
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+
+
+def encode(facts: TokenizerFacts, text: str) -> list[int]:
+    return _load(str(facts.directory))(text).input_ids
