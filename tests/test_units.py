@@ -72,3 +72,22 @@ def test_decode_greedy_feeds_back_argmax_and_positions():
     out = decode_greedy(call, "forward", np.array([[7, 8, 9]]), steps=3)
     assert out.get("tokens").tolist() == [3, 4, 5]
     assert calls == [([[7, 8, 9]], 0), ([[3]], 3), ([[4]], 4)]
+
+
+def test_weight_only_reference_quantizes_each_group_on_the_backend_grid():
+    import torch
+
+    from edgepack.exporters.weights import Rounding, weight_only_reference
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 64)
+    head = nn.Linear(64, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    ref = weight_only_reference(model, QuantSpec.from_options("int4", 32), lambda b: Rounding.symmetric(b, narrow=True))
+    w = ref["head"].weight.detach().reshape(10, 2, 32)
+    scale = emb.weight.detach().reshape(10, 2, 32).abs().amax(-1, keepdim=True) / 7
+    levels = torch.round(w / scale)
+    assert torch.allclose(levels * scale, w) and levels.abs().max() <= 7
+    assert ref["head"].weight is ref["emb"].weight  # still tied
+    assert not torch.equal(ref["emb"].weight, emb.weight)  # the original is untouched
