@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgepack-installed
 DEMO_MODEL := build/demo-llama
 DEMO_OUT := dist
+# Pinned here, not in pyproject.toml, because it must be installed with --no-deps (see install).
+TFLITE_SUPPORT := tflite-support==0.4.4
 
 .PHONY: install demo test clean
 
@@ -17,7 +19,15 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "error: '$(PYTHON) -m venv' failed; install the venv module (Debian: apt-get install python3-venv) and rerun" >&2; exit 2; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test]'
-	$(BIN)/python -m pip check
+	@# tflite-support (TFLite metadata writer) pins protobuf<4, which breaks onnx and coremltools:
+	@# installed without its dependencies; its metadata modules work on modern protobuf.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(TFLITE_SUPPORT)
+	@# tflite-support's native extension links libusb.
+	@ldconfig -p | grep -q libusb-1.0 || { apt-get update -qq && apt-get install -y -qq libusb-1.0-0; } || { \
+	  echo "error: libusb-1.0 is missing and apt-get could not install it (Debian: apt-get install libusb-1.0-0)" >&2; exit 2; }
+	@# pip check must be clean apart from tflite-support, installed without its pins on purpose.
+	@$(BIN)/python -m pip check | grep -v '^tflite-support ' | grep -v '^No broken' \
+	  && { echo "error: pip check found broken requirements (above)" >&2; exit 1; } || true
 	@touch $@
 
 demo: install

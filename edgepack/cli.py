@@ -61,6 +61,11 @@ def export(
     min_cosine: Optional[float] = typer.Option(None, help="Fail (exit 1) if quantized vs fp32 logits cosine falls below this."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first backend failure."),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Export a model directory without tokenizer files (non-text models)."),
+    ios_target: Optional[int] = typer.Option(None, help="CoreML: minimum iOS version, 17 or 18 (default 18: KV-cache state and int4 per-block weights need 18).", rich_help_panel="CoreML"),
+    coreml_precision: Optional[str] = typer.Option(None, help="CoreML: compute precision, fp16 (default) or fp32.", rich_help_panel="CoreML"),
+    coreml_compression: Optional[str] = typer.Option(None, help="CoreML: int4 (linear per-block, the default for --quant int4) or palettize4 (4-bit lookup tables, preferred by the Neural Engine).", rich_help_panel="CoreML"),
+    prefill_len: Optional[list[int]] = typer.Option(None, metavar="N", help="TFLite: a prefill signature's fixed prompt length; repeat for several.", rich_help_panel="TFLite"),
+    tflite_bundle: Optional[str] = typer.Option(None, help="TFLite: also write a LiteRT-LM bundle ('litertlm').", rich_help_panel="TFLite"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show full tracebacks."),
 ) -> None:
@@ -76,7 +81,13 @@ def export(
     from edgepack.progress import Progress
     from edgepack.report import export_summary, print_export_summary
 
-    request = ExportRequest(source, target, out, name, quant, group_size, max_seq_len, min_cosine, strict, no_tokenizer)
+    given = {
+        "coreml": {"ios_target": ios_target, "precision": coreml_precision, "compression": coreml_compression},
+        "tflite": {"prefill_lens": tuple(prefill_len) if prefill_len else None, "bundle": tflite_bundle},
+    }
+    backend_options = {b: {k: v for k, v in opts.items() if v is not None} for b, opts in given.items()}
+    request = ExportRequest(source, target, out, name, quant, group_size, max_seq_len, min_cosine, strict,
+                            no_tokenizer, backend_options)
     try:
         result = run_export(request, Progress(err))
     except BaseException as e:  # noqa: BLE001 - every failure becomes an exit code

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
-from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError
+from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError
 from edgepack.progress import Progress, peak_rss_bytes
 from edgepack.quant import QuantSpec
 from edgepack.stages import Artifact, Bundle
@@ -29,6 +30,9 @@ class ExportRequest:
     min_cosine: float | None = None
     strict: bool = False
     no_tokenizer: bool = False
+    # backend name -> its options as typed (e.g. {"coreml": {"ios_target": 17}}); each backend
+    # validates its own part, and only the backends asked for are consulted.
+    backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +58,12 @@ def _failure(error: EdgepackError, backend: str) -> dict:
 def export(request: ExportRequest, progress: Progress) -> ExportResult:
     # Everything the user typed is checked before the first slow step.
     backends = resolve_targets(request.targets)
+    options = {b.name: b.options(request.backend_options.get(b.name, {})) for b in backends}
+    unused = {b: sorted(o) for b, o in request.backend_options.items() if o and b not in options}
+    if unused:
+        raise InputError(
+            "; ".join(f"{b} options ({', '.join(keys)}) were given but --target does not include {b}" for b, keys in unused.items()),
+            hint="add the backend to --target or drop its options")
     quant = QuantSpec.from_options(request.quant, request.group_size)
     check_writable(request.out_dir)
 
@@ -68,7 +78,7 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
     for backend in backends:
         try:
             with progress.stage(f"lower {backend.name}") as stage:
-                artifacts.append(backend.load().lower(captured, quant, on_step=stage.step))
+                artifacts.append(backend.load().lower(captured, quant, options[backend.name], on_step=stage.step))
         except EdgepackError as e:
             if request.strict:
                 raise

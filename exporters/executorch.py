@@ -24,6 +24,11 @@ KERNEL_LIBRARIES = {
 }
 
 
+@dataclass(frozen=True)
+class Options:
+    """ExecuTorch has no options of its own yet; the shared QuantSpec says everything."""
+
+
 @dataclass
 class _Work:
     captured: CapturedModel
@@ -116,7 +121,8 @@ STEPS: tuple[Step, ...] = (
 )
 
 
-def lower(captured: CapturedModel, quant: QuantSpec, on_step: Callable[[str], None] | None = None) -> Artifact:
+def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
+          on_step: Callable[[str], None] | None = None) -> Artifact:
     work = run_steps("executorch", STEPS, _Work(captured, quant), on_step)
     metadata = captured.llm_metadata
     return Artifact(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from edgepack.errors import InputError
 
@@ -12,13 +13,18 @@ from edgepack.errors import InputError
 @dataclass(frozen=True)
 class BackendEntry:
     name: str
-    module: str  # exposes lower(captured, quant, on_step) -> Artifact
+    module: str  # exposes Options and lower(captured, quant, options, on_step) -> Artifact
     platforms: tuple[str, ...]
     artifact: str
     distributions: tuple[str, ...]  # what must be installed, for `doctor`
 
     def load(self):
         return importlib.import_module(self.module)
+
+    def options(self, values: Mapping[str, Any]):
+        """The backend's own validated Options (a frozen dataclass in its module); a bad value
+        raises InputError here, before any slow step."""
+        return self.load().Options(**values)
 
 
 BACKENDS: dict[str, BackendEntry] = {

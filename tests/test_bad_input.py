@@ -96,3 +96,8 @@ def test_max_seq_len_beyond_the_model(llama_dir, tmp_path):
 def test_smoke_on_a_directory_that_is_not_a_bundle(tmp_path):
     result = run_cli("smoke", tmp_path)
     assert result.exit_code == 2 and "not an edgepack bundle" in result.stderr
+
+
+def test_backend_options_without_their_backend(llama_dir, tmp_path):
+    _assert_rejected([llama_dir, "--target", "executorch", "--ios-target", "17"], tmp_path / "out",
+                     "coreml options (ios_target)", "--target does not include coreml")
