@@ -24,6 +24,27 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def artifact_digest(files: dict[str, bytes], main_file: str) -> dict:
+    """sha256 and size of an artifact. A file: its bytes. A directory (e.g. CoreML's .mlpackage,
+    whose files are keyed `main_file/...`): sha256 over the UTF-8 lines "<path relative to the
+    directory>\t<sha256 of the file>\n" in sorted path order, and the summed size of its files."""
+    if main_file in files:
+        data = files[main_file]
+        return {"sha256": sha256_bytes(data), "bytes": len(data)}
+    prefix = main_file.rstrip("/") + "/"
+    members = sorted((rel[len(prefix):], data) for rel, data in files.items() if rel.startswith(prefix))
+    if not members:
+        raise ValueError(f"artifact {main_file} has no files")
+    lines = "".join(f"{rel}\t{sha256_bytes(data)}\n" for rel, data in members)
+    return {"sha256": sha256_bytes(lines.encode("utf-8")), "bytes": sum(len(data) for _, data in members)}
+
+
+def directory_digest(path: Path) -> dict:
+    """artifact_digest of a directory artifact on disk (what a reader checks a bundle with)."""
+    files = {f"d/{p.relative_to(path).as_posix()}": p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    return artifact_digest(files, "d")
+
+
 def check_writable(out_dir: Path) -> None:
     """Fail before any work if the bundle could not be written."""
     probe_dir = out_dir
@@ -68,9 +89,8 @@ def stage_contents(staging: StagedBundle, captured: CapturedModel, quant, artifa
     artifact_files = {}
     for art in artifacts:
         for relpath, data in sorted(art.files.items()):
-            info = staging.write(relpath, data)
-            if relpath == art.main_file:
-                artifact_files[art.backend] = info
+            staging.write(relpath, data)
+        artifact_files[art.backend] = artifact_digest(art.files, art.main_file)
     tokenizer_files = []
     tok = captured.loaded.tokenizer
     if tok:

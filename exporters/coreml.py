@@ -1,0 +1,336 @@
+"""CoreML lowering: coremltools converts the captured ExportedProgram to an ML program (iOS 18 by
+default), the decoder's KV-cache buffers become CoreML states, linear and embedding weights are
+compressed after conversion (int4 per-block, int8 per-channel, or 4-bit palettes), and the
+.mlpackage carries the tokenizer facts as user-defined metadata. Its bytes are made reproducible
+by packaging/coreml_package.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgepack import __version__
+from edgepack.errors import BackendError, InputError
+from edgepack.quant import QuantSpec
+from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
+from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.steps import Step, run_steps
+from edgepack.exporters.weights import Rounding, weight_only_reference
+from edgepack.packaging.coreml_package import package_files
+
+ARTIFACT_DIR = "coreml/model.mlpackage"
+IOS_TARGETS = (17, 18)
+PRECISIONS = ("fp16", "fp32")
+COMPRESSIONS = ("int4", "palettize4")
+# Channels that share one 16-entry palette (per_grouped_channel): coremltools' suggestion for LLMs.
+PALETTE_GROUP_CHANNELS = 16
+# CoreML has no int64 tensors: integer inputs are int32 in the program, and the host adapter casts.
+_COREML_DTYPE = {"int64": "int32", "int32": "int32", "float32": "float32", "float16": "float16", "bool": "bool"}
+
+
+@dataclass(frozen=True)
+class Options:
+    ios_target: int = 18
+    precision: str = "fp16"
+    compression: str | None = None  # None: int4 when --quant int4 (int8 per-channel for int8)
+
+    def __post_init__(self):
+        if self.ios_target not in IOS_TARGETS:
+            raise InputError(f"--ios-target {self.ios_target} is not supported",
+                             hint=f"choose one of {', '.join(map(str, IOS_TARGETS))}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--coreml-precision {self.precision!r} is not a precision",
+                             hint=f"choose one of {', '.join(PRECISIONS)}")
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            raise InputError(f"--coreml-compression {self.compression!r} is not a compression",
+                             hint=f"choose one of {', '.join(COMPRESSIONS)}")
+
+
+@dataclass
+class _Work:
+    captured: CapturedModel
+    quant: QuantSpec
+    options: Options
+    compression: str  # "int4", "int8", "palettize4" or "none"
+    workdir: Path
+    reference: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    program: Any = None  # torch ExportedProgram
+    state_names: tuple[str, ...] = ()
+    converted: dict = field(default_factory=dict)  # the child's result.json
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def package(self) -> Path:
+        return self.workdir / "model.mlpackage"
+
+
+def _compression(quant: QuantSpec, options: Options) -> str:
+    if quant.scheme == "none":
+        if options.compression:
+            raise InputError(f"--coreml-compression {options.compression} needs --quant int4",
+                             hint="drop --coreml-compression or use --quant int4")
+        return "none"
+    if quant.scheme == "int8":
+        if options.compression:
+            raise InputError(f"--coreml-compression {options.compression} is a 4-bit scheme but --quant is int8",
+                             hint="use --quant int4 with --coreml-compression")
+        return "int8"
+    return options.compression or "int4"
+
+
+def _mutated_buffers(module: nn.Module) -> tuple[str, ...]:
+    """The KV-cache buffers the forward pass writes (StaticCacheLM): they become CoreML states."""
+    return tuple(name for name, _ in module.named_buffers() if "cache" in name.split(".")[-1])
+
+
+def _check_target(captured: CapturedModel, compression: str, options: Options) -> None:
+    """Refuse before any work when the model needs what the chosen iOS version lacks."""
+    if options.ios_target >= 18:
+        return
+    stateful = bool(_mutated_buffers(captured.module))
+    needs = []
+    if stateful:
+        needs.append("a stateful KV cache (CoreML states, ct.StateType)")
+    if compression == "int4":
+        needs.append("int4 per-block weights (constexpr_blockwise_shift_scale)")
+    if compression == "palettize4":
+        needs.append("per-grouped-channel 4-bit palettes (constexpr_lut_to_dense)")
+    if needs:
+        raise InputError(f"--ios-target {options.ios_target}: this model needs {' and '.join(needs)}, "
+                         "which CoreML supports from iOS 18 only",
+                         hint="use --ios-target 18" + ("" if stateful else " (or --quant int8 for iOS 17)"))
+
+
+def _rounding(bits: int) -> Rounding:
+    """coremltools' linear_symmetric grid (optimize/_utils.py get_quant_range): signed values in
+    [-(2^(b-1)-1), 2^(b-1)-1] and scale = 2·max|w| / (qmax - qmin) = max|w| / qmax."""
+    return Rounding.symmetric(bits, narrow=True)
+
+
+def record_reference(work: _Work) -> None:
+    module = work.captured.module
+    if work.compression in ("int4", "int8"):
+        module = weight_only_reference(module, work.quant, _rounding)
+    work.reference, work.quality = quantized_reference(module, work.captured)
+
+
+def _unconvertible(program) -> list:
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    def name(target) -> str:
+        return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    return [n for n in program.graph.nodes
+            if n.op == "call_function" and _TORCH_OPS_REGISTRY.get_func(name(n.target)) is None]
+
+
+def _drop_aliases(program) -> None:
+    """aten.alias is an identity view (Phi-3's rotary code makes some) that coremltools has no
+    converter and torch no decomposition for: its users read its input instead."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    program.graph_module.recompile()
+
+
+def export_program(work: _Work) -> None:
+    """torch.export, then decompose only the ops coremltools' torch front end has no converter
+    for (e.g. new_ones in BERT's mask code), where torch's core-ATen table knows a decomposition."""
+    captured = work.captured
+    program = torch.export.export(captured.module, captured.example_inputs,
+                                  dynamic_shapes=captured.dynamic_shapes, strict=False).run_decompositions({})
+    _drop_aliases(program)
+    missing = {n.target for n in _unconvertible(program)}
+    if missing:
+        table = {op: fn for op, fn in torch.export.default_decompositions().items() if op in missing}
+        program = program.run_decompositions(table)
+    left = _unconvertible(program)
+    if left:
+        where = "; ".join(f"{n.target} at {(n.meta.get('stack_trace') or '?').strip().splitlines()[-1].strip()}"
+                          for n in left[:5])
+        raise BackendError("coreml", "export", f"coremltools has no converter for {len(left)} op(s): {where}",
+                           hint="the model needs an op CoreML's torch front end lacks")
+    work.program = program
+    work.state_names = _mutated_buffers(captured.module)
+    torch.export.save(work.program, work.workdir / "program.pt2")
+    (work.workdir / "job.json").write_text(json.dumps(_job(work), indent=1))
+
+
+def _job(work: _Work) -> dict:
+    """What the child process (coreml_convert.py) needs, as JSON."""
+    captured, module = work.captured, work.captured.module
+    method = captured.methods[0]
+    inputs = [{"name": spec.name, "dtype": _COREML_DTYPE[spec.dtype],
+               "shape": [[*method.dynamic_dims[d], int(example.shape[i])] if isinstance(d, str) else d
+                         for i, d in enumerate(spec.shape)]}
+              for spec, example in zip(method.inputs, captured.example_inputs)]
+    return {
+        "inputs": inputs,
+        "outputs": [{"name": o.name, "dtype": "float32" if o.dtype.startswith("float") else None} for o in method.outputs],
+        "states": [{"name": n, "shape": list(getattr(module, n).shape)} for n in work.state_names],
+        "ios_target": work.options.ios_target,
+        "precision": work.options.precision,
+        "compression": work.compression,
+        "group_size": work.quant.linear.group_size if work.quant.linear else None,
+        "palette_group_channels": PALETTE_GROUP_CHANNELS,
+        "metadata": _metadata(work),
+    }
+
+
+def _metadata(work: _Work) -> dict:
+    loaded, meta, tok = work.captured.loaded, work.captured.llm_metadata, work.captured.loaded.tokenizer
+    user = {"edgepack.name": loaded.name, "edgepack.task": loaded.task,
+            "edgepack.compression": work.compression, "edgepack.precision": work.options.precision}
+    if tok:
+        user.update({
+            "tokenizer.bos_id": "" if tok.bos_id is None else str(tok.bos_id),
+            "tokenizer.eos_ids": ",".join(map(str, tok.eos_ids)),
+            "tokenizer.pad_id": "" if tok.pad_id is None else str(tok.pad_id),
+            "tokenizer.add_bos": str(tok.add_bos).lower(),
+            "tokenizer.chat_template": "present (see the bundle's manifest.json tokenizer.chat_template)"
+                                       if tok.chat_template else "none",
+        })
+    if meta:
+        user["generation.max_seq_len"] = str(meta["get_max_seq_len"])
+        user["generation.max_context_len"] = str(meta["get_max_context_len"])
+    return {
+        "author": "edgepack",
+        "version": __version__,
+        "short_description": f"{loaded.name} ({loaded.task}) exported by edgepack {__version__}",
+        "user": user,
+        "descriptions": IO_DESCRIPTIONS,
+    }
+
+
+IO_DESCRIPTIONS = {
+    "tokens": "token ids [1, T]: the prompt (prefill) or the last generated token (decode)",
+    "input_pos": "position of tokens[0] in the sequence: how many tokens the KV-cache states already hold",
+    "logits": "next-token logits for the last input token [1, vocab]",
+    "input_ids": "token ids [1, T]",
+    "attention_mask": "1 for real tokens, 0 for padding [1, T]",
+    "last_hidden_state": "encoder output [1, T, hidden]; mean-pool over the mask for a sentence embedding",
+}
+
+
+def convert_in_child(work: _Work) -> None:
+    """convert, quantize, metadata and save, in a child with a fixed hash seed (see coreml_convert.py)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run([sys.executable, "-m", "edgepack.exporters.coreml_convert", str(work.workdir)],
+                          env=env, capture_output=True, text=True)
+    result_path = work.workdir / "result.json"
+    if not result_path.is_file():
+        raise BackendError("coreml", "convert", f"the coremltools child process exited with {proc.returncode}: "
+                                                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no output'}")
+    work.converted = json.loads(result_path.read_text())
+    if "failed_step" in work.converted:
+        child_traceback = RuntimeError(work.converted.get("traceback", "(no traceback)"))
+        raise BackendError("coreml", work.converted["failed_step"], work.converted["error"],
+                           hint="run with --verbose for the child's traceback") from child_traceback
+
+
+def reference_from_palettes(work: _Work) -> None:
+    """Palettes are k-means clusters of the converted weights, so the reference holds the weights
+    the artifact actually stores: each palette is expanded (by coremltools) back into its parameter."""
+    from edgepack.packaging.coreml_mil import load_program
+
+    params = work.program.graph_signature.inputs_to_parameters  # placeholder name -> parameter FQN
+    module = copy.deepcopy(work.captured.module)
+    named = dict(module.named_parameters(remove_duplicate=False))
+    for function in load_program(work.package).functions.values():
+        for op in function.operations:
+            if op.op_type != "constexpr_lut_to_dense":
+                continue
+            placeholder = op.outputs[0].name.removesuffix("_palettized").removesuffix("_to_fp16")
+            if placeholder not in params:
+                raise BackendError("coreml", "reference", f"cannot map palettized weight {op.outputs[0].name} to a parameter")
+            value = np.asarray(op.materialized_val_inference(), dtype=np.float32)
+            with torch.no_grad():
+                named[params[placeholder]].copy_(torch.from_numpy(value))
+    work.reference, work.quality = quantized_reference(module, work.captured)
+
+
+def package(work: _Work) -> None:
+    work.files = {f"{ARTIFACT_DIR}/{rel}": data for rel, data in package_files(work.package).items()}
+
+
+# Linear quantization has a closed-form grid, so its reference comes from the fp32 module first;
+# palettes are k-means results, so their reference is read back from the converted package.
+STEPS: dict[str, tuple[Step, ...]] = {
+    "linear": (Step("reference", record_reference), Step("export", export_program),
+               Step("convert", convert_in_child), Step("package", package)),
+    "palette": (Step("export", export_program), Step("convert", convert_in_child),
+                Step("reference", reference_from_palettes), Step("package", package)),
+}
+
+
+def _methods(work: _Work) -> tuple[MethodSpec, ...]:
+    """The captured methods with the dtypes the program really takes (no int64 in CoreML)."""
+    def retyped(t: TensorSpec, as_output: bool) -> TensorSpec:
+        dtype = "float32" if as_output and t.dtype.startswith("float") else _COREML_DTYPE[t.dtype]
+        return TensorSpec(t.name, dtype, t.shape)
+    return tuple(MethodSpec(m.name, tuple(retyped(t, False) for t in m.inputs),
+                            tuple(retyped(t, True) for t in m.outputs), m.dynamic_dims)
+                 for m in work.captured.methods)
+
+
+def ideal_bytes(quant: QuantSpec, module: nn.Module, precision: str, compression: str) -> int:
+    """An ML program stores scales, palettes and every unquantized parameter in its compute
+    precision (16 bits for fp16, 32 for fp32); a 4-bit palette is 16 entries per group of rows."""
+    float_bits = 16 if precision == "fp16" else 32
+
+    def palettes(weight: torch.Tensor, wq) -> float:
+        return -(-weight.shape[0] // PALETTE_GROUP_CHANNELS) * 16 * float_bits
+
+    return quant.ideal_bytes(module, float_bits=float_bits, scale_bits=float_bits,
+                             side_bits=palettes if compression == "palettize4" else None)
+
+
+def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
+          on_step: Callable[[str], None] | None = None) -> Artifact:
+    import coremltools as ct
+
+    compression = _compression(quant, options)
+    _check_target(captured, compression, options)
+    steps = STEPS["palette" if compression == "palettize4" else "linear"]
+    with tempfile.TemporaryDirectory(prefix="edgepack-coreml-") as tmp:
+        work = run_steps("coreml", steps, _Work(captured, quant, options, compression, Path(tmp)), on_step)
+    converted, module = work.converted, captured.module
+    return Artifact(
+        backend="coreml",
+        platforms=("ios",),
+        files=work.files,
+        main_file=ARTIFACT_DIR,
+        methods=_methods(work),
+        quantization={**quant.describe(), "library": f"coremltools {ct.__version__}", "compression": compression,
+                      "activations": options.precision, "compressed_weight_ops": converted["compressed_ops"]},
+        ideal_bytes=ideal_bytes(quant, captured.loaded.module, options.precision, compression),
+        reference_outputs=work.reference,
+        runtime={
+            "name": "coreml",
+            "version": ct.__version__,
+            "specification_version": converted["specification_version"],
+            "deployment_target": f"iOS{options.ios_target}",
+            "compute_precision": options.precision,
+            # manifest method -> ML program function; states hold the KV cache between calls
+            "functions": {m.name: "main" for m in captured.methods},
+            "states": [{"name": n, "dtype": "float16", "shape": list(getattr(module, n).shape)} for n in work.state_names],
+            "op_counts": converted["op_counts"],
+            **({"tokenizer": "tokenizer/tokenizer.json and tokenizer_config.json (e.g. swift-transformers' "
+                         "AutoTokenizer); this tokenizer is not checked by edgepack"}
+               if captured.loaded.tokenizer else {}),
+        },
+        extra={"quality": work.quality},
+    )

@@ -1,0 +1,152 @@
+"""The coremltools half of the CoreML lowering, run in a child process with a fixed hash seed.
+
+Why a child: coremltools' torch front end picks among symbolic dimensions held in Python sets
+("Recklessly broadcast {is14, is18} to is14"), so which ops it emits depends on the interpreter's
+string-hash seed; two exports of the same model in two processes gave different model.mlmodel
+bytes. PYTHONHASHSEED can only be set when an interpreter starts, so exporters/coreml.py saves
+the ExportedProgram and a JSON job into a temporary directory and runs
+`python -m edgepack.exporters.coreml_convert DIR` with PYTHONHASHSEED=0. The child converts,
+compresses, writes the metadata and saves DIR/model.mlpackage, then writes DIR/result.json; a
+failure is reported there with the name of the step that failed.
+
+Job (job.json): inputs [{name, dtype, shape: [int | [min, max, default]]}], outputs [{name,
+dtype}], states [{name, shape}], ios_target, precision, compression, group_size,
+palette_group_channels, metadata {author, version, short_description, user, descriptions}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+# Ops coremltools emits for compressed weights; the quantize step counts them.
+COMPRESSED_WEIGHT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_lut_to_dense", "constexpr_affine_dequantize")
+_NP = {"int32": np.int32, "float32": np.float32, "float16": np.float16, "bool": np.bool_}
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def count_ops(mlmodel) -> Counter:
+    return Counter(op.op_type for f in mlmodel._mil_program.functions.values() for op in f.operations)
+
+
+def convert(program, job: dict):
+    import coremltools as ct
+
+    inputs = [ct.TensorType(name=i["name"], dtype=_NP[i["dtype"]],
+                            shape=tuple(ct.RangeDim(*d) if isinstance(d, list) else d for d in i["shape"]))
+              for i in job["inputs"]]
+    outputs = [ct.TensorType(name=o["name"], dtype=_NP.get(o["dtype"])) for o in job["outputs"]]
+    # CoreML states are fp16 only (the converter would cast fp32 buffers and say so).
+    states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(s["shape"]), dtype=np.float16), name=s["name"])
+              for s in job["states"]]
+    return ct.convert(
+        program, inputs=inputs, outputs=outputs, states=states or None, convert_to="mlprogram",
+        minimum_deployment_target=getattr(ct.target, f"iOS{job['ios_target']}"),
+        compute_precision=ct.precision.FLOAT16 if job["precision"] == "fp16" else ct.precision.FLOAT32,
+        skip_model_load=True,
+    )
+
+
+def quantizable_consts(mlmodel) -> list[str]:
+    """Const weights of linear and gather (embedding) ops: exactly the layers the QuantSpec names."""
+    found = []
+    for function in mlmodel._mil_program.functions.values():
+        for op in function.operations:
+            weight = {"linear": "weight", "gather": "x"}.get(op.op_type)
+            var = getattr(op, weight, None) if weight else None
+            if var is not None and var.op is not None and var.op.op_type == "const" and var.rank == 2:
+                found.append(var.op.name)
+    return sorted(set(found))
+
+
+def compress(mlmodel, job: dict):
+    import coremltools as ct
+    from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OpPalettizerConfig, OptimizationConfig,
+                                             linear_quantize_weights, palettize_weights)
+
+    compression = job["compression"]
+    if compression == "none":
+        return mlmodel, {}
+    targets = quantizable_consts(mlmodel)
+    if compression == "palettize4":
+        op_config = OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel",
+                                       group_size=job["palette_group_channels"], weight_threshold=0)
+        fn = palettize_weights
+    elif compression == "int4":
+        op_config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                            block_size=job["group_size"], weight_threshold=0)
+        fn = linear_quantize_weights
+    else:
+        op_config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                            weight_threshold=0)
+        fn = linear_quantize_weights
+    # Named consts only (every linear and embedding weight, whatever its size), so the artifact
+    # stores what the QuantSpec says while norms and biases stay in the compute precision.
+    mlmodel = fn(mlmodel, OptimizationConfig(op_name_configs={name: op_config for name in targets}))
+    ops = count_ops(mlmodel)
+    found = {k: ops[k] for k in COMPRESSED_WEIGHT_OPS if ops[k]}
+    # coremltools has shipped releases where compression silently did nothing: count it.
+    if sum(found.values()) < len(targets):
+        raise StepFailed("quantize", f"{compression}: {len(targets)} weights should be compressed but the program "
+                                     f"has {sum(found.values())} constexpr ops ({found}); coremltools "
+                                     f"{ct.__version__} left weights uncompressed")
+    return mlmodel, found
+
+
+def add_metadata(mlmodel, meta: dict) -> None:
+    mlmodel.author = meta["author"]
+    mlmodel.version = meta["version"]
+    mlmodel.short_description = meta["short_description"]
+    mlmodel.user_defined_metadata.update(meta["user"])
+    for name, text in meta["descriptions"].items():
+        if name in mlmodel.input_description:
+            mlmodel.input_description[name] = text
+        elif name in mlmodel.output_description:
+            mlmodel.output_description[name] = text
+
+
+def run(workdir: Path) -> dict:
+    import torch
+
+    job = json.loads((workdir / "job.json").read_text())
+    times: dict[str, float] = {}
+    step = "convert"
+    try:
+        start = time.perf_counter()
+        mlmodel = convert(torch.export.load(workdir / "program.pt2"), job)
+        times[step] = time.perf_counter() - start
+        step, start = "quantize", time.perf_counter()
+        mlmodel, compressed = compress(mlmodel, job)
+        times[step] = time.perf_counter() - start
+        step, start = "metadata", time.perf_counter()
+        add_metadata(mlmodel, job["metadata"])
+        times[step] = time.perf_counter() - start
+        step, start = "save", time.perf_counter()
+        mlmodel.save(str(workdir / "model.mlpackage"))
+        times[step] = time.perf_counter() - start
+    except StepFailed as e:
+        return {"failed_step": e.step, "error": str(e)}
+    except Exception as e:  # the converter's own exception, named by step, traceback kept for --verbose
+        return {"failed_step": step, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    return {
+        "compressed_ops": compressed,
+        "op_counts": dict(sorted(count_ops(mlmodel).items())),
+        "specification_version": mlmodel.get_spec().specificationVersion,
+        "step_seconds": {k: round(v, 3) for k, v in times.items()},
+    }
+
+
+if __name__ == "__main__":
+    directory = Path(sys.argv[1])
+    (directory / "result.json").write_text(json.dumps(run(directory)))
