@@ -1,0 +1,405 @@
+"""TFLite lowering: litert_torch conversion with LiteRT's LLM signatures (prefill_<N> / decode,
+KV cache passed in and out) or one serving_default signature, int4 blockwise weights with
+ai_edge_quantizer after conversion, and tflite-support metadata with the tokenizer packed inside."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from edgepack import __version__
+from edgepack.errors import InputError
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
+from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.decoder import ExplicitCacheLM
+from edgepack.exporters.steps import Step, run_steps
+from edgepack.exporters.tflite_weights import folded_layers
+from edgepack.exporters.weights import Rounding, fake_quantize, linears_fed_by_norms, weight_only_reference
+from edgepack.packaging.tflite_metadata import ModelDoc, TensorDoc, write_metadata
+
+MODEL_FILE = "tflite/model.tflite"
+LITERTLM_FILE = "tflite/model.litertlm"
+# LiteRT-LM's own conversions use 128-token prefill signatures; a prompt is prefilled in chunks of
+# this length (padded), so a longer default wastes compute on short prompts and a shorter one adds
+# calls on long ones. It must leave room for one decode step: at most max_seq_len - 1.
+DEFAULT_PREFILL_LEN = 128
+BUNDLES = ("litertlm",)
+BLOCK_SIZES = (32, 64, 128, 256)  # ai_edge_quantizer's blockwise granularities
+
+
+@dataclass(frozen=True)
+class Options:
+    """prefill_lens: one prefill_<N> signature per length (default: min(128, max_seq_len - 1));
+    bundle: also write a LiteRT-LM bundle ('litertlm')."""
+
+    prefill_lens: tuple[int, ...] | None = None
+    bundle: str | None = None
+
+    def __post_init__(self):
+        if self.prefill_lens is not None:
+            lens = tuple(self.prefill_lens)
+            if not lens or any(not isinstance(n, int) or n < 1 for n in lens) or len(set(lens)) != len(lens):
+                raise InputError(f"--prefill-len {list(lens)}: each length must be a distinct positive integer",
+                                 hint="e.g. --prefill-len 32 --prefill-len 128")
+            object.__setattr__(self, "prefill_lens", tuple(sorted(lens)))
+        if self.bundle is not None and self.bundle not in BUNDLES:
+            raise InputError(f"--tflite-bundle {self.bundle!r} is not a bundle kind", hint=f"choose {', '.join(BUNDLES)}")
+
+    def prefill_lens_for(self, max_seq_len: int) -> tuple[int, ...]:
+        lens = self.prefill_lens or (min(DEFAULT_PREFILL_LEN, max_seq_len - 1),)
+        if max(lens) > max_seq_len - 1:
+            raise InputError(f"--prefill-len {max(lens)} does not fit the KV cache ({max_seq_len} positions)",
+                             hint=f"use at most {max_seq_len - 1}, or raise --max-seq-len")
+        return lens
+
+
+def rounding(bits: int, blockwise: bool) -> Rounding:
+    """ai_edge_quantizer's symmetric grid (uniform_quantize_tensor.py): full range -8..7 below 8
+    bits, narrow -127..127 at 8; scale = max|w| / qmax; blockwise scales keep 7 mantissa bits."""
+    base = Rounding.symmetric(bits, narrow=bits >= 8)
+    return Rounding(base.qmin, base.qmax, float(base.qmax), torch.bfloat16 if blockwise else None)
+
+
+def _dynamic_update_slice(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """The cache write as TFLite's DYNAMIC_UPDATE_SLICE (litert_torch's op): a slice update at
+    input_pos[0]. A plain slice assignment needs input_pos[0].item(), which litert_torch rejects
+    (ConcretizationTypeError on aten._local_scalar_dense)."""
+    from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+
+    zero = torch.zeros([], dtype=torch.int32)
+    return dynamic_update_slice(cache, new, [zero, zero, input_pos[0].to(torch.int32).reshape([]), zero])
+
+
+@dataclass(frozen=True)
+class _Signature:
+    name: str
+    module: torch.nn.Module
+    sample: dict[str, Any]
+    dynamic_shapes: Any = None
+
+
+@dataclass
+class _Work:
+    captured: CapturedModel
+    quant: QuantSpec
+    options: Options
+    signatures: list[_Signature] = field(default_factory=list)
+    methods: tuple[MethodSpec, ...] = ()
+    prefill_lens: tuple[int, ...] = ()
+    fixed_dims: dict[str, int] = field(default_factory=dict)  # dynamic dims exported at a fixed length
+    folded_norms: list[str] = field(default_factory=list)  # linear layers the converter folded a norm into
+    reference: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    float_model: bytes = b""
+    model: bytes = b""
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int32) if t.dtype == torch.int64 else t
+
+
+def _lm_signatures(work: _Work) -> None:
+    captured = work.captured
+    facts, max_seq_len = captured.loaded.facts, captured.llm_metadata["get_max_seq_len"]
+    work.prefill_lens = work.options.prefill_lens_for(max_seq_len)
+    model = captured.loaded.module
+    prefill = ExplicitCacheLM(model, facts, max_seq_len, _dynamic_update_slice, logits=False).eval()
+    decode = ExplicitCacheLM(model, facts, max_seq_len, _dynamic_update_slice).eval()
+    cache = decode.empty_cache()
+    cache_specs = tuple(TensorSpec(f"kv_cache_{k}", "float32", tuple(v.shape)) for k, v in cache.items())
+    methods = []
+    for length in work.prefill_lens:
+        sample = {"tokens": torch.zeros(1, length, dtype=torch.int32),
+                  "input_pos": torch.arange(length, dtype=torch.int32), "kv_cache": cache}
+        work.signatures.append(_Signature(f"prefill_{length}", prefill, sample))
+        methods.append(MethodSpec(f"prefill_{length}", (TensorSpec("tokens", "int32", (1, length)),
+                                                        TensorSpec("input_pos", "int32", (length,)), *cache_specs),
+                                  cache_specs))
+    sample = {"tokens": torch.zeros(1, 1, dtype=torch.int32), "input_pos": torch.zeros(1, dtype=torch.int32),
+              "kv_cache": cache}
+    work.signatures.append(_Signature("decode", decode, sample))
+    methods.append(MethodSpec("decode", (TensorSpec("tokens", "int32", (1, 1)), TensorSpec("input_pos", "int32", (1,)),
+                                         *cache_specs),
+                              (TensorSpec("logits", "float32", (1, 1, facts.vocab_size)), *cache_specs)))
+    work.methods = tuple(methods)
+
+
+def _pad(t: torch.Tensor, axis: int, length: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[axis] = length - t.shape[axis]
+    return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim=axis)
+
+
+def _serving_signature(work: _Work) -> None:
+    """The inputs are named after the module's forward parameters (input_ids, attention_mask for
+    encoders); litert_torch names a tensor output output_0 (output_i for a tuple).
+
+    An encoder's sequence dimension is fixed (--prefill-len, default min(128, max positions)):
+    litert_torch 0.10 cannot convert BERT's arange over a symbolic length (TypeError in its
+    int64 -> int32 pass). Apps pad with attention_mask 0, as the host runtime does."""
+    captured = work.captured
+    [method] = captured.methods
+    count = len(captured.example_inputs)
+    params = list(inspect.signature(captured.module.forward).parameters.values())[:count]
+    if len(params) < count or any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params):
+        raise InputError("the module's forward takes *args; TFLite signatures need named inputs",
+                         hint="give forward one named parameter per input")
+    names = tuple(p.name for p in params)
+    sample = {n: _int32(t) for n, t in zip(names, captured.example_inputs)}
+    shapes = captured.dynamic_shapes  # per positional input (tuple) or per forward parameter (dict)
+    if shapes is not None and not isinstance(shapes, dict):
+        shapes = dict(zip(names, shapes))
+    fixed = {}
+    if captured.loaded.task == "encoder":
+        fixed = {dim: max(work.options.prefill_lens or (min(DEFAULT_PREFILL_LEN, hi),)) for dim, (_, hi) in method.dynamic_dims.items()}
+        for dim, length in fixed.items():
+            if length > method.dynamic_dims[dim][1]:
+                raise InputError(f"--prefill-len {length} exceeds the model's {dim} limit {method.dynamic_dims[dim][1]}")
+        for spec, name in zip(method.inputs, names):
+            for axis, size in enumerate(spec.shape):
+                if size in fixed:
+                    sample[name] = _pad(sample[name], axis, fixed[size])
+        shapes = None
+    work.signatures.append(_Signature("serving_default", captured.module, sample, shapes))
+    work.fixed_dims = fixed
+
+    def spec(name: str, t: TensorSpec) -> TensorSpec:
+        return TensorSpec(name, "int32" if t.dtype == "int64" else t.dtype, tuple(fixed.get(d, d) for d in t.shape))
+
+    inputs = tuple(spec(n, t) for n, t in zip(names, method.inputs))
+    outputs = tuple(spec(f"output_{i}", t) for i, t in enumerate(method.outputs))
+    dynamic = {d: r for d, r in method.dynamic_dims.items() if d not in fixed}
+    work.methods = (MethodSpec("serving_default", inputs, outputs, dynamic),)
+
+
+def build_signatures(work: _Work) -> None:
+    """LMs: LiteRT's LLM signatures over an explicit-cache wrapper; others: serving_default."""
+    (_lm_signatures if work.captured.loaded.task == "causal-lm" else _serving_signature)(work)
+
+
+def record_reference(work: _Work) -> None:
+    """Weights fake-quantized on ai_edge_quantizer's grid; with the dynamic recipe each linear's
+    input is also fake-quantized to int8 per token, as the LiteRT kernels do at run time. Where the
+    converter folded a norm's affine into a linear layer before quantizing (read back from the
+    quantized model: exporters/tflite_weights.py), the reference folds it the same way."""
+    spec = work.quant
+    blockwise = spec.linear is not None and spec.linear.group_size is not None  # linear and embedding share it
+
+    def grid(bits: int) -> Rounding:
+        return rounding(bits, blockwise)
+
+    captured = work.captured
+    folded = {}
+    if spec.linear:
+        candidates = linears_fed_by_norms(captured.module, captured.example_inputs,
+                                          lambda m: "Norm" in type(m).__name__ and not list(m.children()))
+        weights = {name: layer.weight.detach() for name, layer in captured.module.named_modules() if name in candidates}
+        folded = folded_layers(work.model, candidates, weights,
+                               lambda w: fake_quantize(w, spec.linear, grid(spec.linear.bits)))
+    work.folded_norms = sorted(folded)
+    module = weight_only_reference(captured.module, spec, grid, folded)
+    if spec.linear is not None and spec.dynamic_int8_activations:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_pre_hook(lambda _, args: (_int8_per_row(args[0]),))
+    work.reference, work.quality = quantized_reference(module, captured)
+
+
+def _int8_per_row(x: torch.Tensor) -> torch.Tensor:
+    """What the hybrid FULLY_CONNECTED kernel (XNNPACK qd8) does to its input: asymmetric int8 per
+    row (token), range widened to include 0, scale (max - min) / 255."""
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    zero = torch.clamp(torch.round(-128 - lo / scale), -128, 127)
+    return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
+
+
+def convert(work: _Work) -> None:
+    import litert_torch
+
+    converter = litert_torch.Converter()
+    for sig in work.signatures:
+        converter.signature(sig.name, sig.module, sample_kwargs=sig.sample, dynamic_shapes=sig.dynamic_shapes)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress log; stdout is for --json
+        work.float_model = bytes(converter.convert().model_content())
+    work.model = work.float_model
+
+
+def _granularity(wq: WeightQuant):
+    from ai_edge_quantizer import qtyping
+
+    if wq.group_size is None:
+        return qtyping.QuantGranularity.CHANNELWISE
+    if wq.group_size not in BLOCK_SIZES:
+        raise InputError(f"--group-size {wq.group_size}: ai_edge_quantizer's blocks are {', '.join(map(str, BLOCK_SIZES))}",
+                         hint="choose one of those for --target tflite")
+    return getattr(qtyping.QuantGranularity, f"BLOCKWISE_{wq.group_size}")
+
+
+def quantize(work: _Work) -> None:
+    """Dynamic-range recipe: int weights (blockwise for int4) on FULLY_CONNECTED and
+    EMBEDDING_LOOKUP. The quantizer stores identical quantized weights once (tied embeddings,
+    and the constants each signature carries), which is why it runs after conversion."""
+    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+
+    spec = work.quant
+    recipe = recipe_manager.RecipeManager()
+    for op, wq in (("FULLY_CONNECTED", spec.linear), ("EMBEDDING_LOOKUP", spec.embedding)):
+        if wq is not None:
+            recipe.add_dynamic_config(regex=".*", operation_name=getattr(qtyping.TFLOperationName, op),
+                                      num_bits=wq.bits, granularity=_granularity(wq))
+    if not (spec.linear or spec.embedding):
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its size report; stdout is for --json
+        result = quantizer.Quantizer(work.float_model, recipe.get_quantization_recipe()).quantize()
+    work.model = bytes(result.quantized_model)
+
+
+_TENSOR_TEXT = {
+    "tokens": "token ids, int32 [1, T]; a prefill signature takes exactly its length (pad the rest)",
+    "input_pos": "the position of each token in the sequence, int32 [T]",
+    "logits": "next-token logits at the last position, float32 [1, 1, vocab]",
+    "input_ids": "token ids, int32 [1, T]",
+    "attention_mask": "1 for real tokens, 0 for padding, int32 [1, T]",
+    "last_hidden_state": "the encoder's last hidden states, float32 [1, T, hidden]",
+}
+
+
+def _tensor_text(name: str) -> str:
+    if name.startswith("kv_cache_"):
+        kind, layer = name.removeprefix("kv_cache_").split("_")
+        return (f"layer {layer} {'keys' if kind == 'k' else 'values'} cache [1, kv_heads, max_seq_len, head_dim]: "
+                "zeros at the start, then the previous call's output")
+    return _TENSOR_TEXT.get(name, name)
+
+
+def _subgraph0_names(model: bytes) -> tuple[list[str], list[str]]:
+    """Names of subgraph 0's inputs and outputs in the subgraph's own order (what the schema's
+    one SubgraphMetadata must follow), from the signature that maps to it."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(model, 0)
+    graph = m.subgraphs[0]
+    [sig] = [s for s in m.signatureDefs if s.subgraphIndex == 0]
+    by_index = {t.tensorIndex: t.name.decode() for t in sig.inputs + sig.outputs}
+    return [by_index[i] for i in graph.inputs], [by_index[i] for i in graph.outputs]
+
+
+def _facts(work: _Work) -> dict:
+    loaded, meta = work.captured.loaded, work.captured.llm_metadata
+    tok = loaded.tokenizer
+    return {
+        "edgepack_version": __version__,
+        "task": loaded.task,
+        "tokenizer": None if tok is None else {
+            "files": list(tok.files), "bos_id": tok.bos_id, "eos_ids": list(tok.eos_ids), "pad_id": tok.pad_id,
+            "add_bos": tok.add_bos, "chat_template": tok.chat_template},
+        "generation": {"max_seq_len": meta["get_max_seq_len"], "prefill_lens": list(work.prefill_lens)} if meta else None,
+        "signatures": {m.name: m.as_dict() for m in work.methods},
+    }
+
+
+def _license(source: str) -> str:
+    """The `license:` of the model card's front matter, when the source directory has one."""
+    card = Path(source) / "README.md"
+    if card.is_file():
+        lines = card.read_text(encoding="utf-8", errors="replace").splitlines()
+        if lines and lines[0].strip() == "---":
+            for line in lines[1:]:
+                if line.strip() == "---":
+                    break
+                if line.startswith("license:"):
+                    return line.removeprefix("license:").strip()
+    return "unknown: see the source model"
+
+
+def add_metadata(work: _Work) -> None:
+    loaded = work.captured.loaded
+    inputs, outputs = _subgraph0_names(work.model)
+    weights = hashlib.sha256("".join(h for _, h in loaded.weight_files).encode()).hexdigest()[:16]
+    tok = loaded.tokenizer
+    signatures = ", ".join(m.name for m in work.methods)
+    doc = ModelDoc(
+        name=loaded.name,
+        version=f"weights {weights}" if loaded.weight_files else f"edgepack {__version__}",
+        description=(f"{loaded.task} model from {Path(loaded.source).name}, exported by edgepack {__version__} "
+                     f"({work.quant.scheme} weights). Signatures: {signatures}. Tensor metadata describes the first "
+                     f"signature; edgepack.json describes every signature and the tokenizer."),
+        author=f"exported by edgepack {__version__}; see the source model for its authors",
+        license=_license(loaded.source),
+        inputs=tuple(TensorDoc(n, _tensor_text(n)) for n in inputs),
+        outputs=tuple(TensorDoc(n, _tensor_text(n)) for n in outputs),
+        facts=_facts(work),
+        files={name: (tok.directory / name).read_bytes() for name in tok.files} if tok else {},
+    )
+    work.files[MODEL_FILE] = write_metadata(work.model, doc)
+
+
+def write_litertlm(work: _Work) -> None:
+    """--tflite-bundle litertlm: the same .tflite with the tokenizer and LLM metadata for LiteRT-LM."""
+    if work.options.bundle != "litertlm":
+        return
+    captured = work.captured
+    tok = captured.loaded.tokenizer
+    from edgepack.packaging.tflite_litertlm import build_litertlm
+
+    work.files[LITERTLM_FILE] = build_litertlm(
+        work.files[MODEL_FILE], tok.directory, tok.files, bos_id=tok.bos_id, eos_ids=tok.eos_ids,
+        max_seq_len=captured.llm_metadata["get_max_seq_len"], chat_template=tok.chat_template,
+        name=captured.loaded.name)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("signatures", build_signatures),
+    Step("convert", convert),
+    Step("quantize", quantize),
+    Step("reference", record_reference),  # reads back what the converter did to the weights
+    Step("metadata", add_metadata),
+    Step("litertlm", write_litertlm),
+)
+
+
+def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
+          on_step: Callable[[str], None] | None = None) -> Artifact:
+    if options.bundle == "litertlm" and (captured.loaded.task != "causal-lm" or captured.loaded.tokenizer is None):
+        raise InputError("--tflite-bundle litertlm is for decoder LMs with a tokenizer",
+                         hint=f"{captured.loaded.source} is a {captured.loaded.task}")
+    work = run_steps("tflite", STEPS, _Work(captured, quant, options), on_step)
+    return Artifact(
+        backend="tflite",
+        platforms=("android", "ios"),
+        files=dict(work.files),
+        main_file=MODEL_FILE,
+        methods=work.methods,
+        quantization={**quant.describe(), "library": f"ai-edge-quantizer {version('ai-edge-quantizer')}",
+                      "recipe": "dynamic range (int weights, activations quantized at run time)"
+                      if quant.linear or quant.embedding else "none"},
+        ideal_bytes=quant.ideal_bytes(captured.loaded.module),
+        reference_outputs=work.reference,
+        runtime={
+            "name": "litert",
+            "version": version("ai-edge-litert"),
+            "converter": f"litert-torch {version('litert-torch')}",
+            "signatures": [m.name for m in work.methods],
+            "prefill_lens": list(work.prefill_lens),
+            "fixed_dims": work.fixed_dims,
+            "float_bytes": len(work.float_model),
+            "quantized_bytes": len(work.model),
+            "folded_norms": work.folded_norms,
+            **({"litertlm": LITERTLM_FILE} if LITERTLM_FILE in work.files else {}),
+            **({"tokenizer": "the tokenizer files packed in the .tflite (associated files, also under tokenizer/); "
+                         "LiteRT-LM reads the copy inside the .litertlm"}
+               if captured.loaded.tokenizer else {}),
+        },
+        extra={"quality": work.quality},
+    )
