@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -32,7 +33,12 @@ def _load(bundle: Path, ref: dict) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def _cases(bundle: Path, manifest: dict) -> list[tuple[Case, dict]]:
+def _expected(bundle: Path, refs: dict) -> CaseOutput:
+    return CaseOutput(tuple(refs), tuple(_load(bundle, r) for r in refs.values()))
+
+
+def golden_cases(bundle: Path, manifest: dict) -> list[tuple[Case, dict]]:
+    """The manifest's smoke cases with their inputs loaded, each with its expected-output references."""
     out = []
     for c in manifest["smoke"]["cases"]:
         inputs = tuple(_load(bundle, i) for i in c["inputs"])
@@ -41,25 +47,38 @@ def _cases(bundle: Path, manifest: dict) -> list[tuple[Case, dict]]:
     return out
 
 
-def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None) -> list[BackendSmoke]:
-    """Run every artifact (or those named) on its host runtime. A failure of one backend is
-    recorded in its result, never raised, so the others still run."""
+# replay(bundle, artifact) -> run(case) -> the artifact's outputs for that case
+Replay = Callable[[Path, dict], Callable[[Case], CaseOutput]]
+
+
+def host_replay(bundle: Path, artifact: dict) -> Callable[[Case], CaseOutput]:
+    """The artifact on its runtime in this process (the host's, or the emulated arm64 Python's)."""
+    call = HOST_RUNTIMES[artifact["backend"]](bundle / artifact["path"], artifact)
+    return lambda case: run_case(case, call)
+
+
+def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None,
+                 replay: Replay = host_replay, where: str = "host") -> list[BackendSmoke]:
+    """Run every artifact (or those named) through `replay` (default: its host runtime) and judge
+    its outputs. A failure of one backend is recorded in its result, never raised, so the others
+    still run."""
     tolerance = Tolerance(manifest["smoke"]["tolerance"]["min_cosine"], manifest["smoke"]["tolerance"]["max_abs"])
-    cases = _cases(bundle, manifest)
+    cases = golden_cases(bundle, manifest)
     results = []
     for artifact in manifest["artifacts"]:
         backend = artifact["backend"]
         if backends and backend not in backends:
             continue
-        result = BackendSmoke(backend, f"{backend} host", passed=True)
+        result = BackendSmoke(backend, f"{backend} {where}", passed=True)
         try:
-            call = HOST_RUNTIMES[backend](bundle / artifact["path"], artifact)
+            run = replay(bundle, artifact)
             for case, expected_refs in cases:
-                refs = expected_refs[backend]
-                expected = CaseOutput(tuple(refs), tuple(_load(bundle, r) for r in refs.values()))
-                metrics = compare(expected, run_case(case, call))
+                actual = run(case)
+                metrics = compare(_expected(bundle, expected_refs[backend]), actual)
                 reasons = within(metrics, tolerance)
-                result.cases[case.name] = {**metrics, "failures": reasons}
+                # End to end, for the record (not gated): the artifact against the fp32 model.
+                vs_fp32 = compare(_expected(bundle, expected_refs["fp32-eager"]), actual)
+                result.cases[case.name] = {**metrics, "failures": reasons, "vs_fp32": vs_fp32}
                 result.passed &= not reasons
         except EdgepackError as e:
             result.passed, result.error = False, str(e)

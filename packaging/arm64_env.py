@@ -1,0 +1,286 @@
+"""The emulated arm64 environment for `edgepack smoke --on arm64-emulated` (`make arm64-env`).
+
+Everything lives in one folder the user can delete (default build/arm64 at the repository root,
+or $EDGEPACK_ARM64_ENV):
+
+  qemu-aarch64-static   Debian's qemu-user-static, only the aarch64 binary, not installed on the host
+  sysroot/              Debian's arm64 python3.X and the libraries it needs, unpacked with dpkg -x
+  site/                 aarch64 wheels from PyPI at the host venv's versions, unzipped
+  cpuinfo               an ARM /proc/cpuinfo (LiteRT's CPU detection crashes on the host's x86 one)
+  env.json              what was set up; written last, so its presence means the set-up completed
+
+The versions come from the host venv at set-up time (importlib.metadata), never typed here. Once
+set up, nothing touches the network: a rerun checks env.json against the host's versions and only
+fetches what changed. Run: python -m edgepack.packaging.arm64_env [--dir DIR]."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import edgepack
+from edgepack.errors import EdgepackError
+
+EXIT_NO_ARM64_ENV = 3
+# The CPU qemu emulates: a Cortex-A76 (ARMv8.2: NEON, dotprod, fp16), the big core of many phones.
+# qemu's default ("max") would also offer SVE and i8mm, which most phones lack, so XNNPACK would
+# pick kernels no phone runs.
+QEMU_CPU = "cortex-a76"
+_CPUINFO_PART = "0xd0b"  # Cortex-A76's part number, what cpuinfo parsers read
+# host distribution name -> module the emulated runtime imports; only those the host venv has are set up
+WHEELS = {"numpy": "numpy", "ai-edge-litert": "ai_edge_litert.interpreter", "onnxruntime": "onnxruntime"}
+REQUIRED_WHEELS = ("numpy",)
+PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
+# The roots of the sysroot; their arm64 dependency closure comes from apt-cache.
+SYSROOT_ROOTS = (f"{PYTHON}-minimal:arm64", f"lib{PYTHON}-stdlib:arm64", "libstdc++6:arm64")
+
+
+class Arm64EnvMissing(EdgepackError):
+    """The emulated arm64 environment is not set up (or is stale): nothing can run there."""
+
+    exit_code = EXIT_NO_ARM64_ENV
+
+
+class Arm64SetupError(EdgepackError):
+    """A step of `make arm64-env` failed."""
+
+
+def default_dir() -> Path:
+    root = Path(edgepack.__file__).resolve().parent.parent
+    return Path(os.environ.get("EDGEPACK_ARM64_ENV", root / "build" / "arm64"))
+
+
+def host_versions() -> dict[str, str]:
+    """The host venv's versions of the packages the emulated runtimes need: the one source of truth."""
+    found = {}
+    for dist in WHEELS:
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+@dataclass(frozen=True)
+class Arm64Env:
+    root: Path
+    qemu: Path
+    packages: dict[str, str]  # distribution -> version, installed under site/
+    unavailable: dict[str, str]  # distribution -> why it is not there
+
+    @property
+    def sysroot(self) -> Path:
+        return self.root / "sysroot"
+
+    def command(self, *args: str) -> list[str]:
+        """argv running the emulated Python with `args`, behind an ARM /proc/cpuinfo."""
+        emulated = [str(self.qemu), "-cpu", QEMU_CPU, "-L", str(self.sysroot),
+                    str(self.sysroot / "usr" / "bin" / PYTHON), "-s", *args]
+        cpuinfo = str(self.root / "cpuinfo")
+        if os.geteuid() == 0 and shutil.which("unshare"):
+            # A private mount namespace: the bind mount is seen by this process tree only.
+            return ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /proc/cpuinfo && exec "$@"', cpuinfo, *emulated]
+        if shutil.which("proot"):
+            return ["proot", "-b", f"{cpuinfo}:/proc/cpuinfo", *emulated]
+        raise Arm64EnvMissing("the emulated runtime needs an ARM /proc/cpuinfo: run as root (unshare -m) or "
+                              "install proot", hint="Debian: apt-get install proot")
+
+    def environment(self) -> dict[str, str]:
+        code_root = Path(edgepack.__file__).resolve().parent.parent
+        return {"PYTHONPATH": f"{self.root / 'site'}{os.pathsep}{code_root}", "PYTHONNOUSERSITE": "1",
+                "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
+                "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1"}
+
+
+def load_env(root: Path | None = None) -> Arm64Env:
+    """The set-up environment, or Arm64EnvMissing saying to run `make arm64-env`."""
+    root = root or default_dir()
+    hint = "run `make arm64-env` (downloads once, then works offline)"
+    try:
+        recorded = json.loads((root / "env.json").read_text())
+    except FileNotFoundError:
+        raise Arm64EnvMissing(f"no emulated arm64 environment at {root}", hint=hint) from None
+    env = Arm64Env(root, Path(recorded["qemu"]), recorded["packages"], recorded["unavailable"])
+    if not env.qemu.is_file() or not (env.sysroot / "usr" / "bin" / PYTHON).is_file():
+        raise Arm64EnvMissing(f"the emulated arm64 environment at {root} is incomplete", hint=hint)
+    stale = {d: v for d, v in host_versions().items() if recorded["host"].get(d) != v}
+    if stale:
+        raise Arm64EnvMissing(f"the emulated arm64 environment at {root} was set up for other versions than "
+                              f"the host's {stale}", hint=hint)
+    return env
+
+
+def _run(step: str, argv: list[str], cwd: Path | None = None, **kwargs) -> str:
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False, **kwargs)
+    except FileNotFoundError as e:
+        raise Arm64SetupError(f"{step}: {argv[0]} is not installed") from e
+    if done.returncode:
+        raise Arm64SetupError(f"{step}: `{' '.join(argv)}` exited with {done.returncode}: "
+                              f"{(done.stderr or done.stdout).strip()[-2000:]}")
+    return done.stdout
+
+
+def _require_apt(step: str) -> None:
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        raise Arm64SetupError(f"{step}: needs Debian's apt-get and dpkg, which this machine lacks",
+                              hint="set up on a Debian or Ubuntu machine, or copy a set-up folder here")
+
+
+def _qemu(root: Path) -> Path:
+    """Debian's qemu-user-static, only its aarch64 binary, under the set-up folder; else one on PATH."""
+    target = root / "qemu-aarch64-static"
+    if target.is_file():
+        return target
+    if not shutil.which("apt-get"):
+        on_path = shutil.which("qemu-aarch64-static")
+        if on_path:
+            return Path(on_path)
+        raise Arm64SetupError("qemu: no qemu-aarch64-static on PATH and no apt-get to fetch Debian's "
+                              "qemu-user-static", hint="install qemu-user-static with your package manager")
+    work = root / "downloads"
+    work.mkdir(parents=True, exist_ok=True)
+    _run("qemu", ["apt-get", "download", "-q", "qemu-user-static"], cwd=work)
+    [deb] = sorted(work.glob("qemu-user-static_*.deb"))
+    extracted = root / "qemu-extract"
+    _run("qemu", ["dpkg-deb", "-x", str(deb), str(extracted)])
+    shutil.move(extracted / "usr" / "bin" / "qemu-aarch64-static", target)
+    shutil.rmtree(extracted)
+    deb.unlink()
+    return target
+
+
+def _arm64_lists() -> None:
+    """dpkg must know arm64 and apt must have its package lists (needs root, once per machine)."""
+    _require_apt("sysroot")
+    have = _run("sysroot", ["apt-cache", "policy", SYSROOT_ROOTS[0]])
+    if "Candidate:" in have and "Candidate: (none)" not in have:
+        return
+    if os.geteuid() != 0:
+        raise Arm64SetupError(f"sysroot: apt knows no arm64 {SYSROOT_ROOTS[0]} and adding the arm64 "
+                              "architecture needs root", hint="run once as root: dpkg --add-architecture arm64 "
+                                                               "&& apt-get update; then rerun")
+    if "arm64" not in _run("sysroot", ["dpkg", "--print-foreign-architectures"]).split():
+        _run("sysroot", ["dpkg", "--add-architecture", "arm64"])
+    _run("sysroot", ["apt-get", "update", "-qq"])
+
+
+def _sysroot(root: Path) -> list[str]:
+    """The arm64 Python and its libraries' dependency closure, unpacked (never installed) into sysroot/."""
+    sysroot, stamp = root / "sysroot", root / "sysroot" / ".debs"
+    if stamp.is_file():
+        return stamp.read_text().split()
+    _arm64_lists()
+    tree = _run("sysroot", ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+                            "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *SYSROOT_ROOTS])
+    # Top-level lines name packages; virtual ones come as <name>; host-architecture ones are not needed.
+    names = sorted({line for line in tree.splitlines() if line.endswith(":arm64") and not line.startswith((" ", "<"))})
+    work = root / "downloads"
+    shutil.rmtree(sysroot, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    _run("sysroot", ["apt-get", "download", "-q", *names], cwd=work)
+    debs = sorted(work.glob("*_arm64.deb"))
+    for deb in debs:
+        _run("sysroot", ["dpkg-deb", "-x", str(deb), str(sysroot)])
+    stamp.write_text("\n".join(d.name for d in debs) + "\n")
+    shutil.rmtree(work)
+    return [d.name for d in debs]
+
+
+def _platforms(debs: list[str]) -> list[str]:
+    """Every manylinux tag the sysroot's glibc can load (its libc6 .deb names the version)."""
+    [libc] = [d for d in debs if d.startswith("libc6_")]
+    major, minor = (int(x) for x in libc.split("_")[1].split("-")[0].split(".")[:2])
+    return [f"manylinux_{major}_{m}_aarch64" for m in range(minor, 16, -1)] + ["manylinux2014_aarch64"]
+
+
+def _wheels(root: Path, wanted: dict[str, str], debs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """aarch64 wheels at the host's versions, unzipped into site/. A package without such a wheel is
+    recorded as unavailable (its backend is then reported as not run), unless it is required."""
+    site, work = root / "site", root / "wheels"
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    found, unavailable = {}, {}
+    py = f"{sys.version_info.major}{sys.version_info.minor}"
+    platforms = [arg for tag in _platforms(debs) for arg in ("--platform", tag)]
+    for dist, ver in wanted.items():
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                               "--only-binary=:all:", *platforms, "--python-version", py, "--no-deps",
+                               "--dest", str(work), f"{dist}=={ver}"], capture_output=True, text=True, check=False)
+        if done.returncode:
+            why = f"no aarch64 wheel of {dist} {ver} for cp{py} on the package index"
+            if dist in REQUIRED_WHEELS or "No matching distribution" not in done.stderr:
+                raise Arm64SetupError(f"wheels: pip could not download {dist}=={ver} for aarch64: "
+                                      f"{done.stderr.strip()[-1500:]}", hint="check the network and rerun")
+            unavailable[dist] = why
+            continue
+        found[dist] = ver
+    for wheel in sorted(work.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
+    shutil.rmtree(work)
+    return found, unavailable
+
+
+def _cpuinfo(path: Path) -> None:
+    block = ("processor\t: {n}\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics "
+             "fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+             f"CPU variant\t: 0x4\nCPU part\t: {_CPUINFO_PART}\nCPU revision\t: 1\n\n")
+    path.write_text("".join(block.format(n=n) for n in range(os.cpu_count() or 1)))
+
+
+def _self_test(env: Arm64Env) -> str:
+    modules = ", ".join(WHEELS[d] for d in env.packages)
+    probe = f"import platform, {modules}; print(platform.machine(), 'imports {modules}')"
+    return _run("self-test", env.command("-c", probe), env=env.environment(), timeout=300).strip()
+
+
+def set_up(root: Path | None = None, say=print) -> Arm64Env:
+    """Idempotent: each part is fetched once; a rerun with unchanged host versions is offline."""
+    root = (root or default_dir()).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = host_versions()
+    missing = [d for d in REQUIRED_WHEELS if d not in wanted]
+    if missing:
+        raise Arm64SetupError(f"the host venv lacks {missing}: its versions are the ones set up")
+    recorded = json.loads((root / "env.json").read_text()) if (root / "env.json").is_file() else None
+    qemu = _qemu(root)
+    debs = _sysroot(root)
+    if recorded and recorded["host"] == wanted and (root / "site").is_dir():
+        packages, unavailable = recorded["packages"], recorded["unavailable"]
+    else:
+        (root / "env.json").unlink(missing_ok=True)
+        say(f"arm64-env: fetching aarch64 wheels for {wanted}")
+        packages, unavailable = _wheels(root, wanted, debs)
+    _cpuinfo(root / "cpuinfo")
+    env = Arm64Env(root, qemu, packages, unavailable)
+    say(f"arm64-env: self-test: {_self_test(env)}")
+    (root / "env.json").write_text(json.dumps({"qemu": str(qemu), "cpu": QEMU_CPU, "python": PYTHON, "host": wanted,
+                                               "packages": packages, "unavailable": unavailable, "debs": debs},
+                                              indent=2, sort_keys=True) + "\n")
+    for dist, why in unavailable.items():
+        say(f"arm64-env: {dist} not set up: {why}")
+    say(f"arm64-env: ready at {root} ({', '.join(f'{d} {v}' for d, v in packages.items())})")
+    return env
+
+
+def main(argv: list[str]) -> int:
+    root = Path(argv[argv.index("--dir") + 1]) if "--dir" in argv else None
+    try:
+        set_up(root)
+    except EdgepackError as e:
+        print(f"error: {e.message}" + (f"\n  hint: {e.hint}" if e.hint else ""), file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
