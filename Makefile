@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine (Python 3.11, pip, apt):
-#   make demo   installs what is missing, builds the demo model, exports it, smoke-tests the bundle
+#   make demo   installs what is missing, builds the demo model, exports it to every backend, smoke-tests the bundle
 #   make test   installs what is missing, runs the tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ DEMO_OUT := dist
 # Pinned here, not in pyproject.toml, because it must be installed with --no-deps (see install).
 TFLITE_SUPPORT := tflite-support==0.4.4
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean arm64-env
 
 install: $(STAMP)
 
@@ -32,11 +32,17 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/python -m edgepack.demo $(DEMO_MODEL)
-	$(BIN)/edgepack export $(DEMO_MODEL) --target executorch --out $(DEMO_OUT)
+	@# CoreML at fp32: fp16 (its default) flips a near-tie greedy choice of this tiny model (README)
+	$(BIN)/edgepack export $(DEMO_MODEL) --target all --tflite-bundle litertlm --coreml-precision fp32 --out $(DEMO_OUT)
 	$(BIN)/edgepack smoke $(DEMO_OUT)/demo-llama
 
 test: install
 	$(BIN)/python -m pytest
+
+# arm64 builds of the runtimes under qemu, for `edgepack smoke BUNDLE --on arm64-emulated`: fetched
+# once into build/arm64 (delete it to start over) at the venv's versions, then offline.
+arm64-env: install
+	$(BIN)/python -m edgepack.packaging.arm64_env
 
 clean:
 	rm -rf $(VENV) build $(DEMO_OUT) .pytest_cache

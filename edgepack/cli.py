@@ -61,6 +61,7 @@ def export(
     min_cosine: Optional[float] = typer.Option(None, help="Fail (exit 1) if quantized vs fp32 logits cosine falls below this."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first backend failure."),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Export a model directory without tokenizer files (non-text models)."),
+    pooling: str = typer.Option("none", help="Encoders: none (last_hidden_state per token), mean (sentence_embedding: masked mean, as sentence-transformers) or cls (first token)."),
     ios_target: Optional[int] = typer.Option(None, help="CoreML: minimum iOS version, 17 or 18 (default 18: KV-cache state and int4 per-block weights need 18).", rich_help_panel="CoreML"),
     coreml_precision: Optional[str] = typer.Option(None, help="CoreML: compute precision, fp16 (default) or fp32.", rich_help_panel="CoreML"),
     coreml_compression: Optional[str] = typer.Option(None, help="CoreML: int4 (linear per-block, the default for --quant int4) or palettize4 (4-bit lookup tables, preferred by the Neural Engine).", rich_help_panel="CoreML"),
@@ -87,7 +88,7 @@ def export(
     }
     backend_options = {b: {k: v for k, v in opts.items() if v is not None} for b, opts in given.items()}
     request = ExportRequest(source, target, out, name, quant, group_size, max_seq_len, min_cosine, strict,
-                            no_tokenizer, backend_options)
+                            no_tokenizer, pooling, backend_options)
     try:
         result = run_export(request, Progress(err))
     except BaseException as e:  # noqa: BLE001 - every failure becomes an exit code
@@ -104,7 +105,7 @@ def export(
 @app.command()
 def smoke(
     bundle: Path = typer.Argument(..., help="A bundle directory written by `edgepack export`."),
-    on: str = typer.Option("host", help="Where to run: host."),
+    on: str = typer.Option("host", help="Where to run: host, or arm64-emulated (arm64 runtimes under qemu: `make arm64-env`)."),
     backend: Optional[str] = typer.Option(None, help="Only this backend (default: every artifact)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -119,11 +120,18 @@ def smoke(
     from edgepack.packaging.smoke import smoke_bundle
     from edgepack.report import print_smoke
 
+    arm64 = None
     try:
-        if on != "host":
-            raise InputError(f"--on {on!r}: only 'host' is available in this version")
+        if on not in ("host", "arm64-emulated"):
+            raise InputError(f"--on {on!r}: choose one of host, arm64-emulated")
         manifest = read_manifest(bundle)
-        results = smoke_bundle(bundle, manifest, [backend] if backend else None)
+        if on == "host":
+            results = smoke_bundle(bundle, manifest, [backend] if backend else None)
+        else:
+            from edgepack.packaging.arm64_smoke import smoke_arm64
+
+            arm64 = smoke_arm64(bundle, manifest, [backend] if backend else None)
+            results = arm64.results
         if backend and not results:
             raise InputError(f"{bundle}: has no {backend!r} artifact")
     except typer.Exit:
@@ -133,9 +141,14 @@ def smoke(
             raise
         _fail(e, as_json, verbose)
     print_smoke(err, results)
+    if arm64:
+        from edgepack.packaging.arm64_smoke import print_arm64
+
+        print_arm64(err, arm64)
     passed = all(r.passed for r in results)
     if as_json:
-        _emit_json({"ok": passed, "bundle": str(bundle), "results": {r.backend: r.as_dict() for r in results}})
+        _emit_json({"ok": passed, "bundle": str(bundle), "on": on, "results": {r.backend: r.as_dict() for r in results},
+                    **({"not_run": arm64.not_run} if arm64 else {})})
     raise typer.Exit(0 if passed else EXIT_FAILED)
 
 
@@ -160,7 +173,7 @@ def inspect(
     if as_json:
         _emit_json(manifest)
     else:
-        print_manifest(Console(), manifest)
+        print_manifest(Console(), manifest, bundle)
 
 
 @app.command()

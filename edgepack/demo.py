@@ -89,30 +89,87 @@ def _train_wordpiece(vocab_size: int = 500) -> Tokenizer:
 
 
 def fit_to_corpus(model, tok: Tokenizer, steps: int, seed: int, seq_len: int = 64, batch: int = 16) -> None:
-    """A few steps of next-token training on the demo corpus, single-threaded so the weights
-    (and so the saved bytes) are the same on every machine."""
+    """A few steps of next-token training on the demo corpus (run single-threaded by
+    fit_until_decisive, so the weights and the saved bytes are the same on every machine)."""
     import torch
 
     ids = torch.tensor(tok.encode("\n".join(_corpus_lines())).ids, dtype=torch.int64)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=generator)
+        window = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=window, labels=window).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+# Per family: the transformers config class and what differs from the shared tiny shape. Sliding
+# windows are shorter than the golden prompt plus its 16 steps, so the window logic is exercised.
+DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("Phi3Config", {"tie_word_embeddings": False}),
+    "mistral": ("MistralConfig", {"sliding_window": 16}),
+    "gpt2": ("GPT2Config", {"num_key_value_heads": None}),  # None: the config has no such field
+}
+
+
+# Top-2 logit margin every golden greedy step must have in fp32 before a test model is saved: well
+# above the ~0.1-0.2 by which the backends' kernels move logits from their quantized eager reference.
+DECISIVE_MARGIN = 0.3
+
+
+def golden_greedy_margin(model, tok: Tokenizer) -> float:
+    """The smallest top-2 logit margin over the smoke test's greedy steps (full forward, fp32)."""
+    import torch
+
+    from edgepack.exporters.capture import GOLDEN_PROMPT, GOLDEN_STEPS
+
+    ids = torch.tensor([tok.encode(GOLDEN_PROMPT).ids])
+    margins = []
+    model.eval()
+    with torch.no_grad():
+        for _ in range(GOLDEN_STEPS):
+            top2 = model(input_ids=ids).logits[0, -1].topk(2)
+            margins.append(float(top2.values[0] - top2.values[1]))
+            ids = torch.cat([ids, top2.indices[:1].unsqueeze(0)], 1)
+    return min(margins)
+
+
+def fit_until_decisive(model, tok: Tokenizer, seed: int, max_steps: int, chunk: int = 100) -> int:
+    """Fit in chunks of `chunk` steps until golden_greedy_margin >= DECISIVE_MARGIN (or max_steps),
+    in fp32 and in an int4 weight-only copy: quantization itself moves the logits, and the smoke
+    test compares each artifact with a quantized reference."""
+    from edgepack.exporters.weights import Rounding, weight_only_reference
+    from edgepack.quant import QuantSpec
+
+    import torch
+
+    int4 = QuantSpec.from_options("int4")
+    steps, threads = 0, torch.get_num_threads()
+    torch.set_num_threads(1)  # sums in one order: the same stopping step and weights on every machine
     try:
-        model.train()
-        for _ in range(steps):
-            starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=generator)
-            window = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-            loss = model(input_ids=window, labels=window).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        while steps < max_steps:
+            fit_to_corpus(model, tok, chunk, seed + steps)
+            steps += chunk
+            quantized = weight_only_reference(model, int4, lambda bits: Rounding.symmetric(bits, narrow=False))
+            if min(golden_greedy_margin(model, tok), golden_greedy_margin(quantized, tok)) >= DECISIVE_MARGIN:
+                break
     finally:
         torch.set_num_threads(threads)
+    return steps
 
 
-def build_llama_dir(
+def build_decoder_dir(
     out_dir: str | Path,
+    family: str = "llama",
     *,
     hidden_size: int = 64,
     intermediate_size: int = 128,
@@ -121,18 +178,19 @@ def build_llama_dir(
     num_key_value_heads: int = 2,
     max_position_embeddings: int = 512,
     vocab_size: int = 512,
-    tie_word_embeddings: bool = True,
     seed: int = 0,
-    train_steps: int = 150,
+    max_train_steps: int = 1200,
 ) -> Path:
-    """Write a tiny LlamaForCausalLM + tokenizer as an HF model dir.
+    """Write a tiny causal LM of `family` (a DECODER_CONFIGS key) + tokenizer as an HF model dir.
 
-    The weights are fitted to the demo corpus for `train_steps` steps (a second or two): an
-    untrained model's next-token logits are near-ties, so greedy decoding flips on the tiniest
-    numerical difference and a token-for-token smoke test would only measure noise.
+    The weights are fitted to the demo corpus until greedy decoding of the golden prompt is
+    decisive (see fit_until_decisive): an untrained model's next-token logits are near-ties, so
+    greedy decoding flips on the tiniest numerical difference and a token-for-token smoke test
+    would only measure noise.
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import transformers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     tok = train_tokenizer(vocab_size)
     assert tok.get_vocab_size() == vocab_size, (tok.get_vocab_size(), vocab_size)
@@ -140,7 +198,8 @@ def build_llama_dir(
     out.mkdir(parents=True, exist_ok=True)
 
     ids = {"bos_token_id": 0, "eos_token_id": [1, 2], "pad_token_id": 3}
-    config = LlamaConfig(
+    config_class, overrides = DECODER_CONFIGS[family]
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -148,12 +207,13 @@ def build_llama_dir(
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
         **ids,
     )
+    fields.update(overrides)
+    config = getattr(transformers, config_class)(**{k: v for k, v in fields.items() if v is not None})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    fit_to_corpus(model, tok, train_steps, seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    fit_until_decisive(model, tok, seed, max_train_steps)
     model.eval().save_pretrained(out, safe_serialization=True)
     GenerationConfig(**ids).save_pretrained(out)
 
@@ -167,6 +227,11 @@ def build_llama_dir(
     hf_tok.chat_template = LLAMA_CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
     return out
+
+
+def build_llama_dir(out_dir: str | Path, **shape) -> Path:
+    """The tiny Llama of the demo and most tests."""
+    return build_decoder_dir(out_dir, "llama", **shape)
 
 
 def build_bert_dir(
@@ -213,16 +278,19 @@ def build_bert_dir(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m edgepack.demo OUT_DIR [--bert]``."""
+    """CLI: ``python -m edgepack.demo OUT_DIR [--family NAME]``."""
     parser = argparse.ArgumentParser(prog="python -m edgepack.demo", description=__doc__)
     parser.add_argument("out_dir", help="directory to write the model into")
-    parser.add_argument("--bert", action="store_true", help="build the BERT encoder instead of Llama")
+    parser.add_argument("--family", default="llama", choices=[*DECODER_CONFIGS, "bert"],
+                        help="the architecture to build (default: llama)")
     args = parser.parse_args(argv)
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    build = build_bert_dir if args.bert else build_llama_dir
-    print(build(args.out_dir))
+    if args.family == "bert":
+        print(build_bert_dir(args.out_dir))
+    else:
+        print(build_decoder_dir(args.out_dir, args.family))
 
 
 if __name__ == "__main__":

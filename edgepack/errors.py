@@ -48,6 +48,10 @@ class RuntimeUnavailableError(EdgepackError):
     """The runtime a check needs is not installed here."""
 
 
+class TokenizerMismatch(EdgepackError):
+    """The on-device runner's tokenizer encodes text differently from the model's own tokenizer."""
+
+
 class SmokeFailure(EdgepackError):
     """An artifact did not answer like the model it came from."""
 

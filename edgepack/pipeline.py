@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError
+from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError, TokenizerMismatch
 from edgepack.progress import Progress, peak_rss_bytes
 from edgepack.quant import QuantSpec
 from edgepack.stages import Artifact, Bundle
-from edgepack.exporters.capture import capture
+from edgepack.exporters.capture import CaptureOptions, capture
 from edgepack.exporters.registry import resolve_targets
 from edgepack.exporters.sources import load_source
 from edgepack.packaging.bundle import StagedBundle, check_writable, commit, stage_contents
@@ -30,6 +30,7 @@ class ExportRequest:
     min_cosine: float | None = None
     strict: bool = False
     no_tokenizer: bool = False
+    pooling: str = "none"
     # backend name -> its options as typed (e.g. {"coreml": {"ios_target": 17}}); each backend
     # validates its own part, and only the backends asked for are consulted.
     backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -44,6 +45,7 @@ class ExportResult:
     progress: Progress
     peak_rss_bytes: int = 0
     quality_failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -55,9 +57,26 @@ def _failure(error: EdgepackError, backend: str) -> dict:
     return {"backend": backend, "step": getattr(error, "step", None), "message": str(error)}
 
 
+def tokenizer_warnings(loaded, *, strict: bool) -> list[str]:
+    """A runner tokenizer that disagrees with the model's is a warning, or a failure under --strict."""
+    check = loaded.tokenizer.runner_check if loaded.tokenizer else {}
+    if not check.get("mismatches"):
+        return []
+    first = check["mismatches"][0]
+    if first["what"] == "load":
+        message = f"the on-device runner's tokenizer ({check['runner']}) cannot load tokenizer.json: {first['error']}"
+    else:
+        message = (f"the on-device runner's tokenizer ({check['runner']}) differs from the model's on "
+                   f"{len(check['mismatches'])} of {check['texts']} check texts; first: {first['what']} of {first['text'][:40]!r}")
+    if strict:
+        raise TokenizerMismatch(message, hint="see tokenizer.runner_check in the manifest (without --strict the bundle is written with this warning)")
+    return [message]
+
+
 def export(request: ExportRequest, progress: Progress) -> ExportResult:
     # Everything the user typed is checked before the first slow step.
     backends = resolve_targets(request.targets)
+    capture_options = CaptureOptions(request.max_seq_len, request.pooling)
     options = {b.name: b.options(request.backend_options.get(b.name, {})) for b in backends}
     unused = {b: sorted(o) for b, o in request.backend_options.items() if o and b not in options}
     if unused:
@@ -70,9 +89,10 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
     with progress.stage("load"):
         loaded = load_source(request.source, name=request.name, no_tokenizer=request.no_tokenizer)
     quant.check_model(loaded.module)
+    warnings = tokenizer_warnings(loaded, strict=request.strict)
 
     with progress.stage("capture"):
-        captured = capture(loaded, max_seq_len=request.max_seq_len)
+        captured = capture(loaded, capture_options)
 
     artifacts, failures = [], []
     for backend in backends:
@@ -84,7 +104,7 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
                 raise
             failures.append(_failure(e, backend.name))
             progress.console.print(f"[red]{backend.name} failed:[/] {e}")
-    result = ExportResult(None, artifacts, failures, [], progress)
+    result = ExportResult(None, artifacts, failures, [], progress, warnings=warnings)
     if not artifacts:
         result.peak_rss_bytes = peak_rss_bytes()
         return result

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
+import torch
 from torch import nn
 
 from edgepack.errors import InputError
@@ -20,11 +21,6 @@ class WeightQuant:
     bits: int
     group_size: int | None  # None: one scale per output channel
     symmetric: bool = True
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Storage per weight with one fp16 scale per group: the 'ideal' size of the scheme."""
-        return self.bits + (16 / self.group_size if self.group_size else 0.0)
 
     def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
@@ -87,19 +83,23 @@ class QuantSpec:
             "activations": "int8 dynamic" if self.dynamic_int8_activations else "fp32",
         }
 
-    def ideal_bytes(self, model: nn.Module) -> int:
-        """Size of the parameters stored exactly as the scheme says, the rest fp32, tied weights once."""
+    def ideal_bytes(self, model: nn.Module, *, float_bits: int = 32, scale_bits: int = 16,
+                    side_bits: Callable[[torch.Tensor, WeightQuant], float] | None = None) -> int:
+        """Size of the parameters stored exactly as the scheme says, tied weights once: each
+        quantized weight at its bits plus one scale (scale_bits) per group, or per row when
+        per-channel; everything else at float_bits. side_bits(weight, wq) replaces the scales for
+        schemes that store other side data (e.g. palettes)."""
         bits = 0.0
         quantized: set[int] = set()
         for module in model.modules():
             wq = self.for_module(module)
             weight = getattr(module, "weight", None)
-            if wq is not None and weight is not None and id(weight) not in quantized:
-                quantized.add(id(weight))
-                bits += weight.numel() * wq.bits_per_weight
-        seen: set[int] = set()
-        for p in model.parameters():
-            if id(p) not in quantized and id(p) not in seen:
-                seen.add(id(p))
-                bits += p.numel() * 32
+            if wq is None or weight is None or id(weight) in quantized:
+                continue
+            quantized.add(id(weight))
+            rows, cols = weight.shape
+            groups = rows * (cols // (wq.group_size or cols))
+            bits += weight.numel() * wq.bits + (side_bits(weight, wq) if side_bits else groups * scale_bits)
+        rest = {id(p): p for p in model.parameters() if id(p) not in quantized}
+        bits += sum(p.numel() for p in rest.values()) * float_bits
         return int(bits // 8)

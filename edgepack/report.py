@@ -4,11 +4,13 @@ Every number comes from the run or the manifest; nothing here measures or guesse
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from edgepack.exporters.registry import BACKENDS
+from edgepack.packaging.artifact_metadata import embedded_metadata
 
 
 def _mb(n: int | None) -> str:
@@ -35,6 +37,7 @@ def export_summary(result) -> dict:
         "artifacts": artifacts,
         "failures": result.failures,
         "quality_failures": result.quality_failures,
+        "warnings": result.warnings,
         "stages": [t.as_dict() for t in result.progress.timings],
         "peak_rss_bytes": result.peak_rss_bytes,
     }
@@ -57,7 +60,7 @@ def print_export_summary(console: Console, summary: dict) -> None:
     for a in summary["artifacts"]:
         fid = a["lowering_fidelity"] or {}
         cases = fid.get("cases", {})
-        tokens = [m.get("tokens_match") for m in cases.values() if "tokens_match" in m]
+        tokens = [m.get("tokens_match") or m.get("near_tie") for m in cases.values() if "tokens_match" in m]
         q = a["quantization_quality"] or {}
         table = _kv_table(f"{a['backend']} artifact")
         table.add_row("file", a["path"])
@@ -65,6 +68,7 @@ def print_export_summary(console: Console, summary: dict) -> None:
         table.add_row("smoke vs quantized eager",
                       ("[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]")
                       + (f", greedy tokens {'match' if all(tokens) else 'DIFFER'}" if tokens else "")
+                      + "".join(f" (until a near-tie at step {m['first_token_mismatch']})" for m in cases.values() if m.get("near_tie"))
                       + f", min cosine {_case_summary(cases, 'min_cosine')}, max abs diff {_case_summary(cases, 'max_abs_diff')}")
         table.add_row("quality vs fp32 eager",
                       f"min cosine {_case_summary(q, 'min_cosine')}"
@@ -74,6 +78,8 @@ def print_export_summary(console: Console, summary: dict) -> None:
         console.print(f"[red]{f['backend']} FAILED[/] at step {f['step']}: {f['message']}", soft_wrap=True)
     times = ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in summary["stages"])
     console.print(f"time: {times}; peak RSS {_mb(summary['peak_rss_bytes'])}", soft_wrap=True)
+    for message in summary["warnings"]:
+        console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
     for message in summary["quality_failures"]:
         console.print(f"[red]quality gate:[/] {message}", soft_wrap=True)
     if summary["bundle"]:
@@ -90,12 +96,13 @@ def print_smoke(console: Console, results) -> None:
             table.add_row(r.backend, r.runtime, "-", "[red]ERROR[/]", "-", "-", r.error)
         for name, m in r.cases.items():
             verdict = "[green]pass[/]" if not m["failures"] else "[red]FAIL[/] " + "; ".join(m["failures"])
-            tokens = "-" if "tokens_match" not in m else ("match" if m["tokens_match"] else f"differ @ {m['first_token_mismatch']}")
+            tokens = "-" if "tokens_match" not in m else ("match" if m["tokens_match"] else f"differ @ {m['first_token_mismatch']}"
+                                                            + (" (near-tie)" if m.get("near_tie") else ""))
             table.add_row(r.backend, r.runtime, name, verdict, tokens, str(m.get("min_cosine", "-")), str(m.get("max_abs_diff", "-")))
     console.print(table)
 
 
-def print_manifest(console: Console, manifest: dict) -> None:
+def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
     model = manifest["model"]
     head = _kv_table(f"bundle {manifest['name']} (manifest schema {manifest['schema_version']})")
     head.add_row("source", f"{model['source']} ({model['source_kind']}, {model['task']})")
@@ -129,6 +136,8 @@ def print_manifest(console: Console, manifest: dict) -> None:
             inputs = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in m["inputs"])
             outputs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in m["outputs"])
             table.add_row(f"method {m['name']}", f"({inputs}) -> {outputs}")
+        for label, text in embedded_metadata(bundle, a):
+            table.add_row(f"in file: {label}", text)
         if a["backend"] in fidelity:
             r = fidelity[a["backend"]]
             table.add_row("smoke", ("pass" if r["passed"] else "FAIL") + "; "

@@ -29,6 +29,12 @@ class ModelFacts:
     max_positions: int
     rope_theta: float | None
     tied_embeddings: bool
+    # Attention span: layer_types is the config's per-layer kind ("full_attention" /
+    # "sliding_attention") when it has one; sliding_window bounds the sliding layers (or every
+    # layer when there are no layer_types, as in Mistral).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope: dict | None = None  # the config's rope parameters as given (type, theta, scaling), None for learned positions
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class TokenizerFacts:
     pad_id: int | None
     chat_template: str | None
     add_bos: bool
+    runner_check: dict = field(default_factory=dict)  # HF tokenizers vs the on-device runner's tokenizer
+    chat_example: dict | None = None  # a two-turn conversation rendered with the template, and its ids
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ eager answers to them. Backends lower `CapturedModel.module`; nothing here is ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch.export import Dim
 from edgepack.cases import Case, CaseOutput, MethodCall, Tolerance, compare, run_case
 from edgepack.errors import InputError
 from edgepack.stages import CapturedModel, LoadedModel, MethodSpec, TensorSpec
-from edgepack.exporters.decoder import EncoderLastHidden, StaticCacheLM
+from edgepack.exporters.decoder import POOLINGS, EncoderOutput, StaticCacheLM
 from edgepack.exporters.tokenizer import encode
 
 GOLDEN_PROMPT = "The river ran past the old mill, and the children"
@@ -44,7 +45,7 @@ def quantized_reference(module: torch.nn.Module, captured: CapturedModel) -> tup
     call = eager_call(module)
     free = run_cases(call, captured.cases)
     forced = run_cases(call, captured.cases, captured.fp32_outputs)
-    quality = {c.name: compare(captured.fp32_outputs[c.name], forced[c.name]) for c in captured.cases}
+    quality = {c.name: compare(captured.fp32_outputs[c.name], forced[c.name], free_running=False) for c in captured.cases}
     return free, quality
 
 
@@ -53,10 +54,20 @@ def _spec(name: str, t: torch.Tensor, dims: dict[int, str] | None = None) -> Ten
     return TensorSpec(name, str(t.dtype).removeprefix("torch."), shape)
 
 
-def capture_decoder_lm(loaded: LoadedModel, max_seq_len: int | None) -> CapturedModel:
+@dataclass(frozen=True)
+class CaptureOptions:
+    max_seq_len: int | None = None  # decoder KV cache length / encoder max tokens
+    pooling: str = "none"  # encoders: see POOLINGS
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise InputError(f"--pooling {self.pooling!r} is not a pooling", hint=f"choose one of {', '.join(POOLINGS)}")
+
+
+def capture_decoder_lm(loaded: LoadedModel, options: CaptureOptions) -> CapturedModel:
     facts = loaded.facts
     limit = min(facts.max_positions, DEFAULT_MAX_SEQ_LEN)
-    max_seq_len = max_seq_len or limit
+    max_seq_len = options.max_seq_len or limit
     if not 2 <= max_seq_len <= facts.max_positions:
         raise InputError(f"--max-seq-len {max_seq_len} is outside 2..{facts.max_positions} (the model's max positions)")
     module = StaticCacheLM(loaded.module, facts, max_seq_len).eval()
@@ -94,10 +105,10 @@ def capture_decoder_lm(loaded: LoadedModel, max_seq_len: int | None) -> Captured
                          Tolerance(min_cosine=0.99), metadata)
 
 
-def capture_encoder(loaded: LoadedModel, max_seq_len: int | None) -> CapturedModel:
+def capture_encoder(loaded: LoadedModel, options: CaptureOptions) -> CapturedModel:
     facts, tok = loaded.facts, loaded.tokenizer
-    module = EncoderLastHidden(loaded.module).eval()
-    limit = max_seq_len or facts.max_positions
+    module = EncoderOutput(loaded.module, options.pooling).eval()
+    limit = options.max_seq_len or facts.max_positions
     sentences = [encode(tok, s)[:limit] for s in GOLDEN_SENTENCES] if tok else [list(range(1, 9))]
     cases = tuple(
         Case(f"sentence-{i}", "tensors", "forward",
@@ -107,11 +118,12 @@ def capture_encoder(loaded: LoadedModel, max_seq_len: int | None) -> CapturedMod
     )
     example = tuple(torch.from_numpy(x) for x in cases[0].inputs)
     seq = Dim("seq_len", min=2, max=limit)
-    hidden = torch.zeros(1, 1, facts.hidden_size)
+    output = (_spec("last_hidden_state", torch.zeros(1, 1, facts.hidden_size), {1: "seq_len"})
+              if options.pooling == "none" else _spec("sentence_embedding", torch.zeros(1, facts.hidden_size)))
     method = MethodSpec(
         "forward",
         inputs=(_spec("input_ids", example[0], {1: "seq_len"}), _spec("attention_mask", example[1], {1: "seq_len"})),
-        outputs=(_spec("last_hidden_state", hidden, {1: "seq_len"}),),
+        outputs=(output,),
         dynamic_dims={"seq_len": (2, limit)},
     )
     fp32 = run_cases(eager_call(module), cases)
@@ -119,7 +131,7 @@ def capture_encoder(loaded: LoadedModel, max_seq_len: int | None) -> CapturedMod
                          Tolerance(min_cosine=0.99), {})
 
 
-def capture_module(loaded: LoadedModel, max_seq_len: int | None) -> CapturedModel:
+def capture_module(loaded: LoadedModel, options: CaptureOptions) -> CapturedModel:
     module = loaded.module
     example = tuple(loaded.example_inputs)
     names = tuple(f"input_{i}" for i in range(len(example)))
@@ -136,12 +148,14 @@ def capture_module(loaded: LoadedModel, max_seq_len: int | None) -> CapturedMode
                          Tolerance(min_cosine=0.99), {})
 
 
-CAPTURE_BY_TASK: dict[str, Callable[[LoadedModel, int | None], CapturedModel]] = {
+CAPTURE_BY_TASK: dict[str, Callable[[LoadedModel, CaptureOptions], CapturedModel]] = {
     "causal-lm": capture_decoder_lm,
     "encoder": capture_encoder,
     "module": capture_module,
 }
 
 
-def capture(loaded: LoadedModel, *, max_seq_len: int | None = None) -> CapturedModel:
-    return CAPTURE_BY_TASK[loaded.task](loaded, max_seq_len)
+def capture(loaded: LoadedModel, options: CaptureOptions = CaptureOptions()) -> CapturedModel:
+    if options.pooling != "none" and loaded.task != "encoder":
+        raise InputError(f"--pooling {options.pooling} applies to encoders; {loaded.source} is a {loaded.task}")
+    return CAPTURE_BY_TASK[loaded.task](loaded, options)

@@ -121,10 +121,23 @@ STEPS: tuple[Step, ...] = (
 )
 
 
+# What an app's LLM runner loads beside the .pte (LM bundles with a tokenizer.json).
+RUNNER_TOKENIZER = ("tokenizer/tokenizer.json through ExecuTorch's HFTokenizer (pytorch_tokenizers), as LlmModule "
+                    "(Android) and TextLLMRunner (iOS) load it; see tokenizer.runner_check")
+
+
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
           on_step: Callable[[str], None] | None = None) -> Artifact:
     work = run_steps("executorch", STEPS, _Work(captured, quant), on_step)
-    metadata = captured.llm_metadata
+    metadata, tok = captured.llm_metadata, captured.loaded.tokenizer
+    runtime = {
+        "name": "executorch",
+        "version": version("executorch"),
+        "kernel_libraries": work.kernel_libraries,
+        "constant_methods": dict(sorted(metadata.items())),
+    }
+    if metadata and tok and "tokenizer.json" in tok.files:
+        runtime["tokenizer"] = RUNNER_TOKENIZER
     return Artifact(
         backend="executorch",
         platforms=("android", "ios"),
@@ -134,11 +147,6 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         quantization={**quant.describe(), "library": f"torchao {version('torchao')}", "delegate": "XNNPACK"},
         ideal_bytes=quant.ideal_bytes(captured.loaded.module),
         reference_outputs=work.reference,
-        runtime={
-            "name": "executorch",
-            "version": version("executorch"),
-            "kernel_libraries": work.kernel_libraries,
-            "constant_methods": dict(sorted(metadata.items())),
-        },
+        runtime=runtime,
         extra={"quality": work.quality},
     )

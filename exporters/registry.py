@@ -32,6 +32,17 @@ BACKENDS: dict[str, BackendEntry] = {
         "executorch", "edgepack.exporters.executorch", ("android", "ios"), "executorch/model.pte",
         ("executorch", "torchao"),
     ),
+    "coreml": BackendEntry(
+        "coreml", "edgepack.exporters.coreml", ("ios",), "coreml/model.mlpackage", ("coremltools",),
+    ),
+    "tflite": BackendEntry(
+        "tflite", "edgepack.exporters.tflite", ("android", "ios"), "tflite/model.tflite",
+        ("litert-torch", "ai-edge-quantizer", "ai-edge-litert"),
+    ),
+    "onnx": BackendEntry(
+        "onnx", "edgepack.exporters.onnx", ("android", "ios"), "onnx/model.onnx",
+        ("onnx", "onnxruntime", "onnxscript"),
+    ),
 }
 
 

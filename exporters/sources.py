@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from edgepack.errors import InputError, UnsupportedModelError
+from edgepack.errors import InputError
 from edgepack.stages import LoadedModel
-from edgepack.exporters.architectures import family_for, model_facts
+from edgepack.exporters.architectures import family_for, linearize, model_facts
 from edgepack.exporters.tokenizer import read_tokenizer
 
 
@@ -94,9 +94,9 @@ def load_hf_dir(path: Path, source: str, *, name: str | None, no_tokenizer: bool
                                      use_safetensors=True, dtype=torch.float32)
     except Exception as e:
         raise InputError(f"{path}: transformers could not load the model: {e}") from e
-    model.eval()
+    linearize(model).eval().requires_grad_(False)  # inference only: no autograd state in any export
     facts = model_facts(family, config)
-    tokenizer = None if no_tokenizer else read_tokenizer(path, config)
+    tokenizer = None if no_tokenizer else read_tokenizer(path, config, check_runner=family.task == "causal-lm")
     return LoadedModel(
         name=name or _bundle_name(path.resolve().name),
         source=source,

@@ -18,6 +18,30 @@ TOKENIZER_FILES = (
 # Any one of these makes a usable tokenizer.
 _USABLE = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
+# Text that tokenizer implementations disagree on: multi-byte scripts, emoji (incl. ZWJ sequences
+# and skin tones), combining marks, byte-fallback material (control and private-use characters),
+# runs of whitespace and newlines, a very long word, digits, code. The model's own special tokens
+# are added in text at check time.
+RUNNER_CHECK_TEXTS = (
+    "The river ran past the old mill, and the children",
+    "駅はどこですか。東京の天気は晴れです。",
+    "번역기는 문장을 잘 처리합니까? 中文标点：你好，世界！",
+    "👩‍👩‍👧‍👦 family, 👍🏽 thumbs, 🇫🇷 flag, 🙂🙂🙂",
+    "naïve café — e\u0301 (combining acute), Ångström, ß, ﬁ ligature",
+    "control\x01chars\x7f and private use \ue000\uf8ff",
+    "   leading spaces, \t\ttabs,\n\n\nnewlines\r\n and trailing   ",
+    "Pneumonoultramicroscopicsilicovolcanoconiosis" * 3,
+    "1234567890 3.14159 -42 1e-7 0x1F",
+    "def f(x):\n    return {'a': [x, x**2]}  # code",
+    "",
+)
+# The conversation rendered with the chat template at export: apps check their own rendering against it.
+CHAT_EXAMPLE = (
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Japan?"},
+)
+
 
 def _ids(value) -> list[int]:
     if value is None:
@@ -34,7 +58,8 @@ def _read_json(path: Path) -> dict:
         raise InputError(f"{path}: not valid JSON ({e})", hint="restore the file from the original model") from e
 
 
-def read_tokenizer(model_dir: Path, config) -> TokenizerFacts:
+def read_tokenizer(model_dir: Path, config, *, check_runner: bool) -> TokenizerFacts:
+    """check_runner: compare with the on-device LLM runner's tokenizer (causal LMs only)."""
     files = tuple(name for name in TOKENIZER_FILES if (model_dir / name).is_file())
     if not any(name in files for name in _USABLE):
         raise InputError(
@@ -59,15 +84,67 @@ def read_tokenizer(model_dir: Path, config) -> TokenizerFacts:
     for source in (generation.get("eos_token_id"), getattr(text_config, "eos_token_id", None), tok.eos_token_id):
         eos += [i for i in _ids(source) if i not in eos]
     probe = tok("a").input_ids
+    chat_template = tok.chat_template if isinstance(tok.chat_template, str) else None
     return TokenizerFacts(
         directory=model_dir,
         files=files,
         bos_id=bos,
         eos_ids=tuple(eos),
         pad_id=pad,
-        chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
+        chat_template=chat_template,
         add_bos=bool(probe) and bos is not None and probe[0] == bos,
+        runner_check=check_runner_tokenizer(model_dir, [bos, *eos, pad]) if check_runner else {},
+        chat_example=render_chat_example(tok) if chat_template else None,
     )
+
+
+def check_runner_tokenizer(model_dir: Path, special_ids: list[int | None]) -> dict:
+    """Encode RUNNER_CHECK_TEXTS (plus the model's special tokens written in text) with the HF
+    `tokenizers` library and with the C++ tokenizer ExecuTorch's LLM runner links on Android and
+    iOS (pytorch_tokenizers), and compare ids and the round-trip decode."""
+    path = model_dir / "tokenizer.json"
+    result: dict = {"reference": "tokenizers (Hugging Face)", "file": "tokenizer/tokenizer.json"}
+    if not path.is_file():
+        return {**result, "checked": False, "reason": "no tokenizer.json (the runner's SentencePiece/tiktoken paths are not checked)"}
+    try:
+        import pytorch_tokenizers
+    except ImportError:
+        return {**result, "checked": False, "reason": "pytorch_tokenizers is not installed (pip install 'edgepack[executorch]')"}
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(path))
+    runner_name = f"pytorch_tokenizers {pytorch_tokenizers.__version__} HFTokenizer"
+    runner = pytorch_tokenizers.CppHFTokenizer()
+    try:
+        runner.load(str(path))
+    except Exception as e:  # e.g. a normalizer the runner does not implement (Lowercase, NFKC)
+        # The runner logs its reason and raises a generic error: name the parts it had to read.
+        parts = {k: (v or {}).get("type") for k, v in _read_json(path).items()
+                 if k in ("normalizer", "pre_tokenizer", "model", "decoder")}
+        return {**result, "checked": True, "runner": runner_name, "texts": 0, "passed": False,
+                "mismatches": [{"text": "", "what": "load", "error": f"{e} (tokenizer.json parts: "
+                                + ", ".join(f"{k} {v}" for k, v in parts.items()) + ")"}]}
+    specials = " ".join(reference.id_to_token(i) or "" for i in special_ids if i is not None)
+    texts = (*RUNNER_CHECK_TEXTS, f"{specials} special tokens {specials} in text")
+    mismatches = []
+    for text in texts:
+        want = reference.encode(text, add_special_tokens=False).ids
+        got = list(runner.encode(text, 0, 0))
+        if got != want:
+            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            mismatches.append({"text": text, "what": "ids", "at": first, "runner": got[first:first + 8], "reference": want[first:first + 8]})
+        elif runner.decode_batch(got) != reference.decode(want, skip_special_tokens=False):
+            mismatches.append({"text": text, "what": "decode", "runner": runner.decode_batch(got),
+                               "reference": reference.decode(want, skip_special_tokens=False)})
+    return {**result, "checked": True, "runner": runner_name, "texts": len(texts), "passed": not mismatches,
+            "mismatches": mismatches}
+
+
+def render_chat_example(tok) -> dict:
+    prompt = tok.apply_chat_template(list(CHAT_EXAMPLE), tokenize=False, add_generation_prompt=True)
+    # The template writes its own BOS (if any): the rendered text is tokenized without adding one.
+    return {"messages": list(CHAT_EXAMPLE), "add_generation_prompt": True, "prompt": prompt,
+            "ids": tok(prompt, add_special_tokens=False).input_ids}
 
 
 @lru_cache(maxsize=4)

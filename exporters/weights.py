@@ -1,12 +1,14 @@
 """Weight-only quantization of an eager module, as the reference for backends that quantize
 after conversion (CoreML, TFLite, ONNX): each linear and embedding weight is replaced by its
 quantize-dequantize image under the backend's own rounding rules, so eager PyTorch computes the
-same math the artifact should."""
+same math the artifact should. Where a converter rewrites weights before they are quantized (a
+norm's affine folded into the linear layers it feeds), the reference performs the same rewrite."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,11 +19,20 @@ from edgepack.quant import QuantSpec, WeightQuant
 @dataclass(frozen=True)
 class Rounding:
     """A backend's symmetric integer grid: q = clamp(round(w / scale), qmin, qmax),
-    scale = max|w| over the group / scale_divisor."""
+    scale = max|w| over the group / scale_divisor, stored as `scale_dtype` when the backend rounds
+    its scales (e.g. ai_edge_quantizer keeps 7 mantissa bits of blockwise scales: bfloat16).
+    With `signed_scale` the scale carries the sign of the group's value of largest magnitude (the
+    negative one on a tie): scale = that value / -scale_divisor, so it lands exactly on qmin and
+    the grid reaches one step further on the other side (onnxruntime's MLAS and Gather quantizers)."""
 
     qmin: int
     qmax: int
     scale_divisor: float
+    scale_dtype: torch.dtype | None = None
+    signed_scale: bool = False
+    # Ties (x.5) round up, toward +inf, instead of to even: onnxruntime's MLAS rounds q + 2^(b-1)
+    # (its unsigned storage) half away from zero (measured: -1.5 -> -1, 0.5 -> 1).
+    half_up: bool = False
 
     @classmethod
     def symmetric(cls, bits: int, narrow: bool) -> "Rounding":
@@ -35,24 +46,99 @@ def fake_quantize(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -> 
     rows, cols = weight.shape
     group = wq.group_size or cols
     w = weight.detach().float().reshape(rows, cols // group, group)
-    scale = w.abs().amax(dim=-1, keepdim=True) / rounding.scale_divisor
+    if rounding.signed_scale:
+        hi, lo = w.amax(dim=-1, keepdim=True), w.amin(dim=-1, keepdim=True)
+        scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -rounding.scale_divisor
+    else:
+        scale = w.abs().amax(dim=-1, keepdim=True) / rounding.scale_divisor
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(w / scale), rounding.qmin, rounding.qmax)
+    if rounding.scale_dtype is not None:
+        scale = scale.to(rounding.scale_dtype).float()
+    ratio = w / scale
+    q = torch.clamp(torch.floor(ratio + 0.5) if rounding.half_up else torch.round(ratio), rounding.qmin, rounding.qmax)
     return (q * scale).reshape(rows, cols).to(weight.dtype)
 
 
-def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits) -> nn.Module:
+def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
+                          folded_norms: dict[str, "NormAffine"] | None = None, *,
+                          embedding_rounding=None) -> nn.Module:
     """A copy of `module` whose quantized layers hold fake-quantized weights. `rounding_for_bits`
-    maps a bit width to the backend's Rounding. Tied weights stay tied (quantized once)."""
+    maps a bit width to the backend's Rounding (`embedding_rounding` for embedding tables, where a
+    backend quantizes them with other code). Tied weights stay tied (quantized once).
+
+    folded_norms: layer name -> the affine (γ, β) of the norm that feeds it, for converters that
+    fold it into the layer before quantizing: the copy does the same fold, so the layer holds
+    fake_quantize(W·γ), bias b + W·β, and takes the normalized input (x - β) / γ."""
     copied = copy.deepcopy(module)
+    folded_norms = folded_norms or {}
     done: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for layer in copied.modules():
+        for name, layer in copied.named_modules():
             wq = spec.for_module(layer)
             if wq is None:
                 continue
+            rounding = (embedding_rounding if embedding_rounding and isinstance(layer, nn.Embedding)
+                        else rounding_for_bits)(wq.bits)
+            if name in folded_norms:
+                folded_norms[name].fold_into(layer, lambda w: fake_quantize(w, wq, rounding))
+                continue
             weight = layer.weight
             if id(weight) not in done:
-                done[id(weight)] = fake_quantize(weight, wq, rounding_for_bits(wq.bits))
+                done[id(weight)] = fake_quantize(weight, wq, rounding)
                 weight.copy_(done[id(weight)])
     return copied
+
+
+@dataclass(frozen=True)
+class NormAffine:
+    """A normalization layer's effective per-channel scale and shift: norm(x) = x̂·scale + shift."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    @classmethod
+    def measure(cls, norm: nn.Module, width: int) -> "NormAffine":
+        """Measured rather than read (Gemma's RMSNorm scales by 1 + weight): channels of ±1
+        alternating normalize to themselves under both LayerNorm and RMSNorm, so
+        norm(x) = scale·x + shift and norm(-x) = -scale·x + shift."""
+        x = torch.ones(1, 1, width)
+        x[..., 1::2] = -1.0
+        with torch.no_grad():
+            up, down = norm(x).reshape(width), norm(-x).reshape(width)
+        return cls((up - down) / (2 * x.reshape(width)), (up + down) / 2)
+
+    def fold_into(self, linear: nn.Linear, quantize) -> None:
+        """Make `linear` compute what a converter's fold does: quantize(W·scale) on x̂, the shift
+        moved into the bias (with the float W, as constant folding computes it)."""
+        weight = linear.weight.detach()
+        bias = weight @ self.shift + (linear.bias.detach() if linear.bias is not None else 0.0)
+        linear.weight = nn.Parameter(quantize(weight * self.scale), requires_grad=False)
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+        safe = torch.where(self.scale == 0, torch.ones_like(self.scale), self.scale)
+        linear.register_forward_pre_hook(lambda _, args: (((args[0] - self.shift) / safe),))
+
+
+def linears_fed_by_norms(module: nn.Module, example_inputs: tuple,
+                         is_norm: Callable[[nn.Module], bool]) -> dict[str, NormAffine]:
+    """Linear layers whose input is exactly the output of a norm layer (`is_norm`), with that
+    norm's measured affine, found by running `module` once on a copy."""
+    probe = copy.deepcopy(module)  # the forward pass may write caches
+    outputs: dict[int, tuple[torch.Tensor, nn.Module]] = {}  # tensors kept alive: ids stay unique
+    found: dict[str, nn.Module] = {}
+    hooks = []
+    for name, layer in probe.named_modules():
+        if is_norm(layer):
+            hooks.append(layer.register_forward_hook(lambda m, _, out: outputs.__setitem__(id(out), (out, m))))
+        elif isinstance(layer, nn.Linear):
+            def seen(_, args, name=name):
+                if id(args[0]) in outputs:
+                    found[name] = outputs[id(args[0])][1]
+            hooks.append(layer.register_forward_pre_hook(seen))
+    try:
+        with torch.no_grad():
+            probe(*example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = dict(probe.named_modules())
+    return {name: NormAffine.measure(norm, layers[name].in_features) for name, norm in found.items()}

@@ -16,7 +16,9 @@ from edgepack.errors import InputError
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-TOOLCHAIN = ("torch", "transformers", "tokenizers", "executorch", "torchao", "numpy")
+TOOLCHAIN = ("torch", "transformers", "tokenizers", "numpy", "executorch", "torchao", "pytorch-tokenizers",
+             "coremltools", "litert-torch", "ai-edge-quantizer", "ai-edge-litert", "litert-lm-builder",
+             "onnx", "onnxruntime", "onnxscript", "onnxruntime-genai")
 
 
 @lru_cache(maxsize=1)
@@ -104,6 +106,8 @@ def build_manifest(captured, quant, artifacts, artifact_files: dict, tokenizer_f
                 "hidden_size": facts.hidden_size, "n_heads": facts.n_heads, "n_kv_heads": facts.n_kv_heads,
                 "head_dim": facts.head_dim, "vocab_size": facts.vocab_size, "max_positions": facts.max_positions,
                 "rope_theta": facts.rope_theta, "tied_embeddings": facts.tied_embeddings,
+                "rope": facts.rope, "sliding_window": facts.sliding_window,
+                "layer_types": list(facts.layer_types) if facts.layer_types else None,
             },
             "parameter_count": loaded.parameter_count,
             "weight_files": [{"name": n, "sha256": h} for n, h in loaded.weight_files],
@@ -115,6 +119,8 @@ def build_manifest(captured, quant, artifacts, artifact_files: dict, tokenizer_f
             "pad_id": tok.pad_id,
             "add_bos": tok.add_bos,
             "chat_template": tok.chat_template,
+            "chat_example": tok.chat_example,
+            "runner_check": tok.runner_check,
         },
         "generation": None if not meta else {
             "max_seq_len": meta["get_max_seq_len"],

@@ -40,6 +40,30 @@ def executorch_host(path: Path, artifact: dict) -> MethodCall:
     return call
 
 
+def coreml_host(path: Path, artifact: dict) -> MethodCall:
+    """CoreML prediction on macOS; elsewhere a numpy evaluator of the package's MIL program."""
+    from edgepack.packaging.coreml_mil import coreml_host as host
+
+    return host(path, artifact)
+
+
+def tflite_host(path: Path, artifact: dict) -> MethodCall:
+    """The LiteRT interpreter (ai_edge_litert) through the .tflite's signatures, caches carried."""
+    from edgepack.packaging.tflite_runtime import tflite_host as host
+
+    return host(path, artifact)
+
+
+def onnx_host(path: Path, artifact: dict) -> MethodCall:
+    """ONNX Runtime's InferenceSession (CPU execution provider), KV caches carried for LMs."""
+    from edgepack.packaging.onnx_runtime import onnx_host as host
+
+    return host(path, artifact)
+
+
 HOST_RUNTIMES: dict[str, Callable[[Path, dict], MethodCall]] = {
     "executorch": executorch_host,
+    "coreml": coreml_host,
+    "tflite": tflite_host,
+    "onnx": onnx_host,
 }

@@ -49,3 +49,22 @@ def test_doctor_lists_backends_with_versions():
     assert report["backends"]["executorch"]["available"]
     assert report["backends"]["executorch"]["distributions"]["executorch"] == "1.5.1"
     assert report["core"]["torch"].startswith("2.13.0")
+
+
+def test_readme_matrix_check_catches_a_stale_table(tmp_path):
+    from edgepack.exporters.registry import BACKENDS
+    from tests.coverage_matrix import FAMILIES, MATRIX_END, MATRIX_START, readme_problem, render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("no table here\n")
+    assert readme_problem(readme, results) is None  # the matrix did not run whole: nothing to check
+    for family in FAMILIES:
+        for backend in BACKENDS:
+            (results / f"{family}.{backend}").write_text("✓")
+    assert "has no" in readme_problem(readme, results)
+    readme.write_text(f"{MATRIX_START}\n{render(results)}\n{MATRIX_END}\n")
+    assert readme_problem(readme, results) is None
+    (results / f"{FAMILIES[0]}.{sorted(BACKENDS)[0]}").write_text("✗")
+    assert "stale" in readme_problem(readme, results)

@@ -14,7 +14,6 @@ from edgepack.quant import QuantSpec
 def test_quant_spec_translations():
     spec = QuantSpec.from_options("int4", 32)
     assert spec.linear.bits == 4 and spec.linear.group_size == 32 and spec.dynamic_int8_activations
-    assert spec.linear.bits_per_weight == 4.5
     assert QuantSpec.from_options("int8").linear.group_size is None
     assert QuantSpec.from_options("none").linear is None
     with pytest.raises(InputError):
@@ -27,7 +26,12 @@ def test_ideal_bytes_counts_tied_weights_once():
     head.weight = emb.weight
     model = nn.ModuleDict({"emb": emb, "head": head, "norm": nn.LayerNorm(64)})
     spec = QuantSpec.from_options("int4", 32)
+    # 4 bits a weight + one fp16 scale per 32, the norm's 128 parameters at fp32
     assert spec.ideal_bytes(model) == int(100 * 64 * 4.5 / 8 + 2 * 64 * 4)
+    # an fp16 program (CoreML) stores scales and the rest at 16 bits
+    assert spec.ideal_bytes(model, float_bits=16, scale_bits=16) == int(100 * 64 * 4.5 / 8 + 2 * 64 * 2)
+    # per-channel int8: one scale per row
+    assert QuantSpec.from_options("int8").ideal_bytes(model) == 100 * 64 + 100 * 2 + 2 * 64 * 4
 
 
 def test_group_size_check_names_the_layer():
@@ -46,6 +50,30 @@ def test_compare_detects_token_and_value_drift():
     metrics = compare(ref, drifted)
     assert metrics["first_token_mismatch"] == 2 and metrics["top1_agreement"] == 0.75
     assert any("tokens differ from step 2" in r for r in within(metrics, Tolerance(0.99)))
+
+
+def test_free_running_compare_stops_at_the_first_mismatch_and_reports_the_margin():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 8)).astype(np.float32)
+    logits[1, :2] = [3.0, 2.95]  # a near-tie at step 1: top-2 margin 0.05
+    ref = CaseOutput(("tokens", "logits"), (logits.argmax(1), logits))
+    other = logits.copy()
+    other[1, 1] = 3.1  # the artifact breaks the tie the other way...
+    other[2:] = rng.normal(size=(2, 8))  # ...and decodes a different context from then on
+    metrics = compare(ref, CaseOutput(("tokens", "logits"), (other.argmax(1), other)))
+    assert metrics["first_token_mismatch"] == 1
+    assert metrics["reference_margin_at_mismatch"] == pytest.approx(0.05, abs=1e-5)
+    assert metrics["min_cosine"] > 0.9  # judged on steps 0..1 only, not on the diverged steps
+    # no noise anywhere else: the flip is not explained by numerics, so it fails
+    assert metrics["noise_at_mismatch"] == 0.0 and not metrics["near_tie"]
+    assert "preferred its token by 0.05" in within(metrics, Tolerance(0.99))[0]
+    # the same flip from an artifact whose logits are all 0.1 off: a near-tie, not a failure
+    noisy = other.copy()
+    noisy[0] += 0.1
+    tie = compare(ref, CaseOutput(("tokens", "logits"), (noisy.argmax(1), noisy)))
+    assert tie["near_tie"] and tie["steps_verified"] == 2 and within(tie, Tolerance(0.99)) == []
+    forced = compare(ref, CaseOutput(("tokens", "logits"), (other.argmax(1), other)), free_running=False)
+    assert "reference_margin_at_mismatch" not in forced and forced["min_cosine"] < 0.9
 
 
 def test_compare_reports_shape_mismatch():
@@ -91,3 +119,35 @@ def test_weight_only_reference_quantizes_each_group_on_the_backend_grid():
     assert torch.allclose(levels * scale, w) and levels.abs().max() <= 7
     assert ref["head"].weight is ref["emb"].weight  # still tied
     assert not torch.equal(ref["emb"].weight, emb.weight)  # the original is untouched
+
+
+def test_norm_affine_is_measured_and_folds_exactly():
+    import torch
+
+    from edgepack.exporters.weights import NormAffine
+
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2.0)
+        ln.bias.uniform_(-1.0, 1.0)
+
+    class GemmaStyleRMSNorm(nn.Module):  # scales by 1 + weight
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, 8))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+    rms = GemmaStyleRMSNorm()
+    assert torch.allclose(NormAffine.measure(ln, 8).scale, ln.weight, atol=1e-4)
+    assert torch.allclose(NormAffine.measure(ln, 8).shift, ln.bias, atol=1e-5)
+    assert torch.allclose(NormAffine.measure(rms, 8).scale, 1 + rms.weight, atol=1e-4)
+    for norm in (ln, rms):
+        linear = nn.Linear(8, 4)
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            expected = linear(norm(x))
+            NormAffine.measure(norm, 8).fold_into(linear, lambda w: w)  # identity "quantizer"
+            assert torch.allclose(linear(norm(x)), expected, atol=1e-5)
