@@ -203,8 +203,10 @@ def record_reference(work: _Work) -> None:
         candidates = linears_fed_by_norms(captured.module, captured.example_inputs,
                                           lambda m: "Norm" in type(m).__name__ and not list(m.children()))
         weights = {name: layer.weight.detach() for name, layer in captured.module.named_modules() if name in candidates}
+        head_dim = captured.loaded.facts.head_dim if captured.loaded.facts else None
         folded = folded_layers(work.model, candidates, weights,
-                               lambda w: fake_quantize(w, spec.linear, grid(spec.linear.bits)))
+                               lambda w: fake_quantize(w, spec.linear, grid(spec.linear.bits)),
+                               (1.0, head_dim ** -0.25, head_dim ** -0.5) if head_dim else (1.0,))
     work.folded_norms = sorted(folded)
     module = weight_only_reference(captured.module, spec, grid, folded)
     if spec.linear is not None and spec.dynamic_int8_activations:

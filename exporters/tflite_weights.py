@@ -9,36 +9,44 @@ quantization is among them."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable
 
 import numpy as np
 import torch
 
 
-def _dequantized_fc_weights(model: bytes) -> set[str]:
-    """Digests of every quantized FULLY_CONNECTED weight in every subgraph, dequantized to float32."""
+def _dequantized_fc_weights(model: bytes) -> list[np.ndarray]:
+    """Every quantized FULLY_CONNECTED weight in every subgraph, dequantized to float32."""
     from ai_edge_litert import schema_py_generated as schema
 
     m = schema.ModelT.InitFromPackedBuf(model, 0)
-    digests = set()
+    found = []
     for graph in m.subgraphs:
         for op in graph.operators:
             code = m.operatorCodes[op.opcodeIndex]
             if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.FULLY_CONNECTED:
                 continue
-            weight = graph.tensors[op.inputs[1]]
-            values = _dequantize(m, graph, weight, schema)
+            values = _dequantize(m, model, graph, graph.tensors[op.inputs[1]], schema)
             if values is not None:
-                digests.add(_digest(values))
-    return digests
+                found.append(values)
+    return found
 
 
-def _dequantize(m, graph, tensor, schema) -> np.ndarray | None:
-    q, data = tensor.quantization, m.buffers[tensor.buffer].data
-    if q is None or data is None or len(data) == 0:  # not a stored constant (e.g. an activation)
+def _buffer(m, model: bytes, index: int) -> bytes | None:
+    """A buffer's bytes: inline, or (larger models) after the flatbuffer at offset/size."""
+    buffer = m.buffers[index]
+    if buffer.data is not None and len(buffer.data):
+        return bytes(buffer.data)
+    if buffer.offset > 1 and buffer.size:
+        return model[buffer.offset:buffer.offset + buffer.size]
+    return None
+
+
+def _dequantize(m, model: bytes, graph, tensor, schema) -> np.ndarray | None:
+    q, data = tensor.quantization, _buffer(m, model, tensor.buffer)
+    if q is None or data is None:  # not a stored constant (e.g. an activation)
         return None
-    rows, raw = int(tensor.shape[0]), np.frombuffer(bytes(data), np.uint8)
+    rows, raw = int(tensor.shape[0]), np.frombuffer(data, np.uint8)
     if tensor.type == schema.TensorType.INT4:  # two values per byte, low nibble first
         values = np.stack([raw & 15, raw >> 4], -1).reshape(-1)[: rows * int(tensor.shape[1])].astype(np.int8)
         values = np.where(values > 7, values - 16, values)
@@ -50,22 +58,28 @@ def _dequantize(m, graph, tensor, schema) -> np.ndarray | None:
     if q.details is not None and hasattr(q.details, "blockSize"):
         scales_tensor = graph.tensors[q.details.scales]
         dtype = np.float16 if scales_tensor.type == schema.TensorType.FLOAT16 else np.float32
-        scales = np.frombuffer(bytes(m.buffers[scales_tensor.buffer].data), dtype).astype(np.float32).reshape(rows, -1)
+        scales = np.frombuffer(_buffer(m, model, scales_tensor.buffer), dtype).astype(np.float32).reshape(rows, -1)
         return (values.reshape(rows, scales.shape[1], -1) * scales[..., None]).reshape(rows, -1)
     if q.scale is not None:
         return values * np.asarray(q.scale, np.float32).reshape(-1, 1)
     return None
 
 
-def _digest(values: np.ndarray) -> str:
-    """Of the float32 values, with -0.0 made 0.0 (a rounded negative times a scale)."""
-    return hashlib.sha256(np.ascontiguousarray(values + np.float32(0.0), np.float32).tobytes()).hexdigest()
-
-
 def folded_layers(model: bytes, candidates: dict, weights: dict[str, torch.Tensor],
-                  quantize: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+                  quantize: Callable[[torch.Tensor], torch.Tensor], multipliers: tuple[float, ...] = (1.0,)) -> dict:
     """The subset of `candidates` (layer name -> NormAffine) whose stored weight is the folded
-    quantization quantize(W·γ)."""
-    stored = _dequantized_fc_weights(model)
-    return {name: affine for name, affine in candidates.items()
-            if _digest(quantize(weights[name] * affine.scale).numpy()) in stored}
+    quantization quantize(W·γ·m) for one of `multipliers` (the converter also folds attention's
+    1/sqrt(head_dim), split between q and k, into their weights), returned with scale γ·m.
+    Compared to 1e-6: γ is measured (NormAffine) to ~1e-7."""
+    stored: dict[tuple, list[np.ndarray]] = {}  # by shape: only those are worth comparing
+    for values in _dequantized_fc_weights(model):
+        stored.setdefault(values.shape, []).append(values)
+    folded = {}
+    for name, affine in candidates.items():
+        for m in multipliers:
+            scaled = type(affine)(affine.scale * m, affine.shift)
+            expected = quantize(weights[name] * scaled.scale).numpy()
+            if any(np.allclose(expected, v, rtol=0, atol=1e-6) for v in stored.get(expected.shape, [])):
+                folded[name] = scaled
+                break
+    return folded
