@@ -15,6 +15,7 @@ fetches what changed. Run: python -m edgepack.packaging.arm64_env [--dir DIR].""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -244,9 +245,17 @@ def _self_test(env: Arm64Env) -> str:
 
 
 def set_up(root: Path | None = None, say=print) -> Arm64Env:
-    """Idempotent: each part is fetched once; a rerun with unchanged host versions is offline."""
+    """Idempotent: each part is fetched once; a rerun with unchanged host versions is offline.
+    Concurrent callers (two test workers, two `make arm64-env`) take turns: the second finds the
+    first one's work done."""
     root = (root or default_dir()).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    with (root.parent / f".{root.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _set_up(root, say)
+
+
+def _set_up(root: Path, say) -> Arm64Env:
     wanted = host_versions()
     missing = [d for d in REQUIRED_WHEELS if d not in wanted]
     if missing:
