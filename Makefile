@@ -10,7 +10,7 @@ DEMO_OUT := dist
 # Pinned here, not in pyproject.toml, because it must be installed with --no-deps (see install).
 TFLITE_SUPPORT := tflite-support==0.4.4
 
-.PHONY: install demo test clean arm64-env
+.PHONY: install demo test clean arm64-env bench
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "error: '$(PYTHON) -m venv' failed; install the venv module (Debian: apt-get install python3-venv) and rerun" >&2; exit 2; }
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,bench]'
 	@# tflite-support (TFLite metadata writer) pins protobuf<4, which breaks onnx and coremltools:
 	@# installed without its dependencies; its metadata modules work on modern protobuf.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(TFLITE_SUPPORT)
@@ -38,6 +38,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# edgepack vs ExecuTorch's export_llm on SmolLM2-135M's shape (~1 h on 2 cores); writes bench/results/.
+# `BENCH_ARGS=--quick` runs a small model of the same architecture in minutes.
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # arm64 builds of the runtimes under qemu, for `edgepack smoke BUNDLE --on arm64-emulated`: fetched
 # once into build/arm64 (delete it to start over) at the venv's versions, then offline.

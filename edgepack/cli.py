@@ -1,7 +1,8 @@
 """The edgepack command line: export, smoke, inspect, doctor.
 
 Human text goes to stderr; with --json, one machine-readable object goes to stdout.
-Exit codes: 0 all produced and smoke-tested, 1 a backend or a check failed, 2 bad usage or input."""
+Exit codes: 0 all produced and smoke-tested, 1 a backend or a check failed, 2 bad usage or input,
+3 the environment a smoke run needs is missing (arm64 set-up, adb, Xcode)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def _fail(error: BaseException, as_json: bool, verbose: bool) -> None:
     raise typer.Exit(code)
 
 
+def _source_label(source: str) -> str:
+    """Names an export's output logs before the model is loaded: the source's file or folder name."""
+    return Path(source.split(":")[0]).stem or "export"
+
+
 @app.command()
 def export(
     source: str = typer.Argument(..., help="A local Hugging Face model directory, a .pt2 file, or file.py:factory / module:factory."),
@@ -68,7 +74,7 @@ def export(
     prefill_len: Optional[list[int]] = typer.Option(None, metavar="N", help="TFLite: a prefill signature's fixed prompt length; repeat for several.", rich_help_panel="TFLite"),
     tflite_bundle: Optional[str] = typer.Option(None, help="TFLite: also write a LiteRT-LM bundle ('litertlm').", rich_help_panel="TFLite"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show full tracebacks."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the converters' own output as they run, and full tracebacks."),
 ) -> None:
     """Export a model to mobile artifacts, package the bundle, and smoke-test it on the host.
 
@@ -90,7 +96,7 @@ def export(
     request = ExportRequest(source, target, out, name, quant, group_size, max_seq_len, min_cosine, strict,
                             no_tokenizer, pooling, backend_options)
     try:
-        result = run_export(request, Progress(err))
+        result = run_export(request, Progress(err, verbose=verbose, log_label=name or _source_label(source)))
     except BaseException as e:  # noqa: BLE001 - every failure becomes an exit code
         if isinstance(e, (KeyboardInterrupt, typer.Exit)):
             raise
@@ -105,33 +111,47 @@ def export(
 @app.command()
 def smoke(
     bundle: Path = typer.Argument(..., help="A bundle directory written by `edgepack export`."),
-    on: str = typer.Option("host", help="Where to run: host, or arm64-emulated (arm64 runtimes under qemu: `make arm64-env`)."),
+    on: str = typer.Option("host", help="Where to run: host, arm64-emulated (arm64 runtimes under qemu: `make arm64-env`), "
+                                        "android-emulator (adb, the sample app's instrumented test) or ios-simulator "
+                                        "(xcodebuild, the sample app's XCTest)."),
     backend: Optional[str] = typer.Option(None, help="Only this backend (default: every artifact)."),
+    report_dir: Optional[Path] = typer.Option(None, help="android-emulator / ios-simulator: keep the JUnit XML and logs here."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the runtimes' own output as they run, and full tracebacks."),
 ) -> None:
     """Replay the bundle's golden cases through its artifacts and compare with the expected outputs.
 
     [bold]Example[/]
 
       edgepack smoke dist/my-model
+      edgepack smoke dist/my-model --on android-emulator --report-dir reports/
     """
+    from edgepack.packaging.device_smoke import TARGETS
     from edgepack.packaging.manifest import read_manifest
     from edgepack.packaging.smoke import smoke_bundle
+    from edgepack.progress import Progress
     from edgepack.report import print_smoke
 
-    arm64 = None
+    arm64 = device = None
     try:
-        if on not in ("host", "arm64-emulated"):
-            raise InputError(f"--on {on!r}: choose one of host, arm64-emulated")
+        if on not in ("host", "arm64-emulated", *TARGETS):
+            raise InputError(f"--on {on!r}: choose one of host, arm64-emulated, {', '.join(TARGETS)}")
         manifest = read_manifest(bundle)
-        if on == "host":
-            results = smoke_bundle(bundle, manifest, [backend] if backend else None)
-        else:
-            from edgepack.packaging.arm64_smoke import smoke_arm64
+        with Progress(err, verbose=verbose, log_label=bundle.name).stage(f"smoke {on}") as stage:
+            if on == "host":
+                results = smoke_bundle(bundle, manifest, [backend] if backend else None)
+            elif on in TARGETS:
+                from edgepack.packaging.device_smoke import smoke_device
 
-            arm64 = smoke_arm64(bundle, manifest, [backend] if backend else None)
-            results = arm64.results
+                device = smoke_device(bundle, manifest, on, [backend] if backend else None, report_dir)
+                results = device.results
+            else:
+                from edgepack.packaging.arm64_smoke import smoke_arm64
+
+                arm64 = smoke_arm64(bundle, manifest, [backend] if backend else None)
+                results = arm64.results
+            if not all(r.passed for r in results):
+                stage.mark_failed()  # keeps the runtimes' output of a failed check
         if backend and not results:
             raise InputError(f"{bundle}: has no {backend!r} artifact")
     except typer.Exit:
@@ -145,10 +165,18 @@ def smoke(
         from edgepack.packaging.arm64_smoke import print_arm64
 
         print_arm64(err, arm64)
+    if device:
+        for name, why in device.not_run.items():
+            err.print(f"[yellow]not run[/] on {on}: {name}: {why}", highlight=False, soft_wrap=True)
+        if on == "ios-simulator":
+            err.print("note: the iOS Simulator runs on the Mac's CPU; its numerics can differ from a device's",
+                      highlight=False, soft_wrap=True)
     passed = all(r.passed for r in results)
+    extra = ({"not_run": arm64.not_run} if arm64 else
+             {"not_run": device.not_run, "report": str(device.report) if device.report else None} if device else {})
     if as_json:
         _emit_json({"ok": passed, "bundle": str(bundle), "on": on, "results": {r.backend: r.as_dict() for r in results},
-                    **({"not_run": arm64.not_run} if arm64 else {})})
+                    **extra})
     raise typer.Exit(0 if passed else EXIT_FAILED)
 
 

@@ -143,24 +143,38 @@ def golden_greedy_margin(model, tok: Tokenizer) -> float:
     return min(margins)
 
 
-def fit_until_decisive(model, tok: Tokenizer, seed: int, max_steps: int, chunk: int = 100) -> int:
-    """Fit in chunks of `chunk` steps until golden_greedy_margin >= DECISIVE_MARGIN (or max_steps),
-    in fp32 and in an int4 weight-only copy: quantization itself moves the logits, and the smoke
-    test compares each artifact with a quantized reference."""
+def quantized_copies(model) -> list:
+    """The int4 copies whose greedy choices must be decisive too: quantization itself moves the
+    logits, and the smoke test compares each artifact with its backend's quantized reference. A
+    weight-only copy with min/max scales (CoreML, TFLite, ONNX store those), and ExecuTorch's own
+    (searched scales, int8 dynamic activations) when it is installed."""
+    import copy
+
     from edgepack.exporters.weights import Rounding, weight_only_reference
     from edgepack.quant import QuantSpec
 
+    int4 = QuantSpec.from_options("int4")
+    copies = [weight_only_reference(model, int4, lambda bits: Rounding.symmetric(bits, narrow=False))]
+    try:
+        from edgepack.exporters.executorch import quantize_module
+    except ImportError:
+        return copies
+    return copies + [quantize_module(copy.deepcopy(model), int4)]
+
+
+def fit_until_decisive(model, tok: Tokenizer, seed: int, max_steps: int, chunk: int = 100) -> int:
+    """Fit in chunks of `chunk` steps until golden_greedy_margin >= DECISIVE_MARGIN (or max_steps),
+    in fp32 and in each of quantized_copies."""
     import torch
 
-    int4 = QuantSpec.from_options("int4")
     steps, threads = 0, torch.get_num_threads()
     torch.set_num_threads(1)  # sums in one order: the same stopping step and weights on every machine
     try:
         while steps < max_steps:
             fit_to_corpus(model, tok, chunk, seed + steps)
             steps += chunk
-            quantized = weight_only_reference(model, int4, lambda bits: Rounding.symmetric(bits, narrow=False))
-            if min(golden_greedy_margin(model, tok), golden_greedy_margin(quantized, tok)) >= DECISIVE_MARGIN:
+            models = [model, *quantized_copies(model)]
+            if min(golden_greedy_margin(m, tok) for m in models) >= DECISIVE_MARGIN:
                 break
     finally:
         torch.set_num_threads(threads)

@@ -1,7 +1,8 @@
 """User errors and internal errors are different types; each user error carries its exit code.
 
 Exit codes: 0 everything asked for was produced and passed its smoke test, 1 some backend or
-smoke check failed, 2 bad usage or bad input. Anything else escaping is a bug in edgepack.
+smoke check failed, 2 bad usage or bad input, 3 the environment a check runs in is missing (the
+emulated arm64 set-up, adb, Xcode). Anything else escaping is a bug in edgepack.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_ENVIRONMENT_MISSING = 3
 
 
 class EdgepackError(Exception):

@@ -74,10 +74,12 @@ def tokenizer_warnings(loaded, *, strict: bool) -> list[str]:
 
 
 def export(request: ExportRequest, progress: Progress) -> ExportResult:
-    # Everything the user typed is checked before the first slow step.
+    # Everything the user typed is checked before the first slow step. Validating a backend's
+    # options imports its converter, whose import-time chatter is captured like a stage's output.
     backends = resolve_targets(request.targets)
     capture_options = CaptureOptions(request.max_seq_len, request.pooling)
-    options = {b.name: b.options(request.backend_options.get(b.name, {})) for b in backends}
+    with progress.captured("check"):
+        options = {b.name: b.options(request.backend_options.get(b.name, {})) for b in backends}
     unused = {b: sorted(o) for b, o in request.backend_options.items() if o and b not in options}
     if unused:
         raise InputError(
@@ -112,8 +114,10 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
     with StagedBundle(request.out_dir, loaded.name) as staging:
         with progress.stage("package"):
             manifest = stage_contents(staging, captured, quant, artifacts, failures)
-        with progress.stage("smoke"):
+        with progress.stage("smoke") as stage:
             result.smoke = smoke_bundle(staging.root, manifest)
+            if not all(s.passed for s in result.smoke):
+                stage.mark_failed()  # keeps the runtimes' output of a failed check
         manifest["comparisons"]["lowering_fidelity"] = {s.backend: s.as_dict() for s in result.smoke}
         if request.min_cosine is not None:
             for backend, cases in manifest["comparisons"]["quantization_quality"].items():

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from edgepack.exporters.registry import BACKENDS
 from edgepack.packaging.artifact_metadata import embedded_metadata
+from edgepack.packaging.integration import integration_snippets
 
 
 def _mb(n: int | None) -> str:
@@ -40,6 +41,7 @@ def export_summary(result) -> dict:
         "warnings": result.warnings,
         "stages": [t.as_dict() for t in result.progress.timings],
         "peak_rss_bytes": result.peak_rss_bytes,
+        "integration": integration_snippets(manifest) if manifest else None,
     }
 
 
@@ -84,7 +86,24 @@ def print_export_summary(console: Console, summary: dict) -> None:
         console.print(f"[red]quality gate:[/] {message}", soft_wrap=True)
     if summary["bundle"]:
         console.print(f"bundle: {summary['bundle']}", soft_wrap=True)
+    print_integration(console, summary["integration"])
     console.print("[green]OK[/]" if summary["ok"] else f"[red]FAILED[/] (exit {summary['exit_code']})")
+
+
+def print_integration(console: Console, snippets: dict | None) -> None:
+    """The app-side lines that match the bundle's runtimes, ready to paste."""
+    if not snippets:
+        return
+    if snippets["gradle"]:
+        console.print("Android, app/build.gradle.kts dependencies:", highlight=False)
+        for line in snippets["gradle"]:
+            console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+    if snippets["swiftpm"]:
+        console.print("iOS, Package.swift (the package, then the target's products):", highlight=False)
+        for line in snippets["swiftpm"]:
+            console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+    for note in snippets["notes"]:
+        console.print(f"  note: {note}", highlight=False, markup=False, soft_wrap=True)
 
 
 def print_smoke(console: Console, results) -> None:

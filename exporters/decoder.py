@@ -55,11 +55,18 @@ class StaticCacheLM(nn.Module):
         self.facts = facts
         self.max_seq_len = max_seq_len
         self.current_start = 0
-        shape = (1, facts.n_kv_heads, max_seq_len, facts.head_dim)
+        shape = self.cache_shape(facts, max_seq_len)
         for i in range(facts.n_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
         self.cache = Cache(layers=[_SliceUpdateLayer(self, i) for i in range(facts.n_layers)])
+
+    def cache_shape(self, facts: ModelFacts, max_seq_len: int) -> tuple[int, ...]:
+        return (1, facts.n_kv_heads, max_seq_len, facts.head_dim)
+
+    def attention_kwargs(self, start) -> dict:
+        """Extra keyword arguments the model passes down to its attention implementation."""
+        return {}
 
     def write_cache(self, index: int, key_states: torch.Tensor, value_states: torch.Tensor):
         keys = getattr(self, f"k_cache_{index}")
@@ -77,7 +84,8 @@ class StaticCacheLM(nn.Module):
         self.current_start = start
         positions = (torch.arange(length, dtype=torch.int64) + input_pos[0]).unsqueeze(0)
         out = self.model(input_ids=tokens, attention_mask=attention_masks(positions[0], self.max_seq_len, self.facts),
-                         position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                         **self.attention_kwargs(start))
         return out.logits[:, -1, :]
 
 

@@ -14,6 +14,8 @@ from torch import nn
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel
 from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.decoder import StaticCacheLM
+from edgepack.exporters.executorch_llm import use_llm_custom_ops
 from edgepack.exporters.steps import Step, run_steps
 
 # Operator namespaces left outside the delegate, and the kernel library that provides them.
@@ -22,6 +24,11 @@ KERNEL_LIBRARIES = {
     "quantized_decomposed": ("quantized", "executorch.kernels.quantized"),
     "llama": ("llm_custom_ops", "executorch.extension.llm.custom_ops.custom_ops"),
 }
+
+
+# Each group's scale is searched (half-quadratic, as HQQ) rather than taken from its largest
+# weight: the same choice ExecuTorch's own export_llm makes, measurably closer to fp32 (bench/).
+SCALE_SEARCH = "hqq_scale_only"
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class _Work:
     captured: CapturedModel
     quant: QuantSpec
     module: nn.Module | None = None
+    attention: str | None = None  # decoder LMs: how attention and the KV cache are lowered
+    metadata: dict = field(default_factory=dict)  # the LLM runner's constant methods
     reference: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     program: Any = None
@@ -52,16 +61,32 @@ def _torchao_config(wq: WeightQuant, dynamic_activations: bool, for_linear: bool
     dtype = getattr(torch, f"int{wq.bits}")
     if for_linear and dynamic_activations:
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
-                                                     weight_mapping_type=mapping)
-    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=mapping)
+                                                     weight_mapping_type=mapping,
+                                                     intx_choose_qparams_algorithm=SCALE_SEARCH)
+    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=mapping,
+                                intx_choose_qparams_algorithm=SCALE_SEARCH)
+
+
+def take_llm_fast_path(work: _Work) -> None:
+    """Work on a copy (the fp32 capture stays for other backends); a decoder LM's cache and
+    attention move to ExecuTorch's LLM kernels where the model allows it."""
+    work.module = copy.deepcopy(work.captured.module)
+    work.metadata = dict(work.captured.llm_metadata)
+    if isinstance(work.module, StaticCacheLM):
+        work.module, reason = use_llm_custom_ops(work.module)
+        work.attention = f"portable ops ({reason})" if reason else "llama::custom_sdpa + llama::update_cache"
+        work.metadata["use_sdpa_with_kv_cache"] = reason is None
 
 
 def quantize_weights(work: _Work) -> None:
-    """torchao rewrites a copy of the module; the fp32 capture stays for other backends."""
+    quantize_module(work.module, work.quant)
+
+
+def quantize_module(module: nn.Module, spec: QuantSpec) -> nn.Module:
+    """torchao rewrites the module's linear and embedding weights in place, as the .pte stores
+    them (eager, the result is the quantized model the .pte must reproduce)."""
     from torchao.quantization import quantize_
 
-    module = copy.deepcopy(work.captured.module)
-    spec = work.quant
     for m in module.modules():
         if isinstance(m, nn.Embedding):
             # padding_idx only matters for gradients; left set, it hides the embedding from the
@@ -73,7 +98,7 @@ def quantize_weights(work: _Work) -> None:
     if spec.linear:
         quantize_(module, _torchao_config(spec.linear, spec.dynamic_int8_activations, for_linear=True),
                   filter_fn=lambda m, _: isinstance(m, nn.Linear))
-    work.module = module
+    return module
 
 
 def record_reference(work: _Work) -> None:
@@ -93,7 +118,7 @@ def lower_to_xnnpack(work: _Work) -> None:
     work.edge = to_edge_transform_and_lower(
         work.program,
         partitioner=[XnnpackPartitioner()],
-        constant_methods=work.captured.llm_metadata or None,
+        constant_methods=work.metadata or None,
     )
 
 
@@ -113,6 +138,7 @@ def to_pte(work: _Work) -> None:
 
 
 STEPS: tuple[Step, ...] = (
+    Step("fast path", take_llm_fast_path),
     Step("quantize", quantize_weights),
     Step("reference", record_reference),
     Step("export", export_program),
@@ -129,13 +155,15 @@ RUNNER_TOKENIZER = ("tokenizer/tokenizer.json through ExecuTorch's HFTokenizer (
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
           on_step: Callable[[str], None] | None = None) -> Artifact:
     work = run_steps("executorch", STEPS, _Work(captured, quant), on_step)
-    metadata, tok = captured.llm_metadata, captured.loaded.tokenizer
+    metadata, tok = work.metadata, captured.loaded.tokenizer
     runtime = {
         "name": "executorch",
         "version": version("executorch"),
         "kernel_libraries": work.kernel_libraries,
         "constant_methods": dict(sorted(metadata.items())),
     }
+    if work.attention:
+        runtime["attention"] = work.attention
     if metadata and tok and "tokenizer.json" in tok.files:
         runtime["tokenizer"] = RUNNER_TOKENIZER
     return Artifact(
@@ -144,7 +172,8 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         files={"executorch/model.pte": work.pte},
         main_file="executorch/model.pte",
         methods=captured.methods,
-        quantization={**quant.describe(), "library": f"torchao {version('torchao')}", "delegate": "XNNPACK"},
+        quantization={**quant.describe(), "library": f"torchao {version('torchao')}", "delegate": "XNNPACK",
+                      "scale_search": SCALE_SEARCH},
         ideal_bytes=quant.ideal_bytes(captured.loaded.module),
         reference_outputs=work.reference,
         runtime=runtime,

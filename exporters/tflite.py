@@ -21,7 +21,7 @@ from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
-from edgepack.exporters.tflite_weights import folded_layers
+from edgepack.exporters.tflite_weights import folded_layers, quantized_tables
 from edgepack.exporters.weights import Rounding, fake_quantize, linears_fed_by_norms, weight_only_reference
 from edgepack.packaging.tflite_metadata import ModelDoc, TensorDoc, write_metadata
 
@@ -96,6 +96,7 @@ class _Work:
     prefill_lens: tuple[int, ...] = ()
     fixed_dims: dict[str, int] = field(default_factory=dict)  # dynamic dims exported at a fixed length
     folded_norms: list[str] = field(default_factory=list)  # linear layers the converter folded a norm into
+    float_embeddings: list[str] = field(default_factory=list)  # embedding tables the converter left in float
     reference: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     float_model: bytes = b""
@@ -190,7 +191,9 @@ def record_reference(work: _Work) -> None:
     """Weights fake-quantized on ai_edge_quantizer's grid; with the dynamic recipe each linear's
     input is also fake-quantized to int8 per token, as the LiteRT kernels do at run time. Where the
     converter folded a norm's affine into a linear layer before quantizing (read back from the
-    quantized model: exporters/tflite_weights.py), the reference folds it the same way."""
+    quantized model: exporters/tflite_weights.py), the reference folds it the same way; an
+    embedding table the converter folded into a float constant (no EMBEDDING_LOOKUP holds it)
+    stays float in the reference too."""
     spec = work.quant
     blockwise = spec.linear is not None and spec.linear.group_size is not None  # linear and embedding share it
 
@@ -208,7 +211,12 @@ def record_reference(work: _Work) -> None:
                                lambda w: fake_quantize(w, spec.linear, grid(spec.linear.bits)),
                                (1.0, head_dim ** -0.25, head_dim ** -0.5) if head_dim else (1.0,))
     work.folded_norms = sorted(folded)
-    module = weight_only_reference(captured.module, spec, grid, folded)
+    if spec.embedding:
+        tables = {name: layer.weight.detach() for name, layer in captured.module.named_modules()
+                  if isinstance(layer, torch.nn.Embedding)}
+        stored = quantized_tables(work.model, tables, lambda w: fake_quantize(w, spec.embedding, grid(spec.embedding.bits)))
+        work.float_embeddings = sorted(set(tables) - stored)
+    module = weight_only_reference(captured.module, spec, grid, folded, keep_float=frozenset(work.float_embeddings))
     if spec.linear is not None and spec.dynamic_int8_activations:
         for layer in module.modules():
             if isinstance(layer, torch.nn.Linear):
@@ -398,6 +406,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
             "float_bytes": len(work.float_model),
             "quantized_bytes": len(work.model),
             "folded_norms": work.folded_norms,
+            "float_embeddings": work.float_embeddings,
             **({"litertlm": LITERTLM_FILE} if LITERTLM_FILE in work.files else {}),
             **({"tokenizer": "the tokenizer files packed in the .tflite (associated files, also under tokenizer/); "
                          "LiteRT-LM reads the copy inside the .litertlm"}

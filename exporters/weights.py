@@ -61,21 +61,24 @@ def fake_quantize(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -> 
 
 def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
                           folded_norms: dict[str, "NormAffine"] | None = None, *,
-                          embedding_rounding=None) -> nn.Module:
+                          embedding_rounding=None, keep_float: frozenset[str] = frozenset()) -> nn.Module:
     """A copy of `module` whose quantized layers hold fake-quantized weights. `rounding_for_bits`
     maps a bit width to the backend's Rounding (`embedding_rounding` for embedding tables, where a
     backend quantizes them with other code). Tied weights stay tied (quantized once).
 
     folded_norms: layer name -> the affine (γ, β) of the norm that feeds it, for converters that
     fold it into the layer before quantizing: the copy does the same fold, so the layer holds
-    fake_quantize(W·γ), bias b + W·β, and takes the normalized input (x - β) / γ."""
+    fake_quantize(W·γ), bias b + W·β, and takes the normalized input (x - β) / γ.
+
+    keep_float: layer names the artifact stores unquantized although the spec covers them (a
+    converter that constant-folds a lookup whose indices are fixed never hands it to the quantizer)."""
     copied = copy.deepcopy(module)
     folded_norms = folded_norms or {}
     done: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for name, layer in copied.named_modules():
             wq = spec.for_module(layer)
-            if wq is None:
+            if wq is None or name in keep_float:
                 continue
             rounding = (embedding_rounding if embedding_rounding and isinstance(layer, nn.Embedding)
                         else rounding_for_bits)(wq.bits)
@@ -91,10 +94,14 @@ def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
 
 @dataclass(frozen=True)
 class NormAffine:
-    """A normalization layer's effective per-channel scale and shift: norm(x) = x̂·scale + shift."""
+    """A normalization layer's effective per-channel scale and shift: norm(x) = x̂·scale + shift.
+    `multiplier` is a constant a converter folds in after the scale (attention's 1/sqrt(head_dim),
+    split onto q and k); the fold multiplies in that order, since float products taken in another
+    order can round a quantization scale differently."""
 
     scale: torch.Tensor
     shift: torch.Tensor
+    multiplier: float = 1.0
 
     @classmethod
     def measure(cls, norm: nn.Module, width: int) -> "NormAffine":
@@ -108,13 +115,15 @@ class NormAffine:
         return cls((up - down) / (2 * x.reshape(width)), (up + down) / 2)
 
     def fold_into(self, linear: nn.Linear, quantize) -> None:
-        """Make `linear` compute what a converter's fold does: quantize(W·scale) on x̂, the shift
-        moved into the bias (with the float W, as constant folding computes it)."""
+        """Make `linear` compute what a converter's fold does: quantize(W·scale·multiplier) on
+        x̂ / multiplier, the shift moved into the bias (with the float W, as constant folding
+        computes it)."""
         weight = linear.weight.detach()
         bias = weight @ self.shift + (linear.bias.detach() if linear.bias is not None else 0.0)
-        linear.weight = nn.Parameter(quantize(weight * self.scale), requires_grad=False)
+        linear.weight = nn.Parameter(quantize(weight * self.scale * self.multiplier), requires_grad=False)
         linear.bias = nn.Parameter(bias, requires_grad=False)
-        safe = torch.where(self.scale == 0, torch.ones_like(self.scale), self.scale)
+        scale = self.scale * self.multiplier
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         linear.register_forward_pre_hook(lambda _, args: (((args[0] - self.shift) / safe),))
 
 

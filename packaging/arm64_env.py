@@ -27,9 +27,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import edgepack
-from edgepack.errors import EdgepackError
+from edgepack.errors import EXIT_ENVIRONMENT_MISSING, EdgepackError
 
-EXIT_NO_ARM64_ENV = 3
+EXIT_NO_ARM64_ENV = EXIT_ENVIRONMENT_MISSING
 # The CPU qemu emulates: a Cortex-A76 (ARMv8.2: NEON, dotprod, fp16), the big core of many phones.
 # qemu's default ("max") would also offer SVE and i8mm, which most phones lack, so XNNPACK would
 # pick kernels no phone runs.

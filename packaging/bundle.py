@@ -15,6 +15,7 @@ import numpy as np
 
 from edgepack.errors import InputError
 from edgepack.stages import Artifact, Bundle, CapturedModel
+from edgepack.packaging.device_smoke import device_files
 from edgepack.packaging.manifest import build_manifest, write_manifest
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -70,10 +71,11 @@ class StagedBundle:
         if self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def write(self, relpath: str, data: bytes) -> dict:
+    def write(self, relpath: str, data: bytes, mode: int = 0o644) -> dict:
         path = self.root / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+        path.chmod(mode)
         return {"sha256": sha256_bytes(data), "bytes": len(data)}
 
     def write_array(self, relpath: str, array: np.ndarray) -> str:
@@ -107,16 +109,19 @@ def stage_contents(staging: StagedBundle, captured: CapturedModel, quant, artifa
             for name, array in zip(out.names, out.arrays):
                 case_files[(case.name, source, name)] = staging.write_array(
                     f"smoke/{case.name}/expected.{source}.{name}.npy", array)
+    for relpath, data, mode in device_files(captured, artifacts):
+        staging.write(relpath, data, mode)
     return build_manifest(captured, quant, artifacts, artifact_files, tokenizer_files, case_files, failures)
 
 
 def write_archive(root: Path, archive: Path, prefix: str) -> None:
-    """Sorted entries under `prefix/`, fixed timestamps and permissions: the same files give the same bytes."""
+    """Sorted entries under `prefix/`, fixed timestamps and permissions (0755 for the smoke scripts,
+    0644 for the rest): the same files give the same bytes."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
         for path in files:
             info = zipfile.ZipInfo(f"{prefix}/{path.relative_to(root).as_posix()}", date_time=_ZIP_TIME)
-            info.external_attr = 0o644 << 16
+            info.external_attr = (0o755 if path.stat().st_mode & 0o100 else 0o644) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, path.read_bytes(), compresslevel=6)
 

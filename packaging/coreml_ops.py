@@ -190,6 +190,7 @@ OPS: dict[str, Callable] = {
     "real_div": lambda x, y: np.true_divide(x, y),
     "pow": lambda x, y: np.power(x, y),
     "minimum": lambda x, y: np.minimum(x, y),
+    "clip": lambda x, alpha, beta: np.minimum(np.maximum(x, alpha), beta),
     "equal": lambda x, y: np.equal(x, y),
     "less_equal": lambda x, y: np.less_equal(x, y),
     "greater": lambda x, y: np.greater(x, y),
@@ -205,6 +206,7 @@ OPS: dict[str, Callable] = {
     "cast": lambda x, dtype: np.asarray(x).astype(MIL_DTYPES[dtype]),
     # reductions and normalization
     "reduce_mean": _reduce(np.mean),
+    "reduce_sum": _reduce(np.sum),
     "softmax": softmax,
     "layer_norm": layer_norm,
     # linear algebra

@@ -3,6 +3,7 @@ per session through the real CLI."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -31,15 +32,6 @@ def pytest_configure(config):
         os.environ[RESULTS_ENV] = tempfile.mkdtemp(prefix="edgepack-coverage-")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """xdist --dist loadgroup: a test file's tests run in one worker (so its session fixtures are
-    built once), unless a test names its own group (the coverage cells: one group per family)."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 def pytest_sessionfinish(session, exitstatus):
     """Once every worker is done: README.md's coverage matrix must be what the cells produced."""
     from tests.coverage_matrix import RESULTS_ENV, readme_problem
@@ -64,14 +56,30 @@ def export_json(*args: str) -> tuple[int, dict]:
     return result.exit_code, json.loads(result.stdout)
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """What `build(folder)` returns (JSON-serialisable), built once per test run even with several
+    xdist workers: the first worker to ask builds it in a folder they all share, under a file lock;
+    the others wait for it and reuse it (a session fixture alone is built once per worker)."""
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # the run's base folder, shared by the workers
+    folder, done = shared / f"shared-{name}", shared / f"shared-{name}.json"
+    with open(shared / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            folder.mkdir(exist_ok=True)
+            done.write_text(json.dumps(build(folder)))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
-    return build_llama_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
+    return Path(built_once(tmp_path_factory, "llama", lambda d: str(build_llama_dir(d / "tiny-llama"))))
 
 
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory) -> Path:
-    return build_bert_dir(tmp_path_factory.mktemp("models") / "tiny-bert")
+    return Path(built_once(tmp_path_factory, "bert", lambda d: str(build_bert_dir(d / "tiny-bert"))))
 
 
 @pytest.fixture(scope="session")
@@ -85,9 +93,12 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def llama_export(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
     """One ExecuTorch export of the tiny Llama, shared by the tests that read its bundle."""
-    out = tmp_path_factory.mktemp("dist")
-    code, summary = export_json(str(llama_dir), "--target", "executorch", "--out", str(out))
-    return code, summary, out / "tiny-llama"
+    def export(out: Path):
+        code, summary = export_json(str(llama_dir), "--target", "executorch", "--out", str(out))
+        return code, summary, str(out / "tiny-llama")
+
+    code, summary, bundle = built_once(tmp_path_factory, "llama-export", export)
+    return code, summary, Path(bundle)
 
 
 @pytest.fixture

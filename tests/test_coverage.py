@@ -27,17 +27,6 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {}
 BACKEND_OPTIONS = {"coreml": ("--coreml-precision", "fp32")}
 
 
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-    made = {}
-
-    def build(family: str):
-        if family not in made:
-            made[family] = build_decoder_dir(tmp_path_factory.mktemp("models") / f"tiny-{family}", family)
-        return made[family]
-    return build
-
-
 def _check_facts_against_source(manifest: dict, model_dir) -> None:
     """bos / eos / pad / template / context in the manifest equal the source files' values."""
     config = json.loads((model_dir / "config.json").read_text())
@@ -56,31 +45,41 @@ def _check_facts_against_source(manifest: dict, model_dir) -> None:
     assert arch["layer_types"] == config.get("layer_types")
 
 
-def _cells():
-    for family in FAMILIES:
-        for backend in sorted(BACKENDS):
-            gap = KNOWN_GAPS.get((family, backend))
-            marks = [pytest.mark.xdist_group(f"coverage-{family}")]  # a family's cells share its model dir
-            yield pytest.param(family, backend, marks=marks + ([pytest.mark.xfail(reason=gap, strict=True)] if gap else []))
+class FamilyCells:
+    """One family's row of the matrix. xdist's --dist loadscope runs a class on one worker, so the
+    family's model is built once; one subclass per family follows."""
+
+    family: str
+
+    @pytest.fixture(scope="class")
+    def model_dir(self, tmp_path_factory):
+        return build_decoder_dir(tmp_path_factory.mktemp("models") / f"tiny-{self.family}", self.family)
+
+    @pytest.mark.parametrize("backend", sorted(BACKENDS))
+    def test_exports_and_decodes_like_the_reference(self, backend, model_dir, tmp_path, request):
+        family = self.family
+        gap = KNOWN_GAPS.get((family, backend))
+        if gap:
+            request.applymarker(pytest.mark.xfail(reason=gap, strict=True))
+        record(family, backend, "✗ (known limit)" if gap else "✗")
+        code, summary = export_json(str(model_dir), "--target", backend, *BACKEND_OPTIONS.get(backend, ()),
+                                    "--max-seq-len", "64", "--out", str(tmp_path))
+        assert code == 0, json.dumps(summary)[:2000]
+        manifest = read_manifest(tmp_path / model_dir.name)
+        fidelity = manifest["comparisons"]["lowering_fidelity"][backend]
+        greedy = fidelity["cases"]["greedy"]
+        # tokens match for 16 steps, or up to a near-tie that the artifact's measured noise explains
+        assert fidelity["passed"] and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
+        assert greedy["tokens_match"] or greedy["near_tie"], greedy
+        _check_facts_against_source(manifest, model_dir)
+        [artifact] = manifest["artifacts"]
+        assert artifact["bytes"] < 1.5 * artifact["ideal_bytes"] + 2_000_000  # quantization really happened
+        constants = artifact["runtime"].get("constant_methods")
+        if constants is not None:  # ExecuTorch: the runner's stop tokens are all of the model's eos ids
+            assert constants["get_eos_ids"] == manifest["tokenizer"]["eos_ids"]
+        record(family, backend, "✓")
 
 
-@pytest.mark.parametrize("family,backend", _cells())
-def test_family_exports_and_decodes_like_the_reference(family, backend, family_dirs, tmp_path):
-    record(family, backend, "✗ (known limit)" if (family, backend) in KNOWN_GAPS else "✗")
-    model_dir = family_dirs(family)
-    code, summary = export_json(str(model_dir), "--target", backend, *BACKEND_OPTIONS.get(backend, ()),
-                                "--max-seq-len", "64", "--out", str(tmp_path))
-    assert code == 0, json.dumps(summary)[:2000]
-    manifest = read_manifest(tmp_path / model_dir.name)
-    fidelity = manifest["comparisons"]["lowering_fidelity"][backend]
-    greedy = fidelity["cases"]["greedy"]
-    # tokens match for 16 steps, or up to a near-tie that the artifact's measured noise explains
-    assert fidelity["passed"] and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
-    assert greedy["tokens_match"] or greedy["near_tie"], greedy
-    _check_facts_against_source(manifest, model_dir)
-    [artifact] = manifest["artifacts"]
-    assert artifact["bytes"] < 1.5 * artifact["ideal_bytes"] + 2_000_000  # quantization really happened
-    constants = artifact["runtime"].get("constant_methods")
-    if constants is not None:  # ExecuTorch: the runner's stop tokens are all of the model's eos ids
-        assert constants["get_eos_ids"] == manifest["tokenizer"]["eos_ids"]
-    record(family, backend, "✓")
+for _family in FAMILIES:
+    _name = "Test" + "".join(part.title() for part in _family.split("_"))
+    globals()[_name] = type(_name, (FamilyCells,), {"family": _family})

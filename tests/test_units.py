@@ -151,3 +151,26 @@ def test_norm_affine_is_measured_and_folds_exactly():
             expected = linear(norm(x))
             NormAffine.measure(norm, 8).fold_into(linear, lambda w: w)  # identity "quantizer"
             assert torch.allclose(linear(norm(x)), expected, atol=1e-5)
+
+
+def test_a_folded_multiplier_is_applied_after_the_norm_scale():
+    """litert folds attention's 1/sqrt(head_dim) after γ, (W·γ)·m, which rounds differently from
+    W·(γ·m) in some elements (and so can move a bfloat16 scale): the fold hands the quantizer the
+    converter's product and the layer still computes W·norm(x)."""
+    import torch
+
+    from edgepack.exporters.weights import NormAffine
+
+    torch.manual_seed(0)
+    ln, linear = nn.LayerNorm(64), nn.Linear(64, 64)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2.0)
+    affine, m = NormAffine.measure(ln, 64), 32 ** -0.25
+    weight = linear.weight.detach().clone()
+    assert not torch.equal((weight * affine.scale) * m, weight * (affine.scale * m))  # the order matters here
+    handed, x = [], torch.randn(3, 64)
+    with torch.no_grad():
+        expected = linear(ln(x))
+        NormAffine(affine.scale, affine.shift, m).fold_into(linear, lambda w: handed.append(w) or w)
+        assert torch.equal(handed[0], (weight * affine.scale) * m)
+        assert torch.allclose(linear(ln(x)), expected, atol=1e-5)

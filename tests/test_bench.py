@@ -1,0 +1,43 @@
+"""`make bench --quick` end to end (issue 7): the script that produces the committed benchmark must
+keep working. It runs ExecuTorch's real export_llm and edgepack's real export on a small model of
+the benchmark's architecture, times both on the ExecuTorch runtime, and writes the JSON and chart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.run import TARGETS, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_bench_measures_both_tools_side_by_side(tmp_path):
+    report = run(quick=True, out_dir=tmp_path / "results", work=tmp_path / "work", other_backends=True)
+    written = json.loads((tmp_path / "results" / "s135-quick.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    png = (tmp_path / "results" / "s135-quick.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    model, et = report["model"], report["executorch"]
+    for tool in ("edgepack", "export_llm"):
+        numbers = et[tool]
+        assert numbers["export_exit_code"] == 0
+        assert numbers["export_wall_s"] > 0 and numbers["export_peak_rss_bytes"] > 100e6
+        assert len(numbers["decode_tokens_per_s_runs"]) == model["repeats"] and numbers["decode_tokens_per_s"] > 0
+        # both artifacts are the same random-weight model quantized to 4 bits: close to fp32, not equal
+        assert 0.85 < numbers["cosine_vs_fp32"]["mean"] < 0.9999, numbers["cosine_vs_fp32"]
+        # a tiny model carries fixed overheads (metadata, delegate headers), yet stays near the ideal
+        assert model["ideal_bytes"] < numbers["pte_bytes"] < 2.5 * model["ideal_bytes"]
+    assert et["edgepack"]["attention"] == "llama::custom_sdpa + llama::update_cache"
+    for metric, _, _ in TARGETS:  # every ratio is recomputable from the raw numbers
+        assert report["ratios"][metric]["ratio"] == round(et["edgepack"][metric] / et["export_llm"][metric], 3)
+
+    others = report["other_backends"]
+    assert others["export_exit_code"] == 0
+    for backend in ("tflite", "coreml", "onnx"):
+        assert model["ideal_bytes"] < others[backend]["bytes"] < 3 * model["ideal_bytes"], backend
+        assert others[backend]["lower_s"] > 0
+    for backend in ("tflite", "onnx"):
+        assert others[backend]["cosine_vs_fp32"]["mean"] > 0.85 and others[backend]["decode_tokens_per_s"] > 0
