@@ -148,33 +148,29 @@ private fun fill(type: DataType, bytes: Int, values: DoubleArray): ByteBuffer = 
 /** Zero-pads a row-major tensor from `shape` to `want` (token 0, attention mask 0). */
 private fun pad(data: DoubleArray, shape: IntArray, want: IntArray): DoubleArray {
     val out = DoubleArray(want.fold(1) { a, b -> a * b })
-    for (i in data.indices) {
-        var rest = i
-        var target = 0
-        for (d in shape.indices.reversed()) {
-            val index = rest % shape[d]
-            rest /= shape[d]
-            target += index * want.drop(d + 1).fold(1) { a, b -> a * b }
-        }
-        out[target] = data[i]
-    }
+    for (i in data.indices) out[offsetIn(want, shape, i)] = data[i]
     return out
+}
+
+/** The flat offset, in a row-major tensor of shape `into`, of the element with the same
+ *  multi-index as the i-th element of a row-major tensor of shape `from`. */
+private fun offsetIn(into: IntArray, from: IntArray, i: Int): Int {
+    var rest = i
+    var offset = 0
+    var stride = 1
+    for (d in from.indices.reversed()) {
+        offset += (rest % from[d]) * stride
+        rest /= from[d]
+        stride *= into[d]
+    }
+    return offset
 }
 
 /** Cuts every dimension whose size is a padded length back to the case's length. */
 private fun cut(data: FloatArray, shape: IntArray, real: Map<Int, Int>): OutputTensor {
     val kept = IntArray(shape.size) { real[shape[it]] ?: shape[it] }
     val out = FloatArray(kept.fold(1) { a, b -> a * b })
-    for (i in out.indices) {
-        var rest = i
-        var source = 0
-        for (d in kept.indices.reversed()) {
-            val index = rest % kept[d]
-            rest /= kept[d]
-            source += index * shape.drop(d + 1).fold(1) { a, b -> a * b }
-        }
-        out[i] = data[source]
-    }
+    for (i in out.indices) out[i] = data[offsetIn(shape, kept, i)]
     return OutputTensor(kept, out)
 }
 
