@@ -93,7 +93,7 @@ def _last_json(log: Path) -> dict:
 
 
 def speed(backend: str, path: Path, artifact: dict, tokens: Path, prompt_len: int, repeats: int, work: Path) -> dict:
-    out = work / f"speed-{backend}-{path.stem}-{abs(hash(str(path)))}.npz"
+    out = work / f"speed-{path.parent.name}.npz"  # export_llm/, executorch/, tflite/, onnx/: one per artifact
     subprocess.run([sys.executable, "-m", "bench.speed", backend, str(path), json.dumps(artifact), str(tokens),
                     str(prompt_len), str(repeats), str(out)], check=True, cwd=ROOT)
     data = np.load(out)
