@@ -83,6 +83,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denom) if denom else float(np.array_equal(a, b))
 
 
+def row_cosines(expected: np.ndarray, actual: np.ndarray) -> list[float]:
+    return [cosine(e, a) for e, a in zip(_rows(expected), _rows(actual))]
+
+
 def compare(expected: CaseOutput, actual: CaseOutput, *, free_running: bool = True) -> dict:
     """Metrics of `actual` against `expected`: token agreement (greedy) and per-row cosine and max
     abs diff. free_running: both decoded their own tokens, so once the tokens differ the contexts
@@ -119,7 +123,7 @@ def compare(expected: CaseOutput, actual: CaseOutput, *, free_running: bool = Tr
         if exp.shape != act.shape:
             result["shape_mismatch"] = f"expected {list(exp.shape)}, got {list(act.shape)}"
             return result
-        cosines += [cosine(e, a) for e, a in zip(_rows(exp), _rows(act))]
+        cosines += row_cosines(exp, act)
         max_abs = max(max_abs, float(np.abs(exp.astype(np.float64) - act.astype(np.float64)).max(initial=0.0)))
     result["min_cosine"] = round(min(cosines), 6)
     result["mean_cosine"] = round(float(np.mean(cosines)), 6)

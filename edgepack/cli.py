@@ -64,10 +64,12 @@ def export(
     quant: str = typer.Option("int4", help="int4 (4-bit group-wise weights, int8 dynamic activations), int8, or none."),
     group_size: int = typer.Option(32, help="Weights per quantization group for int4."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache length for decoder LMs (default: min(config max positions, 2048))."),
-    min_cosine: Optional[float] = typer.Option(None, help="Fail (exit 1) if quantized vs fp32 logits cosine falls below this."),
+    min_cosine: Optional[float] = typer.Option(None, help="Fail (exit 1) if quantized vs fp32 cosine (logits, or an encoder's outputs) falls below this; for encoders also the floor mixed precision plans for (default 0.99)."),
+    mixed_precision: Optional[str] = typer.Option(None, help="Encoders at --quant int4: auto (default) keeps the layers whose int4 weights cost most per stored bit at int8, fewest first, until every calibration text's output is within cosine halfway between the floor (--min-cosine, default 0.99) and 1 of fp32; off stores every layer int4.", rich_help_panel="Encoders"),
+    calibration: Optional[Path] = typer.Option(None, metavar="FILE", help="Encoders: texts to plan mixed precision with, one per line (default: 40 built-in sentences in several languages).", rich_help_panel="Encoders"),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first backend failure."),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Export a model directory without tokenizer files (non-text models)."),
-    pooling: str = typer.Option("none", help="Encoders: none (last_hidden_state per token), mean (sentence_embedding: masked mean, as sentence-transformers) or cls (first token)."),
+    pooling: str = typer.Option("none", rich_help_panel="Encoders", help="Encoders: none (last_hidden_state per token), mean (sentence_embedding: masked mean, as sentence-transformers) or cls (first token)."),
     ios_target: Optional[int] = typer.Option(None, help="CoreML: minimum iOS version, 17 or 18 (default 18: KV-cache state and int4 per-block weights need 18).", rich_help_panel="CoreML"),
     coreml_precision: Optional[str] = typer.Option(None, help="CoreML: compute precision, fp16 (default) or fp32.", rich_help_panel="CoreML"),
     coreml_compression: Optional[str] = typer.Option(None, help="CoreML: int4 (linear per-block, the default for --quant int4) or palettize4 (4-bit lookup tables, preferred by the Neural Engine).", rich_help_panel="CoreML"),
@@ -83,6 +85,7 @@ def export(
       edgepack export ./SmolLM2-135M --target executorch --out dist/
       edgepack export ./tiny-llama --quant int8 --max-seq-len 512 --json > summary.json
       edgepack export my_model.py:build --name mymodel
+      edgepack export ./all-MiniLM-L6-v2 --pooling mean --target tflite,coreml
     """
     from edgepack.pipeline import ExportRequest, export as run_export
     from edgepack.progress import Progress
@@ -94,7 +97,7 @@ def export(
     }
     backend_options = {b: {k: v for k, v in opts.items() if v is not None} for b, opts in given.items()}
     request = ExportRequest(source, target, out, name, quant, group_size, max_seq_len, min_cosine, strict,
-                            no_tokenizer, pooling, backend_options)
+                            no_tokenizer, pooling, mixed_precision, calibration, backend_options)
     try:
         result = run_export(request, Progress(err, verbose=verbose, log_label=name or _source_label(source)))
     except BaseException as e:  # noqa: BLE001 - every failure becomes an exit code

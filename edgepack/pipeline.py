@@ -1,4 +1,5 @@
-"""The whole export, in order: load → capture → lower (per backend) → package → smoke → commit.
+"""The whole export, in order: load → capture → plan precision (encoders at int4) → lower (per
+backend) → package → smoke → commit.
 No stage here knows a backend by name; backends come from the registry."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from edgepack.progress import Progress, peak_rss_bytes
 from edgepack.quant import QuantSpec
 from edgepack.stages import Artifact, Bundle
 from edgepack.exporters.capture import CaptureOptions, capture
+from edgepack.exporters.mixed_precision import DEFAULT_FLOOR, plan_mixed_precision, read_calibration
 from edgepack.exporters.registry import resolve_targets
 from edgepack.exporters.sources import load_source
 from edgepack.packaging.bundle import StagedBundle, check_writable, commit, stage_contents
@@ -31,6 +33,11 @@ class ExportRequest:
     strict: bool = False
     no_tokenizer: bool = False
     pooling: str = "none"
+    # Encoders at int4: "auto" (None: the default) keeps the most costly layers int8 until the
+    # calibration texts' outputs clear the floor (--min-cosine, else 0.99) with a margin
+    # (exporters/mixed_precision.py); "off" stores all int4.
+    mixed_precision: str | None = None
+    calibration: Path | None = None
     # backend name -> its options as typed (e.g. {"coreml": {"ios_target": 17}}); each backend
     # validates its own part, and only the backends asked for are consulted.
     backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -73,6 +80,23 @@ def tokenizer_warnings(loaded, *, strict: bool) -> list[str]:
     return [message]
 
 
+MIXED_PRECISION = ("auto", "off")
+
+
+def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> bool:
+    """Whether the export plans mixed precision: encoders with a tokenizer at int4, unless turned
+    off. Asked for where it cannot apply, it is refused rather than ignored."""
+    applies = loaded.task == "encoder" and loaded.tokenizer is not None and quant.scheme == "int4"
+    asked = request.mixed_precision == "auto" or request.calibration is not None
+    if asked and not applies:
+        option = "--calibration" if request.calibration is not None else "--mixed-precision auto"
+        raise InputError(
+            f"{option} applies to encoders with a tokenizer at --quant int4; this is a {loaded.task} "
+            f"{'without a tokenizer ' if loaded.tokenizer is None else ''}at --quant {quant.scheme}",
+            hint="decoder LMs are judged by their greedy tokens in the smoke; drop the option")
+    return applies and request.mixed_precision != "off"
+
+
 def export(request: ExportRequest, progress: Progress) -> ExportResult:
     # Everything the user typed is checked before the first slow step. Validating a backend's
     # options imports its converter, whose import-time chatter is captured like a stage's output.
@@ -86,15 +110,27 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
             "; ".join(f"{b} options ({', '.join(keys)}) were given but --target does not include {b}" for b, keys in unused.items()),
             hint="add the backend to --target or drop its options")
     quant = QuantSpec.from_options(request.quant, request.group_size)
+    if request.mixed_precision not in (None, *MIXED_PRECISION):
+        raise InputError(f"--mixed-precision {request.mixed_precision!r} is not a choice", hint=f"choose one of {', '.join(MIXED_PRECISION)}")
+    calibration = read_calibration(request.calibration)
     check_writable(request.out_dir)
 
     with progress.stage("load"):
         loaded = load_source(request.source, name=request.name, no_tokenizer=request.no_tokenizer)
     quant.check_model(loaded.module)
     warnings = tokenizer_warnings(loaded, strict=request.strict)
+    planning = plans_precision(request, loaded, quant)
 
     with progress.stage("capture"):
         captured = capture(loaded, capture_options)
+
+    if planning:
+        with progress.stage("plan precision") as stage:
+            quant = plan_mixed_precision(captured, quant, *calibration, DEFAULT_FLOOR if request.min_cosine is None else request.min_cosine,
+                                         on_step=stage.step)
+        if not quant.plan["floor_met"]:
+            warnings.append(f"even with every layer int8 the calibration outputs reach cosine "
+                            f"{quant.plan['planned_min_cosine']} < {quant.plan['floor']} from fp32")
 
     artifacts, failures = [], []
     for backend in backends:
@@ -119,11 +155,15 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
             if not all(s.passed for s in result.smoke):
                 stage.mark_failed()  # keeps the runtimes' output of a failed check
         manifest["comparisons"]["lowering_fidelity"] = {s.backend: s.as_dict() for s in result.smoke}
-        if request.min_cosine is not None:
-            for backend, cases in manifest["comparisons"]["quantization_quality"].items():
-                worst = min(m["min_cosine"] for m in cases.values())
-                if worst < request.min_cosine:
-                    result.quality_failures.append(f"{backend}: quantized vs fp32 cosine {worst} < --min-cosine {request.min_cosine}")
+        for backend, cases in manifest["comparisons"]["quantization_quality"].items():
+            worst = min(m["min_cosine"] for m in cases.values())
+            if request.min_cosine is not None and worst < request.min_cosine:
+                result.quality_failures.append(f"{backend}: quantized vs fp32 cosine {worst} < --min-cosine {request.min_cosine}")
+            elif quant.plan and worst < quant.plan["floor"]:
+                result.warnings.append(
+                    f"{backend}: the golden cases reach cosine {worst} from fp32, under the {quant.plan['floor']} the "
+                    f"precision plan held on its calibration texts; plan with texts like the app's (--calibration) "
+                    f"or gate the export with --min-cosine")
         result.bundle = commit(staging, manifest)
     result.peak_rss_bytes = peak_rss_bytes()
     return result

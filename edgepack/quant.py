@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -30,12 +30,16 @@ class WeightQuant:
 @dataclass(frozen=True)
 class QuantSpec:
     """Which layers are quantized and how. Layers are resolved by type: linear (lm_head included)
-    or embedding; anything else (norms, biases) stays fp32."""
+    or embedding; anything else (norms, biases) stays fp32. `overrides` names the layers stored
+    otherwise (mixed precision), by their path in the captured module that every backend lowers;
+    `plan` records how they were chosen."""
 
     scheme: Scheme
     linear: WeightQuant | None
     embedding: WeightQuant | None
     dynamic_int8_activations: bool
+    overrides: Mapping[str, WeightQuant] = field(default_factory=dict)
+    plan: Mapping | None = None
 
     @classmethod
     def from_options(cls, scheme: str, group_size: int = 32) -> "QuantSpec":
@@ -51,18 +55,26 @@ class QuantSpec:
             return cls(scheme, linear=eight, embedding=eight, dynamic_int8_activations=True)
         return cls(scheme, linear=None, embedding=None, dynamic_int8_activations=False)
 
-    def for_module(self, module: nn.Module) -> WeightQuant | None:
-        if isinstance(module, nn.Linear):
-            return self.linear
-        if isinstance(module, nn.Embedding):
-            return self.embedding
-        return None
+    def for_layer(self, name: str, module: nn.Module) -> WeightQuant | None:
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return None
+        if name in self.overrides:
+            return self.overrides[name]
+        return self.linear if isinstance(module, nn.Linear) else self.embedding
+
+    def with_overrides(self, overrides: Mapping[str, WeightQuant], plan: Mapping) -> "QuantSpec":
+        return replace(self, overrides=dict(sorted(overrides.items())), plan=plan)
+
+    def layers(self, model: nn.Module) -> dict[str, WeightQuant]:
+        """Every quantized layer of `model` (named as in the captured module) and how it is stored."""
+        found = {name: self.for_layer(name, m) for name, m in model.named_modules()}
+        return {name: wq for name, wq in found.items() if wq is not None}
 
     def check_model(self, model: nn.Module) -> None:
         """Fail before any work if a group does not divide a layer's input width."""
         bad = []
         for name, module in model.named_modules():
-            wq = self.for_module(module)
+            wq = self.for_layer(name, module)
             if wq is None or wq.group_size is None:
                 continue
             width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
@@ -76,12 +88,17 @@ class QuantSpec:
             )
 
     def describe(self) -> dict:
-        return {
+        described = {
             "scheme": self.scheme,
             "linear": self.linear.describe() if self.linear else "fp32",
             "embedding": self.embedding.describe() if self.embedding else "fp32",
             "activations": "int8 dynamic" if self.dynamic_int8_activations else "fp32",
         }
+        if self.overrides:
+            described["overrides"] = {name: wq.describe() for name, wq in self.overrides.items()}
+        if self.plan:
+            described["plan"] = dict(self.plan)
+        return described
 
     def ideal_bytes(self, model: nn.Module, *, float_bits: int = 32, scale_bits: int = 16,
                     side_bits: Callable[[torch.Tensor, WeightQuant], float] | None = None) -> int:
@@ -91,8 +108,8 @@ class QuantSpec:
         schemes that store other side data (e.g. palettes)."""
         bits = 0.0
         quantized: set[int] = set()
-        for module in model.modules():
-            wq = self.for_module(module)
+        for name, module in model.named_modules():
+            wq = self.for_layer(name, module)
             weight = getattr(module, "weight", None)
             if wq is None or weight is None or id(weight) in quantized:
                 continue

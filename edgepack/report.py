@@ -42,7 +42,19 @@ def export_summary(result) -> dict:
         "stages": [t.as_dict() for t in result.progress.timings],
         "peak_rss_bytes": result.peak_rss_bytes,
         "integration": integration_snippets(manifest) if manifest else None,
+        "precision_plan": manifest.get("quantization", {}).get("plan"),
     }
+
+
+def describe_plan(plan: dict) -> str:
+    """One line on how mixed precision was chosen, from the manifest's quantization.plan."""
+    layers = plan["int8_layers"] + plan["int4_layers"]
+    if not plan["int8_layers"]:
+        return (f"all {layers} layers int4: calibration outputs already at cosine {plan['planned_min_cosine']:.4f} "
+                f">= {plan['floor']} from fp32 ({plan['calibration']['texts']} texts)")
+    return (f"{plan['int8_layers']} of {layers} layers kept int8 ({plan['int4_weight_fraction']:.0%} of the weights int4) "
+            f"to hold cosine >= {plan['floor']} from fp32 on {plan['calibration']['texts']} calibration texts: "
+            f"{plan['planned_min_cosine']:.4f} planned, {plan['all_int4_min_cosine']:.4f} with every layer int4")
 
 
 def _case_summary(cases: dict, key: str) -> str:
@@ -76,6 +88,8 @@ def print_export_summary(console: Console, summary: dict) -> None:
                       f"min cosine {_case_summary(q, 'min_cosine')}"
                       + (f", top-1 agreement {_case_summary(q, 'top1_agreement')}" if any("top1_agreement" in m for m in q.values()) else ""))
         console.print(table)
+    if summary.get("precision_plan"):
+        console.print(f"precision: {describe_plan(summary['precision_plan'])}", soft_wrap=True)
     for f in summary["failures"]:
         console.print(f"[red]{f['backend']} FAILED[/] at step {f['step']}: {f['message']}", soft_wrap=True)
     times = ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in summary["stages"])
@@ -138,7 +152,12 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
     if manifest["generation"]:
         gen = manifest["generation"]
         head.add_row("max seq len", f"{gen['max_seq_len']} (prefill 1..{gen['prefill_len']['max']}, prepend {gen['num_bos']} BOS)")
-    head.add_row("quantization", ", ".join(f"{k} {v}" for k, v in manifest["quantization"].items()))
+    quant = manifest["quantization"]
+    head.add_row("quantization", ", ".join(f"{k} {v}" for k, v in quant.items() if k not in ("overrides", "plan")))
+    if quant.get("plan"):
+        head.add_row("precision", describe_plan(quant["plan"]))
+    for kind in sorted(set(quant.get("overrides", {}).values())):
+        head.add_row(kind, ", ".join(n for n, k in quant["overrides"].items() if k == kind))
     head.add_row("toolchain", ", ".join(f"{k} {v}" for k, v in manifest["toolchain"].items()))
     console.print(head)
     fidelity = manifest["comparisons"]["lowering_fidelity"]

@@ -1,6 +1,7 @@
 """CoreML lowering: coremltools converts the captured ExportedProgram to an ML program (iOS 18 by
 default), the decoder's KV-cache buffers become CoreML states, linear and embedding weights are
-compressed after conversion (int4 per-block, int8 per-channel, or 4-bit palettes), and the
+compressed after conversion (int4 per-block, int8 per-channel, or 4-bit palettes; chosen per
+layer, so a mixed-precision plan's int8 layers sit beside int4 ones in one program), and the
 .mlpackage carries the tokenizer facts as user-defined metadata. Its bytes are made reproducible
 by packaging/coreml_package.py."""
 
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +24,7 @@ from torch import nn
 
 from edgepack import __version__
 from edgepack.errors import BackendError, InputError
-from edgepack.quant import QuantSpec
+from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.steps import Step, run_steps
@@ -173,6 +175,7 @@ def _job(work: _Work) -> dict:
     """What the child process (coreml_convert.py) needs, as JSON."""
     captured, module = work.captured, work.captured.module
     method = captured.methods[0]
+    weights = _weight_storage(work)
     inputs = [{"name": spec.name, "dtype": _COREML_DTYPE[spec.dtype],
                "shape": [[*method.dynamic_dims[d], int(example.shape[i])] if isinstance(d, str) else d
                          for i, d in enumerate(spec.shape)]}
@@ -186,14 +189,51 @@ def _job(work: _Work) -> dict:
         "compression": work.compression,
         "group_size": work.quant.linear.group_size if work.quant.linear else None,
         "palette_group_channels": PALETTE_GROUP_CHANNELS,
-        "metadata": _metadata(work),
+        "weights": weights,
+        "metadata": _metadata(work, weights),
     }
 
 
-def _metadata(work: _Work) -> dict:
+def _storage(wq: WeightQuant, work: _Work) -> str:
+    """coreml_convert's name for how one layer's weight is stored: 4-bit layers as the export's
+    compression says (int4 blocks or palettes), int8 ones per output channel."""
+    if wq.bits == 8 and wq.group_size is None:
+        return "int8"
+    if wq.bits == 4 and wq.group_size == work.quant.linear.group_size:
+        return work.compression
+    raise InputError(f"CoreML stores int4 blocks of {work.quant.linear.group_size} or int8 per channel, not {wq.describe()}",
+                     hint="use one --group-size for every int4 layer")
+
+
+def _weight_storage(work: _Work) -> dict[str, str]:
+    """How each quantized weight the program uses is stored, by its placeholder in the exported
+    program (the name coremltools gives its const). A tied weight is stored as its first layer says,
+    as weight_only_reference quantizes it."""
+    if work.compression == "none":
+        return {}
+    module = work.captured.module
+    by_weight: dict[int, str] = {}
+    for name, layer in module.named_modules():
+        wq = work.quant.for_layer(name, layer)
+        if wq is not None:
+            by_weight.setdefault(id(layer.weight), _storage(wq, work))
+    params = dict(module.named_parameters(remove_duplicate=False))
+    used = {n.name for n in work.program.graph.nodes if n.op == "placeholder" and n.users}
+    return {placeholder: by_weight[id(params[fqn])]
+            for placeholder, fqn in sorted(work.program.graph_signature.inputs_to_parameters.items())
+            if placeholder in used and id(params[fqn]) in by_weight}
+
+
+def _compression_label(compression: str, weights: dict[str, str]) -> str:
+    """The compression in words: the export's, plus the weights a mixed-precision plan keeps int8."""
+    int8 = sum(kind == "int8" for kind in weights.values()) if compression != "int8" else 0
+    return f"{compression} + int8 per-channel ({int8} weights)" if int8 else compression
+
+
+def _metadata(work: _Work, weights: dict[str, str]) -> dict:
     loaded, meta, tok = work.captured.loaded, work.captured.llm_metadata, work.captured.loaded.tokenizer
     user = {"edgepack.name": loaded.name, "edgepack.task": loaded.task,
-            "edgepack.compression": work.compression, "edgepack.precision": work.options.precision}
+            "edgepack.compression": _compression_label(work.compression, weights), "edgepack.precision": work.options.precision}
     if tok:
         user.update({
             "tokenizer.bos_id": "" if tok.bos_id is None else str(tok.bos_id),
@@ -241,9 +281,11 @@ def convert_in_child(work: _Work) -> None:
                            hint="run with --verbose for the child's traceback") from child_traceback
 
 
-def reference_from_palettes(work: _Work) -> None:
+def reference_from_package(work: _Work) -> None:
     """Palettes are k-means clusters of the converted weights, so the reference holds the weights
-    the artifact actually stores: each palette is expanded (by coremltools) back into its parameter."""
+    the artifact actually stores: each compressed weight (palettes, and the int8 layers of a mixed
+    plan) is expanded by coremltools back into its parameter."""
+    from edgepack.exporters.coreml_convert import COMPRESSED_WEIGHT_OPS, weight_placeholder
     from edgepack.packaging.coreml_mil import load_program
 
     params = work.program.graph_signature.inputs_to_parameters  # placeholder name -> parameter FQN
@@ -251,11 +293,11 @@ def reference_from_palettes(work: _Work) -> None:
     named = dict(module.named_parameters(remove_duplicate=False))
     for function in load_program(work.package).functions.values():
         for op in function.operations:
-            if op.op_type != "constexpr_lut_to_dense":
+            if op.op_type not in COMPRESSED_WEIGHT_OPS:
                 continue
-            placeholder = op.outputs[0].name.removesuffix("_palettized").removesuffix("_to_fp16")
+            placeholder = weight_placeholder(op.outputs[0].name)
             if placeholder not in params:
-                raise BackendError("coreml", "reference", f"cannot map palettized weight {op.outputs[0].name} to a parameter")
+                raise BackendError("coreml", "reference", f"cannot map compressed weight {op.outputs[0].name} to a parameter")
             value = np.asarray(op.materialized_val_inference(), dtype=np.float32)
             with torch.no_grad():
                 named[params[placeholder]].copy_(torch.from_numpy(value))
@@ -272,7 +314,7 @@ STEPS: dict[str, tuple[Step, ...]] = {
     "linear": (Step("reference", record_reference), Step("export", export_program),
                Step("convert", convert_in_child), Step("package", package)),
     "palette": (Step("export", export_program), Step("convert", convert_in_child),
-                Step("reference", reference_from_palettes), Step("package", package)),
+                Step("reference", reference_from_package), Step("package", package)),
 }
 
 
@@ -288,11 +330,13 @@ def _methods(work: _Work) -> tuple[MethodSpec, ...]:
 
 def ideal_bytes(quant: QuantSpec, module: nn.Module, precision: str, compression: str) -> int:
     """An ML program stores scales, palettes and every unquantized parameter in its compute
-    precision (16 bits for fp16, 32 for fp32); a 4-bit palette is 16 entries per group of rows."""
+    precision (16 bits for fp16, 32 for fp32); a 4-bit palette is 16 entries per group of rows
+    (int8 layers of a mixed plan keep one scale per row beside them)."""
     float_bits = 16 if precision == "fp16" else 32
 
-    def palettes(weight: torch.Tensor, wq) -> float:
-        return -(-weight.shape[0] // PALETTE_GROUP_CHANNELS) * 16 * float_bits
+    def palettes(weight: torch.Tensor, wq: WeightQuant) -> float:
+        rows = weight.shape[0]
+        return (-(-rows // PALETTE_GROUP_CHANNELS) * 16 if wq.bits == 4 else rows) * float_bits
 
     return quant.ideal_bytes(module, float_bits=float_bits, scale_bits=float_bits,
                              side_bits=palettes if compression == "palettize4" else None)
@@ -315,8 +359,9 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         main_file=ARTIFACT_DIR,
         methods=_methods(work),
         quantization={**quant.describe(), "library": f"coremltools {ct.__version__}", "compression": compression,
-                      "activations": options.precision, "compressed_weight_ops": converted["compressed_ops"]},
-        ideal_bytes=ideal_bytes(quant, captured.loaded.module, options.precision, compression),
+                      "activations": options.precision, "compressed_weight_ops": converted["compressed_ops"],
+                      "stored_weights": dict(sorted(Counter(converted["stored_weights"].values()).items()))},
+        ideal_bytes=ideal_bytes(quant, captured.module, options.precision, compression),
         reference_outputs=work.reference,
         runtime={
             "name": "coreml",

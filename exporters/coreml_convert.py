@@ -11,7 +11,15 @@ failure is reported there with the name of the step that failed.
 
 Job (job.json): inputs [{name, dtype, shape: [int | [min, max, default]]}], outputs [{name,
 dtype}], states [{name, shape}], ios_target, precision, compression, group_size,
-palette_group_channels, metadata {author, version, short_description, user, descriptions}.
+palette_group_channels, weights {placeholder: storage}, metadata {author, version,
+short_description, user, descriptions}.
+
+Storage (one per weight, so one program can mix them): "int4" (per block of group_size along the
+input), "int8" (per output channel) or "palettize4". `weights` names each quantized weight by its
+placeholder in the saved ExportedProgram, which is also the name coremltools' torch front end gives
+its const ("p_model_encoder_layer_0_attention_self_value_weight"; "_to_fp16" is appended when the
+fp16 pass casts it, "_quantized" / "_palettized" when it is compressed). A weight const the map does
+not name is stored as `compression` says; a weight stored otherwise must be found, or the step fails.
 """
 
 from __future__ import annotations
@@ -70,38 +78,80 @@ def quantizable_consts(mlmodel) -> list[str]:
     return sorted(set(found))
 
 
+# What coremltools appends to a weight const's name: the fp16 cast, then the compression op.
+_NAME_SUFFIXES = ("_quantized", "_palettized", "_to_fp16")
+
+
+def weight_placeholder(name: str) -> str:
+    """The ExportedProgram placeholder a weight const, or the op that compressed it, was made from."""
+    for suffix in _NAME_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def planned_storage(targets: list[str], job: dict) -> dict[str, str]:
+    """Target const name -> its storage (see the module docstring)."""
+    planned, default = job["weights"], job["compression"]
+    storage = {name: planned.get(weight_placeholder(name), default) for name in targets}
+    found = {weight_placeholder(name) for name in targets}
+    lost = sorted(p for p, kind in planned.items() if kind != default and p not in found)
+    if lost:
+        raise StepFailed("quantize", f"{len(lost)} weight(s) to store otherwise than {default} have no linear or "
+                                     f"gather const in the converted program: {', '.join(lost[:5])}")
+    return storage
+
+
+def stored_kind(op, group_size: int | None) -> str:
+    """How a compression op stores its weight, in planned_storage's terms (anything else spelled out)."""
+    from coremltools.converters.mil.mil import types
+
+    if op.op_type == "constexpr_lut_to_dense":
+        return "palettize4" if op.lut.shape[-2] == 16 else f"palette of {op.lut.shape[-2]}"
+    if op.op_type == "constexpr_affine_dequantize":  # iOS 17: int8 per channel
+        return types.builtin_to_string(op.quantized_data.dtype)
+    dtype, blocks = types.builtin_to_string(op.data.dtype), op.scale.shape[-1]
+    if dtype == "int8" and blocks == 1:
+        return "int8"
+    block = op.data.shape[-1] // blocks
+    return "int4" if dtype == "int4" and block == group_size else f"{dtype} block {block}"
+
+
 def compress(mlmodel, job: dict):
     import coremltools as ct
     from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OpPalettizerConfig, OptimizationConfig,
                                              linear_quantize_weights, palettize_weights)
 
-    compression = job["compression"]
-    if compression == "none":
-        return mlmodel, {}
-    targets = quantizable_consts(mlmodel)
-    if compression == "palettize4":
-        op_config = OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel",
-                                       group_size=job["palette_group_channels"], weight_threshold=0)
-        fn = palettize_weights
-    elif compression == "int4":
-        op_config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
-                                            block_size=job["group_size"], weight_threshold=0)
-        fn = linear_quantize_weights
-    else:
-        op_config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
-                                            weight_threshold=0)
-        fn = linear_quantize_weights
-    # Named consts only (every linear and embedding weight, whatever its size), so the artifact
-    # stores what the QuantSpec says while norms and biases stay in the compute precision.
-    mlmodel = fn(mlmodel, OptimizationConfig(op_name_configs={name: op_config for name in targets}))
+    if job["compression"] == "none":
+        return mlmodel, {}, {}
+    storage = planned_storage(quantizable_consts(mlmodel), job)
+    configs = {
+        "int4": OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                        block_size=job["group_size"], weight_threshold=0),
+        "int8": OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                        weight_threshold=0),
+        "palettize4": OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel",
+                                         group_size=job["palette_group_channels"], weight_threshold=0),
+    }
+    # Named consts only (every linear and embedding weight, whatever its size), each with its own
+    # config, so the artifact stores what the QuantSpec says while norms and biases stay in the
+    # compute precision. Linear quantization first, palettes for the rest.
+    for fn, kinds in ((linear_quantize_weights, ("int4", "int8")), (palettize_weights, ("palettize4",))):
+        named = {name: configs[kind] for name, kind in storage.items() if kind in kinds}
+        if named:
+            mlmodel = fn(mlmodel, OptimizationConfig(op_name_configs=named))
     ops = count_ops(mlmodel)
     found = {k: ops[k] for k in COMPRESSED_WEIGHT_OPS if ops[k]}
-    # coremltools has shipped releases where compression silently did nothing: count it.
-    if sum(found.values()) < len(targets):
-        raise StepFailed("quantize", f"{compression}: {len(targets)} weights should be compressed but the program "
-                                     f"has {sum(found.values())} constexpr ops ({found}); coremltools "
-                                     f"{ct.__version__} left weights uncompressed")
-    return mlmodel, found
+    stored = {weight_placeholder(op.name): stored_kind(op, job["group_size"])
+              for f in mlmodel._mil_program.functions.values() for op in f.operations
+              if op.op_type in COMPRESSED_WEIGHT_OPS}
+    # coremltools has shipped releases where compression silently did nothing: check every weight.
+    wrong = {name: stored.get(weight_placeholder(name), "uncompressed") for name, kind in storage.items()
+             if stored.get(weight_placeholder(name)) != kind}
+    if wrong:
+        listed = ", ".join(f"{n} {wrong[n]}, not {storage[n]}" for n in sorted(wrong)[:5])
+        raise StepFailed("quantize", f"{len(wrong)} of {len(storage)} weights are not stored as planned ({listed}); "
+                                     f"the program has {found}; coremltools {ct.__version__}")
+    return mlmodel, found, dict(sorted(stored.items()))
 
 
 def add_metadata(mlmodel, meta: dict) -> None:
@@ -127,7 +177,7 @@ def run(workdir: Path) -> dict:
         mlmodel = convert(torch.export.load(workdir / "program.pt2"), job)
         times[step] = time.perf_counter() - start
         step, start = "quantize", time.perf_counter()
-        mlmodel, compressed = compress(mlmodel, job)
+        mlmodel, compressed, stored = compress(mlmodel, job)
         times[step] = time.perf_counter() - start
         step, start = "metadata", time.perf_counter()
         add_metadata(mlmodel, job["metadata"])
@@ -141,6 +191,7 @@ def run(workdir: Path) -> dict:
         return {"failed_step": step, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     return {
         "compressed_ops": compressed,
+        "stored_weights": stored,
         "op_counts": dict(sorted(count_ops(mlmodel).items())),
         "specification_version": mlmodel.get_spec().specificationVersion,
         "step_seconds": {k: round(v, 3) for k, v in times.items()},

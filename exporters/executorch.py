@@ -84,7 +84,8 @@ def quantize_weights(work: _Work) -> None:
 
 def quantize_module(module: nn.Module, spec: QuantSpec) -> nn.Module:
     """torchao rewrites the module's linear and embedding weights in place, as the .pte stores
-    them (eager, the result is the quantized model the .pte must reproduce)."""
+    them (eager, the result is the quantized model the .pte must reproduce). One pass per storage
+    kind: mixed precision (spec.overrides) is just more than one kind."""
     from torchao.quantization import quantize_
 
     for m in module.modules():
@@ -92,12 +93,12 @@ def quantize_module(module: nn.Module, spec: QuantSpec) -> nn.Module:
             # padding_idx only matters for gradients; left set, it hides the embedding from the
             # quant-fusion pattern (embedding_4bit) and to_executorch fails on dequantize_affine.
             m.padding_idx = None
-    if spec.embedding:
-        quantize_(module, _torchao_config(spec.embedding, False, for_linear=False),
-                  filter_fn=lambda m, _: isinstance(m, nn.Embedding))
-    if spec.linear:
-        quantize_(module, _torchao_config(spec.linear, spec.dynamic_int8_activations, for_linear=True),
-                  filter_fn=lambda m, _: isinstance(m, nn.Linear))
+    layers = spec.layers(module)
+    kinds = {(isinstance(m, nn.Linear), layers[name]) for name, m in module.named_modules() if name in layers}
+    for for_linear, wq in sorted(kinds, key=lambda k: (k[0], k[1].bits)):  # embeddings first, as before
+        config = _torchao_config(wq, for_linear and spec.dynamic_int8_activations, for_linear=for_linear)
+        quantize_(module, config, filter_fn=lambda m, fqn, kind=(for_linear, wq):
+                  fqn in layers and (isinstance(m, nn.Linear), layers[fqn]) == kind)
     return module
 
 
@@ -174,7 +175,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         methods=captured.methods,
         quantization={**quant.describe(), "library": f"torchao {version('torchao')}", "delegate": "XNNPACK",
                       "scale_search": SCALE_SEARCH},
-        ideal_bytes=quant.ideal_bytes(captured.loaded.module),
+        ideal_bytes=quant.ideal_bytes(captured.module),
         reference_outputs=work.reference,
         runtime=runtime,
         extra={"quality": work.quality},

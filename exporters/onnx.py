@@ -1,7 +1,8 @@
 """ONNX lowering for ONNX Runtime (Mobile): torch.onnx.export(dynamo=True) of the captured model,
 int4 block-wise weights with onnxruntime's own MatMulNBitsQuantizer (MatMulNBits for linear layers,
-GatherBlockQuantized for embeddings), metadata_props, and for decoder LMs the KV cache as inputs
-and outputs with onnxruntime-genai's names plus a genai_config.json beside the model."""
+GatherBlockQuantized for embeddings), int8 per-channel weights (mixed precision's overrides, or
+--quant int8) as the same two ops with bits 8, metadata_props, and for decoder LMs the KV cache as
+inputs and outputs with onnxruntime-genai's names plus a genai_config.json beside the model."""
 
 from __future__ import annotations
 
@@ -12,18 +13,19 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.export import Dim
 
 from edgepack import __version__
 from edgepack.errors import InputError
-from edgepack.quant import QuantSpec
+from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
-from edgepack.exporters.weights import Rounding, weight_only_reference
+from edgepack.exporters.weights import Rounding, fake_quantize, weight_only_reference
 from edgepack.packaging import onnx_graph, onnx_metadata
 from edgepack.packaging.onnx_metadata import INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
 
@@ -49,10 +51,37 @@ def rounding(bits: int) -> Rounding:
 
 
 def gather_rounding(bits: int) -> Rounding:
-    """The same grid for Gather tables (the quantizer's numpy quant_slice_symmetric), which
-    rounds ties to even."""
+    """The grid of embedding tables. int4: the same grid as MatMul weights but with ties rounded
+    to even (the quantizer's numpy quant_slice_symmetric). int8: the quantizer has no 8-bit Gather,
+    so edgepack stores them (store_int8_per_channel) on the int8 MatMul grid, rounding(8)."""
+    if bits == 8:
+        return rounding(8)
     half = 2 ** (bits - 1)
     return Rounding(-half, half - 1, float(half), signed_scale=True)
+
+
+def _int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 per-channel codes of a [out, in] weight and each row's scale, on rounding(8): the
+    reference's fake_quantize image divided by the scale it used. (onnxruntime has no int8
+    per-channel MatMul quantizer: MatMulNBits' blocks stop at 256. Its 8-bit block quantizer,
+    quantize_matmul_8bits, rounds the same grid but as roundf(w * (1/s) + 128) in float32, which
+    lands on the other side of a tie about once in 10^5 weights; storing the reference's own
+    rounding keeps the artifact exactly its reference.)"""
+    w, grid = torch.from_numpy(weight), rounding(8)
+    hi, lo = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
+    scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -grid.scale_divisor
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(fake_quantize(w, WeightQuant(bits=8, group_size=None), grid) / scale)
+    return q.to(torch.int8).numpy(), scale.reshape(-1).numpy()
+
+
+# How each kind of stored layer lands in the graph (the manifest's quantization.ops).
+STORED_AS = {
+    (4, "linear"): "MatMulNBits bits=4 block_size={block} (onnxruntime MatMulNBitsQuantizer)",
+    (4, "embedding"): "GatherBlockQuantized int4 block_size={block} (onnxruntime MatMulNBitsQuantizer)",
+    (8, "linear"): "MatMulNBits bits=8, one scale per output channel repeated over its 16..256-wide blocks (edgepack)",
+    (8, "embedding"): "GatherBlockQuantized bits=8 uint8, one block (one scale) per row (edgepack)",
+}
 
 
 def _append(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -94,28 +123,38 @@ class _Work:
     reference: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     model: Any = None  # onnx.ModelProto
-    linear: list[str] = field(default_factory=list)  # node names: MatMuls of linear layers
-    embedding: list[str] = field(default_factory=list)  # Gathers of embedding tables
+    layers: dict[str, WeightQuant] = field(default_factory=dict)  # layer path -> how it is stored
+    linear: dict[str, str] = field(default_factory=dict)  # node name -> layer path: MatMuls of linear layers
+    embedding: dict[str, str] = field(default_factory=dict)  # Gathers of embedding tables
     other_matmuls: list[str] = field(default_factory=list)  # constant-weight nodes from elsewhere
     other_gathers: list[str] = field(default_factory=list)
     float_bytes: int = 0
     counts: dict = field(default_factory=dict)
+    storage: dict[str, dict[str, str]] = field(default_factory=dict)  # WeightQuant.describe() -> {kind: ops}
     files: dict[str, bytes] = field(default_factory=dict)
 
 
 def check_scheme(work: _Work) -> None:
-    """MatMulNBits and GatherBlockQuantized are block-wise (blocks of 16 .. a power of two);
-    GatherBlockQuantized is 4-bit only. Fail before any slow step."""
-    for kind, wq in (("linear", work.quant.linear), ("embedding", work.quant.embedding)):
-        if wq is None:
-            continue
-        if wq.group_size is None or wq.group_size < 16 or not wq.symmetric:
-            raise InputError(f"--quant {work.quant.scheme}: onnxruntime's MatMulNBits needs symmetric blocks of at "
-                             f"least 16 weights ({kind}: {wq.describe()})",
-                             hint="use --quant int4 --group-size 16|32|64|128 or --quant none for --target onnx")
-        if kind == "embedding" and wq.bits != 4:
-            raise InputError(f"--quant {work.quant.scheme}: GatherBlockQuantized (embeddings) is 4-bit only",
-                             hint="use --quant int4 for --target onnx")
+    """What the two ops store: symmetric int4 in blocks of 16 .. 256 (the quantizer's MatMulNBits
+    and GatherBlockQuantized), or int8 per channel (MatMulNBits' 8-bit blocks, so a linear layer's
+    input width must be a multiple of 16). Fail before any slow step."""
+    module = work.captured.module
+    work.layers = work.quant.layers(module)
+    modules = dict(module.named_modules())
+    for name, wq in work.layers.items():
+        layer = modules[name]
+        kind = "linear" if isinstance(layer, nn.Linear) else "embedding"
+        if wq.group_size is None:
+            if wq.bits != 8 or not wq.symmetric:
+                raise InputError(f"--quant {work.quant.scheme}: --target onnx stores per-channel weights as symmetric "
+                                 f"int8 only ({name}: {wq.describe()})", hint="use --quant int4 or int8")
+            if kind == "linear" and not onnx_graph.matmul_int8_block(layer.in_features):
+                raise InputError(f"--quant {work.quant.scheme}: {name} has input width {layer.in_features}; int8 "
+                                 "MatMulNBits needs a multiple of 16", hint="use --quant int4 for this model")
+        elif wq.bits != 4 or not wq.symmetric or not 16 <= wq.group_size <= 256:
+            raise InputError(f"--quant {work.quant.scheme}: onnxruntime's MatMulNBits needs symmetric int4 blocks of "
+                             f"16 to 256 weights ({kind} {name}: {wq.describe()})",
+                             hint="use --quant int4 --group-size 16|32|64|128|256, int8 or none for --target onnx")
 
 
 def _lm_signature(work: _Work) -> None:
@@ -181,14 +220,19 @@ def _int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return (torch.round(blocks * inverse) * (amax / 127)).reshape(shape)
 
 
+def matmul_block(wq: WeightQuant, in_features: int) -> int:
+    """The MatMulNBits block a linear layer gets, also its int8 activation block."""
+    return wq.group_size or onnx_graph.matmul_int8_block(in_features)
+
+
 def record_reference(work: _Work) -> None:
     spec = work.quant
     module = weight_only_reference(work.captured.module, spec, rounding, embedding_rounding=gather_rounding)
-    if spec.linear is not None and spec.dynamic_int8_activations:
-        block = spec.linear.group_size
-        for layer in module.modules():
-            if isinstance(layer, nn.Linear):
-                layer.register_forward_pre_hook(lambda _, args: (_int8_blocks(args[0], block),))
+    if spec.dynamic_int8_activations:
+        for name, layer in module.named_modules():
+            if isinstance(layer, nn.Linear) and name in work.layers:
+                block = matmul_block(work.layers[name], layer.in_features)
+                layer.register_forward_pre_hook(lambda _, args, block=block: (_int8_blocks(args[0], block),))
     work.reference, work.quality = quantized_reference(module, work.captured)
 
 
@@ -215,24 +259,14 @@ def export(work: _Work) -> None:
     work.model, work.float_bytes = model, model.ByteSize()
 
 
-def quantize(work: _Work) -> None:
-    """onnxruntime's MatMulNBitsQuantizer on the linear-layer MatMuls and the embedding Gathers
-    only (a constant-weight MatMul or Gather from elsewhere stays fp32, as in the reference)."""
+def _blockwise_pass(model, nodes: list[str], exclude: list[str], wq: WeightQuant, accuracy_level: int, with_gathers: bool):
+    """onnxruntime's MatMulNBitsQuantizer on `nodes` (every other weight node excluded)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
     from onnxruntime.quantization.quant_utils import QuantFormat
 
-    spec, model, linear, embedding = work.quant, work.model, work.linear, work.embedding
-    n_linear = sum(isinstance(m, nn.Linear) for m in work.captured.loaded.module.modules())
-    work.counts.update(linear_layers=n_linear, linear_matmuls=len(linear), embedding_gathers=len(embedding))
-    if spec.linear is None:
-        return
-    if spec.embedding is not None and spec.embedding.group_size != spec.linear.group_size:
-        raise InputError("onnxruntime's quantizer takes one block size for linear layers and embeddings")
-    exclude = work.other_matmuls + work.other_gathers + ([] if spec.embedding else embedding)
     config = DefaultWeightOnlyQuantConfig(
-        block_size=spec.linear.group_size, is_symmetric=True, bits=spec.linear.bits,
-        accuracy_level=INT8_COMPUTE if spec.dynamic_int8_activations else 0, quant_format=QuantFormat.QOperator,
-        op_types_to_quantize=("MatMul", "Gather") if spec.embedding else ("MatMul",),
+        block_size=wq.group_size, is_symmetric=True, bits=wq.bits, accuracy_level=accuracy_level,
+        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul", "Gather") if with_gathers else ("MatMul",),
         quant_axes=(("MatMul", 0), ("Gather", 1)))
     quantizer_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = quantizer_log.level
@@ -242,10 +276,43 @@ def quantize(work: _Work) -> None:
         quantizer.process()
     finally:
         quantizer_log.setLevel(level)
-    work.model = quantizer.model.model
+    return quantizer.model.model
+
+
+def quantize(work: _Work) -> None:
+    """Each linear-layer MatMul and embedding Gather stored as spec.for_layer says: int4 blocks by
+    onnxruntime's MatMulNBitsQuantizer, one pass per block size with every other weight node
+    excluded; int8 per channel by store_int8_per_channel. A constant-weight MatMul or Gather from
+    elsewhere stays fp32, as in the reference."""
+    spec, linear, embedding = work.quant, work.linear, work.embedding
+    n_linear = sum(isinstance(m, nn.Linear) for m in work.captured.loaded.module.modules())
+    work.counts.update(linear_layers=n_linear, linear_matmuls=len(linear), embedding_gathers=len(embedding))
+    nodes = {**linear, **embedding}
+    if not work.layers:
+        return
+    stored = {node: work.layers.get(layer) for node, layer in nodes.items()}
+    unnamed = sorted(node for node, wq in stored.items() if wq is None)
+    if unnamed and spec.overrides:
+        raise RuntimeError(f"graph nodes {unnamed[:5]} trace to no quantized layer; their overrides cannot be placed")
+    for node in unnamed:  # a uniform spec stores every layer of a kind alike
+        stored[node] = spec.linear if node in linear else spec.embedding
+    accuracy_level = INT8_COMPUTE if spec.dynamic_int8_activations else 0
+    by_storage: dict[WeightQuant, list[str]] = {}
+    for node, wq in stored.items():
+        by_storage.setdefault(wq, []).append(node)
+    for wq, group in sorted(by_storage.items(), key=lambda item: item[0].describe()):
+        work.storage[wq.describe()] = {kind: STORED_AS[wq.bits, kind].format(block=wq.group_size)
+                                       for kind, names in (("linear", linear), ("embedding", embedding))
+                                       if any(n in names for n in group)}
+        if wq.group_size is None:
+            onnx_graph.store_int8_per_channel(work.model, set(group), _int8_rows, accuracy_level)
+            continue
+        exclude = work.other_matmuls + work.other_gathers + [n for n in nodes if n not in group]
+        work.model = _blockwise_pass(work.model, group, exclude, wq, accuracy_level, any(n in embedding for n in group))
     work.counts["tied_tables_shared"] = onnx_graph.share_tied_tables(work.model)
     counts = onnx_graph.op_counts(work.model)
-    work.counts.update(matmul_nbits=counts.get("MatMulNBits", 0), gather_block_quantized=counts.get("GatherBlockQuantized", 0))
+    work.counts.update(matmul_nbits=counts.get("MatMulNBits", 0), gather_block_quantized=counts.get("GatherBlockQuantized", 0),
+                       bits=onnx_graph.quantized_op_bits(work.model))
     if work.counts["matmul_nbits"] != len(linear):
         raise RuntimeError(f"{len(linear)} linear MatMuls but {work.counts['matmul_nbits']} became MatMulNBits")
 
@@ -310,9 +377,9 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         main_file=MODEL_FILE,
         methods=work.methods,
         quantization={**quant.describe(), "library": f"onnxruntime {version('onnxruntime')} MatMulNBitsQuantizer",
-                      "ops": "MatMulNBits (linear), GatherBlockQuantized (embedding)" if quant.linear else "none",
+                      "ops": work.storage or "none",
                       "accuracy_level": INT8_COMPUTE if quant.dynamic_int8_activations else 0},
-        ideal_bytes=quant.ideal_bytes(captured.loaded.module),
+        ideal_bytes=quant.ideal_bytes(captured.module),
         reference_outputs=work.reference,
         runtime=runtime,
         extra={"quality": work.quality},

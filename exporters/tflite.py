@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -15,14 +16,16 @@ from typing import Any, Callable
 
 import torch
 from edgepack import __version__
-from edgepack.errors import InputError
+from edgepack.errors import BackendError, InputError
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
-from edgepack.exporters.tflite_weights import folded_layers, quantized_tables
-from edgepack.exporters.weights import Rounding, fake_quantize, linears_fed_by_norms, weight_only_reference
+from edgepack.exporters.tflite_weights import (fold_multipliers, folded_layers, grid_for, layer_ops, layer_storage,
+                                               operator_of, quantized_tables)
+from edgepack.exporters.weights import (NormAffine, fake_quantize, int8_per_row, linears_fed_by_norms,
+                                       weight_only_reference)
 from edgepack.packaging.tflite_metadata import ModelDoc, TensorDoc, write_metadata
 
 MODEL_FILE = "tflite/model.tflite"
@@ -61,13 +64,6 @@ class Options:
         return lens
 
 
-def rounding(bits: int, blockwise: bool) -> Rounding:
-    """ai_edge_quantizer's symmetric grid (uniform_quantize_tensor.py): full range -8..7 below 8
-    bits, narrow -127..127 at 8; scale = max|w| / qmax; blockwise scales keep 7 mantissa bits."""
-    base = Rounding.symmetric(bits, narrow=bits >= 8)
-    return Rounding(base.qmin, base.qmax, float(base.qmax), torch.bfloat16 if blockwise else None)
-
-
 def _dynamic_update_slice(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
     """The cache write as TFLite's DYNAMIC_UPDATE_SLICE (litert_torch's op): a slice update at
     input_pos[0]. A plain slice assignment needs input_pos[0].item(), which litert_torch rejects
@@ -95,6 +91,9 @@ class _Work:
     methods: tuple[MethodSpec, ...] = ()
     prefill_lens: tuple[int, ...] = ()
     fixed_dims: dict[str, int] = field(default_factory=dict)  # dynamic dims exported at a fixed length
+    norm_fed: dict[str, NormAffine] = field(default_factory=dict)  # linear layers a norm feeds: fold candidates
+    layer_ops: dict[str, list[str]] = field(default_factory=dict)  # layer -> scopes of the ops it became
+    stored: dict[str, str] = field(default_factory=dict)  # layer -> how the quantized model stores it
     folded_norms: list[str] = field(default_factory=list)  # linear layers the converter folded a norm into
     float_embeddings: list[str] = field(default_factory=list)  # embedding tables the converter left in float
     reference: dict = field(default_factory=dict)
@@ -187,51 +186,48 @@ def build_signatures(work: _Work) -> None:
     (_lm_signatures if work.captured.loaded.task == "causal-lm" else _serving_signature)(work)
 
 
+def locate_layers(work: _Work) -> None:
+    """Which ops of the converted model each quantized layer became, found by weight identity
+    (exporters/tflite_weights.py), so that the recipe can store a layer otherwise than its kind."""
+    spec, module = work.quant, work.captured.module
+    grid_for(spec, module)  # refuse a spec the reference cannot follow before quantizing
+    if spec.linear:
+        work.norm_fed = linears_fed_by_norms(module, work.captured.example_inputs,
+                                             lambda m: "Norm" in type(m).__name__ and not list(m.children()))
+    layers = dict(module.named_modules())
+    quantized = {name: layers[name] for name in spec.layers(module)}
+    work.layer_ops = layer_ops(work.float_model, quantized, work.norm_fed, fold_multipliers(work.captured))
+
+
 def record_reference(work: _Work) -> None:
-    """Weights fake-quantized on ai_edge_quantizer's grid; with the dynamic recipe each linear's
-    input is also fake-quantized to int8 per token, as the LiteRT kernels do at run time. Where the
+    """Weights fake-quantized on ai_edge_quantizer's grid, each layer as the spec stores it; with
+    the dynamic recipe each linear's input is also fake-quantized to int8 per token, as the LiteRT
+    kernels do at run time (the int4 blockwise and the int8 per-channel kernels alike). Where the
     converter folded a norm's affine into a linear layer before quantizing (read back from the
     quantized model: exporters/tflite_weights.py), the reference folds it the same way; an
     embedding table the converter folded into a float constant (no EMBEDDING_LOOKUP holds it)
-    stays float in the reference too."""
-    spec = work.quant
-    blockwise = spec.linear is not None and spec.linear.group_size is not None  # linear and embedding share it
+    stays float in the reference too, whatever the spec says for it."""
+    spec, captured = work.quant, work.captured
+    grid, layers = grid_for(spec, captured.module), dict(captured.module.named_modules())
 
-    def grid(bits: int) -> Rounding:
-        return rounding(bits, blockwise)
+    def quantized(name: str, weight: torch.Tensor) -> torch.Tensor:
+        wq = spec.for_layer(name, layers[name])
+        return fake_quantize(weight, wq, grid(wq.bits))
 
-    captured = work.captured
     folded = {}
     if spec.linear:
-        candidates = linears_fed_by_norms(captured.module, captured.example_inputs,
-                                          lambda m: "Norm" in type(m).__name__ and not list(m.children()))
-        weights = {name: layer.weight.detach() for name, layer in captured.module.named_modules() if name in candidates}
-        head_dim = captured.loaded.facts.head_dim if captured.loaded.facts else None
-        folded = folded_layers(work.model, candidates, weights,
-                               lambda w: fake_quantize(w, spec.linear, grid(spec.linear.bits)),
-                               (1.0, head_dim ** -0.25, head_dim ** -0.5) if head_dim else (1.0,))
+        weights = {name: layers[name].weight.detach() for name in work.norm_fed}
+        folded = folded_layers(work.model, work.norm_fed, weights, quantized, fold_multipliers(captured))
     work.folded_norms = sorted(folded)
     if spec.embedding:
-        tables = {name: layer.weight.detach() for name, layer in captured.module.named_modules()
-                  if isinstance(layer, torch.nn.Embedding)}
-        stored = quantized_tables(work.model, tables, lambda w: fake_quantize(w, spec.embedding, grid(spec.embedding.bits)))
-        work.float_embeddings = sorted(set(tables) - stored)
+        tables = {name: layer.weight.detach() for name, layer in layers.items() if isinstance(layer, torch.nn.Embedding)}
+        work.float_embeddings = sorted(set(tables) - quantized_tables(work.model, tables, quantized))
     module = weight_only_reference(captured.module, spec, grid, folded, keep_float=frozenset(work.float_embeddings))
     if spec.linear is not None and spec.dynamic_int8_activations:
         for layer in module.modules():
             if isinstance(layer, torch.nn.Linear):
-                layer.register_forward_pre_hook(lambda _, args: (_int8_per_row(args[0]),))
+                layer.register_forward_pre_hook(lambda _, args: (int8_per_row(args[0]),))
     work.reference, work.quality = quantized_reference(module, captured)
-
-
-def _int8_per_row(x: torch.Tensor) -> torch.Tensor:
-    """What the hybrid FULLY_CONNECTED kernel (XNNPACK qd8) does to its input: asymmetric int8 per
-    row (token), range widened to include 0, scale (max - min) / 255."""
-    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
-    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
-    scale = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
-    zero = torch.clamp(torch.round(-128 - lo / scale), -128, 127)
-    return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
 
 
 def convert(work: _Work) -> None:
@@ -258,21 +254,47 @@ def _granularity(wq: WeightQuant):
 
 def quantize(work: _Work) -> None:
     """Dynamic-range recipe: int weights (blockwise for int4) on FULLY_CONNECTED and
-    EMBEDDING_LOOKUP. The quantizer stores identical quantized weights once (tied embeddings,
-    and the constants each signature carries), which is why it runs after conversion."""
+    EMBEDDING_LOOKUP, each kind as the spec says, and each layer stored otherwise (mixed
+    precision) by its own ops' scopes, which a later config overrides. The quantizer stores
+    identical quantized weights once (tied embeddings, and the constants each signature
+    carries), which is why it runs after conversion."""
     from ai_edge_quantizer import qtyping, quantizer, recipe_manager
 
-    spec = work.quant
+    spec, module = work.quant, work.captured.module
     recipe = recipe_manager.RecipeManager()
-    for op, wq in (("FULLY_CONNECTED", spec.linear), ("EMBEDDING_LOOKUP", spec.embedding)):
+    defaults = {"FULLY_CONNECTED": spec.linear, "EMBEDDING_LOOKUP": spec.embedding}
+    for op, wq in defaults.items():
         if wq is not None:
             recipe.add_dynamic_config(regex=".*", operation_name=getattr(qtyping.TFLOperationName, op),
                                       num_bits=wq.bits, granularity=_granularity(wq))
+    layers = dict(module.named_modules())
+    for name, wq in spec.layers(module).items():
+        op = operator_of(layers[name])
+        if wq != defaults[op]:
+            for scope in work.layer_ops.get(name, ()):  # a scope names one op: tensor names are unique
+                recipe.add_dynamic_config(regex=f"^{re.escape(scope)}$", operation_name=getattr(qtyping.TFLOperationName, op),
+                                          num_bits=wq.bits, granularity=_granularity(wq))
     if not (spec.linear or spec.embedding):
         return
     with contextlib.redirect_stdout(sys.stderr):  # it prints its size report; stdout is for --json
         result = quantizer.Quantizer(work.float_model, recipe.get_quantization_recipe()).quantize()
     work.model = bytes(result.quantized_model)
+    _check_stored(work)
+
+
+def _check_stored(work: _Work) -> None:
+    """Read back how the quantized model stores each located layer; any that departs from the
+    spec is a failure. Layers no op holds of its own (a pooler the outputs do not use, a lookup
+    folded into a constant) are not in `stored`."""
+    wrong = []
+    for name, found in layer_storage(work.model, work.layer_ops).items():
+        wq = work.quant.for_layer(name, work.captured.module.get_submodule(name))
+        work.stored[name] = ", ".join(sorted(s.describe() if s else "float" for s in found))
+        if found != {wq}:
+            wrong.append(f"{name} is stored {work.stored[name]}, not {wq.describe()}")
+    if wrong:
+        raise BackendError("tflite", "quantize", f"{len(wrong)} layer(s) not stored as planned: {'; '.join(wrong[:5])}",
+                           hint="report this with the model: ai_edge_quantizer did not follow the recipe")
 
 
 _TENSOR_TEXT = {
@@ -372,6 +394,7 @@ def write_litertlm(work: _Work) -> None:
 STEPS: tuple[Step, ...] = (
     Step("signatures", build_signatures),
     Step("convert", convert),
+    Step("locate layers", locate_layers),
     Step("quantize", quantize),
     Step("reference", record_reference),  # reads back what the converter did to the weights
     Step("metadata", add_metadata),
@@ -394,7 +417,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         quantization={**quant.describe(), "library": f"ai-edge-quantizer {version('ai-edge-quantizer')}",
                       "recipe": "dynamic range (int weights, activations quantized at run time)"
                       if quant.linear or quant.embedding else "none"},
-        ideal_bytes=quant.ideal_bytes(captured.loaded.module),
+        ideal_bytes=quant.ideal_bytes(captured.module),
         reference_outputs=work.reference,
         runtime={
             "name": "litert",
@@ -407,6 +430,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
             "quantized_bytes": len(work.model),
             "folded_norms": work.folded_norms,
             "float_embeddings": work.float_embeddings,
+            "stored_weights": work.stored,
             **({"litertlm": LITERTLM_FILE} if LITERTLM_FILE in work.files else {}),
             **({"tokenizer": "the tokenizer files packed in the .tflite (associated files, also under tokenizer/); "
                          "LiteRT-LM reads the copy inside the .litertlm"}

@@ -1,4 +1,10 @@
-"""Which linear layers the TFLite converter rewrote before ai_edge_quantizer quantized them.
+"""The weights as TFLite stores them: ai_edge_quantizer's grid, which ops the converter made of
+each layer, and what it did to their weights.
+
+Ops cannot be told apart by name (litert_torch fuses several modules' paths into one tensor
+name), so a layer is found by its weight: `layer_ops` matches each layer's float weight against
+the converted model's, which is how a recipe can store one layer otherwise than its kind (mixed
+precision), and `stored_weights` reads back how the quantized model stores each op.
 
 litert's converter sometimes folds a norm's affine into the linear layers the norm feeds (BERT's
 post-LayerNorm into q/k/v and the MLP; not GPT-2's pre-LayerNorm nor Llama's RMSNorm, measured
@@ -10,16 +16,31 @@ at all."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from edgepack.errors import InputError
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import CapturedModel
+from edgepack.exporters.weights import Rounding
 
-def _dequantized_weights(model: bytes, operator: str) -> list[np.ndarray]:
-    """Every quantized weight of `operator` ops (FULLY_CONNECTED: input 1, the weight;
-    EMBEDDING_LOOKUP: input 1, the table) in every subgraph, dequantized to float32."""
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """One op's constant weight (FULLY_CONNECTED: input 1; EMBEDDING_LOOKUP: input 1, the table)."""
+
+    scope: str  # the op's scope as ai_edge_quantizer names it (its outputs' names): what a recipe regex matches
+    values: np.ndarray  # float32; dequantized exactly when stored quantized
+    storage: WeightQuant | None  # None: stored float
+
+
+def stored_weights(model: bytes, operator: str) -> list[StoredWeight]:
+    """The constant weight of every `operator` op in every subgraph."""
     from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_quantizer.utils.tfl_flatbuffer_utils import get_op_scope
 
     m = schema.ModelT.InitFromPackedBuf(model, 0)
     wanted = getattr(schema.BuiltinOperator, operator)
@@ -29,9 +50,9 @@ def _dequantized_weights(model: bytes, operator: str) -> list[np.ndarray]:
             code = m.operatorCodes[op.opcodeIndex]
             if max(code.builtinCode, code.deprecatedBuiltinCode) != wanted:
                 continue
-            values = _dequantize(m, model, graph, graph.tensors[op.inputs[1]], schema)
-            if values is not None:
-                found.append(values)
+            read = _read(m, model, graph, graph.tensors[op.inputs[1]], schema)
+            if read is not None:
+                found.append(StoredWeight(get_op_scope(op, graph.tensors), *read))
     return found
 
 
@@ -45,42 +66,101 @@ def _buffer(m, model: bytes, index: int) -> bytes | None:
     return None
 
 
-def _dequantize(m, model: bytes, graph, tensor, schema) -> np.ndarray | None:
-    q, data = tensor.quantization, _buffer(m, model, tensor.buffer)
-    if q is None or data is None:  # not a stored constant (e.g. an activation)
+def _read(m, model: bytes, graph, tensor, schema) -> tuple[np.ndarray, WeightQuant | None] | None:
+    data = _buffer(m, model, tensor.buffer)
+    if data is None:  # not a stored constant (e.g. an activation)
         return None
-    rows, raw = int(tensor.shape[0]), np.frombuffer(data, np.uint8)
+    rows, raw, q = int(tensor.shape[0]), np.frombuffer(data, np.uint8), tensor.quantization
+    if tensor.type == schema.TensorType.FLOAT32:
+        return raw.view(np.float32).reshape(rows, -1), None
     if tensor.type == schema.TensorType.INT4:  # two values per byte, low nibble first
         values = np.stack([raw & 15, raw >> 4], -1).reshape(-1)[: rows * int(tensor.shape[1])].astype(np.int8)
-        values = np.where(values > 7, values - 16, values)
+        values, bits = np.where(values > 7, values - 16, values), 4
     elif tensor.type == schema.TensorType.INT8:
-        values = raw.view(np.int8)
+        values, bits = raw.view(np.int8), 8
     else:
         return None
     values = values.reshape(rows, -1).astype(np.float32)
-    if q.details is not None and hasattr(q.details, "blockSize"):
+    if q is not None and q.details is not None and hasattr(q.details, "blockSize"):
         scales_tensor = graph.tensors[q.details.scales]
         dtype = np.float16 if scales_tensor.type == schema.TensorType.FLOAT16 else np.float32
         scales = np.frombuffer(_buffer(m, model, scales_tensor.buffer), dtype).astype(np.float32).reshape(rows, -1)
-        return (values.reshape(rows, scales.shape[1], -1) * scales[..., None]).reshape(rows, -1)
-    if q.scale is not None:
-        return values * np.asarray(q.scale, np.float32).reshape(-1, 1)
+        values = (values.reshape(rows, scales.shape[1], -1) * scales[..., None]).reshape(rows, -1)
+        return values, WeightQuant(bits, q.details.blockSize)
+    if q is not None and q.scale is not None and len(q.scale):
+        return values * np.asarray(q.scale, np.float32).reshape(-1, 1), WeightQuant(bits, None)
     return None
 
 
+def rounding(bits: int, blockwise: bool) -> Rounding:
+    """ai_edge_quantizer's symmetric grid (uniform_quantize_tensor.py): full range -8..7 below 8
+    bits, narrow -127..127 at 8; scale = max|w| / qmax; blockwise scales keep 7 mantissa bits."""
+    base = Rounding.symmetric(bits, narrow=bits >= 8)
+    return Rounding(base.qmin, base.qmax, float(base.qmax), torch.bfloat16 if blockwise else None)
+
+
+def grid_for(spec: QuantSpec, module: torch.nn.Module) -> Callable[[int], Rounding]:
+    """ai_edge_quantizer's grid for each bit width the spec stores: bfloat16 scales where that
+    width is stored blockwise. The reference picks a grid by bit width alone, so a width stored
+    both blockwise and per channel in one model would be refused here rather than misread."""
+    blockwise: dict[int, bool] = {}
+    for name, wq in spec.layers(module).items():
+        if blockwise.setdefault(wq.bits, wq.group_size is not None) != (wq.group_size is not None):
+            raise InputError(f"{name}: int{wq.bits} is stored both blockwise and per channel in one model",
+                             hint="give each bit width one granularity for --target tflite")
+    return lambda bits: rounding(bits, blockwise[bits])
+
+
+def fold_multipliers(captured: CapturedModel) -> tuple[float, ...]:
+    """What the converter may fold into a linear weight after a norm's γ: 1, or attention's
+    1/sqrt(head_dim) whole or split between q and k."""
+    head_dim = captured.loaded.facts.head_dim if captured.loaded.facts else None
+    return (1.0, head_dim ** -0.25, head_dim ** -0.5) if head_dim else (1.0,)
+
+
+OPERATORS = {torch.nn.Linear: "FULLY_CONNECTED", torch.nn.Embedding: "EMBEDDING_LOOKUP"}  # what each layer becomes
+
+
+def operator_of(layer: torch.nn.Module) -> str:
+    return next(op for kind, op in OPERATORS.items() if isinstance(layer, kind))
+
+
+def layer_ops(float_model: bytes, layers: dict[str, torch.nn.Module], norm_fed: dict,
+              multipliers: tuple[float, ...]) -> dict[str, list[str]]:
+    """The scopes of the ops each layer (name -> nn.Linear / nn.Embedding) became in the converted
+    float model: those whose float weight is the layer's weight, or for a layer a norm feeds
+    (norm_fed: name -> NormAffine) what the converter's fold makes of it, W·γ·m."""
+    stored = {op: _by_shape(stored_weights(float_model, op)) for op in OPERATORS.values()}
+    found = {}
+    for name, layer in layers.items():
+        weight, affine = layer.weight.detach(), norm_fed.get(name)
+        images = [weight] + ([weight * affine.scale * m for m in multipliers] if affine else [])
+        scopes = {w.scope for image in images for w in stored[operator_of(layer)].get(tuple(image.shape), [])
+                  if _same(image.numpy(), w.values, rtol=1e-5, atol=1e-7)}
+        if scopes:
+            found[name] = sorted(scopes)
+    return found
+
+
+def layer_storage(model: bytes, ops: dict[str, list[str]]) -> dict[str, set[WeightQuant | None]]:
+    """How `model` stores each layer's ops (ops: layer -> scopes, from layer_ops)."""
+    storage = {w.scope: w.storage for op in OPERATORS.values() for w in stored_weights(model, op)}
+    return {name: {storage.get(scope) for scope in scopes} for name, scopes in ops.items()}
+
+
 def folded_layers(model: bytes, candidates: dict, weights: dict[str, torch.Tensor],
-                  quantize: Callable[[torch.Tensor], torch.Tensor], multipliers: tuple[float, ...] = (1.0,)) -> dict:
+                  quantize: Callable[[str, torch.Tensor], torch.Tensor], multipliers: tuple[float, ...] = (1.0,)) -> dict:
     """The subset of `candidates` (layer name -> NormAffine) whose stored weight is the folded
-    quantization quantize(W·γ·m) for one of `multipliers` (the converter also folds attention's
-    1/sqrt(head_dim), split between q and k, into their weights, after γ: (W·γ)·m, which can round
-    a bfloat16 scale differently from W·(γ·m)), returned with that multiplier.
+    quantization quantize(name, W·γ·m) for one of `multipliers` (the converter also folds
+    attention's 1/sqrt(head_dim), split between q and k, into their weights, after γ: (W·γ)·m,
+    which can round a bfloat16 scale differently from W·(γ·m)), returned with that multiplier.
     Compared to 1e-6: γ is measured (NormAffine) to ~1e-7."""
-    stored = _by_shape(_dequantized_weights(model, "FULLY_CONNECTED"))
+    stored = _by_shape(_quantized(model, "FULLY_CONNECTED"))
     folded = {}
     for name, affine in candidates.items():
         for m in multipliers:
             scaled = type(affine)(affine.scale, affine.shift, m)
-            expected = quantize(weights[name] * scaled.scale * scaled.multiplier).numpy()
+            expected = quantize(name, weights[name] * scaled.scale * scaled.multiplier).numpy()
             if _stored(expected, stored):
                 folded[name] = scaled
                 break
@@ -88,21 +168,31 @@ def folded_layers(model: bytes, candidates: dict, weights: dict[str, torch.Tenso
 
 
 def quantized_tables(model: bytes, tables: dict[str, torch.Tensor],
-                     quantize: Callable[[torch.Tensor], torch.Tensor]) -> set[str]:
+                     quantize: Callable[[str, torch.Tensor], torch.Tensor]) -> set[str]:
     """The embedding tables (name -> weight) stored quantized as an EMBEDDING_LOOKUP table. The
     others never reached the quantizer: the converter folded their lookup into a float constant
     (BERT's position and token-type embeddings at a fixed sequence length)."""
-    stored = _by_shape(_dequantized_weights(model, "EMBEDDING_LOOKUP"))
-    return {name for name, weight in tables.items() if _stored(quantize(weight).numpy(), stored)}
+    stored = _by_shape(_quantized(model, "EMBEDDING_LOOKUP"))
+    return {name for name, weight in tables.items() if _stored(quantize(name, weight).numpy(), stored)}
 
 
-def _by_shape(arrays: list[np.ndarray]) -> dict[tuple, list[np.ndarray]]:
+def _quantized(model: bytes, operator: str) -> list[StoredWeight]:
+    return [w for w in stored_weights(model, operator) if w.storage is not None]
+
+
+def _by_shape(weights: list[StoredWeight]) -> dict[tuple, list[StoredWeight]]:
     """Stored weights grouped by shape: only those of the same shape are worth comparing."""
-    grouped: dict[tuple, list[np.ndarray]] = {}
-    for values in arrays:
-        grouped.setdefault(values.shape, []).append(values)
+    grouped: dict[tuple, list[StoredWeight]] = {}
+    for w in weights:
+        grouped.setdefault(w.values.shape, []).append(w)
     return grouped
 
 
-def _stored(expected: np.ndarray, stored: dict[tuple, list[np.ndarray]]) -> bool:
-    return any(np.allclose(expected, v, rtol=0, atol=1e-6) for v in stored.get(expected.shape, []))
+def _same(expected: np.ndarray, values: np.ndarray, rtol: float, atol: float) -> bool:
+    """allclose, after a cheap look at the first row (most candidates differ there)."""
+    return (np.allclose(expected[0], values[0], rtol=rtol, atol=atol)
+            and np.allclose(expected, values, rtol=rtol, atol=atol))
+
+
+def _stored(expected: np.ndarray, stored: dict[tuple, list[StoredWeight]]) -> bool:
+    return any(_same(expected, w.values, rtol=0, atol=1e-6) for w in stored.get(expected.shape, []))

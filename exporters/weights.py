@@ -59,6 +59,17 @@ def fake_quantize(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -> 
     return (q * scale).reshape(rows, cols).to(weight.dtype)
 
 
+def int8_per_row(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic int8 activations as the backends' kernels quantize a linear layer's input (XNNPACK
+    qd8, torchao's 8da4w): asymmetric per row (token), range widened to include 0, scale
+    (max - min) / 255."""
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    zero = torch.clamp(torch.round(-128 - lo / scale), -128, 127)
+    return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
+
+
 def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
                           folded_norms: dict[str, "NormAffine"] | None = None, *,
                           embedding_rounding=None, keep_float: frozenset[str] = frozenset()) -> nn.Module:
@@ -77,7 +88,7 @@ def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
     done: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for name, layer in copied.named_modules():
-            wq = spec.for_module(layer)
+            wq = spec.for_layer(name, layer)
             if wq is None or name in keep_float:
                 continue
             rounding = (embedding_rounding if embedding_rounding and isinstance(layer, nn.Embedding)

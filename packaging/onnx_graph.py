@@ -1,10 +1,11 @@
 """Edits of an exported ONNX graph before and after onnxruntime's weight quantizer, and its bytes.
 
-torch.onnx records on each node the module classes it came from (`pkg.torch.onnx.class_hierarchy`);
-that is how the quantizer is told which MatMul / Gather nodes are the model's linear and embedding
-layers (the ones the eager reference fake-quantizes), and nothing else. The records (with stack
-traces and absolute paths) are then dropped: they would double the file and leak the build machine's
-paths into it."""
+torch.onnx records on each node the module classes and paths it came from
+(`pkg.torch.onnx.class_hierarchy`, `pkg.torch.onnx.name_scopes`); that is how the quantizer is told
+which MatMul / Gather nodes are the model's linear and embedding layers (the ones the eager
+reference fake-quantizes), and which layer each one is (mixed precision stores layers differently).
+The records (with stack traces and absolute paths) are then dropped: they would double the file and
+leak the build machine's paths into it."""
 
 from __future__ import annotations
 
@@ -15,17 +16,23 @@ from pathlib import Path
 import numpy as np
 
 _CLASSES = "pkg.torch.onnx.class_hierarchy"
+_SCOPES = "pkg.torch.onnx.name_scopes"
 # ONNX protobufs cannot exceed 2 GiB; above this the weights go to one external data file.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
-def _module_class(node) -> str | None:
-    """The innermost nn.Module class a node was traced in (the entry before the aten op)."""
+def _innermost(node, record: str) -> str | None:
+    """The innermost nn.Module a node was traced in, by class (_CLASSES) or by path in the exported
+    module (_SCOPES): the entry before the aten op."""
     for prop in node.metadata_props:
-        if prop.key == _CLASSES:
-            classes = [c.strip(" '\"") for c in prop.value.strip("[]").split(",")]
-            return classes[-2] if len(classes) >= 2 else None
+        if prop.key == record:
+            entries = [c.strip(" '\"") for c in prop.value.strip("[]").split(",")]
+            return entries[-2] if len(entries) >= 2 else None
     return None
+
+
+def _module_class(node) -> str | None:
+    return _innermost(node, _CLASSES)
 
 
 def fold_weight_transposes(model) -> int:
@@ -94,17 +101,74 @@ def class_names(module, kind: type) -> set[str]:
     return {f"{type(m).__module__}.{type(m).__qualname__}" for m in module.modules() if isinstance(m, kind)}
 
 
-def weight_nodes(model, op_type: str, module_classes: set[str]) -> tuple[list[str], list[str]]:
-    """(names of `op_type` nodes traced directly inside one of `module_classes` whose weight is an
-    initializer, names of the other `op_type` nodes with an initializer weight)."""
+def weight_nodes(model, op_type: str, module_classes: set[str]) -> tuple[dict[str, str], list[str]]:
+    """({name: layer path} of the `op_type` nodes traced directly inside one of `module_classes`
+    whose weight is an initializer, names of the other `op_type` nodes with an initializer weight).
+    Layer paths are module names in the exported module (`model.encoder.layer.0.attention.self.value`)."""
     initializers = {t.name for t in model.graph.initializer}
     weight_input = 1 if op_type == "MatMul" else 0
-    chosen, other = [], []
+    chosen, other = {}, []
     for node in model.graph.node:
         if node.op_type != op_type or node.input[weight_input] not in initializers:
             continue
-        (chosen if _module_class(node) in module_classes else other).append(node.name)
+        if _module_class(node) in module_classes:
+            chosen[node.name] = _innermost(node, _SCOPES)
+        else:
+            other.append(node.name)
     return chosen, other
+
+
+def store_int8_per_channel(model, node_names: set[str], quantize_rows, accuracy_level: int) -> dict[str, int]:
+    """Rewrite the named MatMul / Gather nodes to hold int8 weights with one scale per output
+    channel (per table row for Gather), quantized by `quantize_rows(weight [out, in] float32) ->
+    (q int8 [out, in], scales float32 [out])`. MatMul -> MatMulNBits bits 8 (q + 128 in uint8, its
+    zero point 128 implied); its blocks are at most 256 wide, so a row wider than that repeats its
+    one scale over blocks of matmul_int8_block(K). Gather -> GatherBlockQuantized bits 8 over uint8,
+    one block spanning the whole row (any power of two at least the row's width is accepted).
+    Returns {node name: MatMulNBits block} for the MatMuls (their int8 activation blocks)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    blocks = {}
+    for node in graph.node:
+        if node.name not in node_names:
+            continue
+        is_matmul = node.op_type == "MatMul"
+        weight = numpy_helper.to_array(values[node.input[1 if is_matmul else 0]]).astype(np.float32)
+        q, scales = quantize_rows(np.ascontiguousarray(weight.T) if is_matmul else weight)
+        rows, cols = q.shape
+        codes = (q.astype(np.int16) + 128).astype(np.uint8)
+        name = node.input[1 if is_matmul else 0]
+        if is_matmul:
+            block = matmul_int8_block(cols)
+            blocks[node.name] = block
+            stored = [numpy_helper.from_array(codes.reshape(rows, cols // block, block), f"{name}_Q8"),
+                      numpy_helper.from_array(np.repeat(scales.reshape(rows, 1), cols // block, axis=1), f"{name}_scales")]
+            attrs = {"K": cols, "N": rows, "bits": 8, "block_size": block}
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            new = helper.make_node("MatMulNBits", [node.input[0], stored[0].name, stored[1].name], list(node.output),
+                                   name=f"{node.name}_Q8", domain="com.microsoft", **attrs)
+        else:
+            gather_axis = _attr(node, "axis") or 0
+            stored = [numpy_helper.from_array(codes, f"{name}_Q8"),
+                      numpy_helper.from_array(scales.reshape(rows, 1), f"{name}_scales")]
+            new = helper.make_node("GatherBlockQuantized", [stored[0].name, node.input[1], stored[1].name],
+                                   list(node.output), name=f"{node.name}_Q8", domain="com.microsoft", bits=8,
+                                   block_size=max(16, 1 << (cols - 1).bit_length()), gather_axis=gather_axis,
+                                   quantize_axis=1)
+        graph.initializer.extend(stored)
+        node.CopyFrom(new)
+    if node_names and not any(o.domain == "com.microsoft" for o in model.opset_import):  # the contrib ops' domain
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(graph)
+    return blocks
+
+
+def matmul_int8_block(k: int) -> int:
+    """The widest MatMulNBits block (16 .. 256, a power of two) that divides K; 0 if none does."""
+    return next((b for b in (256, 128, 64, 32, 16) if k % b == 0), 0)
 
 
 def share_tied_tables(model) -> int:
@@ -125,7 +189,8 @@ def share_tied_tables(model) -> int:
             q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, -1)[:, :k].astype(np.int8) - 8
             heads[node.input[1]] = (node, q, numpy_helper.to_array(values[node.input[2]]))
     reshapes = []
-    for gather in [n for n in graph.node if n.op_type == "GatherBlockQuantized" and len(n.input) == 3]:
+    four_bit = [n for n in graph.node if n.op_type == "GatherBlockQuantized" and len(n.input) == 3 and _attr(n, "bits") in (None, 4)]
+    for gather in four_bit:
         table = numpy_helper.to_array(values[gather.input[0]]).astype(np.int8)
         scales = numpy_helper.to_array(values[gather.input[2]])
         for weight, (head, q, head_scales) in heads.items():
@@ -163,6 +228,18 @@ def op_counts(model) -> dict[str, int]:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def quantized_op_bits(model) -> dict[str, dict[str, int]]:
+    """{op type: {bits: count}} for MatMulNBits and GatherBlockQuantized (4 where the attribute is
+    absent: the quantizer's int4 tables)."""
+    counts: dict[str, dict[str, int]] = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            by_bits = counts.setdefault(node.op_type, {})
+            bits = str(_attr(node, "bits") or 4)
+            by_bits[bits] = by_bits.get(bits, 0) + 1
+    return {op: dict(sorted(b.items())) for op, b in sorted(counts.items())}
 
 
 def serialize(model, file_name: str) -> dict[str, bytes]:

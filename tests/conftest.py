@@ -101,6 +101,19 @@ def llama_export(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
     return code, summary, Path(bundle)
 
 
+@pytest.fixture(scope="session")
+def minilm_int4_export(minilm_dir, tmp_path_factory) -> tuple[int, dict, Path]:
+    """The real MiniLM-L6 at the default --quant int4 (so with its mixed-precision plan) on every
+    backend, sentence embeddings (--pooling mean): one export shared by the tests that read it."""
+    def export(out: Path):
+        code, summary = export_json(str(minilm_dir), "--name", "minilm", "--target", "all", "--pooling", "mean",
+                                    "--out", str(out))
+        return code, summary, str(out / "minilm")
+
+    code, summary, bundle = built_once(tmp_path_factory, "minilm-int4-export", export)
+    return code, summary, Path(bundle)
+
+
 @pytest.fixture
 def bundle_copy(llama_export, tmp_path) -> Path:
     """A private copy of the shared bundle for tests that tamper with it."""

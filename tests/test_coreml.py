@@ -34,10 +34,25 @@ def coreml_llama(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
 
 
 @pytest.fixture(scope="session")
-def coreml_minilm(minilm_dir, tmp_path_factory) -> tuple[int, dict, Path]:
-    out = tmp_path_factory.mktemp("dist-minilm")
-    code, summary = export_json(str(minilm_dir), "--name", "minilm", "--target", "coreml", "--out", str(out))
-    return code, summary, out / "minilm"
+def coreml_mixed_bert(bert_dir, tmp_path_factory) -> tuple[int, dict, Path]:
+    """The tiny BERT mean pooled, at a floor all-int4 misses (0.991 < 0.998): the plan keeps some
+    layers int8 (measured: the word and token-type embedding tables) and the rest int4."""
+    out = tmp_path_factory.mktemp("dist-mixed-bert")
+    code, summary = export_json(str(bert_dir), "--target", "coreml", "--pooling", "mean", "--min-cosine", "0.998",
+                                "--out", str(out))
+    return code, summary, out / "tiny-bert"
+
+
+def _stored_weights(package: Path) -> dict[str, str]:
+    """Weight placeholder -> how the package stores it, read back and spelled as WeightQuant.describe()."""
+    from coremltools.converters.mil.mil import types
+
+    def described(op) -> str:
+        scales = op.scale.shape[1]
+        grouping = "per-channel" if scales == 1 else f"g{op.data.shape[1] // scales}"
+        return f"{types.builtin_to_string(op.data.dtype)} {grouping} {'sym' if op.offset is None else 'asym'}"
+    return {op.name.removesuffix("_to_fp16_quantized"): described(op)
+            for op in load_program(package).functions["main"].operations if op.op_type == "constexpr_blockwise_shift_scale"}
 
 
 # ---------------------------------------------------------------- tiny Llama: the stateful LM
@@ -140,45 +155,67 @@ def test_bad_coreml_options_are_input_errors(values, word):
 
 
 @pytest.mark.slow
-def test_minilm_int4_sentence_embeddings_through_the_evaluator(coreml_minilm):
-    """Sentence embeddings (mean over the mask, as sentence-transformers pools) of the shipped
-    package through the evaluator. Against the int4 eager reference they agree to >= 0.999: the
-    lowering is faithful. Against fp32 eager they reach 0.935..0.965, which is what round-to-nearest
-    int4 g32 weights do to this model in eager PyTorch too (measured: 0.951 / 0.965 / 0.935; int8
-    gives 0.999): the issue's 0.99 needs a better int4 scheme, not a better lowering."""
-    code, summary, bundle = coreml_minilm
+def test_minilm_mixed_int4_int8_sentence_embeddings_hold_0_99_of_fp32(minilm_int4_export):
+    """The issue's line: int4 MiniLM sentence embeddings within 0.99 cosine of fp32 eager. All-int4
+    g32 reaches only 0.935..0.965 (measured); the default plan keeps the costliest layers int8 per
+    channel and the package stores exactly that, layer by layer. The shipped package through the
+    evaluator agrees with its mixed eager reference to >= 0.999 (the lowering is faithful). The
+    export (--pooling mean, every backend) is shared with tests/test_encoders.py."""
+    code, summary, bundle = minilm_int4_export
     assert code == 0, summary
     manifest = read_manifest(bundle)
-    [art] = manifest["artifacts"]
+    [art] = [a for a in manifest["artifacts"] if a["backend"] == "coreml"]
+    quantization = art["quantization"]
+    overrides = quantization["overrides"]
+    assert overrides and set(overrides.values()) == {"int8 per-channel sym"}
     # 6 layers x (q, k, v, attention out, intermediate, output) + word, position, token-type embeddings
-    assert art["quantization"]["compressed_weight_ops"]["constexpr_blockwise_shift_scale"] == 6 * 6 + 3
+    assert quantization["compressed_weight_ops"] == {"constexpr_blockwise_shift_scale": 6 * 6 + 3}
+    int8 = {"p_" + n.replace(".", "_") + "_weight" for n in overrides}
+    stored = _stored_weights(bundle / art["path"])
+    assert len(stored) == 39 and int8 - set(stored) <= {"p_model_pooler_dense_weight"}  # unused when mean pooled
+    assert stored == {n: "int8 per-channel sym" if n in int8 else "int4 g32 sym" for n in stored}
+    assert quantization["stored_weights"] == {"int4": 39 - len(int8 & set(stored)), "int8": len(int8 & set(stored))}
     assert art["bytes"] <= 1.10 * art["ideal_bytes"], (art["bytes"], art["ideal_bytes"])
-    assert manifest["comparisons"]["lowering_fidelity"]["coreml"]["passed"]
-    from edgepack.packaging.runtimes import HOST_RUNTIMES
-
-    call = HOST_RUNTIMES["coreml"](bundle / art["path"], art)
-    for case in manifest["smoke"]["cases"]:
-        ids, mask = (np.load(bundle / i["path"]) for i in case["inputs"])
-        [hidden] = call("forward", [ids, mask])
-
-        def pooled(source: str) -> np.ndarray:
-            h = hidden if source == "artifact" else np.load(bundle / case["expected"][source]["output_0"]["path"])
-            return (h.astype(np.float64) * mask[..., None]).sum(1)[0] / mask.sum()
-
-        def cos(a, b):
-            return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-        assert cos(pooled("artifact"), pooled("coreml")) >= 0.999, case["name"]
-        assert cos(pooled("artifact"), pooled("fp32-eager")) >= 0.93, case["name"]
+    fidelity = manifest["comparisons"]["lowering_fidelity"]["coreml"]
+    assert fidelity["passed"] and len(fidelity["cases"]) == 3
+    for name, metrics in fidelity["cases"].items():
+        assert metrics["min_cosine"] >= 0.999 and not metrics["failures"], (name, metrics)
+        assert metrics["vs_fp32"]["min_cosine"] >= 0.99, (name, metrics["vs_fp32"])
 
 
 @pytest.mark.slow
-def test_mean_pooled_encoder_smokes_through_the_evaluator(bert_dir, tmp_path):
-    """--pooling mean puts the pooling in the program (the token count's clamp(min=1) lowers to
-    clip, the sums to reduce_sum); the default fp16 package must replay its smoke cases. Measured
-    on the tiny BERT: min cosine 0.99994..0.99999 vs the int4 reference, 0.992 vs fp32 eager."""
-    code, summary = export_json(str(bert_dir), "--target", "coreml", "--pooling", "mean", "--out", str(tmp_path))
+def test_mixed_plan_is_stored_layer_by_layer(coreml_mixed_bert, bert_dir):
+    """Every layer the program uses is stored as the plan says: int8 with one scale per row for
+    the overrides, int4 blocks of 32 for the rest, in one program (mean pooling drops the pooler)."""
+    import coremltools as ct
+    from edgepack.exporters.capture import CaptureOptions, capture
+    from edgepack.exporters.mixed_precision import INT8
+    from edgepack.exporters.sources import load_source
+    from edgepack.quant import QuantSpec
+
+    code, summary, bundle = coreml_mixed_bert
     assert code == 0, summary
-    bundle = tmp_path / "tiny-bert"
+    [art] = read_manifest(bundle)["artifacts"]
+    overrides = art["quantization"]["overrides"]
+    captured = capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
+    plan = QuantSpec.from_options("int4").with_overrides({n: INT8 for n in overrides}, plan={}).layers(captured.module)
+    expected = {"p_" + name.replace(".", "_") + "_weight": wq.describe()
+                for name, wq in plan.items() if not name.startswith("model.pooler")}
+    assert _stored_weights(bundle / art["path"]) == expected and len(expected) == 15
+    int8 = sum(wq == INT8 for name, wq in plan.items() if not name.startswith("model.pooler"))
+    assert 0 < int8 < 15 and art["quantization"]["stored_weights"] == {"int4": 15 - int8, "int8": int8}
+    meta = ct.models.MLModel(str(bundle / art["path"]), skip_model_load=True).get_spec().description.metadata
+    assert meta.userDefined["edgepack.compression"] == f"int4 + int8 per-channel ({int8} weights)"
+
+
+@pytest.mark.slow
+def test_mean_pooled_mixed_encoder_smokes_through_the_evaluator(coreml_mixed_bert):
+    """--pooling mean puts the pooling in the program (the token count's clamp(min=1) lowers to
+    clip, the sums to reduce_sum); the default fp16 package with int4 and int8 weights must replay
+    its smoke cases against its mixed quantized reference. Measured on the tiny BERT: min cosine
+    0.999999 vs the reference, 0.99995 vs fp32 eager (all-int4: 0.99994 and 0.992)."""
+    code, summary, bundle = coreml_mixed_bert
+    assert code == 0, summary
     manifest = read_manifest(bundle)
     [art] = manifest["artifacts"]
     assert art["runtime"]["op_counts"]["clip"] == 1 and art["runtime"]["op_counts"]["reduce_sum"] == 2
@@ -187,10 +224,39 @@ def test_mean_pooled_encoder_smokes_through_the_evaluator(bert_dir, tmp_path):
     assert fidelity["passed"] and len(fidelity["cases"]) == 3
     for name, metrics in fidelity["cases"].items():
         assert metrics["min_cosine"] >= 0.999 and not metrics["failures"], (name, metrics)
-        assert metrics["vs_fp32"]["min_cosine"] >= 0.99, (name, metrics["vs_fp32"])
+        assert metrics["vs_fp32"]["min_cosine"] >= 0.998, (name, metrics["vs_fp32"])
     result = run_cli("smoke", bundle, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"]["coreml"]["passed"]
+
+
+@pytest.mark.slow
+def test_palettes_beside_int8_layers_replay_their_read_back_reference(bert_dir, tmp_path):
+    """--coreml-compression palettize4 with int8 overrides (given here, not planned): the int4
+    layers become 4-bit palettes and the int8 ones linear int8, in one program, and the reference
+    reads both kinds back from the package. (The tiny BERT's word and token-type tables, 500 and
+    2 rows, have no whole group of 16 rows for a palette: they are among the int8 layers.)"""
+    from edgepack.cases import compare, run_case, within
+    from edgepack.exporters.capture import CaptureOptions, capture
+    from edgepack.exporters.coreml import Options, lower
+    from edgepack.exporters.mixed_precision import INT8
+    from edgepack.exporters.sources import load_source
+    from edgepack.packaging.coreml_mil import mil_evaluator_host
+    from edgepack.packaging.coreml_package import write_package
+    from edgepack.quant import QuantSpec
+
+    captured = capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
+    int8 = ("model.embeddings.word_embeddings", "model.embeddings.token_type_embeddings",
+            "model.encoder.layer.1.attention.self.value")
+    spec = QuantSpec.from_options("int4").with_overrides({n: INT8 for n in int8}, plan={})
+    artifact = lower(captured, spec, Options(compression="palettize4"))
+    assert artifact.quantization["stored_weights"] == {"int8": 3, "palettize4": 12}
+    assert artifact.quantization["compressed_weight_ops"] == {"constexpr_blockwise_shift_scale": 3, "constexpr_lut_to_dense": 12}
+    write_package({rel.removeprefix(f"{PACKAGE}/"): data for rel, data in artifact.files.items()}, tmp_path / "model.mlpackage")
+    call = mil_evaluator_host(tmp_path / "model.mlpackage", {"runtime": artifact.runtime})
+    for case in captured.cases:
+        metrics = compare(artifact.reference_outputs[case.name], run_case(case, call))
+        assert metrics["min_cosine"] >= 0.999 and not within(metrics, captured.tolerance), (case.name, metrics)
 
 
 # ---------------------------------------------------------------- the evaluator, op by op
@@ -317,14 +383,17 @@ def test_evaluator_carries_states_and_slice_updates_between_calls():
     np.testing.assert_array_equal(function.states["cache"].value, expected)
 
 
-def test_evaluator_decompresses_int4_blocks_and_palettes_like_coremltools():
-    """The three constexpr ops against coremltools' own decompression (materialized values)."""
+def test_evaluator_decompresses_int4_blocks_int8_channels_and_palettes_like_coremltools():
+    """The constexpr ops against coremltools' own decompression (materialized values), int4
+    blocks and int8 channels in one program as a mixed-precision plan stores them."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
     data = RNG.integers(-7, 8, size=(4, 64)).astype(np.int8)
     scale = RNG.random((4, 2)).astype(np.float16)
+    channels = RNG.integers(-127, 128, size=(3, 64)).astype(np.int8)
+    channel_scales = RNG.random((3, 1)).astype(np.float16)
     indices = RNG.integers(0, 16, size=(4, 8)).astype(np.uint8)
     lut = RNG.standard_normal((2, 1, 16, 1)).astype(np.float16)
     quantized = RNG.integers(-127, 128, size=(3, 5)).astype(np.int8)
@@ -333,13 +402,15 @@ def test_evaluator_decompresses_int4_blocks_and_palettes_like_coremltools():
     @mb.program(input_specs=[mb.TensorSpec((1,), dtype=types.fp32)], opset_version=ct.target.iOS18)
     def prog(x):
         blocks = mb.constexpr_blockwise_shift_scale(data=mb.const(val=data.astype(types.np_int4_dtype)), scale=scale)
+        rows = mb.constexpr_blockwise_shift_scale(data=channels, scale=channel_scales)
         palette = mb.constexpr_lut_to_dense(indices=mb.const(val=indices.astype(types.np_uint4_dtype)), lut=lut)
-        return blocks, palette
+        return blocks, rows, palette
 
     function = MilFunction(prog.functions["main"])
-    for op in prog.functions["main"].operations:
-        if op.op_type.startswith("constexpr_"):
-            np.testing.assert_array_equal(function.constants[op.outputs[0].name], op.materialized_val_inference())
+    decompressed = [op for op in prog.functions["main"].operations if op.op_type.startswith("constexpr_")]
+    assert [types.builtin_to_string(op.data.dtype) for op in decompressed[:2]] == ["int4", "int8"]
+    for op in decompressed:
+        np.testing.assert_array_equal(function.constants[op.outputs[0].name], op.materialized_val_inference())
     from edgepack.packaging.coreml_ops import affine_dequantize
     np.testing.assert_allclose(affine_dequantize(quantized, np.int8(0), channel_scale, 0),
                                quantized * channel_scale[:, None], rtol=1e-6)
