@@ -48,12 +48,12 @@ def export_summary(result) -> dict:
 
 def describe_plan(plan: dict) -> str:
     """One line on how mixed precision was chosen, from the manifest's quantization.plan."""
-    layers = plan["int8_layers"] + plan["int4_layers"]
+    layers, texts = plan["int8_layers"] + plan["int4_layers"], plan["calibration"]["texts"]
     if not plan["int8_layers"]:
-        return (f"all {layers} layers int4: calibration outputs already at cosine {plan['planned_min_cosine']:.4f} "
-                f">= {plan['floor']} from fp32 ({plan['calibration']['texts']} texts)")
+        return (f"all {layers} layers int4: {texts} calibration texts already at cosine {plan['planned_min_cosine']:.4f} "
+                f">= {plan['target']} from fp32 (floor {plan['floor']} with a margin)")
     return (f"{plan['int8_layers']} of {layers} layers kept int8 ({plan['int4_weight_fraction']:.0%} of the weights int4) "
-            f"to hold cosine >= {plan['floor']} from fp32 on {plan['calibration']['texts']} calibration texts: "
+            f"so that {texts} calibration texts stay >= {plan['target']} from fp32 (floor {plan['floor']} with a margin): "
             f"{plan['planned_min_cosine']:.4f} planned, {plan['all_int4_min_cosine']:.4f} with every layer int4")
 
 
