@@ -25,7 +25,7 @@ from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
-from edgepack.exporters.weights import Rounding, fake_quantize, weight_only_reference
+from edgepack.exporters.weights import Rounding, quantize_groups, weight_only_reference
 from edgepack.packaging import onnx_graph, onnx_metadata
 from edgepack.packaging.onnx_metadata import INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
 
@@ -62,17 +62,13 @@ def gather_rounding(bits: int) -> Rounding:
 
 def _int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int8 per-channel codes of a [out, in] weight and each row's scale, on rounding(8): the
-    reference's fake_quantize image divided by the scale it used. (onnxruntime has no int8
+    codes and scales the reference's fake_quantize multiplies. (onnxruntime has no int8
     per-channel MatMul quantizer: MatMulNBits' blocks stop at 256. Its 8-bit block quantizer,
     quantize_matmul_8bits, rounds the same grid but as roundf(w * (1/s) + 128) in float32, which
     lands on the other side of a tie about once in 10^5 weights; storing the reference's own
     rounding keeps the artifact exactly its reference.)"""
-    w, grid = torch.from_numpy(weight), rounding(8)
-    hi, lo = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
-    scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -grid.scale_divisor
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(fake_quantize(w, WeightQuant(bits=8, group_size=None), grid) / scale)
-    return q.to(torch.int8).numpy(), scale.reshape(-1).numpy()
+    q, scale = quantize_groups(torch.from_numpy(weight), WeightQuant(bits=8, group_size=None), rounding(8))
+    return q.reshape(weight.shape).to(torch.int8).numpy(), scale.reshape(-1).numpy()
 
 
 # How each kind of stored layer lands in the graph (the manifest's quantization.ops).

@@ -41,8 +41,9 @@ class Rounding:
         return cls(-top if narrow else -top - 1, top, float(top))
 
 
-def fake_quantize(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -> torch.Tensor:
-    """Quantize-dequantize a [out, in] weight group-wise along `in` (per row when group_size is None)."""
+def quantize_groups(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer codes [out, groups, group] of a [out, in] weight, group-wise along `in` (one
+    group per row when group_size is None), and each group's scale [out, groups, 1]."""
     rows, cols = weight.shape
     group = wq.group_size or cols
     w = weight.detach().float().reshape(rows, cols // group, group)
@@ -56,7 +57,13 @@ def fake_quantize(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -> 
         scale = scale.to(rounding.scale_dtype).float()
     ratio = w / scale
     q = torch.clamp(torch.floor(ratio + 0.5) if rounding.half_up else torch.round(ratio), rounding.qmin, rounding.qmax)
-    return (q * scale).reshape(rows, cols).to(weight.dtype)
+    return q, scale
+
+
+def fake_quantize(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -> torch.Tensor:
+    """Quantize-dequantize a [out, in] weight group-wise along `in` (per row when group_size is None)."""
+    q, scale = quantize_groups(weight, wq, rounding)
+    return (q * scale).reshape(weight.shape).to(weight.dtype)
 
 
 def int8_per_row(x: torch.Tensor) -> torch.Tensor:
