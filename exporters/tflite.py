@@ -222,6 +222,13 @@ def record_reference(work: _Work) -> None:
     if spec.embedding:
         tables = {name: layer.weight.detach() for name, layer in layers.items() if isinstance(layer, torch.nn.Embedding)}
         work.float_embeddings = sorted(set(tables) - quantized_tables(work.model, tables, quantized))
+    # A planned layer that holds no op of its own (merged into another by the converter) would
+    # silently keep its kind's default; only a lookup folded into a float constant may.
+    unplaced = sorted(set(spec.overrides) - set(work.stored) - set(work.float_embeddings))
+    if unplaced:
+        raise BackendError("tflite", "reference", f"{len(unplaced)} planned layer(s) hold no op of their own in the "
+                           f"converted model, so their storage cannot follow the plan: {', '.join(unplaced[:5])}",
+                           hint="export with --mixed-precision off, or report the model: the converter merged these layers")
     module = weight_only_reference(captured.module, spec, grid, folded, keep_float=frozenset(work.float_embeddings))
     if spec.linear is not None and spec.dynamic_int8_activations:
         for layer in module.modules():

@@ -206,3 +206,19 @@ def test_litertlm_bundle_holds_the_model_tokenizer_and_stop_tokens(tflite_export
     assert meta.max_num_tokens == manifest["generation"]["max_seq_len"]
     assert meta.jinja_prompt_template == manifest["tokenizer"]["chat_template"]
     assert "creation_timestamp, Value (String): 1980-01-01" in sections["report"]  # reproducible bytes
+
+
+def test_a_planned_layer_without_an_op_of_its_own_is_refused(bert_dir):
+    """A plan naming a layer the converted model holds no op for (here the pooler, which mean
+    pooling never reads) cannot be followed: the export says so instead of storing the default."""
+    from edgepack.errors import BackendError
+    from edgepack.exporters import tflite
+    from edgepack.exporters.capture import CaptureOptions, capture
+    from edgepack.exporters.mixed_precision import INT8
+    from edgepack.exporters.sources import load_source
+    from edgepack.quant import QuantSpec
+
+    captured = capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
+    spec = QuantSpec.from_options("int4").with_overrides({"model.pooler.dense": INT8}, plan={"by": "test"})
+    with pytest.raises(BackendError, match="1 planned layer.*model.pooler.dense"):
+        tflite.lower(captured, spec, tflite.Options())
