@@ -112,7 +112,7 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
     quant = QuantSpec.from_options(request.quant, request.group_size)
     if request.mixed_precision not in (None, *MIXED_PRECISION):
         raise InputError(f"--mixed-precision {request.mixed_precision!r} is not a choice", hint=f"choose one of {', '.join(MIXED_PRECISION)}")
-    calibration = read_calibration(request.calibration)
+    calibration = read_calibration(request.calibration) if request.calibration else None  # a bad file fails now
     check_writable(request.out_dir)
 
     with progress.stage("load"):
@@ -126,7 +126,7 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
 
     if planning:
         with progress.stage("plan precision") as stage:
-            quant = plan_mixed_precision(captured, quant, *calibration, DEFAULT_FLOOR if request.min_cosine is None else request.min_cosine,
+            quant = plan_mixed_precision(captured, quant, *(calibration or read_calibration(None)), DEFAULT_FLOOR if request.min_cosine is None else request.min_cosine,
                                          on_step=stage.step)
         if not quant.plan["floor_met"]:
             warnings.append(f"even with every layer int8 the calibration outputs reach cosine "

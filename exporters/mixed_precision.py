@@ -3,8 +3,9 @@
 int4 round-to-nearest costs a small encoder more than users accept (MiniLM-L6: sentence
 embeddings 0.93-0.96 cosine from fp32; GPTQ, AWQ clipping and QAT reach at most 0.986 and do not
 carry across the backends' different grids). So the layers whose int4 weights cost the most
-accuracy per stored bit are kept at int8 (per channel), one by one in that order, until the
-calibration texts' outputs stay within the quality floor of fp32. The plan is made once on the
+accuracy per stored bit are kept at int8 (per channel), fewest first in that order, until the
+calibration texts' outputs clear the quality floor from fp32 with a margin (the target, see
+plan_mixed_precision). The plan is made once on the
 coarsest grid any backend uses (symmetric -7..7, CoreML's) with the int8 dynamic activations the
 kernels add, so it holds on the finer ones; each artifact's real quality is then measured by the
 smoke against fp32 and recorded."""
@@ -85,10 +86,12 @@ class _Trial:
             weight.copy_(self.images[name][bits.get(name)])
         return self._outputs()
 
-    def cosines(self, bits_or_outputs) -> np.ndarray:
-        """Per-row cosines vs fp32: one per sentence embedding, or per token's state."""
-        outputs = self.outputs(bits_or_outputs) if isinstance(bits_or_outputs, dict) else bits_or_outputs
+    def cosines(self, outputs: list[np.ndarray]) -> np.ndarray:
+        """Per-row cosines of `outputs` vs fp32: one per sentence embedding, or per token's state."""
         return np.array([c for exp, act in zip(self.fp32, outputs) for c in row_cosines(exp, act)])
+
+    def cosines_at(self, bits: dict[str, int | None]) -> np.ndarray:
+        return self.cosines(self.outputs(bits))
 
 
 def plan_mixed_precision(captured: CapturedModel, spec: QuantSpec, texts: list[str], source: str,
@@ -103,9 +106,9 @@ def plan_mixed_precision(captured: CapturedModel, spec: QuantSpec, texts: list[s
     trial = _Trial(captured, spec, texts)
     names = list(trial.weights)
     target = round(floor + (1 - floor) / 2, 6)
-    all_int4 = trial.cosines({n: 4 for n in names})
+    all_int4 = trial.cosines_at({n: 4 for n in names})
     plan = {"method": "int8 for the layers whose int4 weights cost most per stored bit, fewest first; then "
-                      "each one the floor does not need back to int4, largest first",
+                      "each one the target does not need back to int4, largest first",
             "floor": floor, "target": target, "metric": "min cosine vs fp32 over the calibration outputs (one per sentence embedding or token)",
             "calibration": {"texts": len(texts), "source": source},
             "grid": "symmetric int4 -7..7 / int8 -127..127 (the coarsest any backend stores)"
@@ -115,7 +118,7 @@ def plan_mixed_precision(captured: CapturedModel, spec: QuantSpec, texts: list[s
     unused: list[str] = []
 
     def holds(int8: list[str]) -> bool:
-        return trial.cosines({n: 8 if n in int8 else 4 for n in names}).min() >= target
+        return trial.cosines_at({n: 8 if n in int8 else 4 for n in names}).min() >= target
 
     if all_int4.min() < target:
         step(f"sensitivity of {len(names)} layers")
@@ -127,7 +130,7 @@ def plan_mixed_precision(captured: CapturedModel, spec: QuantSpec, texts: list[s
             for name in sorted(order, key=lambda n: -trial.weights[n].numel()):  # the most bytes back first
                 if holds(rest := [n for n in order if n != name]):
                     order = rest
-    planned = trial.cosines({n: 8 if n in order else 4 for n in names})
+    planned = trial.cosines_at({n: 8 if n in order else 4 for n in names})
     names = [n for n in names if n not in unused]
     int4_weights = sum(trial.weights[n].numel() for n in names if n not in order)
     plan.update({
