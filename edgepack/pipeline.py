@@ -1,14 +1,16 @@
-"""The whole export, in order: load → capture → plan precision (encoders at int4) → lower (per
-backend) → package → smoke → commit.
+"""The whole export, in order: check → load → capture → plan precision (encoders at int4) → lower
+(per backend) → package → smoke → quality (decoder LMs: perplexity on text) → commit (to NAME/ when
+everything passed, else to NAME.failed/).
 No stage here knows a backend by name; backends come from the registry."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError, TokenizerMismatch
+from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError, TokenizerMismatch, no_space, write_error
 from edgepack.progress import Progress, peak_rss_bytes
 from edgepack.quant import QuantSpec
 from edgepack.stages import Artifact, Bundle
@@ -16,8 +18,13 @@ from edgepack.exporters.capture import CaptureOptions, capture
 from edgepack.exporters.mixed_precision import DEFAULT_FLOOR, plan_mixed_precision, read_calibration
 from edgepack.exporters.registry import resolve_targets
 from edgepack.exporters.sources import load_source
-from edgepack.packaging.bundle import StagedBundle, check_writable, commit, stage_contents
+from edgepack.exporters.tokenizer import encode
+from edgepack.packaging import quality
+from edgepack.packaging.bundle import StagedBundle, check_bundle_name, check_writable, commit, stage_contents
 from edgepack.packaging.smoke import BackendSmoke, smoke_bundle
+
+
+MIXED_PRECISION = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -38,9 +45,29 @@ class ExportRequest:
     # (exporters/mixed_precision.py); "off" stores all int4.
     mixed_precision: str | None = None
     calibration: Path | None = None
+    # Decoder LMs: the perplexity rise over fp32 (percent) that fails the export, and the text it
+    # is measured on (None: the built-in text).
+    max_ppl_increase: float | None = None
+    eval_text: Path | None = None
     # backend name -> its options as typed (e.g. {"coreml": {"ios_target": 17}}); each backend
     # validates its own part, and only the backends asked for are consulted.
     backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Every option's value and range, before anything is loaded (exit 2)."""
+        if self.name is not None:
+            check_bundle_name(self.name)
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise InputError(f"--max-seq-len {self.max_seq_len} must be at least 2",
+                             hint="leave it out for min(the model's max positions, 2048)")
+        if self.min_cosine is not None and not (math.isfinite(self.min_cosine) and 0 < self.min_cosine <= 1):
+            raise InputError(f"--min-cosine {self.min_cosine} must be a number in (0, 1]", hint="e.g. 0.99")
+        if self.max_ppl_increase is not None and not (math.isfinite(self.max_ppl_increase) and self.max_ppl_increase >= 0):
+            raise InputError(f"--max-ppl-increase {self.max_ppl_increase} must be a percentage >= 0",
+                             hint=f"e.g. 20 (the default is {quality.DEFAULT_MAX_INCREASE_PCT:g})")
+        if self.mixed_precision not in (None, *MIXED_PRECISION):
+            raise InputError(f"--mixed-precision {self.mixed_precision!r} is not a choice",
+                             hint=f"choose one of {', '.join(MIXED_PRECISION)}")
 
 
 @dataclass
@@ -55,9 +82,12 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def passed(self) -> bool:
+        return not self.failures and not self.quality_failures and all(s.passed for s in self.smoke)
+
+    @property
     def exit_code(self) -> int:
-        ok = self.bundle is not None and not self.failures and not self.quality_failures
-        return EXIT_OK if ok and all(s.passed for s in self.smoke) else EXIT_FAILED
+        return EXIT_OK if self.bundle is not None and self.passed else EXIT_FAILED
 
 
 def _failure(error: EdgepackError, backend: str) -> dict:
@@ -68,7 +98,7 @@ def tokenizer_warnings(loaded, *, strict: bool) -> list[str]:
     """A runner tokenizer that disagrees with the model's is a warning, or a failure under --strict."""
     check = loaded.tokenizer.runner_check if loaded.tokenizer else {}
     if not check.get("mismatches"):
-        return []
+        return list(loaded.tokenizer.warnings) if loaded.tokenizer else []
     first = check["mismatches"][0]
     if first["what"] == "load":
         message = f"the on-device runner's tokenizer ({check['runner']}) cannot load tokenizer.json: {first['error']}"
@@ -77,10 +107,7 @@ def tokenizer_warnings(loaded, *, strict: bool) -> list[str]:
                    f"{len(check['mismatches'])} of {check['texts']} check texts; first: {first['what']} of {first['text'][:40]!r}")
     if strict:
         raise TokenizerMismatch(message, hint="see tokenizer.runner_check in the manifest (without --strict the bundle is written with this warning)")
-    return [message]
-
-
-MIXED_PRECISION = ("auto", "off")
+    return [*loaded.tokenizer.warnings, message]
 
 
 def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> bool:
@@ -98,8 +125,24 @@ def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> bool:
 
 
 def export(request: ExportRequest, progress: Progress) -> ExportResult:
+    try:
+        return _export(request, progress)
+    except Exception as e:
+        full = no_space(e)
+        if full is None:
+            raise
+        # A full disk is nobody's bug: say where it happened, whichever stage met it.
+        file = Path(str(full.filename)) if full.filename else None
+        out = request.out_dir.resolve()
+        where = (f"the bundle to {request.out_dir}" if file is None or file.resolve().is_relative_to(out)
+                 else f"{file} (a converter's working file)")
+        raise write_error(full, where) from e
+
+
+def _export(request: ExportRequest, progress: Progress) -> ExportResult:
     # Everything the user typed is checked before the first slow step. Validating a backend's
     # options imports its converter, whose import-time chatter is captured like a stage's output.
+    request.check()
     backends = resolve_targets(request.targets)
     capture_options = CaptureOptions(request.max_seq_len, request.pooling)
     with progress.captured("check"):
@@ -110,9 +153,8 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
             "; ".join(f"{b} options ({', '.join(keys)}) were given but --target does not include {b}" for b, keys in unused.items()),
             hint="add the backend to --target or drop its options")
     quant = QuantSpec.from_options(request.quant, request.group_size)
-    if request.mixed_precision not in (None, *MIXED_PRECISION):
-        raise InputError(f"--mixed-precision {request.mixed_precision!r} is not a choice", hint=f"choose one of {', '.join(MIXED_PRECISION)}")
     calibration = read_calibration(request.calibration) if request.calibration else None  # a bad file fails now
+    eval_text = quality.read_eval_text(request.eval_text)
     check_writable(request.out_dir)
 
     with progress.stage("load"):
@@ -120,6 +162,9 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
     quant.check_model(loaded.module)
     warnings = tokenizer_warnings(loaded, strict=request.strict)
     planning = plans_precision(request, loaded, quant)
+    if request.eval_text is not None and loaded.task != "causal-lm":
+        raise InputError(f"--eval-text applies to decoder LMs; {loaded.source} is a {loaded.task}",
+                         hint="encoders are judged by the cosine of their outputs on the golden sentences")
 
     with progress.stage("capture"):
         captured = capture(loaded, capture_options)
@@ -138,7 +183,7 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
             with progress.stage(f"lower {backend.name}") as stage:
                 artifacts.append(backend.load().lower(captured, quant, options[backend.name], on_step=stage.step))
         except EdgepackError as e:
-            if request.strict:
+            if request.strict or no_space(e):
                 raise
             failures.append(_failure(e, backend.name))
             progress.console.print(f"[red]{backend.name} failed:[/] {e}")
@@ -155,15 +200,52 @@ def export(request: ExportRequest, progress: Progress) -> ExportResult:
             if not all(s.passed for s in result.smoke):
                 stage.mark_failed()  # keeps the runtimes' output of a failed check
         manifest["comparisons"]["lowering_fidelity"] = {s.backend: s.as_dict() for s in result.smoke}
-        for backend, cases in manifest["comparisons"]["quantization_quality"].items():
-            worst = min(m["min_cosine"] for m in cases.values())
-            if request.min_cosine is not None and worst < request.min_cosine:
-                result.quality_failures.append(f"{backend}: quantized vs fp32 cosine {worst} < --min-cosine {request.min_cosine}")
-            elif quant.plan and worst < quant.plan["floor"]:
-                result.warnings.append(
-                    f"{backend}: the golden cases reach cosine {worst} from fp32, under the {quant.plan['floor']} the "
-                    f"precision plan held on its calibration texts; plan with texts like the app's (--calibration) "
-                    f"or gate the export with --min-cosine")
-        result.bundle = commit(staging, manifest)
+        gate_cosine(request, quant, manifest, result)
+        if loaded.task == "causal-lm":
+            with progress.stage("quality") as stage:
+                manifest["quality"] = measure_quality(request, captured, staging, manifest, eval_text, stage, result)
+        manifest["verdict"] = {"passed": result.passed, "failures": verdict_failures(result), "warnings": result.warnings}
+        result.bundle = commit(staging, manifest, passed=result.passed)
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def gate_cosine(request: ExportRequest, quant: QuantSpec, manifest: dict, result: ExportResult) -> None:
+    """--min-cosine on the quantized model against fp32 (the golden cases), and the precision
+    plan's floor as a warning."""
+    for backend, cases in manifest["comparisons"]["quantization_quality"].items():
+        worst = min(m["min_cosine"] for m in cases.values())
+        if request.min_cosine is not None and worst < request.min_cosine:
+            result.quality_failures.append(f"{backend}: quantized vs fp32 cosine {worst} < --min-cosine {request.min_cosine}")
+        elif quant.plan and worst < quant.plan["floor"]:
+            result.warnings.append(
+                f"{backend}: the golden cases reach cosine {worst} from fp32, under the {quant.plan['floor']} the "
+                f"precision plan held on its calibration texts; plan with texts like the app's (--calibration) "
+                f"or gate the export with --min-cosine")
+
+
+def measure_quality(request: ExportRequest, captured, staging: StagedBundle, manifest: dict, eval_text: tuple[str, str],
+                    stage, result: ExportResult) -> dict:
+    """Perplexity of every artifact on the evaluation text against fp32, and the gates on it."""
+    loaded = captured.loaded
+    stage.step("fp32")
+    text = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t) if loaded.tokenizer else [],
+                                     *eval_text, captured.llm_metadata["get_max_seq_len"])
+    bound = quality.DEFAULT_MAX_INCREASE_PCT if request.max_ppl_increase is None else request.max_ppl_increase
+    measured = quality.measure_bundle(staging.root, manifest, text, on_step=stage.step)
+    for backend, metrics in measured.items():
+        failed, warned = quality.judge(metrics, bound)
+        result.quality_failures += [f"{backend}: {m}" for m in failed]
+        result.warnings += [f"{backend}: {m}" for m in warned]
+        metrics["passed"] = not failed
+    if any(not m["passed"] for m in measured.values()):
+        stage.mark_failed()
+    return {"text": {"source": text.source, "sha256": text.sha256, "windows": len(text.windows),
+                     "prefill": text.prefill, "scored_tokens": text.scored_tokens},
+            "max_increase_pct": bound, "warn_increase_pct": quality.WARN_INCREASE_PCT, "artifacts": measured}
+
+
+def verdict_failures(result: ExportResult) -> list[str]:
+    return ([f"{f['backend']}: {f['message']}" for f in result.failures]
+            + [f"{s.backend}: smoke failed" + (f": {s.error}" if s.error else "") for s in result.smoke if not s.passed]
+            + result.quality_failures)

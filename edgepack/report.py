@@ -30,10 +30,17 @@ def export_summary(result) -> dict:
             "ideal_bytes": a["ideal_bytes"], "ratio_to_ideal": round(a["bytes"] / a["ideal_bytes"], 3),
             "lowering_fidelity": fidelity.get(a["backend"]), "quantization_quality": quality.get(a["backend"]),
         })
+    text_quality = manifest.get("quality", {}).get("artifacts", {})
+    for a in artifacts:
+        a["text_quality"] = text_quality.get(a["backend"])
     return {
         "ok": result.exit_code == 0,
         "exit_code": result.exit_code,
+        # A failed export's bundle is kept aside (NAME.failed/); NAME/ is never touched by one.
         "bundle": str(result.bundle.path) if result.bundle else None,
+        "bundle_passed": result.bundle is not None and result.passed,
+        "quality_text": manifest.get("quality", {}).get("text"),
+        "warn_increase_pct": manifest.get("quality", {}).get("warn_increase_pct"),
         "archive": str(result.bundle.archive) if result.bundle else None,
         "artifacts": artifacts,
         "failures": result.failures,
@@ -57,6 +64,36 @@ def describe_plan(plan: dict) -> str:
             f"{plan['planned_min_cosine']:.4f} planned, {plan['all_int4_min_cosine']:.4f} with every layer int4")
 
 
+def describe_text_quality(q: dict, warn: float | None) -> str:
+    """One artifact's perplexity on the evaluation text, as the summary and inspect print it."""
+    if "error" in q:
+        return f"[red]did not run[/]: {q['error']}"
+    if q["perplexity"] is None:
+        return f"[bold red]{q['non_finite_steps']} non-finite steps[/] of {q['scored_tokens']}"
+    rise = q["increase_pct"]
+    style = "bold red" if not q.get("passed", True) else "yellow" if warn is not None and rise > warn else "green"
+    return (f"perplexity {q['perplexity']:.2f} vs fp32 {q['perplexity_fp32']:.2f}: [{style}]{rise:+.1f} %[/] "
+            f"({q['delta_nats_per_token']:+.3f} nats/token), greedy agreement {q['top1_agreement']:.1%}, "
+            f"{q['scored_tokens']} tokens")
+
+
+def describe_fidelity(fid: dict) -> str:
+    """The smoke of one artifact against its quantized reference, in a line."""
+    if fid.get("error"):
+        return f"[red]FAIL[/]: {fid['error']}"
+    cases = fid.get("cases", {})
+    parts = ["[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]"]
+    for name, m in cases.items():
+        if "steps" in m:
+            ties = m.get("near_tie_steps") or []
+            matched = m["steps"] - len(m.get("top1_mismatches", []))
+            parts.append(f"{name}: top-1 matches on {matched} of {m['steps']} steps (teacher-forced)"
+                         + (f", near-tie at step {', '.join(map(str, ties))}" if ties else ""))
+    parts.append(f"min cosine {_case_summary(cases, 'min_cosine')}, max abs diff {_case_summary(cases, 'max_abs_diff')}")
+    failures = [f for m in cases.values() for f in m.get("failures", [])]
+    return ", ".join(parts) + ("; " + "; ".join(failures[:3]) if failures else "")
+
+
 def _case_summary(cases: dict, key: str) -> str:
     values = [m.get(key) for m in cases.values() if m.get(key) is not None]
     return f"{min(values):.4f}" if values else "-"
@@ -73,20 +110,16 @@ def _kv_table(title: str) -> Table:
 def print_export_summary(console: Console, summary: dict) -> None:
     for a in summary["artifacts"]:
         fid = a["lowering_fidelity"] or {}
-        cases = fid.get("cases", {})
-        tokens = [m.get("tokens_match") or m.get("near_tie") for m in cases.values() if "tokens_match" in m]
-        q = a["quantization_quality"] or {}
         table = _kv_table(f"{a['backend']} artifact")
         table.add_row("file", a["path"])
         table.add_row("size", f"{_mb(a['bytes'])}  ({a['ratio_to_ideal']:.2f}× the ideal {_mb(a['ideal_bytes'])})")
-        table.add_row("smoke vs quantized eager",
-                      ("[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]")
-                      + (f", greedy tokens {'match' if all(tokens) else 'DIFFER'}" if tokens else "")
-                      + "".join(f" (until a near-tie at step {m['first_token_mismatch']})" for m in cases.values() if m.get("near_tie"))
-                      + f", min cosine {_case_summary(cases, 'min_cosine')}, max abs diff {_case_summary(cases, 'max_abs_diff')}")
-        table.add_row("quality vs fp32 eager",
-                      f"min cosine {_case_summary(q, 'min_cosine')}"
-                      + (f", top-1 agreement {_case_summary(q, 'top1_agreement')}" if any("top1_agreement" in m for m in q.values()) else ""))
+        table.add_row("smoke vs quantized eager", describe_fidelity(fid))
+        if a.get("text_quality"):
+            table.add_row("quality on text vs fp32", describe_text_quality(a["text_quality"], summary["warn_increase_pct"]))
+        else:
+            vs_fp32 = {n: m["vs_fp32"] for n, m in fid.get("cases", {}).items() if "vs_fp32" in m}
+            table.add_row("quality vs fp32", f"min cosine {_case_summary(vs_fp32, 'min_cosine')} (the artifact on its runtime)"
+                          if vs_fp32 else "-")
         console.print(table)
     if summary.get("precision_plan"):
         console.print(f"precision: {describe_plan(summary['precision_plan'])}", soft_wrap=True)
@@ -97,10 +130,13 @@ def print_export_summary(console: Console, summary: dict) -> None:
     for message in summary["warnings"]:
         console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
     for message in summary["quality_failures"]:
-        console.print(f"[red]quality gate:[/] {message}", soft_wrap=True)
-    if summary["bundle"]:
+        console.print(f"[bold red]quality gate failed:[/] {message}", soft_wrap=True)
+    if summary["bundle"] and summary["bundle_passed"]:
         console.print(f"bundle: {summary['bundle']}", soft_wrap=True)
-    print_integration(console, summary["integration"])
+        print_integration(console, summary["integration"])
+    elif summary["bundle"]:
+        console.print(f"[red]not written:[/] the failed export is kept for inspection in {summary['bundle']}; "
+                      f"an earlier bundle at {summary['bundle'].removesuffix('.failed')} is untouched", soft_wrap=True)
     console.print("[green]OK[/]" if summary["ok"] else f"[red]FAILED[/] (exit {summary['exit_code']})")
 
 
@@ -129,8 +165,9 @@ def print_smoke(console: Console, results) -> None:
             table.add_row(r.backend, r.runtime, "-", "[red]ERROR[/]", "-", "-", r.error)
         for name, m in r.cases.items():
             verdict = "[green]pass[/]" if not m["failures"] else "[red]FAIL[/] " + "; ".join(m["failures"])
-            tokens = "-" if "tokens_match" not in m else ("match" if m["tokens_match"] else f"differ @ {m['first_token_mismatch']}"
-                                                            + (" (near-tie)" if m.get("near_tie") else ""))
+            tokens = "-" if "steps" not in m else (
+                f"{m['steps'] - len(m.get('top1_mismatches', []))}/{m['steps']} top-1"
+                + (f", near-tie @ {', '.join(map(str, m['near_tie_steps']))}" if m.get("near_tie_steps") else ""))
             table.add_row(r.backend, r.runtime, name, verdict, tokens, str(m.get("min_cosine", "-")), str(m.get("max_abs_diff", "-")))
     console.print(table)
 
@@ -177,12 +214,23 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
         for label, text in embedded_metadata(bundle, a):
             table.add_row(f"in file: {label}", text)
         if a["backend"] in fidelity:
-            r = fidelity[a["backend"]]
-            table.add_row("smoke", ("pass" if r["passed"] else "FAIL") + "; "
-                          + "; ".join(f"{n}: cosine {m.get('min_cosine')}" for n, m in r["cases"].items()))
+            table.add_row("smoke at export", describe_fidelity(fidelity[a["backend"]]))
+        text = manifest.get("quality", {}).get("artifacts", {}).get(a["backend"])
+        if text:
+            table.add_row("quality on text", describe_text_quality(text, manifest["quality"]["warn_increase_pct"]))
         console.print(table)
+    if manifest.get("quality"):
+        t = manifest["quality"]["text"]
+        console.print(f"quality measured on {t['source']}: {t['scored_tokens']} tokens in {t['windows']} windows, "
+                      f"each after a {t['prefill']}-token prefill; fails above +{manifest['quality']['max_increase_pct']:g} %",
+                      soft_wrap=True, highlight=False)
     for f in manifest["failures"]:
         console.print(f"[red]failed:[/] {f['backend']}: {f['message']}", soft_wrap=True)
+    verdict = manifest["verdict"]
+    console.print("[green]verdict: passed[/]" if verdict["passed"] else "[bold red]verdict: FAILED[/] ("
+                  + "; ".join(verdict["failures"]) + ")", soft_wrap=True)
+    for w in verdict["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
 
 
 def doctor_report() -> dict:

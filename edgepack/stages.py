@@ -50,13 +50,14 @@ class TokenizerFacts:
     add_bos: bool
     runner_check: dict = field(default_factory=dict)  # HF tokenizers vs the on-device runner's tokenizer
     chat_example: dict | None = None  # a two-turn conversation rendered with the template, and its ids
+    warnings: tuple[str, ...] = ()  # what the app should know but does not stop the export
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     name: str
     source: str
-    source_kind: Literal["hf-dir", "pt2", "factory"]
+    source_kind: Literal["hf-dir", "gguf", "pt2", "factory"]
     task: Task
     module: nn.Module = field(repr=False)
     parameter_count: int

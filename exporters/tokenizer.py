@@ -58,8 +58,9 @@ def _read_json(path: Path) -> dict:
         raise InputError(f"{path}: not valid JSON ({e})", hint="restore the file from the original model") from e
 
 
-def read_tokenizer(model_dir: Path, config, *, check_runner: bool) -> TokenizerFacts:
-    """check_runner: compare with the on-device LLM runner's tokenizer (causal LMs only)."""
+def read_tokenizer(model_dir: Path, config, *, check_runner: bool, model_rows: int | None = None) -> TokenizerFacts:
+    """check_runner: compare with the on-device LLM runner's tokenizer (causal LMs only).
+    model_rows: the model's embedding rows; every id the tokenizer can produce must fit them."""
     files = tuple(name for name in TOKENIZER_FILES if (model_dir / name).is_file())
     if not any(name in files for name in _USABLE):
         raise InputError(
@@ -85,6 +86,10 @@ def read_tokenizer(model_dir: Path, config, *, check_runner: bool) -> TokenizerF
         eos += [i for i in _ids(source) if i not in eos]
     probe = tok("a").input_ids
     chat_template = tok.chat_template if isinstance(tok.chat_template, str) else None
+    chat_example = render_chat_example(tok) if chat_template else None
+    warnings = () if model_rows is None else check_vocabulary(
+        tok, model_rows, {"bos": [bos], "eos": eos, "pad": [pad],
+                          "the chat template's example": chat_example["ids"] if chat_example else []}, model_dir)
     return TokenizerFacts(
         directory=model_dir,
         files=files,
@@ -94,8 +99,31 @@ def read_tokenizer(model_dir: Path, config, *, check_runner: bool) -> TokenizerF
         chat_template=chat_template,
         add_bos=bool(probe) and bos is not None and probe[0] == bos,
         runner_check=check_runner_tokenizer(model_dir, [bos, *eos, pad]) if check_runner else {},
-        chat_example=render_chat_example(tok) if chat_template else None,
+        chat_example=chat_example,
+        warnings=warnings,
     )
+
+
+def check_vocabulary(tok, rows: int, used: dict[str, list], model_dir: Path) -> tuple[str, ...]:
+    """Every id the tokenizer can produce must index the model's embedding (rows), or a phone
+    reads past the table. An ordinary token beyond it, or a special token the model is asked to
+    use (bos, eos, pad, the chat template's), is an error. A special token nobody uses is a
+    warning only: text never produces it unless it spells the token out."""
+    beyond = sorted(i for i in tok.get_vocab().values() if i >= rows)
+    if not beyond:
+        return ()
+    special = {i for i, added in tok.added_tokens_decoder.items() if added.special}
+    wanted = {f"{what} id {i}" for what, ids in used.items() for i in ids if i is not None and i >= rows}
+    ordinary = [i for i in beyond if i not in special]
+    if wanted or ordinary:
+        found = sorted(wanted) + ([f"{len(ordinary)} ordinary token(s) from id {ordinary[0]}"] if ordinary else [])
+        raise InputError(f"{model_dir}: the tokenizer produces ids the model's {rows}-row embedding does not have: "
+                         f"{', '.join(found)} (largest id {beyond[-1]})",
+                         hint="the tokenizer files and the weights must come from the same model")
+    names = [tok.convert_ids_to_tokens(i) for i in beyond]
+    return (f"the tokenizer has {len(beyond)} special token(s) beyond the model's {rows}-row embedding "
+            f"({', '.join(map(str, names[:4]))}{' ...' if len(names) > 4 else ''}); they are not bos, eos, pad or "
+            f"in the chat template, but text that spells them out would index past the table on a device",)
 
 
 def check_runner_tokenizer(model_dir: Path, special_ids: list[int | None]) -> dict:

@@ -1,8 +1,9 @@
 """Runs inside the emulated arm64 Python (numpy and the runtimes' aarch64 wheels, no torch, no
 jsonschema): replays a bundle's golden cases through the same runtime adapters as the host
 (smoke.host_replay) and writes each case's raw outputs to OUT/<backend>/<case>.npz (or the error
-to OUT/<backend>/error.txt) and the machine it ran on to OUT/machine.txt. Judging happens on the
-host, with the host's code.
+to OUT/<backend>/error.txt) and the machine it ran on to OUT/machine.txt; greedy cases twice,
+teacher-forced on the backend's reference tokens (<case>.forced.npz) and free-running. Judging
+happens on the host, with the host's code.
 
   python -m edgepack.packaging.arm64_worker BUNDLE OUT BACKEND..."""
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepack.packaging.smoke import golden_cases, host_replay
+from edgepack.packaging.smoke import expected_output, golden_cases, host_replay
 
 
 def replay_all(bundle: Path, out: Path, backends: list[str]) -> None:
@@ -32,9 +33,13 @@ def replay_all(bundle: Path, out: Path, backends: list[str]) -> None:
         folder.mkdir(parents=True)
         try:
             run = host_replay(bundle, artifact)
-            for case, _ in cases:
-                actual = run(case)
-                np.savez(folder / f"{case.name}.npz", **dict(zip(actual.names, actual.arrays)))
+            for case, refs in cases:
+                runs = {case.name: None}
+                if case.kind == "greedy":
+                    runs[f"{case.name}.forced"] = expected_output(bundle, refs[backend])
+                for name, forced in runs.items():
+                    actual = run(case, forced)
+                    np.savez(folder / f"{name}.npz", **dict(zip(actual.names, actual.arrays)))
         except Exception as e:  # recorded for the host, which reports it as this backend's failure
             (folder / "error.txt").write_text(f"{type(e).__name__}: {e}")
             traceback.print_exc()

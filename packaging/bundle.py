@@ -1,5 +1,7 @@
-"""Write a bundle: stage every file in a hidden directory beside the destination, then rename it
-into place, so a bundle appears complete or not at all. The archive is deterministic."""
+"""Write a bundle: stage every file in a hidden directory beside the destination, check it, then
+rename it into place, so a bundle appears complete or not at all. An export that failed its checks
+lands beside it as NAME.failed/ and never replaces NAME/. The archive is deterministic. Readers
+verify every file against the manifest's index before trusting it (verify_bundle)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepack.errors import InputError
+from edgepack.errors import BundleIntegrityError, InputError
 from edgepack.stages import Artifact, Bundle, CapturedModel
 from edgepack.packaging.device_smoke import device_files
-from edgepack.packaging.manifest import build_manifest, write_manifest
+from edgepack.packaging.manifest import build_manifest, read_manifest, write_manifest
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -46,6 +48,42 @@ def directory_digest(path: Path) -> dict:
     return artifact_digest(files, "d")
 
 
+FAILED_SUFFIX = ".failed"
+ARCHIVE_SUFFIX = ".edgepack.zip"
+# A name becomes a folder NAME/ (or NAME.failed/) and an archive NAME.edgepack.zip: it must stay
+# one path component on every file system a bundle is copied to.
+_NAME_MAX_BYTES = 200
+
+
+def check_bundle_name(name: str) -> None:
+    """A bundle name is a plain file name: not empty, no path separator, not '.' or '..', no
+    leading dot (hidden, and the staging folders' prefix), no control characters. Any script."""
+    problem = None
+    if not name or not name.strip():
+        problem = "is empty"
+    elif any(sep in name for sep in ("/", "\\", os.sep)):
+        problem = "contains a path separator"
+    elif name.startswith("."):
+        problem = "starts with a dot ('.', '..' and hidden names are not bundle names)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "contains a control character"
+    elif name != name.strip():
+        problem = "starts or ends with white space"
+    elif name.endswith(FAILED_SUFFIX):
+        problem = f"ends with {FAILED_SUFFIX!r}, which marks failed exports"
+    elif len(name.encode("utf-8")) > _NAME_MAX_BYTES:
+        problem = f"is longer than {_NAME_MAX_BYTES} bytes"
+    if problem:
+        raise InputError(f"--name {name!r} {problem}",
+                         hint="give a plain file name such as 'smollm2-int4'; the bundle goes to --out/NAME/")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_writable(out_dir: Path) -> None:
     """Fail before any work if the bundle could not be written."""
     probe_dir = out_dir
@@ -57,12 +95,17 @@ def check_writable(out_dir: Path) -> None:
 
 
 class StagedBundle:
-    """A bundle under construction. Leaving the `with` block by an exception removes it."""
+    """A bundle under construction. Leaving the `with` block by an exception removes it. Files and
+    folders get the user's umask, as any file they write would (mkdtemp's 0700 is not kept), and
+    every file written is indexed for the manifest."""
 
     def __init__(self, out_dir: Path, name: str):
         self.final = out_dir / name
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.umask = _umask()
         self.root = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
+        self.root.chmod(0o777 & ~self.umask)
+        self.index: dict[str, dict] = {}
 
     def __enter__(self) -> "StagedBundle":
         return self
@@ -71,12 +114,14 @@ class StagedBundle:
         if self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def write(self, relpath: str, data: bytes, mode: int = 0o644) -> dict:
+    def write(self, relpath: str, data: bytes, executable: bool = False) -> dict:
         path = self.root / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in reversed(path.relative_to(self.root).parents[:-1]):
+            (self.root / folder).mkdir(mode=0o777 & ~self.umask, exist_ok=True)
         path.write_bytes(data)
-        path.chmod(mode)
-        return {"sha256": sha256_bytes(data), "bytes": len(data)}
+        path.chmod((0o777 if executable else 0o666) & ~self.umask)
+        self.index[relpath] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+        return dict(self.index[relpath])
 
     def write_array(self, relpath: str, array: np.ndarray) -> str:
         buffer = io.BytesIO()
@@ -109,8 +154,8 @@ def stage_contents(staging: StagedBundle, captured: CapturedModel, quant, artifa
             for name, array in zip(out.names, out.arrays):
                 case_files[(case.name, source, name)] = staging.write_array(
                     f"smoke/{case.name}/expected.{source}.{name}.npy", array)
-    for relpath, data, mode in device_files(captured, artifacts):
-        staging.write(relpath, data, mode)
+    for relpath, data, executable in device_files(captured, artifacts):
+        staging.write(relpath, data, executable)
     return build_manifest(captured, quant, artifacts, artifact_files, tokenizer_files, case_files, failures)
 
 
@@ -126,22 +171,101 @@ def write_archive(root: Path, archive: Path, prefix: str) -> None:
             zf.writestr(info, path.read_bytes(), compresslevel=6)
 
 
-def commit(staging: StagedBundle, manifest: dict) -> Bundle:
-    """Write the manifest and archive, then move the staged directory into place."""
+def commit(staging: StagedBundle, manifest: dict, *, passed: bool) -> Bundle:
+    """Write the manifest (with the index of every file) and the archive, then move the staged
+    directory into place: to NAME/ when the export passed, replacing an earlier bundle only then;
+    to NAME.failed/ (replacing an earlier failed one) when it did not, so a failed export never
+    touches a good bundle."""
+    manifest["files"] = [{"path": path, **info} for path, info in sorted(staging.index.items())]
     write_manifest(manifest, staging.root / "manifest.json")
-    final = staging.final
-    archive_name = f"{final.name}.edgepack.zip"
+    name = staging.final.name
+    final = staging.final if passed else staging.final.with_name(name + FAILED_SUFFIX)
+    archive_name = f"{name}{ARCHIVE_SUFFIX}"
     tmp_archive = staging.root.parent / f".{archive_name}.partial-{os.getpid()}"
     try:
-        write_archive(staging.root, tmp_archive, prefix=final.name)
+        write_archive(staging.root, tmp_archive, prefix=name)
         os.replace(tmp_archive, staging.root / archive_name)
     finally:
         tmp_archive.unlink(missing_ok=True)
-    if final.exists():
+    if final.exists() or final.is_symlink():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-        os.replace(staging.root, final)
+        try:
+            os.replace(staging.root, final)
+        except OSError:
+            os.replace(old, final)  # put the earlier bundle back before reporting
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging.root, final)
     return Bundle(final, final / archive_name, manifest)
+
+
+def _inside(bundle: Path, relpath: str) -> Path:
+    """The file `relpath` names inside `bundle`, refusing paths that leave it (absolute, '..',
+    or through a symbolic link)."""
+    if not relpath or Path(relpath).is_absolute() or ".." in Path(relpath).parts or "\\" in relpath:
+        raise BundleIntegrityError(f"{bundle}: the manifest names a path outside the bundle: {relpath!r}",
+                                   hint="the manifest was edited by hand or is not an edgepack manifest; re-export")
+    path = bundle / relpath
+    root = bundle.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise BundleIntegrityError(f"{bundle}: {relpath} leads outside the bundle (a symbolic link)",
+                                   hint="copy the bundle with its files, not links; or re-export")
+    return path
+
+
+def _file_digest(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
+def referenced_paths(manifest: dict) -> list[str]:
+    """Every file or folder path the manifest's sections name (all of them must be indexed)."""
+    paths = [a["path"] for a in manifest["artifacts"]]
+    paths += [f["path"] for f in (manifest.get("tokenizer") or {}).get("files", [])]
+    for case in manifest["smoke"]["cases"]:
+        paths += [i["path"] for i in case["inputs"]]
+        paths += [ref["path"] for refs in case["expected"].values() for ref in refs.values()]
+    return paths
+
+
+def verify_bundle(bundle: Path, manifest: dict) -> None:
+    """Refuse a bundle whose files are not exactly those its manifest indexes: every indexed file
+    present with its sha256 and size, every path inside the bundle, every path the manifest's
+    sections name indexed, and no other file (the archive aside, which holds the manifest)."""
+    index = {}
+    for entry in manifest["files"]:
+        path = _inside(bundle, entry["path"])
+        if not path.is_file():
+            raise BundleIntegrityError(f"{bundle}: {entry['path']} is missing (the manifest lists it)",
+                                       hint="restore the bundle from its archive or re-export")
+        found = _file_digest(path)
+        if found != {"sha256": entry["sha256"], "bytes": entry["bytes"]}:
+            raise BundleIntegrityError(
+                f"{bundle}: {entry['path']} does not match the manifest (sha256 {found['sha256'][:12]}…, "
+                f"{found['bytes']} bytes; the manifest says {entry['sha256'][:12]}…, {entry['bytes']} bytes)",
+                hint="the file was changed after export; restore the bundle from its archive or re-export")
+        index[entry["path"]] = entry
+    for relpath in referenced_paths(manifest):
+        _inside(bundle, relpath)
+        if relpath not in index and not any(p.startswith(relpath.rstrip("/") + "/") for p in index):
+            raise BundleIntegrityError(f"{bundle}: the manifest names {relpath}, which its file index does not list",
+                                       hint="the manifest was edited by hand; re-export")
+    own = {"manifest.json", f"{manifest['name']}{ARCHIVE_SUFFIX}"}
+    extra = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*")
+                   if (p.is_file() or p.is_symlink()) and p.relative_to(bundle).as_posix() not in set(index) | own)
+    if extra:
+        raise BundleIntegrityError(f"{bundle}: {len(extra)} file(s) the manifest does not list: {', '.join(extra[:5])}"
+                                   + (" ..." if len(extra) > 5 else ""),
+                                   hint="a bundle holds only what edgepack wrote; remove them or re-export")
+
+
+def read_bundle(bundle: Path) -> dict:
+    """A bundle's manifest, after checking the bundle holds exactly the files it indexes."""
+    manifest = read_manifest(bundle)
+    verify_bundle(bundle, manifest)
+    return manifest

@@ -87,10 +87,10 @@ def cases_json(captured, artifacts) -> bytes:
 
 
 def device_files(captured, artifacts) -> list[tuple[str, bytes, int]]:
-    """(path in the bundle, bytes, mode) of the device smoke files every bundle carries."""
-    files = [("smoke/cases.json", cases_json(captured, artifacts), 0o644)]
+    """(path in the bundle, bytes, executable) of the device smoke files every bundle carries."""
+    files = [("smoke/cases.json", cases_json(captured, artifacts), False)]
     for target in TARGETS.values():
-        files.append((f"smoke/{target.script}", (SCRIPTS_DIR / target.script).read_bytes(), 0o755))
+        files.append((f"smoke/{target.script}", (SCRIPTS_DIR / target.script).read_bytes(), True))
     return files
 
 

@@ -14,7 +14,7 @@ import jsonschema
 from edgepack import __version__
 from edgepack.errors import InputError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 TOOLCHAIN = ("torch", "transformers", "tokenizers", "numpy", "executorch", "torchao", "pytorch-tokenizers",
              "coremltools", "litert-torch", "ai-edge-quantizer", "ai-edge-litert", "litert-lm-builder",
@@ -62,8 +62,14 @@ def read_manifest(bundle: Path) -> dict:
                          hint="pass the directory `edgepack export` wrote, e.g. dist/<name>")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: not an edgepack manifest (a JSON {type(manifest).__name__})")
+    found = manifest.get("schema_version")
+    if found != SCHEMA_VERSION:
+        raise InputError(f"{path}: written with manifest schema {found!r}; this edgepack reads {SCHEMA_VERSION}",
+                         hint=f"re-export the model with edgepack {__version__}")
     validate(manifest, str(path))
     return manifest
 

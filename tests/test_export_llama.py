@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgepack.packaging.manifest import read_manifest
-from tests.conftest import export_json, run_cli
+from tests.conftest import export_json, resign, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -73,11 +73,12 @@ def test_pte_decodes_like_the_quantized_model_for_16_steps(llama_export):
     fidelity = manifest["comparisons"]["lowering_fidelity"]["executorch"]
     greedy = fidelity["cases"]["greedy"]
     assert fidelity["passed"] and greedy["tokens_match"] and greedy["top1_agreement"] == 1.0
-    assert greedy["min_cosine"] >= 0.99
+    assert greedy["min_cosine"] >= 0.99 and greedy["steps_verified"] == 16 and greedy["free_running"]["tokens_match"]
     tokens = np.load(llama_export[2] / manifest["smoke"]["cases"][0]["expected"]["executorch"]["tokens"]["path"])
     assert tokens.shape == (16,)
+    # the fitted tiny model at int4: measurably off fp32 (quantization happened), not broken
     quality = manifest["comparisons"]["quantization_quality"]["executorch"]["greedy"]
-    assert 0.0 < quality["min_cosine"] <= 1.0 and 0.0 <= quality["top1_agreement"] <= 1.0
+    assert 0.9 < quality["min_cosine"] < 0.9999 and quality["top1_agreement"] >= 0.75, quality
 
 
 def test_executorch_llm_runner_generates_the_golden_tokens(llama_export):
@@ -108,16 +109,20 @@ def test_smoke_command_passes_and_reports_json(llama_export):
     assert report["ok"] and report["results"]["executorch"]["cases"]["greedy"]["tokens_match"]
 
 
-def test_smoke_fails_on_a_corrupted_expected_output(bundle_copy):
+def test_smoke_compares_every_step_with_the_expected_logits(bundle_copy):
+    """The expected answers changed at step 3 (and the bundle's index rewritten to match): the
+    teacher-forced replay catches the step, and every later one is still compared."""
     manifest = read_manifest(bundle_copy)
-    ref = manifest["smoke"]["cases"][0]["expected"]["executorch"]["tokens"]
-    tokens = np.load(bundle_copy / ref["path"])
-    tokens[3] = (tokens[3] + 1) % 512
-    np.save(bundle_copy / ref["path"], tokens)
+    ref = manifest["smoke"]["cases"][0]["expected"]["executorch"]["logits"]
+    logits = np.load(bundle_copy / ref["path"])
+    logits[3] = np.roll(logits[3], 1)
+    np.save(bundle_copy / ref["path"], logits)
+    resign(bundle_copy)
     result = run_cli("smoke", bundle_copy, "--json")
     assert result.exit_code == 1
     case = json.loads(result.stdout)["results"]["executorch"]["cases"]["greedy"]
-    assert case["first_token_mismatch"] == 3 and not case["tokens_match"]
+    assert [m["step"] for m in case["top1_mismatches"]] == [3] and case["steps_verified"] == 16
+    assert any("top-1 differs at step 3" in f for f in case["failures"])
 
 
 def test_smoke_rejects_a_tampered_manifest(bundle_copy):
@@ -126,7 +131,7 @@ def test_smoke_rejects_a_tampered_manifest(bundle_copy):
     del manifest["artifacts"][0]["sha256"]
     path.write_text(json.dumps(manifest))
     result = run_cli("smoke", bundle_copy)
-    assert result.exit_code == 2 and "sha256" in result.stderr
+    assert result.exit_code == 2 and "sha256" in result.stderr and "manifest does not match schema" in result.stderr
 
 
 def test_inspect_prints_tables_and_json(llama_export):

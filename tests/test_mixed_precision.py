@@ -123,6 +123,7 @@ def test_export_records_the_plan_and_off_turns_it_off(bert_dir, tiny_bert_captur
         assert fidelity["passed"] and all(c["min_cosine"] >= 0.999 for c in fidelity["cases"].values()), fidelity
     result = run_cli("export", bert_dir, "--target", "onnx", "--pooling", "mean", "--min-cosine", "0.998",
                      "--mixed-precision", "off", "--out", tmp_path / "off")
-    quant = read_manifest(tmp_path / "off" / "tiny-bert")["quantization"]
-    assert "overrides" not in quant and "plan" not in quant
     assert result.exit_code == 1 and "< --min-cosine 0.998" in result.stderr  # all-int4 misses the floor
+    assert not (tmp_path / "off" / "tiny-bert").exists()  # a failed export is kept aside, never as the bundle
+    quant = read_manifest(tmp_path / "off" / "tiny-bert.failed")["quantization"]
+    assert "overrides" not in quant and "plan" not in quant

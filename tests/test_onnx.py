@@ -18,13 +18,6 @@ from edgepack.quant import QuantSpec
 from tests.conftest import REPO_ROOT, export_json, run_cli
 
 
-@pytest.fixture(scope="session")
-def onnx_export(llama_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist-onnx")
-    code, summary = export_json(str(llama_dir), "--target", "onnx", "--out", str(out))
-    return code, summary, out / "tiny-llama"
-
-
 def _model(path: Path):
     import onnx
 

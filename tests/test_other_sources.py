@@ -29,8 +29,9 @@ def test_bert_encoder_exports_with_4bit_weights(bert_dir, tmp_path):
     [method] = manifest["artifacts"][0]["methods"]
     assert [i["name"] for i in method["inputs"]] == ["input_ids", "attention_mask"]
     assert method["inputs"][0]["shape"] == [1, "seq_len"]
-    quality = manifest["comparisons"]["quantization_quality"]["executorch"]
-    assert all(0.5 < c["min_cosine"] <= 1.0 for c in quality.values())
+    # the artifact against fp32 on its runtime: int4 costs the tiny random BERT a little, not more
+    vs_fp32 = [c["vs_fp32"]["min_cosine"] for c in cases.values()]
+    assert all(0.95 <= c < 0.99999 for c in vs_fp32), vs_fp32
 
 
 def test_factory_module(tmp_path):

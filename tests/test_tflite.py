@@ -11,17 +11,9 @@ import pytest
 
 from edgepack.cases import compare, run_case
 from edgepack.packaging.manifest import read_manifest
-from tests.conftest import REPO_ROOT, export_json, run_cli
+from tests.conftest import LLAMA_BACKEND_OPTIONS, REPO_ROOT, export_json, run_cli
 
-PREFILL = ("--prefill-len", "4", "--prefill-len", "8")  # two signatures; the smoke prompt needs chunks
-
-
-@pytest.fixture(scope="session")
-def tflite_export(llama_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist-tflite")
-    code, summary = export_json(str(llama_dir), "--target", "tflite", *PREFILL, "--tflite-bundle", "litertlm",
-                                "--out", str(out))
-    return code, summary, out / "tiny-llama"
+PREFILL = LLAMA_BACKEND_OPTIONS["tflite"][:4]  # two signatures; the smoke prompt needs chunks
 
 
 def _interpreter(path: Path):

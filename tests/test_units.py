@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from edgepack.cases import CaseOutput, Tolerance, compare, cosine, decode_greedy, within
+from edgepack.cases import CaseOutput, Tolerance, compare, compare_free_running, cosine, decode_greedy, within
 from edgepack.errors import InputError
 from edgepack.quant import QuantSpec
 
@@ -45,35 +45,53 @@ def test_compare_detects_token_and_value_drift():
     ref = CaseOutput(("tokens", "logits"), (np.arange(4), logits))
     same = compare(ref, ref)
     assert same["tokens_match"] and same["min_cosine"] == 1.0 and same["max_abs_diff"] == 0.0
-    assert within(same, Tolerance(0.99)) == []
-    drifted = CaseOutput(("tokens", "logits"), (np.array([0, 1, 3, 3]), logits + np.eye(4, 8) * -5))
-    metrics = compare(ref, drifted)
-    assert metrics["first_token_mismatch"] == 2 and metrics["top1_agreement"] == 0.75
-    assert any("tokens differ from step 2" in r for r in within(metrics, Tolerance(0.99)))
+    assert same["steps"] == same["steps_verified"] == 4 and within(same, Tolerance(0.99)) == []
+    drifted = logits.copy()
+    drifted[2] = np.eye(8)[3] * 5  # step 2 prefers token 3 by 5: no near-tie
+    metrics = compare(ref, CaseOutput(("tokens", "logits"), (drifted.argmax(1), drifted)))
+    assert metrics["top1_agreement"] == 0.75 and [m["step"] for m in metrics["top1_mismatches"]] == [2]
+    assert any("top-1 differs at step 2" in r for r in within(metrics, Tolerance(0.5)))
 
 
-def test_free_running_compare_stops_at_the_first_mismatch_and_reports_the_margin():
+def test_teacher_forced_compare_judges_every_step_and_excuses_only_true_near_ties():
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(4, 8)).astype(np.float32)
+    logits = rng.normal(size=(6, 8)).astype(np.float32)
     logits[1, :2] = [3.0, 2.95]  # a near-tie at step 1: top-2 margin 0.05
     ref = CaseOutput(("tokens", "logits"), (logits.argmax(1), logits))
-    other = logits.copy()
-    other[1, 1] = 3.1  # the artifact breaks the tie the other way...
-    other[2:] = rng.normal(size=(2, 8))  # ...and decodes a different context from then on
-    metrics = compare(ref, CaseOutput(("tokens", "logits"), (other.argmax(1), other)))
-    assert metrics["first_token_mismatch"] == 1
-    assert metrics["reference_margin_at_mismatch"] == pytest.approx(0.05, abs=1e-5)
-    assert metrics["min_cosine"] > 0.9  # judged on steps 0..1 only, not on the diverged steps
+    flipped = logits.copy()
+    flipped[1, 1] = 3.1  # the artifact breaks the tie the other way, nothing else moves
+    metrics = compare(ref, CaseOutput(("tokens", "logits"), (flipped.argmax(1), flipped)))
+    [m] = metrics["top1_mismatches"]
+    assert m["step"] == 1 and m["reference_margin"] == pytest.approx(0.05, abs=1e-5)
     # no noise anywhere else: the flip is not explained by numerics, so it fails
-    assert metrics["noise_at_mismatch"] == 0.0 and not metrics["near_tie"]
+    assert m["noise"] == 0.0 and not m["near_tie"] and metrics["steps_verified"] == 6
     assert "preferred its token by 0.05" in within(metrics, Tolerance(0.99))[0]
-    # the same flip from an artifact whose logits are all 0.1 off: a near-tie, not a failure
-    noisy = other.copy()
+    # the same flip from an artifact whose logits are 0.1 off elsewhere: a near-tie, and the
+    # steps after it are still judged: a later step that breaks is caught
+    noisy = flipped.copy()
     noisy[0] += 0.1
     tie = compare(ref, CaseOutput(("tokens", "logits"), (noisy.argmax(1), noisy)))
-    assert tie["near_tie"] and tie["steps_verified"] == 2 and within(tie, Tolerance(0.99)) == []
-    forced = compare(ref, CaseOutput(("tokens", "logits"), (other.argmax(1), other)), free_running=False)
-    assert "reference_margin_at_mismatch" not in forced and forced["min_cosine"] < 0.9
+    assert tie["near_tie_steps"] == [1] and tie["steps_verified"] == 6 and within(tie, Tolerance(0.99)) == []
+    broken = noisy.copy()
+    broken[4] = rng.normal(size=8) * 5
+    late = compare(ref, CaseOutput(("tokens", "logits"), (broken.argmax(1), broken)))
+    assert within(late, Tolerance(0.99)), late  # cosine at step 4 (and its top-1, unless a tie) fail
+
+
+def test_non_finite_outputs_fail_even_where_the_cosine_would_not_say():
+    logits = np.eye(3, 5, dtype=np.float32) * 4
+    ref = CaseOutput(("tokens", "logits"), (np.arange(3), logits))
+    nan = logits.copy()
+    nan[1, 4] = np.nan
+    metrics = compare(ref, CaseOutput(("tokens", "logits"), (np.arange(3), nan)))
+    assert metrics["non_finite"] == 1 and "non-finite" in within(metrics, Tolerance(0.5))[0]
+
+
+def test_free_running_compare_says_where_greedy_paths_part():
+    exp = CaseOutput(("tokens", "logits"), (np.array([1, 2, 3, 4]), np.zeros((4, 5))))
+    act = CaseOutput(("tokens", "logits"), (np.array([1, 2, 0, 4]), np.zeros((4, 5))))
+    assert compare_free_running(exp, act) == {"tokens_match": False, "first_token_mismatch": 2}
+    assert compare_free_running(exp, exp) == {"tokens_match": True, "first_token_mismatch": None}
 
 
 def test_compare_reports_shape_mismatch():

@@ -1,0 +1,133 @@
+"""Per family, in seconds: every form edgepack gives a decoder LM answers like Hugging Face's own
+forward (`AutoModelForCausalLM`, the whole prompt at once), step by step through its KV cache, on a
+prompt longer than any sliding window: the captured model (the golden fp32 answers come from it),
+ExecuTorch's fast path (llama::custom_sdpa / update_cache), the TFLite signature modules and the
+ONNX (onnxruntime-genai) decoder. A wrapper that drops a window mask, a rotary position or a cache
+write fails here, whatever the backends then do with it."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from edgepack.demo import DECODER_CONFIGS, decoder_config
+from edgepack.exporters.architectures import FAMILIES, linearize, model_facts
+from edgepack.exporters.decoder import ExplicitCacheLM, StaticCacheLM
+
+PROMPT = 40  # > every test config's sliding window (16)
+PREFILL = 8  # the first chunk, then one token per call
+MAX_SEQ_LEN = 64
+TOLERANCE = 2e-4  # fp32 logits of a random tiny model are O(1); kernels reorder sums
+
+
+def _model(family: str):
+    torch.manual_seed(0)
+    config = decoder_config(family)
+    config._attn_implementation = "eager"
+    from transformers import AutoModelForCausalLM
+
+    model = linearize(AutoModelForCausalLM.from_config(config)).eval().requires_grad_(False)
+    family_row = next(f for f in FAMILIES if config.model_type in f.model_types)
+    return model, model_facts(family_row, config)
+
+
+def _prompt(vocab: int) -> torch.Tensor:
+    return torch.randint(4, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+
+
+def _reference(model, tokens) -> np.ndarray:
+    """Hugging Face's own forward: the logits after each prompt position from PREFILL - 1 on."""
+    with torch.no_grad():
+        return model(input_ids=tokens).logits[0, PREFILL - 1:].numpy()
+
+
+def _stepwise(call, tokens) -> np.ndarray:
+    """forward(tokens [1, T], input_pos [1]) -> logits: the prefill chunk, then one token at a time."""
+    rows = [call(tokens[:, :PREFILL], 0)]
+    rows += [call(tokens[:, p:p + 1], p) for p in range(PREFILL, PROMPT)]
+    return np.stack([np.asarray(r).reshape(-1) for r in rows])
+
+
+def _static_cache_call(module):
+    def call(chunk, pos):
+        with torch.no_grad():
+            return module(chunk, torch.tensor([pos])).numpy()
+    return call
+
+
+def _explicit_cache_call(module: ExplicitCacheLM):
+    state = {"cache": module.empty_cache()}
+
+    def call(chunk, pos):
+        with torch.no_grad():
+            out = module(chunk, torch.arange(pos, pos + chunk.shape[1]), state["cache"])
+        state["cache"] = out["kv_cache"]
+        return out["logits"][0, -1].numpy()
+    return call
+
+
+def _slice_write(cache, new, input_pos):
+    """The TFLite cache write (DYNAMIC_UPDATE_SLICE at input_pos[0]) in eager torch."""
+    out = cache.clone()
+    out[:, :, int(input_pos[0]):int(input_pos[0]) + new.shape[2]] = new
+    return out
+
+
+def _check(name: str, got: np.ndarray, want: np.ndarray) -> None:
+    diff = np.abs(got - want).max(axis=1)
+    assert diff.max() < TOLERANCE, f"{name}: logits leave Hugging Face's at prompt position {int(diff.argmax()) + PREFILL - 1} (max abs diff {diff.max():.3g})"
+
+
+FAMILY_NAMES = tuple(DECODER_CONFIGS)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_captured_model_answers_like_hugging_face(family):
+    model, facts = _model(family)
+    tokens = _prompt(facts.vocab_size)
+    _check("StaticCacheLM", _stepwise(_static_cache_call(StaticCacheLM(model, facts, MAX_SEQ_LEN).eval()), tokens),
+           _reference(model, tokens))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_executorch_fast_path_answers_like_hugging_face(family):
+    from edgepack.exporters.executorch_llm import use_llm_custom_ops
+
+    model, facts = _model(family)
+    tokens = _prompt(facts.vocab_size)
+    want = _reference(model, tokens)
+    fast, reason = use_llm_custom_ops(StaticCacheLM(copy.deepcopy(model), facts, MAX_SEQ_LEN).eval())
+    if family == "gemma2":  # logit soft-capping: the plain path stays, and says why
+        assert reason and "soft-capping" in reason
+    else:
+        assert reason is None and type(fast).__name__ == "CustomOpCacheLM"
+    _check("the ExecuTorch fast path", _stepwise(_static_cache_call(fast), tokens), want)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_tflite_signatures_answer_like_hugging_face(family):
+    model, facts = _model(family)
+    tokens = _prompt(facts.vocab_size)
+    module = ExplicitCacheLM(model, facts, MAX_SEQ_LEN, _slice_write).eval()
+    _check("ExplicitCacheLM", _stepwise(_explicit_cache_call(module), tokens), _reference(model, tokens))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_onnx_decoder_answers_like_hugging_face(family):
+    from edgepack.exporters.onnx import GenaiDecoder
+
+    model, facts = _model(family)
+    tokens = _prompt(facts.vocab_size)
+    decoder = GenaiDecoder(model, facts).eval()
+    state = {"past": {f"{k}_{i}": torch.zeros(1, facts.n_kv_heads, 0, facts.head_dim) for i in range(facts.n_layers) for k in "kv"}}
+
+    def call(chunk, pos):
+        with torch.no_grad():
+            logits, *present = decoder(chunk, torch.arange(pos, pos + chunk.shape[1])[None], state["past"])
+        state["past"] = {f"{k}_{i}": present[2 * i + (k == "v")] for i in range(facts.n_layers) for k in "kv"}
+        return logits[0, -1].numpy()
+
+    _check("GenaiDecoder", _stepwise(call, tokens), _reference(model, tokens))

@@ -1,0 +1,233 @@
+"""Every class of bad input, through the real CLI: exit code 2 (or the documented one), one
+`error:` line naming the file or option and a hint, a message that fits one screen, and nothing
+lost: an earlier bundle in the output folder stays byte for byte, and nothing new appears there.
+
+The faults come from trying edgepack as a new user would (issue 20): wrong or missing tensors,
+non-finite weights, a tokenizer beyond the vocabulary, configs of the wrong shape, a file
+passed for its folder, a failing factory, bundle names that are paths, and out-of-range options."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import run_cli
+
+SCREEN_LINES = 24
+
+
+def _digest_tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def out_with_bundle(tmp_path) -> Path:
+    """An output folder that already holds a bundle named like the model (and another one)."""
+    out = tmp_path / "out"
+    for name in ("tiny-llama", "other"):
+        (out / name / "executorch").mkdir(parents=True)
+        (out / name / "manifest.json").write_text(json.dumps({"name": name}))
+        (out / name / "executorch" / "model.pte").write_bytes(name.encode() * 100)
+    return out
+
+
+def _model(llama_dir: Path, tmp_path: Path, change: Callable[[Path], None] | None = None) -> Path:
+    model = tmp_path / "tiny-llama"
+    shutil.copytree(llama_dir, model)
+    if change:
+        change(model)
+    return model
+
+
+def _edit_config(**fields) -> Callable[[Path], None]:
+    def change(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        config.update(fields)
+        (model / "config.json").write_text(json.dumps(config))
+    return change
+
+
+def _write_config(text: str) -> Callable[[Path], None]:
+    return lambda model: (model / "config.json").write_text(text)
+
+
+def _weights(edit: Callable[[dict], dict]) -> Callable[[Path], None]:
+    def change(model: Path) -> None:
+        path = model / "model.safetensors"
+        save_file(edit(load_file(str(path))), str(path))
+    return change
+
+
+def _set_value(name: str, value: float) -> Callable[[dict], dict]:
+    def edit(tensors: dict) -> dict:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[7] = value
+        return tensors
+    return edit
+
+
+def _add_tokens(count: int, special: bool) -> Callable[[Path], None]:
+    def change(model: Path) -> None:
+        from tokenizers import AddedToken, Tokenizer
+
+        tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+        tok.add_tokens([AddedToken(f"<extra_{i}>", special=special) for i in range(count)])
+        tok.save(str(model / "tokenizer.json"))
+    return change
+
+
+BERT_CONFIG = json.dumps({"model_type": "bert", "architectures": ["BertForSequenceClassification"], "hidden_size": 64,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 512})
+
+# name -> (how the model folder is changed, extra CLI arguments, what the message must say)
+MODEL_FAULTS = {
+    "unrelated tensor": (_weights(lambda t: {"foo": torch.zeros(3)}), [],
+                         ["do not match the model config.json describes", "missing", "1 unexpected: foo", "never exports randomly initialised"]),
+    "a missing tensor": (_weights(lambda t: {k: v for k, v in t.items() if k != "model.norm.weight"}), [],
+                         ["1 missing: model.norm.weight"]),
+    "an infinite weight": (_weights(_set_value("model.layers.1.mlp.up_proj.weight", float("inf"))), [],
+                           ["NaN or infinite", "model.layers.1.mlp.up_proj.weight (1 values)"]),
+    "a NaN weight": (_weights(_set_value("model.norm.weight", float("nan"))), [], ["NaN or infinite", "model.norm.weight"]),
+    "tokenizer beyond the embedding": (_add_tokens(200, special=False), [],
+                                       ["512-row embedding does not have", "200 ordinary token(s) from id 512", "largest id 711"]),
+    "BERT config over Llama weights": (_write_config(BERT_CONFIG), [], ["(AutoModel)", "unexpected: model.embed_tokens.weight"]),
+    "config.json is a list": (_write_config("[1, 2]"), [], ["config.json: holds a JSON list, not an object"]),
+    "a layer count in words": (_edit_config(num_hidden_layers="two"), [], ["not a valid llama config", "num_hidden_layers"]),
+    "config.json not JSON": (_write_config("{'model_type': 'llama'"), [], ["config.json: not valid JSON"]),
+    "an unknown architecture": (_edit_config(model_type="mamba"), [], ["'mamba' is not supported", "supported model types: "]),
+    "pickled weights only": (lambda m: (m / "model.safetensors").rename(m / "pytorch_model.bin"), [],
+                             ["no *.safetensors", "pytorch_model.bin", "never unpickles"]),
+    "a truncated safetensors file": (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:5000]), [],
+                                     ["model.safetensors: truncated safetensors file"]),
+    "a garbage safetensors file": (lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 64), [],
+                                   ["model.safetensors: corrupt safetensors file"]),
+    "no tokenizer": (lambda m: [(m / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")], [],
+                     ["no tokenizer found", "--no-tokenizer"]),
+}
+
+# name -> (CLI arguments after the model, what the message must say); none of these loads the model
+OPTION_FAULTS = {
+    "--name .": (["--name", "."], ["--name '.'", "starts with a dot"]),
+    "--name ..": (["--name", ".."], ["--name '..'"]),
+    "--name x/y": (["--name", "x/y"], ["--name 'x/y' contains a path separator"]),
+    "--name ../x": (["--name", "../x"], ["path separator"]),
+    "--name absolute": (["--name", "/tmp/elsewhere"], ["path separator"]),
+    "--name hidden": (["--name", ".hidden"], ["starts with a dot"]),
+    "--name empty": (["--name", ""], ["is empty"]),
+    "--name *.failed": (["--name", "m.failed"], ["marks failed exports"]),
+    "--max-seq-len 0": (["--max-seq-len", "0"], ["--max-seq-len 0 must be at least 2"]),
+    "--max-seq-len beyond the model": (["--max-seq-len", "100000"], ["--max-seq-len 100000 is outside 2..512"]),
+    "--min-cosine -1": (["--min-cosine", "-1"], ["--min-cosine -1.0 must be a number in (0, 1]"]),
+    "--min-cosine nan": (["--min-cosine", "nan"], ["--min-cosine nan"]),
+    "--min-cosine 2": (["--min-cosine", "2"], ["--min-cosine 2.0"]),
+    "--max-ppl-increase -5": (["--max-ppl-increase", "-5"], ["--max-ppl-increase -5.0 must be a percentage >= 0"]),
+    "--max-ppl-increase inf": (["--max-ppl-increase", "inf"], ["--max-ppl-increase inf"]),
+    "--eval-text missing": (["--eval-text", "/nonexistent/text.txt"], ["--eval-text /nonexistent/text.txt: no such file"]),
+    "--group-size 24": (["--group-size", "24"], ["--group-size 24 must be a power of two"]),
+    "--group-size 128 on width 64": (["--group-size", "128"], ["--group-size 128 does not divide"]),
+    "--quant int3": (["--quant", "int3"], ["--quant 'int3' is not a scheme", "int4, int8, none"]),
+    "an unknown target": (["--target", "executorch,vulkan"], ["'vulkan'", "registered backends: executorch"]),
+    "a backend option without its backend": (["--ios-target", "17"], ["coreml options (ios_target)", "--target does not include coreml"]),
+    "--mixed-precision on a decoder": (["--mixed-precision", "auto"], ["--mixed-precision auto applies to encoders"]),
+    "--pooling on a decoder": (["--pooling", "mean"], ["--pooling mean applies to encoders"]),
+}
+
+
+def _assert_refused(result, out: Path, before: dict, needles: list[str], code: int = 2) -> None:
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "a bug in edgepack" not in result.stderr
+    assert len(result.stderr.splitlines()) <= SCREEN_LINES, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+    assert json.loads(result.stdout)["exit_code"] == code
+    assert _digest_tree(out) == before, "the output folder changed"
+    assert sorted(p.name for p in out.iterdir()) == ["other", "tiny-llama"]
+
+
+@pytest.mark.parametrize("fault", MODEL_FAULTS)
+def test_a_bad_model_is_refused_and_nothing_is_lost(fault, llama_dir, tmp_path, out_with_bundle):
+    change, args, needles = MODEL_FAULTS[fault]
+    model = _model(llama_dir, tmp_path, change)
+    before = _digest_tree(out_with_bundle)
+    _assert_refused(run_cli("export", model, *args, "--out", out_with_bundle, "--json"), out_with_bundle, before, needles)
+
+
+@pytest.mark.parametrize("fault", OPTION_FAULTS)
+def test_a_bad_option_is_refused_and_nothing_is_lost(fault, llama_dir, out_with_bundle):
+    args, needles = OPTION_FAULTS[fault]
+    before = _digest_tree(out_with_bundle)
+    _assert_refused(run_cli("export", llama_dir, *args, "--out", out_with_bundle, "--json"), out_with_bundle, before, needles)
+
+
+FACTORIES = {
+    "a syntax error": ("def build(:\n    pass\n", ["factory.py:1: SyntaxError"]),
+    "an exception of its own": ("import torch\n\n\ndef build():\n    raise ValueError('no weights for this size')\n",
+                                ["factory.py:5: ValueError: no weights for this size"]),
+    "an import that fails": ("import not_a_module_anywhere\n\ndef build():\n    pass\n",
+                             ["factory.py:1: ModuleNotFoundError"]),
+    "the wrong return value": ("def build():\n    return 42\n", ["the factory must return (module, example_inputs"]),
+}
+
+
+@pytest.mark.parametrize("fault", FACTORIES)
+def test_a_failing_factory_is_the_users_error_at_their_line(fault, tmp_path, out_with_bundle):
+    code, needles = FACTORIES[fault]
+    (tmp_path / "factory.py").write_text(code)
+    before = _digest_tree(out_with_bundle)
+    result = run_cli("export", f"{tmp_path / 'factory.py'}:build", "--no-tokenizer", "--out", out_with_bundle, "--json")
+    _assert_refused(result, out_with_bundle, before, needles)
+
+
+@pytest.mark.parametrize("inside", ["model.safetensors", "config.json"])
+def test_a_file_inside_a_model_folder_names_the_folder(inside, llama_dir, out_with_bundle):
+    before = _digest_tree(out_with_bundle)
+    result = run_cli("export", llama_dir / inside, "--out", out_with_bundle, "--json")
+    _assert_refused(result, out_with_bundle, before, ["is a file inside a model folder", f"pass the folder: edgepack export {llama_dir}"])
+
+
+def test_a_missing_path(tmp_path, out_with_bundle):
+    before = _digest_tree(out_with_bundle)
+    result = run_cli("export", tmp_path / "nope", "--out", out_with_bundle, "--json")
+    _assert_refused(result, out_with_bundle, before, ["nope: no such model directory or file"])
+
+
+def test_an_output_folder_that_is_a_file(llama_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_cli("export", llama_dir, "--out", blocker / "dist")
+    assert result.exit_code == 2 and "not a writable directory" in result.stderr
+    assert blocker.read_text() == "not a directory"
+
+
+def test_smoke_and_inspect_on_a_folder_that_is_not_a_bundle(tmp_path):
+    for command in ("smoke", "inspect"):
+        result = run_cli(command, tmp_path)
+        assert result.exit_code == 2 and "not an edgepack bundle" in result.stderr
+
+
+def test_a_special_token_beyond_the_embedding_that_nothing_uses_is_a_warning(llama_dir, tmp_path):
+    """The one tokenizer/vocabulary mismatch that is let through: a special token no text produces
+    unless it spells it out, which is not bos, eos, pad or in the chat template."""
+    model = _model(llama_dir, tmp_path, _add_tokens(1, special=True))
+    result = run_cli("export", model, "--target", "onnx", "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    [warning] = [w for w in json.loads(result.stdout)["warnings"] if "beyond the model's 512-row embedding" in w]
+    assert "<extra_0>" in warning and "index past the table" in warning
+
+
+def test_a_unicode_bundle_name_works(llama_dir, tmp_path):
+    result = run_cli("export", llama_dir, "--target", "onnx", "--name", "mödel ü 1", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mödel ü 1" / "manifest.json").is_file()
+    assert (tmp_path / "mödel ü 1" / "mödel ü 1.edgepack.zip").is_file()
+    assert run_cli("smoke", tmp_path / "mödel ü 1").exit_code == 0
