@@ -12,7 +12,7 @@ TFLITE_SUPPORT := tflite-support==0.4.4
 
 REAL_MODEL := build/smollm2-135m-instruct
 
-.PHONY: install demo test clean arm64-env bench real-model
+.PHONY: install demo test test-real-model clean arm64-env bench real-model
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ real-model: install
 # `BENCH_ARGS=--quick` runs a small model of the same architecture in minutes.
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The real model exported to every backend with its verdicts checked (tests/test_real_model.py):
+# about 35 minutes on 2 cores, so not part of `make test`.
+test-real-model: real-model
+	$(BIN)/python -m pytest -m real_model -n 0 tests/test_real_model.py
 
 # arm64 builds of the runtimes under qemu, for `edgepack smoke BUNDLE --on arm64-emulated`: fetched
 # once into build/arm64 (delete it to start over) at the venv's versions, then offline.

@@ -22,10 +22,17 @@ class Tolerance:
 
     min_cosine: float
     max_abs: float | None = None
+    # The reference's min cosine against itself with its linear inputs nudged (capture.NUDGE):
+    # what loosened min_cosine below the default, when it did.
+    nudged_cosine: float | None = None
 
     def as_dict(self) -> dict:
-        return {"min_cosine": self.min_cosine, "max_abs": self.max_abs,
+        return {"min_cosine": self.min_cosine, "max_abs": self.max_abs, "nudged_cosine": self.nudged_cosine,
                 "tokens": "teacher-forced: every step's top-1 must match the reference's, near-ties excused"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tolerance":
+        return cls(d["min_cosine"], d["max_abs"], d.get("nudged_cosine"))
 
 
 @dataclass(frozen=True)

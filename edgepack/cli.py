@@ -17,7 +17,7 @@ from rich.console import Console
 
 from edgepack import __version__
 from edgepack.errors import EXIT_FAILED, EdgepackError, InputError
-from edgepack.packaging.quality import DEFAULT_MAX_INCREASE_PCT, WARN_INCREASE_PCT
+from edgepack.packaging.quality import DEFAULT_BITS_PER_WEIGHT, DEFAULT_MAX_INCREASE_PCT, WARN_INCREASE_PCT
 
 app = typer.Typer(
     add_completion=False,
@@ -66,10 +66,11 @@ def export(
     group_size: int = typer.Option(32, help="Weights per quantization group for int4."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache length for decoder LMs (default: min(config max positions, 2048))."),
     min_cosine: Optional[float] = typer.Option(None, help="Fail (exit 1) if quantized vs fp32 cosine (logits, or an encoder's outputs) falls below this, in (0, 1]; for encoders also the floor mixed precision plans for (default 0.99)."),
-    max_ppl_increase: Optional[float] = typer.Option(None, metavar="PCT", rich_help_panel="Decoder LMs", help=f"Fail (exit 1) if an artifact's perplexity on the evaluation text rises more than PCT % over fp32 (default {DEFAULT_MAX_INCREASE_PCT:g}; a rise over {WARN_INCREASE_PCT:g} % is a warning). Measured here on the real SmolLM2-135M: int4 artifacts +20..40 %, llama.cpp Q4_0 +21 %; broken artifacts several times fp32. Non-finite logits always fail."),
+    max_ppl_increase: Optional[float] = typer.Option(None, metavar="PCT", rich_help_panel="Decoder LMs", help=f"Fail (exit 1) if an artifact's perplexity on the evaluation text rises more than PCT % over fp32 (default {DEFAULT_MAX_INCREASE_PCT:g}; a rise over {WARN_INCREASE_PCT:g} % is a warning). Measured on the real SmolLM2-135M: its int4 artifacts +23..38 % with the default precision plan (README); broken artifacts several times fp32. Non-finite logits always fail."),
     eval_text: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel="Decoder LMs", help="Decoder LMs: the text perplexity is measured on, UTF-8, documents separated by a line '---' (default: a built-in text of ~3,000 tokens mixing prose in six languages, code and dialogue, apart from any calibration text). Each artifact runs it on its own runtime through the KV cache, as an app decodes."),
-    mixed_precision: Optional[str] = typer.Option(None, help="Encoders at --quant int4: auto (default) keeps the layers whose int4 weights cost most per stored bit at int8, fewest first, until every calibration text's output is within cosine halfway between the floor (--min-cosine, default 0.99) and 1 of fp32; off stores every layer int4.", rich_help_panel="Encoders"),
-    calibration: Optional[Path] = typer.Option(None, metavar="FILE", help="Encoders: texts to plan mixed precision with, one per line (default: 40 built-in sentences in several languages).", rich_help_panel="Encoders"),
+    mixed_precision: Optional[str] = typer.Option(None, help="At --quant int4: auto (default) keeps the layers whose int4 weights cost most per stored bit at int8 (per channel). Encoders: fewest first, until every calibration text's output is within cosine halfway between the floor (--min-cosine, default 0.99) and 1 of fp32. Decoder LMs: costliest first by their estimated cost to the calibration text's loss, within --bits-per-weight. off stores every layer int4."),
+    bits_per_weight: Optional[float] = typer.Option(None, metavar="BITS", rich_help_panel="Decoder LMs", help=f"Decoder LMs at --quant int4: the average bits a quantized weight may take, scales included, when mixed precision keeps layers int8 (default {DEFAULT_BITS_PER_WEIGHT:g}; int4 g32 alone is 4.5, int8 about 8)."),
+    calibration: Optional[Path] = typer.Option(None, metavar="FILE", help="Texts to plan mixed precision with, one per line, apart from the evaluation text (default: 40 built-in sentences in several languages)."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first backend failure."),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Export a model directory without tokenizer files (non-text models)."),
     pooling: str = typer.Option("none", rich_help_panel="Encoders", help="Encoders: none (last_hidden_state per token), mean (sentence_embedding: masked mean, as sentence-transformers) or cls (first token)."),
@@ -101,7 +102,7 @@ def export(
     backend_options = {b: {k: v for k, v in opts.items() if v is not None} for b, opts in given.items()}
     request = ExportRequest(source=source, targets=target, out_dir=out, name=name, quant=quant, group_size=group_size,
                             max_seq_len=max_seq_len, min_cosine=min_cosine, strict=strict, no_tokenizer=no_tokenizer,
-                            pooling=pooling, mixed_precision=mixed_precision, calibration=calibration,
+                            pooling=pooling, mixed_precision=mixed_precision, calibration=calibration, bits_per_weight=bits_per_weight,
                             max_ppl_increase=max_ppl_increase, eval_text=eval_text, backend_options=backend_options)
     try:
         result = run_export(request, Progress(err, verbose=verbose, log_label=name or _source_label(source)))

@@ -15,6 +15,7 @@ from edgepack.progress import Progress, peak_rss_bytes
 from edgepack.quant import QuantSpec
 from edgepack.stages import Artifact, Bundle
 from edgepack.exporters.capture import CaptureOptions, capture
+from edgepack.exporters.decoder_precision import check_budget, plan_decoder_precision
 from edgepack.exporters.mixed_precision import DEFAULT_FLOOR, plan_mixed_precision, read_calibration
 from edgepack.exporters.registry import resolve_targets
 from edgepack.exporters.sources import load_source
@@ -40,11 +41,13 @@ class ExportRequest:
     strict: bool = False
     no_tokenizer: bool = False
     pooling: str = "none"
-    # Encoders at int4: "auto" (None: the default) keeps the most costly layers int8 until the
+    # At int4, "auto" (None: the default) keeps the costliest layers int8: for encoders until the
     # calibration texts' outputs clear the floor (--min-cosine, else 0.99) with a margin
-    # (exporters/mixed_precision.py); "off" stores all int4.
+    # (exporters/mixed_precision.py), for decoder LMs within a bits-per-weight budget
+    # (exporters/decoder_precision.py); "off" stores all int4.
     mixed_precision: str | None = None
     calibration: Path | None = None
+    bits_per_weight: float | None = None
     # Decoder LMs: the perplexity rise over fp32 (percent) that fails the export, and the text it
     # is measured on (None: the built-in text).
     max_ppl_increase: float | None = None
@@ -65,6 +68,9 @@ class ExportRequest:
         if self.max_ppl_increase is not None and not (math.isfinite(self.max_ppl_increase) and self.max_ppl_increase >= 0):
             raise InputError(f"--max-ppl-increase {self.max_ppl_increase} must be a percentage >= 0",
                              hint=f"e.g. 20 (the default is {quality.DEFAULT_MAX_INCREASE_PCT:g})")
+        if self.bits_per_weight is not None and not math.isfinite(self.bits_per_weight):
+            raise InputError(f"--bits-per-weight {self.bits_per_weight} must be a number",
+                             hint=f"e.g. {quality.DEFAULT_BITS_PER_WEIGHT:g} (the default)")
         if self.mixed_precision not in (None, *MIXED_PRECISION):
             raise InputError(f"--mixed-precision {self.mixed_precision!r} is not a choice",
                              hint=f"choose one of {', '.join(MIXED_PRECISION)}")
@@ -110,18 +116,29 @@ def tokenizer_warnings(loaded, *, strict: bool) -> list[str]:
     return [*loaded.tokenizer.warnings, message]
 
 
-def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> bool:
-    """Whether the export plans mixed precision: encoders with a tokenizer at int4, unless turned
-    off. Asked for where it cannot apply, it is refused rather than ignored."""
-    applies = loaded.task == "encoder" and loaded.tokenizer is not None and quant.scheme == "int4"
-    asked = request.mixed_precision == "auto" or request.calibration is not None
-    if asked and not applies:
-        option = "--calibration" if request.calibration is not None else "--mixed-precision auto"
+def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> str | None:
+    """Which precision plan the export makes ("encoder" or "decoder"): models with a tokenizer
+    (the calibration text is text) at int4, unless turned off. An option asked for where it cannot
+    apply is refused rather than ignored."""
+    kind = PLAN_BY_TASK.get(loaded.task) if loaded.tokenizer is not None and quant.scheme == "int4" else None
+    asked = [option for option, given in (("--calibration", request.calibration is not None),
+                                          ("--bits-per-weight", request.bits_per_weight is not None),
+                                          ("--mixed-precision auto", request.mixed_precision == "auto")) if given]
+    if asked and kind is None:
         raise InputError(
-            f"{option} applies to encoders with a tokenizer at --quant int4; this is a {loaded.task} "
+            f"{asked[0]} applies to models with a tokenizer at --quant int4; this is a {loaded.task} "
             f"{'without a tokenizer ' if loaded.tokenizer is None else ''}at --quant {quant.scheme}",
-            hint="decoder LMs are judged by their greedy tokens in the smoke; drop the option")
-    return applies and request.mixed_precision != "off"
+            hint="drop the option")
+    if "--bits-per-weight" in asked and kind != "decoder":
+        raise InputError(f"--bits-per-weight applies to decoder LMs; {loaded.source} is a {loaded.task}",
+                         hint="encoders plan for a quality floor instead (--min-cosine)")
+    if request.mixed_precision == "off" and len(asked) > 0:
+        raise InputError(f"{asked[0]} plans mixed precision, and --mixed-precision off turns it off",
+                         hint="drop one of the two")
+    return kind if request.mixed_precision != "off" else None
+
+
+PLAN_BY_TASK = {"encoder": "encoder", "causal-lm": "decoder"}
 
 
 def export(request: ExportRequest, progress: Progress) -> ExportResult:
@@ -154,6 +171,8 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
             hint="add the backend to --target or drop its options")
     quant = QuantSpec.from_options(request.quant, request.group_size)
     calibration = read_calibration(request.calibration) if request.calibration else None  # a bad file fails now
+    if request.bits_per_weight is not None and quant.scheme == "int4":
+        check_budget(quant, request.bits_per_weight)
     eval_text = quality.read_eval_text(request.eval_text)
     check_writable(request.out_dir)
 
@@ -165,11 +184,21 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
     if request.eval_text is not None and loaded.task != "causal-lm":
         raise InputError(f"--eval-text applies to decoder LMs; {loaded.source} is a {loaded.task}",
                          hint="encoders are judged by the cosine of their outputs on the golden sentences")
+    if request.eval_text is not None and loaded.tokenizer is None:
+        raise InputError("--eval-text needs the model's tokenizer to turn the text into tokens, and this export has none",
+                         hint="drop --no-tokenizer, or add tokenizer.json to the model folder")
+    if loaded.task == "causal-lm" and loaded.tokenizer is None:
+        warnings.append("perplexity on text was not measured: the export has no tokenizer; quality rests on "
+                        "the golden cases' cosine (see --min-cosine)")
 
     with progress.stage("capture"):
         captured = capture(loaded, capture_options)
 
-    if planning:
+    if planning == "decoder":
+        with progress.stage("plan precision") as stage:
+            quant = plan_decoder_precision(captured, quant, *(calibration or read_calibration(None)),
+                                           request.bits_per_weight or quality.DEFAULT_BITS_PER_WEIGHT, on_step=stage.step)
+    if planning == "encoder":
         with progress.stage("plan precision") as stage:
             quant = plan_mixed_precision(captured, quant, *(calibration or read_calibration(None)), DEFAULT_FLOOR if request.min_cosine is None else request.min_cosine,
                                          on_step=stage.step)
@@ -201,7 +230,7 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
                 stage.mark_failed()  # keeps the runtimes' output of a failed check
         manifest["comparisons"]["lowering_fidelity"] = {s.backend: s.as_dict() for s in result.smoke}
         gate_cosine(request, quant, manifest, result)
-        if loaded.task == "causal-lm":
+        if loaded.task == "causal-lm" and loaded.tokenizer is not None:
             with progress.stage("quality") as stage:
                 manifest["quality"] = measure_quality(request, captured, staging, manifest, eval_text, stage, result)
         manifest["verdict"] = {"passed": result.passed, "failures": verdict_failures(result), "warnings": result.warnings}
@@ -217,7 +246,7 @@ def gate_cosine(request: ExportRequest, quant: QuantSpec, manifest: dict, result
         worst = min(m["min_cosine"] for m in cases.values())
         if request.min_cosine is not None and worst < request.min_cosine:
             result.quality_failures.append(f"{backend}: quantized vs fp32 cosine {worst} < --min-cosine {request.min_cosine}")
-        elif quant.plan and worst < quant.plan["floor"]:
+        elif quant.plan and "floor" in quant.plan and worst < quant.plan["floor"]:
             result.warnings.append(
                 f"{backend}: the golden cases reach cosine {worst} from fp32, under the {quant.plan['floor']} the "
                 f"precision plan held on its calibration texts; plan with texts like the app's (--calibration) "
@@ -229,7 +258,7 @@ def measure_quality(request: ExportRequest, captured, staging: StagedBundle, man
     """Perplexity of every artifact on the evaluation text against fp32, and the gates on it."""
     loaded = captured.loaded
     stage.step("fp32")
-    text = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t) if loaded.tokenizer else [],
+    text = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t),
                                      *eval_text, captured.llm_metadata["get_max_seq_len"])
     bound = quality.DEFAULT_MAX_INCREASE_PCT if request.max_ppl_increase is None else request.max_ppl_increase
     measured = quality.measure_bundle(staging.root, manifest, text, on_step=stage.step)

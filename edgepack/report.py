@@ -56,6 +56,11 @@ def export_summary(result) -> dict:
 def describe_plan(plan: dict) -> str:
     """One line on how mixed precision was chosen, from the manifest's quantization.plan."""
     layers, texts = plan["int8_layers"] + plan["int4_layers"], plan["calibration"]["texts"]
+    if "budget_bits_per_weight" in plan:  # a decoder LM's plan
+        return (f"{plan['int8_layers']} of {layers} layers kept int8 where int4 costs the loss on "
+                f"{plan['calibration']['tokens']} calibration tokens most per stored bit: {plan['bits_per_weight']:.2f} "
+                f"bits a weight (budget {plan['budget_bits_per_weight']:g}), estimated loss {plan['estimated_loss_planned']:.4f} "
+                f"nats/token vs {plan['estimated_loss_all_int4']:.4f} all int4")
     if not plan["int8_layers"]:
         return (f"all {layers} layers int4: {texts} calibration texts already at cosine {plan['planned_min_cosine']:.4f} "
                 f">= {plan['target']} from fp32 (floor {plan['floor']} with a margin)")

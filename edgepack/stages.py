@@ -125,6 +125,7 @@ class Artifact:
     reference_outputs: dict[str, CaseOutput] = field(repr=False)
     runtime: dict  # runtime name, version, kernel libraries the app must link
     extra: dict = field(default_factory=dict)
+    tolerance: Tolerance | None = None  # the smoke's bounds for this artifact (None: the captured model's)
 
 
 @dataclass(frozen=True)

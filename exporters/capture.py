@@ -3,7 +3,8 @@ eager answers to them. Backends lower `CapturedModel.module`; nothing here is ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -39,14 +40,60 @@ def run_cases(call: MethodCall, cases: Sequence[Case], forced: dict[str, CaseOut
     return {c.name: run_case(c, call, forced[c.name] if forced else None) for c in cases}
 
 
-def quantized_reference(module: torch.nn.Module, captured: CapturedModel) -> tuple[dict[str, CaseOutput], dict]:
-    """A backend's quantized eager model on the golden cases: its free-running answers (what the
-    artifact must reproduce) and its quality against fp32 eager, teacher-forced on fp32's tokens."""
+# The nudge that measures a quantized model's own numeric noise: every linear layer's input
+# multiplied by 1 ± NUDGE, alternating along its features, about what reordering a float sum does
+# (a uniform scale would not do: dynamic int8 activations are scale-invariant). With int8 dynamic
+# activations a nudge this small already flips roundings, and many layers amplify the flips
+# (measured on the real SmolLM2-135M: logits cosine 0.989 between an int4 reference and itself
+# nudged), so no artifact can be held closer to its reference than the reference is to itself.
+NUDGE = 1e-6
+# Below this the smoke tolerance is not lowered, whatever the nudge shows: a conversion bug
+# still fails.
+TOLERANCE_FLOOR = 0.95
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A backend's quantized eager model on the golden cases."""
+
+    outputs: dict[str, CaseOutput]  # its free-running answers: what the artifact must reproduce
+    quality: dict  # against fp32 eager, teacher-forced on fp32's tokens
+    tolerance: Tolerance  # the smoke's bounds for the artifact
+
+
+def _nudge(_, args):
+    x = args[0]
+    signs = 1 - 2 * (torch.arange(x.shape[-1]) % 2)
+    return (x * (1 + NUDGE * signs.to(x.dtype)), *args[1:])
+
+
+@contextmanager
+def nudged_linear_inputs(module: torch.nn.Module):
+    """Every nn.Linear's input nudged (see NUDGE), ahead of any hook the backend's reference
+    already has (e.g. the int8 activation rounding it simulates)."""
+    handles = [m.register_forward_pre_hook(_nudge, prepend=True) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def quantized_reference(module: torch.nn.Module, captured: CapturedModel) -> Reference:
+    """The reference's answers, its quality, and the smoke tolerance for its artifact: the
+    captured tolerance, loosened only as far as the reference's own noise requires (twice the
+    deviation a NUDGE causes, not below TOLERANCE_FLOOR)."""
     call = eager_call(module)
     free = run_cases(call, captured.cases)
     forced = run_cases(call, captured.cases, captured.fp32_outputs)
     quality = {c.name: compare(captured.fp32_outputs[c.name], forced[c.name]) for c in captured.cases}
-    return free, quality
+    with nudged_linear_inputs(module):
+        nudged = run_cases(call, captured.cases, free)
+    noise = min(compare(free[c.name], nudged[c.name])["min_cosine"] for c in captured.cases)
+    base = captured.tolerance
+    loosened = max(TOLERANCE_FLOOR, round(1 - 2 * (1 - noise), 4))
+    tolerance = replace(base, min_cosine=min(base.min_cosine, loosened), nudged_cosine=noise)
+    return Reference(free, quality, tolerance)
 
 
 def _spec(name: str, t: torch.Tensor, dims: dict[int, str] | None = None) -> TensorSpec:

@@ -26,7 +26,7 @@ from edgepack import __version__
 from edgepack.errors import BackendError, InputError
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
-from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, weight_only_reference
 from edgepack.packaging.coreml_package import package_files
@@ -66,8 +66,7 @@ class _Work:
     options: Options
     compression: str  # "int4", "int8", "palettize4" or "none"
     workdir: Path
-    reference: dict = field(default_factory=dict)
-    quality: dict = field(default_factory=dict)
+    reference: Reference | None = None
     program: Any = None  # torch ExportedProgram
     state_names: tuple[str, ...] = ()
     converted: dict = field(default_factory=dict)  # the child's result.json
@@ -125,7 +124,7 @@ def record_reference(work: _Work) -> None:
     module = work.captured.module
     if work.compression in ("int4", "int8"):
         module = weight_only_reference(module, work.quant, _rounding)
-    work.reference, work.quality = quantized_reference(module, work.captured)
+    work.reference = quantized_reference(module, work.captured)
 
 
 def _unconvertible(program) -> list:
@@ -148,6 +147,85 @@ def _drop_aliases(program) -> None:
     program.graph_module.recompile()
 
 
+def _rms_pattern(rsqrt):
+    """(x, dims, eps) when rsqrt computes rsqrt(mean(x², dims, keepdim) + eps), RMSNorm as every
+    Hugging Face family writes it (pow(x, 2) or x·x; eps a number); None otherwise."""
+    aten = torch.ops.aten
+    add = rsqrt.args[0]
+    if not (isinstance(add, torch.fx.Node) and add.op == "call_function"
+            and add.target in (aten.add.Tensor, aten.add.Scalar) and len(add.args) == 2 and not add.kwargs):
+        return None
+    mean, eps = add.args if isinstance(add.args[0], torch.fx.Node) else add.args[::-1]
+    if not (isinstance(mean, torch.fx.Node) and isinstance(eps, (int, float)) and mean.target == aten.mean.dim
+            and len(mean.args) == 3 and mean.args[2] is True and not mean.kwargs):
+        return None
+    square, dims = mean.args[0], mean.args[1]
+    if not (isinstance(square, torch.fx.Node) and square.op == "call_function"):
+        return None
+    if square.target == aten.pow.Tensor_Scalar and square.args[1] == 2:
+        x = square.args[0]
+    elif square.target == aten.mul.Tensor and square.args[0] is square.args[1]:
+        x = square.args[0]
+    else:
+        return None
+    val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    return (x, list(dims), float(eps)) if isinstance(val, torch.Tensor) and val.dtype == torch.float32 else None
+
+
+def _fp16_safe_rms_norms(program) -> int:
+    """Rewrite every RMSNorm's rsqrt(mean(x²) + eps) as rsqrt(mean((x/m)²) + eps/m²) / m with
+    m = max(max|x|, 1) over the same axes: the same value, but no intermediate leaves fp16's range.
+
+    The plain form squares the activations, and x² overflows fp16 (max 65504) once |x| > 256:
+    Llama-family residual streams reach that (SmolLM2-135M: 620 on the first token from layer 3,
+    over 256 on every token by the last layer), so the mean becomes inf, rsqrt 0 and the token's
+    normalized hidden state 0 (all its logits 0 after the final norm). The Neural Engine and GPU
+    hold fp16-typed tensors in fp16, so a device breaks as the evaluator does.
+    After scaling every square is at most 1, the mean at least 1/N when m is the real maximum (so
+    eps/m², which may underflow, does not matter), and for max|x| <= 1 (m = 1) it is the plain
+    form. The scale cancels exactly, so any rounding of m costs nothing. (coremltools' own
+    aten.rms_norm converter scales by max|x| too but adds eps unscaled, coremltools issue #2821;
+    Hugging Face norms never reach it anyway: torch.export decomposes them into these ops.)
+    Returns the number of norms rewritten."""
+    from torch._guards import detect_fake_mode
+
+    aten = torch.ops.aten
+    graph = program.graph_module.graph
+    rewritten = 0
+    for rsqrt in [n for n in graph.nodes if n.op == "call_function" and n.target == aten.rsqrt.default]:
+        found = _rms_pattern(rsqrt)
+        if found is None:
+            continue
+        x, dims, eps = found
+        fake_mode = detect_fake_mode([x.meta["val"]])
+
+        def call(target, *args):
+            node = graph.call_function(target, args)
+            node.meta.update({k: v for k, v in rsqrt.meta.items() if k in ("stack_trace", "nn_module_stack")})
+            with fake_mode:
+                node.meta["val"] = target(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args))
+            return node
+
+        with graph.inserting_before(rsqrt):
+            m = call(aten.clamp_min.default, call(aten.amax.default, call(aten.abs.default, x), dims, True), 1.0)
+            mean = call(aten.mean.dim, call(aten.pow.Tensor_Scalar, call(aten.div.Tensor, x, m), 2), dims, True)
+            total = call(aten.add.Tensor, mean, call(aten.mul.Tensor, call(aten.pow.Tensor_Scalar, m, -2), eps))
+            scaled = call(aten.div.Tensor, call(aten.rsqrt.default, total), m)
+        rsqrt.replace_all_uses_with(scaled)
+        dead = [rsqrt]
+        while dead:  # the old chain, as far as nothing else reads it
+            node = dead.pop()
+            if node.users or node.op != "call_function":
+                continue
+            inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            graph.erase_node(node)
+            dead.extend(inputs)
+        rewritten += 1
+    graph.lint()
+    program.graph_module.recompile()
+    return rewritten
+
+
 def export_program(work: _Work) -> None:
     """torch.export, then decompose only the ops coremltools' torch front end has no converter
     for (e.g. new_ones in BERT's mask code), where torch's core-ATen table knows a decomposition."""
@@ -155,6 +233,8 @@ def export_program(work: _Work) -> None:
     program = torch.export.export(captured.module, captured.example_inputs,
                                   dynamic_shapes=captured.dynamic_shapes, strict=False).run_decompositions({})
     _drop_aliases(program)
+    if work.options.precision == "fp16":
+        _fp16_safe_rms_norms(program)
     missing = {n.target for n in _unconvertible(program)}
     if missing:
         table = {op: fn for op, fn in torch.export.default_decompositions().items() if op in missing}
@@ -301,7 +381,7 @@ def reference_from_package(work: _Work) -> None:
             value = np.asarray(op.materialized_val_inference(), dtype=np.float32)
             with torch.no_grad():
                 named[params[placeholder]].copy_(torch.from_numpy(value))
-    work.reference, work.quality = quantized_reference(module, work.captured)
+    work.reference = quantized_reference(module, work.captured)
 
 
 def package(work: _Work) -> None:
@@ -362,7 +442,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
                       "activations": options.precision, "compressed_weight_ops": converted["compressed_ops"],
                       "stored_weights": dict(sorted(Counter(converted["stored_weights"].values()).items()))},
         ideal_bytes=ideal_bytes(quant, captured.module, options.precision, compression),
-        reference_outputs=work.reference,
+        reference_outputs=work.reference.outputs,
         runtime={
             "name": "coreml",
             "version": ct.__version__,
@@ -377,5 +457,6 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
                          "AutoTokenizer); this tokenizer is not checked by edgepack"}
                if captured.loaded.tokenizer else {}),
         },
-        extra={"quality": work.quality},
+        extra={"quality": work.reference.quality},
+        tolerance=work.reference.tolerance,
     )

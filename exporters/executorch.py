@@ -13,7 +13,7 @@ from torch import nn
 
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel
-from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import StaticCacheLM
 from edgepack.exporters.executorch_llm import use_llm_custom_ops
 from edgepack.exporters.steps import Step, run_steps
@@ -43,8 +43,7 @@ class _Work:
     module: nn.Module | None = None
     attention: str | None = None  # decoder LMs: how attention and the KV cache are lowered
     metadata: dict = field(default_factory=dict)  # the LLM runner's constant methods
-    reference: dict = field(default_factory=dict)
-    quality: dict = field(default_factory=dict)
+    reference: Reference | None = None
     program: Any = None
     edge: Any = None
     pte: bytes = b""
@@ -103,7 +102,7 @@ def quantize_module(module: nn.Module, spec: QuantSpec) -> nn.Module:
 
 
 def record_reference(work: _Work) -> None:
-    work.reference, work.quality = quantized_reference(work.module, work.captured)
+    work.reference = quantized_reference(work.module, work.captured)
 
 
 def export_program(work: _Work) -> None:
@@ -176,7 +175,8 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         quantization={**quant.describe(), "library": f"torchao {version('torchao')}", "delegate": "XNNPACK",
                       "scale_search": SCALE_SEARCH},
         ideal_bytes=quant.ideal_bytes(captured.module),
-        reference_outputs=work.reference,
+        reference_outputs=work.reference.outputs,
         runtime=runtime,
-        extra={"quality": work.quality},
+        extra={"quality": work.reference.quality},
+        tolerance=work.reference.tolerance,
     )

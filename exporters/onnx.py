@@ -22,7 +22,7 @@ from edgepack import __version__
 from edgepack.errors import InputError
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
-from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, quantize_groups, weight_only_reference
@@ -116,8 +116,7 @@ class _Work:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     methods: tuple[MethodSpec, ...] = ()
-    reference: dict = field(default_factory=dict)
-    quality: dict = field(default_factory=dict)
+    reference: Reference | None = None
     model: Any = None  # onnx.ModelProto
     layers: dict[str, WeightQuant] = field(default_factory=dict)  # layer path -> how it is stored
     linear: dict[str, str] = field(default_factory=dict)  # node name -> layer path: MatMuls of linear layers
@@ -229,7 +228,7 @@ def record_reference(work: _Work) -> None:
             if isinstance(layer, nn.Linear) and name in work.layers:
                 block = matmul_block(work.layers[name], layer.in_features)
                 layer.register_forward_pre_hook(lambda _, args, block=block: (_int8_blocks(args[0], block),))
-    work.reference, work.quality = quantized_reference(module, work.captured)
+    work.reference = quantized_reference(module, work.captured)
 
 
 def export(work: _Work) -> None:
@@ -376,7 +375,8 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
                       "ops": work.storage or "none",
                       "accuracy_level": INT8_COMPUTE if quant.dynamic_int8_activations else 0},
         ideal_bytes=quant.ideal_bytes(captured.module),
-        reference_outputs=work.reference,
+        reference_outputs=work.reference.outputs,
         runtime=runtime,
-        extra={"quality": work.quality},
+        extra={"quality": work.reference.quality},
+        tolerance=work.reference.tolerance,
     )

@@ -19,7 +19,7 @@ from edgepack import __version__
 from edgepack.errors import BackendError, InputError
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
-from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.tflite_weights import (fold_multipliers, folded_layers, grid_for, layer_ops, layer_storage,
@@ -96,8 +96,7 @@ class _Work:
     stored: dict[str, str] = field(default_factory=dict)  # layer -> how the quantized model stores it
     folded_norms: list[str] = field(default_factory=list)  # linear layers the converter folded a norm into
     float_embeddings: list[str] = field(default_factory=list)  # embedding tables the converter left in float
-    reference: dict = field(default_factory=dict)
-    quality: dict = field(default_factory=dict)
+    reference: Reference | None = None
     float_model: bytes = b""
     model: bytes = b""
     files: dict[str, bytes] = field(default_factory=dict)
@@ -234,7 +233,7 @@ def record_reference(work: _Work) -> None:
         for layer in module.modules():
             if isinstance(layer, torch.nn.Linear):
                 layer.register_forward_pre_hook(lambda _, args: (int8_per_row(args[0]),))
-    work.reference, work.quality = quantized_reference(module, captured)
+    work.reference = quantized_reference(module, captured)
 
 
 def convert(work: _Work) -> None:
@@ -425,7 +424,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
                       "recipe": "dynamic range (int weights, activations quantized at run time)"
                       if quant.linear or quant.embedding else "none"},
         ideal_bytes=quant.ideal_bytes(captured.module),
-        reference_outputs=work.reference,
+        reference_outputs=work.reference.outputs,
         runtime={
             "name": "litert",
             "version": version("ai-edge-litert"),
@@ -443,5 +442,6 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
                          "LiteRT-LM reads the copy inside the .litertlm"}
                if captured.loaded.tokenizer else {}),
         },
-        extra={"quality": work.quality},
+        extra={"quality": work.reference.quality},
+        tolerance=work.reference.tolerance,
     )

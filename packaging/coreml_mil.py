@@ -5,7 +5,9 @@ calls. On macOS the host runtime is CoreML itself, through coremltools predictio
 
 The evaluator rounds every op's result to the dtype the program declares (fp16 in an fp16
 program), so it shows what fp16 storage of activations, weights and the KV cache does to the
-answers; the arithmetic inside each op is float32.
+answers; the arithmetic inside each op is float32. Everything that depends on constants only
+(the decompressed weights above all) is computed once, when the function is loaded, and kept
+as float32 (fp16 values widened exactly): a call runs only the ops that read its inputs or states.
 """
 
 from __future__ import annotations
@@ -56,8 +58,76 @@ def _upcast(value):
     return value
 
 
+def _as_computed(value, var):
+    """The form the evaluator keeps a value in: rounded to its declared dtype, fp16 then widened
+    to float32 (exactly; arithmetic is float32) so that every consumer need not widen it again."""
+    return _upcast(_as_declared(value, var))
+
+
+def _rounding(var):
+    """_as_computed for one op output, with its declared dtype looked up once."""
+    nptype = _nptype(var)
+    if nptype is None:
+        return None
+    if nptype == np.float16:
+        def to_fp16(value):
+            if isinstance(value, str):
+                return value
+            array = np.asarray(value)
+            return (array if array.dtype == np.float16 else array.astype(np.float16)).astype(np.float32)
+        return to_fp16
+
+    def to_declared(value):
+        if isinstance(value, str):
+            return value
+        array = np.asarray(value)
+        return array if array.dtype == nptype else array.astype(nptype)
+    return to_declared
+
+
+# Ops whose fp16 result holds only values of their fp16 operands (moved, selected, stored): rounding
+# it to fp16 changes no value, so only the layout the round trip leaves is reproduced (_moved_fp16),
+# which spares two passes over every KV-cache tensor. A state only ever holds fp16 values.
+_EXACT = frozenset({"reshape", "expand_dims", "squeeze", "transpose", "tile", "concat", "split", "stack",
+                    "slice_by_index", "slice_update", "gather", "gather_nd", "gather_along_axis", "select",
+                    "read_state", "coreml_update_state"})
+# Ops with effects on states: never evaluated ahead of a call.
+_STATEFUL = frozenset({"read_state", "coreml_update_state"})
+
+
+def _moved_fp16(value):
+    """The rounding of an _EXACT op's fp16 result: its values are fp16 already, so only the layout
+    the round trip through fp16 would leave (astype keeps order 'K', as empty_like does) is made,
+    by a copy only where that layout differs from the result's (e.g. a strided slice)."""
+    array = np.asarray(value)
+    if array.dtype != np.float32:
+        return array.astype(np.float16).astype(np.float32)
+    like = np.empty_like(np.empty_like(array, dtype=np.float16), dtype=np.float32)  # not filled: no cost
+    if like.strides == array.strides:
+        return array
+    np.copyto(like, array)
+    return like
+
+
+def _exact(op) -> bool:
+    """An _EXACT op whose float operands and results are all declared fp16."""
+    if op.op_type not in _EXACT:
+        return False
+    def float_types(vars):
+        return {t for t in map(_nptype, vars) if t is not None and np.issubdtype(t, np.floating)}
+    operands = [v for value in op.inputs.values() for v in (value if isinstance(value, (list, tuple)) else (value,))]
+    results = float_types(op.outputs)
+    return results == {np.float16} and float_types(operands) <= {np.float16}
+
+
 class MilFunction:
-    """One function of a MIL program, evaluated in numpy. States persist between calls."""
+    """One function of a MIL program, evaluated in numpy. States persist between calls.
+
+    At load the program is compiled once: constants (and everything computed from constants only,
+    such as the decompressed weights of constexpr ops) are evaluated and kept in the evaluator's
+    form (fp16 values widened to float32), every other op becomes a step reading numbered slots.
+    A call then only runs the steps: each op sees exactly the operands it would see one op at a
+    time, and each result is rounded to its declared dtype."""
 
     def __init__(self, function):
         self.function = function
@@ -71,48 +141,138 @@ class MilFunction:
 
         self.input_names = [n for n, v in function.inputs.items() if not types.is_state(v.sym_type)]
         self.input_dtypes = {n: types.nptype_from_builtin(function.inputs[n].dtype) for n in self.input_names}
-        self.states = {n: StateSlot(np.zeros(v.shape, dtype=types.nptype_from_builtin(v.sym_type.wrapped_type().get_primitive())))
+        # States hold fp16 values, kept widened like every other fp16 value.
+        self.states = {n: StateSlot(_upcast(np.zeros(v.shape, dtype=types.nptype_from_builtin(v.sym_type.wrapped_type().get_primitive()))))
                        for n, v in function.inputs.items() if types.is_state(v.sym_type)}
         self.output_names = [v.name for v in function.outputs]
+        self._output_types = [_nptype(v) for v in function.outputs]
+        # name -> value (computed form) of every const op and every op that reads only constants
         self.constants: dict[str, object] = {}
-        self.ops = []
+        ops = []
         for op in function.operations:
             if op.op_type == "const":
-                self.constants[op.outputs[0].name] = _as_declared(op.outputs[0].val, op.outputs[0])
-            elif op.op_type.startswith("constexpr_"):  # decompressed once: weights do not change
-                self.constants.update(self._run(op, self.constants))
+                self.constants[op.outputs[0].name] = _as_computed(op.outputs[0].val, op.outputs[0])
+            elif op.op_type not in _STATEFUL and all(v.name in self.constants for v in self._operands(op)):
+                self.constants.update(self._run(op, self.constants))  # weights, masks of constants: once
             else:
-                self.ops.append(op)
+                ops.append(op)
+        self.ops = ops  # what a call runs, in order
+        self._compile(ops)
+
+    @staticmethod
+    def _operands(op):
+        for value in op.inputs.values():
+            yield from (value if isinstance(value, (list, tuple)) else (value,))
 
     def _resolve(self, var, env):
         if var.name in env:
-            return _upcast(env[var.name])
+            return env[var.name]
+        if var.name in self.states:
+            return self.states[var.name]
         if var.val is not None:
-            return _upcast(var.val)
+            return _as_computed(var.val, var)
         raise KeyError(f"MIL evaluator: no value for {var.name}")
 
     def _run(self, op, env) -> dict:
+        """One op, by name lookups (load time only; calls run the compiled steps)."""
         kwargs = {}
         for key, value in op.inputs.items():
             kwargs[key] = (tuple(self._resolve(v, env) for v in value) if isinstance(value, (list, tuple))
                            else self._resolve(value, env))
+        results = self._call(op, kwargs)
+        return {var.name: _as_computed(r, var) for var, r in zip(op.outputs, results)}
+
+    @staticmethod
+    def _call(op, kwargs) -> tuple:
         try:
             result = OPS[op.op_type](**kwargs)
         except UnsupportedMilOp:
             raise
         except Exception as e:
             raise RuntimeError(f"MIL evaluator: {op.op_type} {op.name!r} failed: {type(e).__name__}: {e}") from e
-        results = result if isinstance(result, tuple) else (result,)
-        return {var.name: _as_declared(r, var) for var, r in zip(op.outputs, results)}
+        return result if isinstance(result, tuple) else (result,)
+
+    def _compile(self, ops) -> None:
+        """Each op as (op, function, constant kwargs, [(key, slot)], [(key, ((is_slot, slot or value), ...))],
+        [(slot, rounding)], slots to free after it). Slots: the inputs first, then every op result."""
+        slot: dict[str, int] = {name: i for i, name in enumerate(self.input_names)}
+        for op in ops:
+            for var in op.outputs:
+                slot[var.name] = len(slot)
+        self._slot_count, self._slots = len(slot), slot
+
+        def source(var):
+            if var.name in slot:
+                return True, slot[var.name]
+            return False, self._resolve(var, self.constants)
+
+        last_use: dict[int, int] = {}
+        steps = []
+        for index, op in enumerate(ops):
+            fixed, single, multiple = {}, [], []
+            for key, value in op.inputs.items():
+                if isinstance(value, (list, tuple)):
+                    parts = tuple(source(v) for v in value)
+                    if any(is_slot for is_slot, _ in parts):
+                        multiple.append((key, parts))
+                    else:
+                        fixed[key] = tuple(part for _, part in parts)
+                    used = [part for is_slot, part in parts if is_slot]
+                else:
+                    is_slot, part = source(value)
+                    if is_slot:
+                        single.append((key, part))
+                    else:
+                        fixed[key] = part
+                    used = [part] if is_slot else []
+                for s in used:
+                    last_use[s] = index
+            exact = _exact(op)
+            results = [(slot[var.name], _moved_fp16 if exact else _rounding(var)) for var in op.outputs]
+            steps.append([op, OPS[op.op_type], fixed, single, multiple, results, ()])
+        keep = {slot[n] for n in self.output_names if n in slot}
+        frees: dict[int, list[int]] = {}
+        for s, index in last_use.items():
+            if s not in keep:
+                frees.setdefault(index, []).append(s)
+        for index, step in enumerate(steps):
+            step[6] = tuple(frees.get(index, ()))
+        self._steps = [tuple(step) for step in steps]
+        self._input_slots = [(slot[n], n, self.input_dtypes[n]) for n in self.input_names]
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        env = dict(self.constants)
-        env.update(self.states)
-        for name in self.input_names:
-            env[name] = np.asarray(inputs[name]).astype(self.input_dtypes[name])
-        for op in self.ops:
-            env.update(self._run(op, env))
-        return [np.asarray(env[n]) for n in self.output_names]
+        values: list = [None] * self._slot_count
+        for s, name, dtype in self._input_slots:
+            values[s] = _upcast(np.asarray(inputs[name]).astype(dtype))
+        for op, fn, fixed, single, multiple, results, frees in self._steps:
+            kwargs = dict(fixed)
+            for key, s in single:
+                kwargs[key] = values[s]
+            for key, parts in multiple:
+                kwargs[key] = tuple(values[p] if is_slot else p for is_slot, p in parts)
+            try:
+                result = fn(**kwargs)
+            except UnsupportedMilOp:
+                raise
+            except Exception as e:
+                raise RuntimeError(f"MIL evaluator: {op.op_type} {op.name!r} failed: {type(e).__name__}: {e}") from e
+            if isinstance(result, tuple):
+                for (s, rounding), r in zip(results, result):
+                    values[s] = r if rounding is None else rounding(r)
+            else:
+                s, rounding = results[0]
+                values[s] = result if rounding is None else rounding(result)
+            for s in frees:
+                values[s] = None
+        outputs = []
+        for name, nptype in zip(self.output_names, self._output_types):
+            value = values[self._slots[name]] if name in self._slots else self._resolve_output(name)
+            outputs.append(np.array(value, dtype=nptype, copy=True) if nptype is not None else np.asarray(value))
+        return outputs
+
+    def _resolve_output(self, name: str):
+        var = next(v for v in self.function.outputs if v.name == name)
+        return self._resolve(var, self.constants)
 
     def reset_states(self) -> None:
         for slot in self.states.values():
@@ -124,8 +284,11 @@ def mil_evaluator_host(path: Path, artifact: dict) -> MethodCall:
     functions = {method: MilFunction(program.functions[name]) for method, name in artifact["runtime"]["functions"].items()}
 
     def call(method: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        from threadpoolctl import threadpool_limits
+
         function = functions[method]
-        return function(dict(zip(function.input_names, inputs)))
+        with threadpool_limits(1, user_api="blas"):  # batch-1 matmuls: a BLAS pool costs more than it saves
+            return function(dict(zip(function.input_names, inputs)))
 
     return call
 

@@ -190,6 +190,7 @@ OPS: dict[str, Callable] = {
     "real_div": lambda x, y: np.true_divide(x, y),
     "pow": lambda x, y: np.power(x, y),
     "minimum": lambda x, y: np.minimum(x, y),
+    "maximum": lambda x, y: np.maximum(x, y),
     "clip": lambda x, alpha, beta: np.minimum(np.maximum(x, alpha), beta),
     "equal": lambda x, y: np.equal(x, y),
     "less_equal": lambda x, y: np.less_equal(x, y),
@@ -197,6 +198,7 @@ OPS: dict[str, Callable] = {
     "greater_equal": lambda x, y: np.greater_equal(x, y),
     "logical_and": lambda x, y: np.logical_and(x, y),
     "select": lambda cond, a, b: np.where(cond, a, b),
+    "abs": lambda x: np.abs(x),
     "rsqrt": lambda x, epsilon=1e-12: 1.0 / np.sqrt(x + epsilon),
     "sin": lambda x: np.sin(x),
     "cos": lambda x: np.cos(x),
@@ -207,6 +209,7 @@ OPS: dict[str, Callable] = {
     # reductions and normalization
     "reduce_mean": _reduce(np.mean),
     "reduce_sum": _reduce(np.sum),
+    "reduce_max": _reduce(np.max),
     "softmax": softmax,
     "layer_norm": layer_norm,
     # linear algebra

@@ -149,6 +149,7 @@ def build_manifest(captured, quant, artifacts, artifact_files: dict, tokenizer_f
                 "quantization": a.quantization,
                 "methods": [m.as_dict() for m in a.methods],
                 "runtime": a.runtime,
+                "smoke_tolerance": (a.tolerance or captured.tolerance).as_dict(),
             }
             for a in artifacts
         ],

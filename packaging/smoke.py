@@ -78,7 +78,6 @@ def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None
     """Run every artifact (or those named) through `replay` (default: its host runtime) and judge
     its outputs. A failure of one backend is recorded in its result, never raised, so the others
     still run."""
-    tolerance = Tolerance(manifest["smoke"]["tolerance"]["min_cosine"], manifest["smoke"]["tolerance"]["max_abs"])
     cases = golden_cases(bundle, manifest)
     results = []
     for artifact in manifest["artifacts"]:
@@ -86,6 +85,7 @@ def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None
         if backends and backend not in backends:
             continue
         result = BackendSmoke(backend, f"{backend} {where}", passed=True)
+        tolerance = Tolerance.from_dict(artifact["smoke_tolerance"])
         try:
             run = replay(bundle, artifact)
             for case, refs in cases:

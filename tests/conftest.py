@@ -93,12 +93,14 @@ def minilm_dir() -> Path:
 # The options each backend's shared tiny-Llama export uses. TFLite: two prefill signatures, so the
 # smoke prompt needs chunks, and a LiteRT-LM bundle. CoreML: fp32 compute, so the token checks
 # measure the conversion, not fp16 rounding (which moves this tiny model's logits by up to ~1.3;
-# fp16 is exported and smoked in test_coreml and test_options).
+# fp16 is exported and smoked in test_coreml and test_options). All int4 (--mixed-precision off):
+# these exports test the int4 lowering; the decoder plan is tested in test_decoder_precision and
+# by every default export (test_coverage, test_verdicts).
 LLAMA_BACKEND_OPTIONS = {
-    "executorch": (),
-    "onnx": (),
-    "tflite": ("--prefill-len", "4", "--prefill-len", "8", "--tflite-bundle", "litertlm"),
-    "coreml": ("--coreml-precision", "fp32"),
+    "executorch": ("--mixed-precision", "off"),
+    "onnx": ("--mixed-precision", "off"),
+    "tflite": ("--mixed-precision", "off", "--prefill-len", "4", "--prefill-len", "8", "--tflite-bundle", "litertlm"),
+    "coreml": ("--mixed-precision", "off", "--coreml-precision", "fp32"),
 }
 
 

@@ -34,7 +34,9 @@ def test_quick_bench_measures_both_tools_side_by_side(tmp_path):
     # the sizes the ratios are made of are the files on disk
     assert et["export_llm"]["pte_bytes"] == (tmp_path / "work" / "export_llm" / "model.pte").stat().st_size
     assert et["edgepack"]["pte_bytes"] == (tmp_path / "work" / "edgepack" / model["name"] / "executorch" / "model.pte").stat().st_size
-    assert set(report["ratios"]) == {metric for metric, _, _ in TARGETS}
+    assert set(report["ratios"]) == {metric for metric, _, _ in TARGETS} | {"cosine_vs_fp32"}
+    cosine = report["ratios"]["cosine_vs_fp32"]
+    assert cosine["met"] == (et["edgepack"]["cosine_vs_fp32"]["mean"] >= et["export_llm"]["cosine_vs_fp32"]["mean"])
 
     others = report["other_backends"]
     assert others["export_exit_code"] == 0

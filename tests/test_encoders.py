@@ -15,7 +15,7 @@ from edgepack.cases import Case, cosine
 from edgepack.exporters.decoder import EncoderOutput
 from edgepack.packaging.manifest import read_manifest
 from edgepack.packaging.smoke import host_replay
-from tests.conftest import export_json, run_cli
+from tests.conftest import run_cli
 
 
 def test_pooling_computes_the_sentence_transformers_embedding(bert_dir):

@@ -136,7 +136,10 @@ OPTION_FAULTS = {
     "--quant int3": (["--quant", "int3"], ["--quant 'int3' is not a scheme", "int4, int8, none"]),
     "an unknown target": (["--target", "executorch,vulkan"], ["'vulkan'", "registered backends: executorch"]),
     "a backend option without its backend": (["--ios-target", "17"], ["coreml options (ios_target)", "--target does not include coreml"]),
-    "--mixed-precision on a decoder": (["--mixed-precision", "auto"], ["--mixed-precision auto applies to encoders"]),
+    "--bits-per-weight under int4's own": (["--bits-per-weight", "4"], ["--bits-per-weight 4 is outside 4.5..8.5"]),
+    "--bits-per-weight nan": (["--bits-per-weight", "nan"], ["--bits-per-weight nan must be a number"]),
+    "--bits-per-weight at int8": (["--quant", "int8", "--bits-per-weight", "5"], ["--bits-per-weight applies to models with a tokenizer at --quant int4", "int8"]),
+    "--bits-per-weight with --mixed-precision off": (["--bits-per-weight", "5", "--mixed-precision", "off"], ["--mixed-precision off turns it off"]),
     "--pooling on a decoder": (["--pooling", "mean"], ["--pooling mean applies to encoders"]),
 }
 

@@ -90,10 +90,12 @@ def test_plan_keeps_int8_only_what_the_floor_needs(tiny_bert_capture):
 
 
 def test_mixed_precision_is_refused_where_it_cannot_apply(llama_dir, bert_dir, tmp_path):
-    result = run_cli("export", llama_dir, "--mixed-precision", "auto", "--out", tmp_path)
-    assert result.exit_code == 2 and "applies to encoders" in result.stderr and "causal-lm" in result.stderr
+    result = run_cli("export", llama_dir, "--mixed-precision", "auto", "--quant", "int8", "--out", tmp_path)
+    assert result.exit_code == 2 and "applies to models with a tokenizer at --quant int4" in result.stderr and "int8" in result.stderr
     result = run_cli("export", bert_dir, "--quant", "int8", "--calibration", __file__, "--out", tmp_path)
-    assert result.exit_code == 2 and "--calibration applies to encoders" in result.stderr
+    assert result.exit_code == 2 and "--calibration applies to models with a tokenizer at --quant int4" in result.stderr
+    result = run_cli("export", bert_dir, "--bits-per-weight", "5", "--out", tmp_path)
+    assert result.exit_code == 2 and "--bits-per-weight applies to decoder LMs" in result.stderr
     result = run_cli("export", bert_dir, "--mixed-precision", "some", "--out", tmp_path)
     assert result.exit_code == 2 and "auto, off" in result.stderr
     result = run_cli("export", bert_dir, "--calibration", tmp_path / "nope.txt", "--out", tmp_path)

@@ -9,12 +9,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from edgepack.packaging.manifest import dumps
-from tests.conftest import REPO_ROOT, flip, resign, run_cli
+from tests.conftest import LLAMA_BACKEND_OPTIONS, REPO_ROOT, flip, resign, run_cli
 
 BACKEND_EXPORTS = {"executorch": "llama_export", "onnx": "onnx_export", "tflite": "tflite_export", "coreml": "coreml_llama"}
 # The file of each artifact that holds its weights.
@@ -59,6 +60,20 @@ def test_a_broken_artifact_fails_its_smoke_even_when_its_manifest_is_resigned(ba
     assert result.exit_code == 1, result.output
     [verdict] = json.loads(result.stdout)["results"].values()
     assert not verdict["passed"] and (verdict["error"] or verdict["cases"]["greedy"]["failures"])
+
+
+@pytest.mark.parametrize("backend", BACKEND_EXPORTS)
+def test_identical_bytes_across_processes_hash_seeds_and_thread_counts(backend, request, llama_dir, tmp_path):
+    """The shared export ran in the test process (a random hash seed, the default thread count);
+    this one runs in a process of its own with another seed and one thread everywhere. Every
+    file of the bundle, the manifest and the archive included, must be the same bytes."""
+    _, _, shared = request.getfixturevalue(BACKEND_EXPORTS[backend])
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "edgepack", "export", str(llama_dir), "--target", backend,
+                    *LLAMA_BACKEND_OPTIONS[backend], "--out", str(tmp_path)], env=env, check=True, capture_output=True)
+    again = _digests(tmp_path / "tiny-llama")
+    assert again == _digests(shared), sorted(k for k in again if again[k] != _digests(shared).get(k))
 
 
 def test_tokenizer_edits_deleted_artifacts_stray_files_and_escaping_paths_are_refused(request, tmp_path):

@@ -1,0 +1,119 @@
+"""Mixed precision for decoder LMs: int8 for the weights whose int4 rounding costs the model most
+per extra stored bit, within a bits-per-weight budget.
+
+A layer's cost is estimated from the calibration text's loss, not from output cosines: with the
+diagonal Fisher information F of the next-token loss (squared gradients, summed over chunks of
+text), rounding a weight by d costs about F * d^2 / 2 nats. One backward pass per chunk ranks every
+layer, where trying each layer at int8 in turn would take one forward pass per layer. The tied
+embedding / LM head of small models is one weight and one choice: its Fisher sums both uses.
+
+The rounding is the coarsest grid any backend stores (symmetric -7..7, CoreML's), as for the
+encoder plan; each artifact's real quality is then measured on the evaluation text through its
+own runtime, apart from the calibration text."""
+
+from __future__ import annotations
+
+import torch
+
+from edgepack.exporters.mixed_precision import INT8
+from edgepack.exporters.tokenizer import encode
+from edgepack.exporters.weights import Rounding, fake_quantize
+from edgepack.errors import InputError
+from edgepack.packaging.quality import DEFAULT_BITS_PER_WEIGHT
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import CapturedModel
+
+CHUNK = 128  # tokens per backward pass
+
+
+def stored_bits(wq: WeightQuant, cols: int, scale_bits: int = 16) -> float:
+    """Bits a weight of a layer `cols` wide takes as wq stores it, its scales included."""
+    return wq.bits + scale_bits / (wq.group_size or cols)
+
+
+def check_budget(spec: QuantSpec, budget: float) -> None:
+    floor = stored_bits(spec.linear, 1 << 30)
+    if not floor <= budget <= 8.5:
+        raise InputError(f"--bits-per-weight {budget:g} is outside {floor:g}..8.5 ({spec.linear.describe()} "
+                         f"with fp16 scales stores {floor:g} bits a weight; int8 per channel about 8)",
+                         hint=f"the default is {DEFAULT_BITS_PER_WEIGHT:g}; {floor:g} keeps every layer int4")
+
+
+def plan_decoder_precision(captured: CapturedModel, spec: QuantSpec, texts: list[str], source: str,
+                           budget: float, on_step=None) -> QuantSpec:
+    """`spec` with int8 per-channel overrides for the layers that buy the most estimated loss per
+    extra bit, costliest first, while the quantized weights average at most `budget` bits."""
+    step = on_step or (lambda _: None)
+    layers = dict(captured.module.named_modules())
+    units: dict[int, tuple[torch.Tensor, list[str], WeightQuant]] = {}
+    for name, wq in spec.layers(captured.module).items():
+        weight = layers[name].weight
+        units.setdefault(id(weight), (weight, [], wq))[1].append(name)  # a tied weight is one unit
+    chunks = _chunks(captured, texts)
+    step(f"loss gradients on {sum(c.numel() for c in chunks)} calibration tokens")
+    fisher = _fisher(captured.loaded.module, chunks, [w for w, _, _ in units.values()])
+
+    step(f"cost of {len(units)} weights at int4 and int8")
+    four, eight = Rounding.symmetric(4, narrow=True), Rounding.symmetric(8, narrow=True)
+    total_bits = sum(w.numel() * stored_bits(wq, w.shape[1]) for w, _, wq in units.values())
+    numel = sum(w.numel() for w, _, _ in units.values())
+    candidates = []
+    for (weight, names, wq), f in zip(units.values(), fisher):
+        if wq.bits != 4:
+            continue
+        w = weight.detach().float()
+        cost4 = 0.5 * float((f * (fake_quantize(w, wq, four) - w) ** 2).sum())
+        cost8 = 0.5 * float((f * (fake_quantize(w, INT8, eight) - w) ** 2).sum())
+        extra = w.numel() * (stored_bits(INT8, w.shape[1]) - stored_bits(wq, w.shape[1]))
+        candidates.append((names, cost4, cost8, extra))
+    spare = budget * numel - total_bits
+    chosen, saved = [], 0.0
+    # Ranked on 4 significant digits, ties by name: gradients summed on other thread counts differ
+    # in the last bits, and the plan (so the artifact's bytes) must not.
+    for names, cost4, cost8, extra in sorted(candidates, key=lambda c: (-float(f"{(c[1] - c[2]) / c[3]:.4g}"), c[0])):
+        if cost4 > cost8 and extra <= spare:
+            chosen += names
+            spare -= extra
+            saved += cost4 - cost8
+    all_int4 = sum(c[1] for c in candidates)
+    plan = {
+        "method": "int8 per channel for the weights whose int4 rounding costs the calibration loss most per extra "
+                  "stored bit (diagonal Fisher estimate), costliest first, within the bits-per-weight budget",
+        "budget_bits_per_weight": budget,
+        "bits_per_weight": round(budget - spare / numel, 4),
+        "calibration": {"texts": len(texts), "source": source, "tokens": int(sum(c.numel() for c in chunks))},
+        "grid": "symmetric int4 -7..7 / int8 -127..127 (the coarsest any backend stores)",
+        "int8_layers": len(chosen), "int4_layers": sum(len(c[0]) for c in candidates) - len(chosen),
+        "int8_layer_names": sorted(chosen),
+        "estimated_loss_all_int4": round(all_int4 / sum(c.numel() for c in chunks), 6),
+        "estimated_loss_planned": round((all_int4 - saved) / sum(c.numel() for c in chunks), 6),
+    }
+    return spec.with_overrides({n: INT8 for n in chosen}, plan)
+
+
+def _chunks(captured: CapturedModel, texts: list[str]) -> list[torch.Tensor]:
+    """The calibration texts as one token stream, cut into chunks the model's positions allow."""
+    ids = [i for text in texts for i in encode(captured.loaded.tokenizer, text + "\n")]
+    size = min(CHUNK, captured.loaded.facts.max_positions)
+    chunks = [torch.tensor(ids[i:i + size])[None] for i in range(0, len(ids) - 1, size)]
+    return [c for c in chunks if c.shape[1] > 1]
+
+
+def _fisher(model: torch.nn.Module, chunks: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Squared gradients of each chunk's summed next-token loss with respect to `weights`, summed
+    over chunks. The model's own parameters are left as they were (no .grad, same requires_grad)."""
+    flags = [w.requires_grad for w in weights]
+    fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for chunk in chunks:
+                logits = model(input_ids=chunk, use_cache=False).logits[0, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum")
+                for f, g in zip(fisher, torch.autograd.grad(loss, weights)):
+                    f += g.float() ** 2
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    return fisher
