@@ -132,7 +132,7 @@ def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> str | N
     if "--bits-per-weight" in asked and kind != "decoder":
         raise InputError(f"--bits-per-weight applies to decoder LMs; {loaded.source} is a {loaded.task}",
                          hint="encoders plan for a quality floor instead (--min-cosine)")
-    if request.mixed_precision == "off" and len(asked) > 0:
+    if request.mixed_precision == "off" and asked:
         raise InputError(f"{asked[0]} plans mixed precision, and --mixed-precision off turns it off",
                          hint="drop one of the two")
     return kind if request.mixed_precision != "off" else None

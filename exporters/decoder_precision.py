@@ -50,7 +50,8 @@ def plan_decoder_precision(captured: CapturedModel, spec: QuantSpec, texts: list
         weight = layers[name].weight
         units.setdefault(id(weight), (weight, [], wq))[1].append(name)  # a tied weight is one unit
     chunks = _chunks(captured, texts)
-    step(f"loss gradients on {sum(c.numel() for c in chunks)} calibration tokens")
+    tokens = sum(c.numel() for c in chunks)
+    step(f"loss gradients on {tokens} calibration tokens")
     fisher = _fisher(captured.loaded.module, chunks, [w for w, _, _ in units.values()])
 
     step(f"cost of {len(units)} weights at int4 and int8")
@@ -81,12 +82,12 @@ def plan_decoder_precision(captured: CapturedModel, spec: QuantSpec, texts: list
                   "stored bit (diagonal Fisher estimate), costliest first, within the bits-per-weight budget",
         "budget_bits_per_weight": budget,
         "bits_per_weight": round(budget - spare / numel, 4),
-        "calibration": {"texts": len(texts), "source": source, "tokens": int(sum(c.numel() for c in chunks))},
+        "calibration": {"texts": len(texts), "source": source, "tokens": tokens},
         "grid": "symmetric int4 -7..7 / int8 -127..127 (the coarsest any backend stores)",
         "int8_layers": len(chosen), "int4_layers": sum(len(c[0]) for c in candidates) - len(chosen),
         "int8_layer_names": sorted(chosen),
-        "estimated_loss_all_int4": round(all_int4 / sum(c.numel() for c in chunks), 6),
-        "estimated_loss_planned": round((all_int4 - saved) / sum(c.numel() for c in chunks), 6),
+        "estimated_loss_all_int4": round(all_int4 / tokens, 6),
+        "estimated_loss_planned": round((all_int4 - saved) / tokens, 6),
     }
     return spec.with_overrides({n: INT8 for n in chosen}, plan)
 
