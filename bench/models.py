@@ -46,6 +46,20 @@ def build(out_dir: Path, quick: bool, seed: int = 0) -> BenchModel:
     return BenchModel(name, hf_dir, params, checkpoint, n_params, model.model.embed_tokens.weight.numel())
 
 
+def from_hf_dir(hf_dir: Path, out_dir: Path) -> BenchModel:
+    """A Llama-architecture Hugging Face directory (the real SmolLM2-135M-Instruct) with export_llm's
+    params.json + checkpoint written beside it in `out_dir`."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params, checkpoint = out_dir / "params.json", out_dir / "checkpoint.pth"
+    torch.save(meta_state_dict(model), checkpoint)
+    params.write_text(json.dumps(meta_params(model.config), indent=2))
+    n_params = sum(p.numel() for p in model.parameters())
+    return BenchModel(hf_dir.name, hf_dir, params, checkpoint, n_params, model.model.embed_tokens.weight.numel())
+
+
 def meta_params(config) -> dict:
     """export_llm's params.json for the same architecture. use_hf_rope keeps HF's rotate-half
     rotary layout, so q/k weights need no permutation."""

@@ -73,10 +73,14 @@ def export_llm(model: BenchModel, out: Path, max_seq_len: int) -> tuple[Measured
     return run_measured(cmd, out / "export_llm.log", cwd=out), out / "model.pte"
 
 
-def edgepack_export(model: BenchModel, out: Path, targets: str, max_seq_len: int, prompt_len: int) -> tuple[Measured, dict, dict]:
-    """`edgepack export` as a user runs it (lowering, packaging and its own smoke test included)."""
+def edgepack_export(model: BenchModel, out: Path, targets: str, max_seq_len: int, prompt_len: int, *,
+                    extra: list[str] | tuple = (), tokenizer: bool = False) -> tuple[Measured, dict, dict]:
+    """`edgepack export` as a user runs it (lowering, packaging and its own smoke test included);
+    without the tokenizer unless asked (the quality stage needs it)."""
     cmd = [sys.executable, "-m", "edgepack", "export", str(model.hf_dir), "--target", targets, "--out", str(out),
-           "--name", model.name, "--max-seq-len", str(max_seq_len), "--no-tokenizer", "--json"]
+           "--name", model.name, "--max-seq-len", str(max_seq_len), "--json", *extra]
+    if not tokenizer:
+        cmd.append("--no-tokenizer")
     if "tflite" in targets:
         cmd += ["--prefill-len", str(prompt_len)]
     measured = run_measured(cmd, out / f"edgepack-{targets.replace(',', '-')}.log")

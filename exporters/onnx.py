@@ -23,6 +23,7 @@ from edgepack.errors import InputError
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, quantize_groups, weight_only_reference
@@ -234,7 +235,8 @@ def record_reference(work: _Work) -> None:
 def export(work: _Work) -> None:
     import onnx
 
-    with contextlib.redirect_stdout(sys.stderr):  # its progress lines; stdout is for --json
+    # its progress lines go to stderr (stdout is for --json)
+    with grouped_query_attention(work.captured.loaded.module), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(work.module, work.args, kwargs=work.kwargs or None, dynamo=True,
                                     dynamic_shapes=work.dynamic_shapes, input_names=work.input_names,
                                     output_names=work.output_names, opset_version=OPSET, verbose=False)

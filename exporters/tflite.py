@@ -19,6 +19,7 @@ from edgepack import __version__
 from edgepack.errors import BackendError, InputError
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
+from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
@@ -242,7 +243,8 @@ def convert(work: _Work) -> None:
     converter = litert_torch.Converter()
     for sig in work.signatures:
         converter.signature(sig.name, sig.module, sample_kwargs=sig.sample, dynamic_shapes=sig.dynamic_shapes)
-    with contextlib.redirect_stdout(sys.stderr):  # its progress log; stdout is for --json
+    # its progress log goes to stderr (stdout is for --json)
+    with grouped_query_attention(work.captured.loaded.module), contextlib.redirect_stdout(sys.stderr):
         work.float_model = bytes(converter.convert().model_content())
     work.model = work.float_model
 

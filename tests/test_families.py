@@ -1,12 +1,13 @@
 """Per family, in seconds: every form edgepack gives a decoder LM answers like Hugging Face's own
 forward (`AutoModelForCausalLM`, the whole prompt at once), step by step through its KV cache, on a
 prompt longer than any sliding window: the captured model (the golden fp32 answers come from it),
-ExecuTorch's fast path (llama::custom_sdpa / update_cache), the TFLite signature modules and the
-ONNX (onnxruntime-genai) decoder. A wrapper that drops a window mask, a rotary position or a cache
-write fails here, whatever the backends then do with it."""
+ExecuTorch's fast path (llama::custom_sdpa / update_cache), and the forms the TFLite and ONNX
+(onnxruntime-genai) backends trace, with the grouped-query attention they trace them under. A wrapper that drops a window mask, a rotary position or a cache write fails here,
+whatever the backends then do with it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from edgepack.demo import DECODER_CONFIGS, decoder_config
 from edgepack.exporters.architectures import FAMILIES, linearize, model_facts
+from edgepack.exporters.attention import NAME as GROUPED, grouped_query_attention
 from edgepack.exporters.decoder import ExplicitCacheLM, StaticCacheLM
 
 PROMPT = 40  # > every test config's sliding window (16)
@@ -76,6 +78,16 @@ def _slice_write(cache, new, input_pos):
     return out
 
 
+@contextlib.contextmanager
+def _traced_attention(model, facts):
+    """The attention the TFLite and ONNX backends trace: grouped-query where the model has
+    fewer KV heads than query heads (every test config but GPT-2's), the model's own otherwise."""
+    with grouped_query_attention(model):
+        assert (model.config._attn_implementation == GROUPED) == (facts.n_kv_heads < facts.n_heads)
+        yield
+    assert model.config._attn_implementation == "eager"
+
+
 def _check(name: str, got: np.ndarray, want: np.ndarray) -> None:
     diff = np.abs(got - want).max(axis=1)
     assert diff.max() < TOLERANCE, f"{name}: logits leave Hugging Face's at prompt position {int(diff.argmax()) + PREFILL - 1} (max abs diff {diff.max():.3g})"
@@ -111,8 +123,10 @@ def test_executorch_fast_path_answers_like_hugging_face(family):
 def test_tflite_signatures_answer_like_hugging_face(family):
     model, facts = _model(family)
     tokens = _prompt(facts.vocab_size)
+    want = _reference(model, tokens)
     module = ExplicitCacheLM(model, facts, MAX_SEQ_LEN, _slice_write).eval()
-    _check("ExplicitCacheLM", _stepwise(_explicit_cache_call(module), tokens), _reference(model, tokens))
+    with _traced_attention(model, facts):
+        _check("ExplicitCacheLM", _stepwise(_explicit_cache_call(module), tokens), want)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -130,4 +144,6 @@ def test_onnx_decoder_answers_like_hugging_face(family):
         state["past"] = {f"{k}_{i}": present[2 * i + (k == "v")] for i in range(facts.n_layers) for k in "kv"}
         return logits[0, -1].numpy()
 
-    _check("GenaiDecoder", _stepwise(call, tokens), _reference(model, tokens))
+    want = _reference(model, tokens)
+    with _traced_attention(model, facts):
+        _check("GenaiDecoder", _stepwise(call, tokens), want)

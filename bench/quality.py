@@ -1,0 +1,144 @@
+"""`make bench-quality`: 4-bit quality on the real SmolLM2-135M-Instruct (`make real-model`), edgepack's
+artifacts beside ExecuTorch's own `export_llm`, in one run (about 45 minutes on 2 cores).
+
+- export_llm with the flags `make bench` uses (8da4w, groups of 32, 4-bit embeddings in groups of 32);
+- edgepack at its defaults (`--target all`: the decoder precision plan at 5.0 bits a weight), and
+  `--target executorch --bits-per-weight 4.5` (every layer int4: export_llm's size class);
+- per artifact: perplexity on the built-in evaluation text through its own runtime (edgepack's
+  quality stage; export_llm's .pte through the same measure on the same tokens), the file's bits
+  per parameter, its size, and host decode tokens/s (bench.speed; not for CoreML, which has no
+  runtime here).
+
+Writes bench/results/quality-smollm2.json and .png and prints the README table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from bench.models import from_hf_dir
+from bench.real_model import DEFAULT_OUT, build
+from bench.run import ROOT, edgepack_export, export_llm, git_commit, machine, speed
+
+MAX_SEQ_LEN, PROMPT_LEN, DECODE_STEPS, REPEATS = 512, 32, 64, 3
+EXPORT_LLM_ARTIFACT = {"backend": "executorch", "runtime": {"kernel_libraries": ["llm_custom_ops", "quantized"]}}
+
+
+def export_llm_perplexity(model_dir: Path, pte: Path) -> dict:
+    """export_llm's .pte on the text edgepack's quality stage uses, tokenized the same way."""
+    from edgepack.exporters.sources import load_source
+    from edgepack.exporters.tokenizer import encode
+    from edgepack.packaging import quality
+    from edgepack.packaging.runtimes import HOST_RUNTIMES
+
+    loaded = load_source(model_dir)
+    text, source = quality.read_eval_text(None)
+    prepared = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t), text, source, MAX_SEQ_LEN)
+    return quality.measure(HOST_RUNTIMES["executorch"](pte, EXPORT_LLM_ARTIFACT), prepared)
+
+
+def row(label: str, backend: str, path: Path, artifact: dict, measured: dict, params: int, tokens: Path, work: Path) -> dict:
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    entry = {"artifact": label, "backend": backend, "bytes": size, "bits_per_parameter": round(size * 8 / params, 3),
+             "perplexity": measured.get("perplexity"), "perplexity_fp32": measured.get("perplexity_fp32"),
+             "increase_pct": measured.get("increase_pct"), "top1_agreement": measured.get("top1_agreement")}
+    if backend != "coreml":
+        runs = speed(backend, path, artifact, tokens, PROMPT_LEN, REPEATS, work)["decode_tokens_per_s"]
+        entry["decode_tokens_per_s"] = round(float(np.median(runs)), 1)
+    return entry
+
+
+def run(work: Path, out_dir: Path) -> dict:
+    model_dir = build(ROOT / DEFAULT_OUT)
+    model = from_hf_dir(model_dir, work / "meta")
+    (work / "export_llm").mkdir(exist_ok=True)
+    ref_export, ref_pte = export_llm(model, (work / "export_llm").resolve(), MAX_SEQ_LEN)
+    if ref_export.returncode:
+        raise SystemExit(f"export_llm failed (exit {ref_export.returncode}); see {ref_export.log}")
+    tokens = work / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(3, 49152, size=PROMPT_LEN + DECODE_STEPS).astype(np.int64))
+
+    rows = [row("export_llm 8da4w g32, embeddings 4,32", "executorch", ref_pte, EXPORT_LLM_ARTIFACT,
+                export_llm_perplexity(model_dir, ref_pte), model.n_params, tokens, work)]
+    for label, targets, extra in (("edgepack, plan at 5.0 bits a weight (default)", "all", []),
+                                  ("edgepack, every layer int4 (--bits-per-weight 4.5)", "executorch",
+                                   ["--bits-per-weight", "4.5"])):
+        out = work / ("edgepack-default" if targets == "all" else "edgepack-int4")
+        out.mkdir(exist_ok=True)
+        measured, summary, manifest = edgepack_export(model, out, targets, MAX_SEQ_LEN, PROMPT_LEN, extra=extra,
+                                                      tokenizer=True)
+        if measured.returncode:
+            raise SystemExit(f"edgepack export failed (exit {measured.returncode}); see {measured.log}")
+        for artifact in sorted(manifest["artifacts"], key=lambda a: a["backend"]):
+            backend = artifact["backend"]
+            rows.append(row(label, backend, out / model.name / artifact["path"], artifact,
+                            manifest["quality"]["artifacts"][backend], model.n_params, tokens, work))
+    report = {
+        "model": {"name": model_dir.name, "parameters": model.n_params, "max_seq_len": MAX_SEQ_LEN,
+                  "speed": {"prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS, "repeats": REPEATS}},
+        "text": "built-in (edgepack/eval_text.txt)",
+        "machine": machine(),
+        "versions": {"edgepack": git_commit(), **{p: version(p) for p in ("executorch", "torch", "torchao")}},
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "quality-smollm2.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_chart(report, out_dir / "quality-smollm2.png")
+    print(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = ["| artifact | backend | size | bits / parameter | perplexity (fp32 {:.2f}) | decode tokens/s |".format(
+                 report["rows"][0]["perplexity_fp32"]),
+             "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        speed_ = f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else "no runtime here"
+        lines.append(f"| {r['artifact']} | {r['backend']} | {r['bytes'] / 1e6:.1f} MB | {r['bits_per_parameter']:.2f} | "
+                     f"{r['perplexity']:.2f} ({r['increase_pct']:+.1f} %) | {speed_} |")
+    return "\n".join(lines)
+
+
+def write_chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in report["rows"]:
+        marker = "s" if r["artifact"].startswith("export_llm") else "o"
+        ax.scatter(r["bits_per_parameter"], r["increase_pct"], marker=marker, s=60)
+        ax.annotate(f"{r['backend']}\n{r['artifact'].split(',')[0]}", (r["bits_per_parameter"], r["increase_pct"]),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("file bits per parameter")
+    ax.set_ylabel("perplexity over fp32 (%)")
+    ax.set_title(f"{report['model']['name']}: 4-bit artifacts on the built-in text ({report['date']})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results", help="results folder")
+    parser.add_argument("--work", type=Path, default=None, help="where exports go (default: a temporary folder)")
+    args = parser.parse_args()
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+        run(args.work, args.out)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgepack-bench-quality-") as tmp:
+            run(Path(tmp), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
