@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -85,7 +85,8 @@ def edgepack_export(model: BenchModel, out: Path, targets: str, max_seq_len: int
         cmd += ["--prefill-len", str(prompt_len)]
     measured = run_measured(cmd, out / f"edgepack-{targets.replace(',', '-')}.log")
     summary = _last_json(Path(measured.log))
-    manifest = json.loads((out / model.name / "manifest.json").read_text())
+    written = out / model.name / "manifest.json"  # absent when the export failed
+    manifest = json.loads(written.read_text()) if written.is_file() else {}
     return measured, summary, manifest
 
 

@@ -29,6 +29,8 @@ def export_summary(result) -> dict:
             "backend": a["backend"], "path": a["path"], "bytes": a["bytes"], "sha256": a["sha256"],
             "ideal_bytes": a["ideal_bytes"], "ratio_to_ideal": round(a["bytes"] / a["ideal_bytes"], 3),
             "lowering_fidelity": fidelity.get(a["backend"]), "quantization_quality": quality.get(a["backend"]),
+            # the .litertlm beside a .tflite, checked on the LiteRT-LM engine (packaging/litertlm_engine.py)
+            "litertlm_engine": fidelity.get("litertlm") if a["runtime"].get("litertlm") else None,
         })
     text_quality = manifest.get("quality", {}).get("artifacts", {})
     for a in artifacts:
@@ -99,6 +101,19 @@ def describe_fidelity(fid: dict) -> str:
     return ", ".join(parts) + ("; " + "; ".join(failures[:3]) if failures else "")
 
 
+def describe_engine(fid: dict) -> str:
+    """The .litertlm's free-running greedy check on the LiteRT-LM engine, in a line."""
+    if fid.get("error"):
+        return f"[red]FAIL[/]: {fid['error']}"
+    parts = ["[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]"]
+    for name, m in fid.get("cases", {}).items():
+        if "steps_matched" in m:
+            parts.append(f"{name}: {m['steps_matched']} of {m['steps']} greedy tokens (free-running), "
+                         f"decode {m['decode_tokens_per_s']} tok/s")
+    failures = [f for m in fid.get("cases", {}).values() for f in m.get("failures", [])]
+    return ", ".join(parts) + ("; " + "; ".join(failures[:3]) if failures else "")
+
+
 def _case_summary(cases: dict, key: str) -> str:
     values = [m.get(key) for m in cases.values() if m.get(key) is not None]
     return f"{min(values):.4f}" if values else "-"
@@ -119,6 +134,8 @@ def print_export_summary(console: Console, summary: dict) -> None:
         table.add_row("file", a["path"])
         table.add_row("size", f"{_mb(a['bytes'])}  ({a['ratio_to_ideal']:.2f}× the ideal {_mb(a['ideal_bytes'])})")
         table.add_row("smoke vs quantized eager", describe_fidelity(fid))
+        if a.get("litertlm_engine"):
+            table.add_row(".litertlm on LiteRT-LM", describe_engine(a["litertlm_engine"]))
         if a.get("text_quality"):
             table.add_row("quality on text vs fp32", describe_text_quality(a["text_quality"], summary["warn_increase_pct"]))
         else:
@@ -170,9 +187,13 @@ def print_smoke(console: Console, results) -> None:
             table.add_row(r.backend, r.runtime, "-", "[red]ERROR[/]", "-", "-", r.error)
         for name, m in r.cases.items():
             verdict = "[green]pass[/]" if not m["failures"] else "[red]FAIL[/] " + "; ".join(m["failures"])
-            tokens = "-" if "steps" not in m else (
-                f"{m['steps'] - len(m.get('top1_mismatches', []))}/{m['steps']} top-1"
-                + (f", near-tie @ {', '.join(map(str, m['near_tie_steps']))}" if m.get("near_tie_steps") else ""))
+            if "steps_matched" in m:  # free-running on an engine that gives no logits
+                tokens = (f"{m['steps_matched']}/{m['steps']} greedy ids (free-running; "
+                          f"decode {m['decode_tokens_per_s']} tok/s)")
+            else:
+                tokens = "-" if "steps" not in m else (
+                    f"{m['steps'] - len(m.get('top1_mismatches', []))}/{m['steps']} top-1"
+                    + (f", near-tie @ {', '.join(map(str, m['near_tie_steps']))}" if m.get("near_tie_steps") else ""))
             table.add_row(r.backend, r.runtime, name, verdict, tokens, str(m.get("min_cosine", "-")), str(m.get("max_abs_diff", "-")))
     console.print(table)
 
@@ -220,6 +241,8 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
             table.add_row(f"in file: {label}", text)
         if a["backend"] in fidelity:
             table.add_row("smoke at export", describe_fidelity(fidelity[a["backend"]]))
+        if a["runtime"].get("litertlm") and "litertlm" in fidelity:
+            table.add_row(".litertlm on LiteRT-LM", describe_engine(fidelity["litertlm"]))
         text = manifest.get("quality", {}).get("artifacts", {}).get(a["backend"])
         if text:
             table.add_row("quality on text", describe_text_quality(text, manifest["quality"]["warn_increase_pct"]))

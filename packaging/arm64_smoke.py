@@ -108,6 +108,8 @@ def smoke_arm64(bundle: Path, manifest: dict, backends: list[str] | None = None,
     wanted = [a["backend"] for a in manifest["artifacts"] if not backends or a["backend"] in backends]
     not_run = {b: why for b in wanted if (why := cannot_run(env, b))}
     to_run = [b for b in wanted if b not in not_run]
+    if any(a["runtime"].get("litertlm") for a in manifest["artifacts"] if a["backend"] in wanted):
+        not_run["litertlm"] = "the LiteRT-LM engine (litert-lm-api 0.18.1) has no aarch64 wheel: host only"
     if not wanted:
         return Arm64Smoke([], {})
     if not to_run:

@@ -97,4 +97,28 @@ def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None
         except Exception as e:  # a runtime that cannot load or run the artifact is a smoke failure
             result.passed, result.error = False, f"{type(e).__name__}: {e}"
         results.append(result)
+        if where == "host" and artifact["runtime"].get("litertlm"):
+            results.append(litertlm_smoke(bundle, manifest, artifact, cases))
     return results
+
+
+def litertlm_smoke(bundle: Path, manifest: dict, artifact: dict, cases: list[tuple[Case, dict]]) -> BackendSmoke:
+    """The TFLite artifact's .litertlm on the LiteRT-LM engine: its greedy cases, free-running
+    (packaging/litertlm_engine.py says why), as a row of its own ("litertlm")."""
+    import tempfile
+
+    from edgepack.packaging.litertlm_engine import RUNTIME, greedy_on_engine
+
+    result = BackendSmoke("litertlm", RUNTIME, passed=True)
+    greedy = [(case, expected_output(bundle, refs["tflite"]).get("tokens")) for case, refs in cases if case.kind == "greedy"]
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgepack-litertlm-") as cache:  # the engine's weight cache
+            tok = manifest["tokenizer"]
+            result.cases = greedy_on_engine(bundle / artifact["runtime"]["litertlm"], greedy, tok["bos_id"],
+                                            tok["eos_ids"], Path(cache))
+        result.passed = all(not m["failures"] for m in result.cases.values())
+    except EdgepackError as e:
+        result.passed, result.error = False, str(e)
+    except Exception as e:  # noqa: BLE001 - the engine failing to load or run the bundle is its verdict
+        result.passed, result.error = False, f"{type(e).__name__}: {e}"
+    return result

@@ -205,3 +205,47 @@ def test_a_planned_layer_without_an_op_of_its_own_is_refused(bert_dir):
     spec = QuantSpec.from_options("int4").with_overrides({"model.pooler.dense": INT8}, plan={"by": "test"})
     with pytest.raises(BackendError, match="1 planned layer.*model.pooler.dense"):
         tflite.lower(captured, spec, tflite.Options())
+
+
+@pytest.mark.slow
+def test_litertlm_answers_on_the_litert_lm_engine_token_for_token(tflite_export):
+    """`edgepack smoke` runs the .litertlm on the LiteRT-LM engine (the runtime Android apps load it
+    with): its greedy answer, through its own tokenizer and start/stop tokens, is the reference's."""
+    import json
+
+    import numpy as np
+
+    _, summary, bundle = tflite_export
+    [artifact] = summary["artifacts"]  # checked at export too, and part of its verdict
+    assert artifact["litertlm_engine"]["passed"] and artifact["litertlm_engine"]["cases"]["greedy"]["steps_matched"] == 16
+    result = run_cli("smoke", bundle, "--json")
+    assert result.exit_code == 0, result.output
+    engine = json.loads(result.stdout)["results"]["litertlm"]
+    assert engine["runtime"] == "LiteRT-LM engine (host)" and engine["passed"], engine
+    greedy = engine["cases"]["greedy"]
+    want = np.load(bundle / "smoke/greedy/expected.tflite.tokens.npy").reshape(-1).tolist()
+    assert greedy["tokens"] == want and greedy["steps_matched"] == greedy["steps"] == len(want) == 16
+    assert greedy["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_the_engine_check_fails_a_litertlm_with_a_wrong_start_token(tflite_export, tmp_path):
+    """The engine prepends the bundle's start token itself: one that is not the tokenizer's BOS
+    (here the first stop token) changes what the model sees on a device, and the check says so
+    (this tiny model's greedy answer happens not to change, so the tokens alone would not)."""
+    from edgepack.packaging.litertlm_engine import greedy_on_engine
+    from edgepack.packaging.smoke import expected_output, golden_cases
+    from edgepack.packaging.tflite_litertlm import build_litertlm
+
+    bundle = tflite_export[2]
+    manifest = read_manifest(bundle)
+    tok = manifest["tokenizer"]
+    wrong = tmp_path / "model.litertlm"
+    wrong.write_bytes(build_litertlm((bundle / "tflite/model.tflite").read_bytes(), bundle / "tokenizer",
+                                     tuple(Path(f["path"]).name for f in tok["files"]), bos_id=tok["eos_ids"][0],
+                                     eos_ids=tuple(tok["eos_ids"]), max_seq_len=manifest["generation"]["max_seq_len"],
+                                     chat_template=None, name="wrong-start"))
+    cases = [(case, expected_output(bundle, refs["tflite"]).get("tokens")) for case, refs in golden_cases(bundle, manifest)]
+    verdicts = greedy_on_engine(wrong, cases, tok["bos_id"], tok["eos_ids"], tmp_path)
+    assert f"the engine prepends start token {tok['eos_ids'][0]}, the tokenizer's BOS is {tok['bos_id']}" in \
+        verdicts["greedy"]["failures"], verdicts

@@ -10,7 +10,9 @@ let keepRegistrations: [LinkerSetting] = [.unsafeFlags(["-Xlinker", "-all_load"]
 
 let package = Package(
     name: "EdgepackSample",
-    platforms: [.iOS(.v18), .macOS(.v15)], // iOS 18: CoreML states hold the LM's KV cache
+    // iOS 18: CoreML states hold the LM's KV cache. Written as strings: .v18 / .v15 exist only
+    // from PackageDescription 6.0, and this manifest is tools 5.9.
+    platforms: [.iOS("18.0"), .macOS("15.0")],
     products: [.library(name: "EdgepackSample", targets: ["EdgepackSample"])],
     dependencies: [
         .package(url: "https://github.com/pytorch/executorch.git", branch: "swiftpm-1.5.0"),

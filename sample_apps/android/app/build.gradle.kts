@@ -9,7 +9,8 @@ plugins {
 val edgepackBundle = providers.gradleProperty("edgepack.bundle").orElse("../../../dist/demo-llama")
 val bundleAssets = layout.buildDirectory.dir("edgepack-assets")
 val copyBundle by tasks.registering(Sync::class) {
-    from(edgepackBundle) { exclude("*.edgepack.zip") } // the archive repeats the bundle
+    // The archive repeats the bundle; the CoreML package runs on Apple platforms only.
+    from(edgepackBundle) { exclude("*.edgepack.zip", "coreml/**") }
     into(bundleAssets.map { it.dir("edgepack") })
 }
 
@@ -34,8 +35,10 @@ android {
         sourceCompatibility = JavaVersion.VERSION_17
         targetCompatibility = JavaVersion.VERSION_17
     }
-    kotlinOptions { jvmTarget = "17" }
 }
+
+// Kotlin 2.x: compilerOptions replaces the deprecated kotlinOptions block.
+kotlin { compilerOptions { jvmTarget.set(org.jetbrains.kotlin.gradle.dsl.JvmTarget.JVM_17) } }
 
 tasks.named("preBuild") { dependsOn(copyBundle) }
 

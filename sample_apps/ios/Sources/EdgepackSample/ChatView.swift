@@ -9,6 +9,8 @@ public struct ChatView: View {
     @State private var prompt = ""
     @State private var transcript = ""
     @State private var busy = false
+    // Made on the first send and reused: it loads (maps) the .pte and tokenizer once.
+    @State private var runner: TextRunner?
 
     public init(bundle: URL) {
         do {
@@ -50,8 +52,9 @@ public struct ChatView: View {
         let text = prompt
         transcript += "\n> \(text)\n"
         busy = true
+        let runner = self.runner ?? TextRunner(modelPath: paths.pte, tokenizerPath: paths.tokenizer)
+        self.runner = runner
         Task.detached {
-            let runner = TextRunner(modelPath: paths.pte, tokenizerPath: paths.tokenizer)
             do {
                 try runner.generate(text, Config {
                     $0.temperature = 0

@@ -8,6 +8,14 @@ public struct InputTensor {
     public let dtype: String
     public let shape: [Int]
     public let data: [Double]
+
+    // A memberwise initializer is internal: the tests (another module) need a public one.
+    public init(name: String, dtype: String, shape: [Int], data: [Double]) {
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.data = data
+    }
 }
 
 public struct OutputTensor {
@@ -98,7 +106,9 @@ public final class CoreMLRunner: ArtifactRunner {
 
     private func floats(_ out: MLFeatureProvider, _ name: String) throws -> OutputTensor {
         guard let a = out.featureValue(for: name)?.multiArrayValue else { throw SampleError("no output \(name)") }
-        return OutputTensor(shape: a.shape.map(\.intValue), data: (0..<a.count).map { a[$0].floatValue })
+        // Converted as a shaped array: its scalars follow the shape whatever the strides, and an
+        // fp16 output (CoreML's default precision) becomes Float.
+        return OutputTensor(shape: a.shape.map(\.intValue), data: MLShapedArray<Float>(converting: a).scalars)
     }
 }
 

@@ -23,7 +23,15 @@ class MainActivity : Activity() {
 
     override fun onCreate(savedInstanceState: Bundle?) {
         super.onCreate(savedInstanceState)
-        val manifest = BundleManifest(extractBundle(this))
+        setContentView(TextView(this).apply { text = "Preparing the bundle…" })
+        // A real model's bundle takes seconds to copy out of the APK: never on the UI thread (ANR).
+        thread {
+            val manifest = BundleManifest(extractBundle(this))
+            runOnUiThread { showChat(manifest) }
+        }
+    }
+
+    private fun showChat(manifest: BundleManifest) {
         transcript = TextView(this)
         val prompt = EditText(this).apply { hint = "Prompt" }
         val send = Button(this).apply { text = "Send" }
@@ -63,9 +71,14 @@ class MainActivity : Activity() {
                 .joinToString("\n") { "${it.backend}: ${it.path} on ${it.runtimeName} ${it.runtimeVersion}" }
 }
 
-/** The runtimes load files, not assets: copy assets/edgepack/ into the app's files once per install. */
+/**
+ * The runtimes load files, not assets: copy assets/edgepack/ into the app's files once per install,
+ * through a scratch folder renamed at the end, so a copy cut short (the app killed) is redone.
+ */
 fun extractBundle(context: Context): File {
     val target = File(context.filesDir, "edgepack")
+    if (File(target, "manifest.json").exists()) return target
+    val partial = File(context.filesDir, "edgepack.partial").apply { deleteRecursively() }
     fun copy(asset: String, to: File) {
         val children = context.assets.list(asset).orEmpty()
         if (children.isEmpty()) {
@@ -75,6 +88,8 @@ fun extractBundle(context: Context): File {
             children.forEach { copy("$asset/$it", File(to, it)) }
         }
     }
-    if (!File(target, "manifest.json").exists()) copy("edgepack", target)
+    copy("edgepack", partial)
+    target.deleteRecursively()
+    check(partial.renameTo(target)) { "cannot move $partial to $target" }
     return target
 }

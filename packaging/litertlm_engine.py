@@ -1,0 +1,96 @@
+"""The .litertlm on the LiteRT-LM engine (litert-lm-api: the C++ engine Android apps embed for
+.litertlm bundles, through its Python binding): each golden greedy case decoded by the engine
+itself, from the prompt's text to its answer's text, with the bundle's own tokenizer, start
+token, stop tokens and prefill/decode signatures.
+
+The engine's API takes and returns text and gives no logits (its text scoring returned
+log-probabilities far from the greedy path it decodes, on the demo model), so the check is the
+greedy path, token for token: the engine's answer, tokenized by the engine's tokenizer, must be
+the reference's tokens; where the engine stops early, the reference's next token must be a stop
+token. The start and stop tokens the engine reads from the bundle must be the tokenizer's. It runs the same .tflite as the interpreter's teacher-forced smoke, which checks the
+logits; this checks what the engine adds. Free-running, so a near-tie can end the comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.cases import Case
+from edgepack.errors import RuntimeUnavailableError
+
+RUNTIME = "LiteRT-LM engine (host)"
+
+
+def _engine(path: Path, cache_dir: Path):
+    try:
+        import litert_lm
+        from litert_lm import interfaces
+    except ImportError as e:
+        raise RuntimeUnavailableError("the LiteRT-LM engine is not installed",
+                                      hint="pip install 'edgepack[tflite]' (litert-lm-api, x86_64 Linux)") from e
+    # Its INFO/WARNING lines (missing optional sections, accelerator registry) would reach the
+    # user's terminal from native code; errors still do.
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    # The engine writes its compiled XNNPACK weights cache beside the model unless told otherwise.
+    return litert_lm.Engine(str(path), backend=interfaces.Backend.CPU(), cache_dir=str(cache_dir),
+                            enable_benchmark=True), interfaces
+
+
+def greedy_on_engine(path: Path, cases: list[tuple[Case, np.ndarray]], bos_id: int | None, stop_ids: list[int],
+                     cache_dir: Path) -> dict[str, dict]:
+    """Per greedy case (with the reference's tokens): what the engine decoded, and why it fails.
+    `bos_id` and `stop_ids` are the tokenizer's (the manifest's): the engine must use the same."""
+    engine, interfaces = _engine(path, cache_dir)
+    try:
+        wrong = _wrong_special_tokens(engine, bos_id, stop_ids)
+        return {case.name: _judge(engine, interfaces, case, expected, stop_ids, wrong) for case, expected in cases}
+    finally:
+        engine.close()
+
+
+def _wrong_special_tokens(engine, bos_id: int | None, stop_ids: list[int]) -> list[str]:
+    """The start and stop tokens the engine read from the bundle, against the tokenizer's: a
+    wrong one changes every prompt, or never ends an answer, on a device too."""
+    wrong = []
+    if engine.bos_token_id != bos_id:
+        wrong.append(f"the engine prepends start token {engine.bos_token_id}, the tokenizer's BOS is {bos_id}")
+    engine_stops = sorted(i for ids in engine.eos_token_ids for i in ids)
+    if engine_stops != sorted(stop_ids):
+        wrong.append(f"the engine stops on {engine_stops}, the tokenizer's eos ids are {sorted(stop_ids)}")
+    return wrong
+
+
+def _judge(engine, interfaces, case: Case, expected: np.ndarray, stop_ids: list[int], wrong: list[str]) -> dict:
+    prompt = [int(t) for t in case.inputs[0].reshape(-1)]
+    want = [int(t) for t in expected.reshape(-1)]
+    metrics: dict = {"steps": case.steps}
+    # The engine prepends its start token to the prompt text itself.
+    if engine.bos_token_id is not None and prompt[:1] == [engine.bos_token_id]:
+        prompt = prompt[1:]
+    text = engine.detokenize(prompt)
+    if engine.tokenize(text) != prompt:
+        metrics["failures"] = wrong + ["the prompt's text does not tokenize back to the prompt's ids with the "
+                                       "engine's tokenizer, so the engine cannot be given the same input"]
+        return metrics
+    session = engine.create_session(apply_prompt_template=False, max_output_tokens=case.steps,
+                                    sampler_config=interfaces.SamplerConfig(top_k=1, top_p=1.0, temperature=1.0, seed=0))
+    try:
+        session.run_prefill([text])
+        answer = session.run_decode().texts[0]
+        info = session.get_benchmark_info()
+    finally:
+        session.close()
+    got = engine.tokenize(answer) if answer else []
+    matched = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    metrics.update({"tokens": got, "steps_matched": matched,
+                    "prefill_tokens_per_s": round(info.last_prefill_tokens_per_second, 1),
+                    "decode_tokens_per_s": round(info.last_decode_tokens_per_second, 1)})
+    failures = list(wrong)
+    if matched < len(got):
+        failures.append(f"the engine's greedy token {got[matched]} at step {matched} is not the reference's {want[matched]}")
+    elif len(got) < len(want) and want[len(got)] not in stop_ids:
+        failures.append(f"the engine stopped after {len(got)} tokens, where the reference's next token "
+                        f"{want[len(got)]} is not a stop token {stop_ids}")
+    metrics["failures"] = failures
+    return metrics
