@@ -58,7 +58,7 @@ bench-quality: real-model
 	$(BIN)/python -m bench.quality
 
 # The real model exported to every backend with its verdicts checked (tests/test_real_model.py):
-# about 35 minutes on 2 cores, so not part of `make test`.
+# about 17 minutes on 2 cores, so `make test` runs only its ONNX and TFLite half.
 test-real-model: real-model
 	$(BIN)/python -m pytest -m real_model -n 0 tests/test_real_model.py
 
