@@ -108,8 +108,7 @@ def describe_engine(fid: dict) -> str:
     parts = ["[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]"]
     for name, m in fid.get("cases", {}).items():
         if "steps_matched" in m:
-            parts.append(f"{name}: {m['steps_matched']} of {m['steps']} greedy tokens (free-running), "
-                         f"decode {m['decode_tokens_per_s']} tok/s")
+            parts.append(f"{name}: {m['steps_matched']} of {m['steps']} greedy tokens (free-running)")
     failures = [f for m in fid.get("cases", {}).values() for f in m.get("failures", [])]
     return ", ".join(parts) + ("; " + "; ".join(failures[:3]) if failures else "")
 
@@ -188,8 +187,7 @@ def print_smoke(console: Console, results) -> None:
         for name, m in r.cases.items():
             verdict = "[green]pass[/]" if not m["failures"] else "[red]FAIL[/] " + "; ".join(m["failures"])
             if "steps_matched" in m:  # free-running on an engine that gives no logits
-                tokens = (f"{m['steps_matched']}/{m['steps']} greedy ids (free-running; "
-                          f"decode {m['decode_tokens_per_s']} tok/s)")
+                tokens = f"{m['steps_matched']}/{m['steps']} greedy (free-running)"
             else:
                 tokens = "-" if "steps" not in m else (
                     f"{m['steps'] - len(m.get('top1_mismatches', []))}/{m['steps']} top-1"

@@ -225,7 +225,6 @@ def test_litertlm_answers_on_the_litert_lm_engine_token_for_token(tflite_export)
     greedy = engine["cases"]["greedy"]
     want = np.load(bundle / "smoke/greedy/expected.tflite.tokens.npy").reshape(-1).tolist()
     assert greedy["tokens"] == want and greedy["steps_matched"] == greedy["steps"] == len(want) == 16
-    assert greedy["decode_tokens_per_s"] > 0
 
 
 @pytest.mark.slow
