@@ -36,14 +36,10 @@ def build(out_dir: Path, quick: bool, seed: int = 0) -> BenchModel:
     name = "s135-quick" if quick else "s135"
     shape = QUICK if quick else S135
     root = out_dir / name
-    hf_dir, params, checkpoint = root / "hf", root / "params.json", root / "checkpoint.pth"
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**shape, **COMMON)).eval()
-    model.save_pretrained(hf_dir, safe_serialization=True)
-    torch.save(meta_state_dict(model), checkpoint)
-    params.write_text(json.dumps(meta_params(model.config), indent=2))
-    n_params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    return BenchModel(name, hf_dir, params, checkpoint, n_params, model.model.embed_tokens.weight.numel())
+    model.save_pretrained(root / "hf", safe_serialization=True)
+    return _with_meta_files(model, name, root / "hf", root)
 
 
 def from_hf_dir(hf_dir: Path, out_dir: Path) -> BenchModel:
@@ -52,12 +48,17 @@ def from_hf_dir(hf_dir: Path, out_dir: Path) -> BenchModel:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    params, checkpoint = out_dir / "params.json", out_dir / "checkpoint.pth"
+    return _with_meta_files(model, hf_dir.name, hf_dir, out_dir)
+
+
+def _with_meta_files(model, name: str, hf_dir: Path, meta_dir: Path) -> BenchModel:
+    """Write export_llm's params.json + checkpoint of `model` in `meta_dir`."""
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    params, checkpoint = meta_dir / "params.json", meta_dir / "checkpoint.pth"
     torch.save(meta_state_dict(model), checkpoint)
     params.write_text(json.dumps(meta_params(model.config), indent=2))
-    n_params = sum(p.numel() for p in model.parameters())
-    return BenchModel(hf_dir.name, hf_dir, params, checkpoint, n_params, model.model.embed_tokens.weight.numel())
+    n_params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    return BenchModel(name, hf_dir, params, checkpoint, n_params, model.model.embed_tokens.weight.numel())
 
 
 def meta_params(config) -> dict:
