@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "error: '$(PYTHON) -m venv' failed; install the venv module (Debian: apt-get install python3-venv) and rerun" >&2; exit 2; }
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,bench,arm64]'
 	@# tflite-support (TFLite metadata writer) pins protobuf<4, which breaks onnx and coremltools:
 	@# installed without its dependencies; its metadata modules work on modern protobuf.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(TFLITE_SUPPORT)

@@ -6,7 +6,12 @@ caches nor memory colour the other's numbers):
 The artifact runs through the same host runtime adapter `edgepack smoke` uses
 (edgepack.packaging.runtimes). Each repeat prefills the prompt (one call, T = PROMPT_LEN) and then
 decodes the rest of TOKENS one token per call, teacher-forced, so every artifact sees the same
-inputs; one uncounted repeat warms the runtime up first; the logits of the first counted repeat are kept for the cosine against fp32 eager."""
+inputs; one uncounted repeat warms the runtime up first; the logits of the first counted repeat are kept for the cosine against fp32 eager.
+
+BACKEND `litertlm` is a .litertlm on the LiteRT-LM engine (what Android apps embed), through the
+engine's own Benchmark (ARTIFACT_JSON and the token values unused: the engine takes PROMPT_LEN
+prefill tokens and decodes len(TOKENS) - PROMPT_LEN, greedy, on its default CPU set-up); the
+first of its runs warms up and is not counted. It gives speeds, no logits."""
 
 from __future__ import annotations
 
@@ -44,8 +49,31 @@ def measure(backend: str, path: Path, artifact: dict, tokens: np.ndarray, prompt
     }
 
 
+def measure_litertlm(path: Path, prompt_len: int, steps: int, repeats: int) -> dict:
+    import tempfile
+
+    import litert_lm
+    from litert_lm import interfaces
+
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="edgepack-bench-litertlm-") as cache:  # its compiled weight cache
+        for _ in range(repeats + 1):
+            runs.append(litert_lm.Benchmark(str(path), interfaces.Backend.CPU(), prefill_tokens=prompt_len,
+                                            decode_tokens=steps, cache_dir=cache).run())
+    counted = runs[1:]
+    if any(r.last_prefill_token_count != prompt_len or r.last_decode_token_count != steps for r in counted):
+        raise SystemExit(f"the LiteRT-LM engine ran other token counts than asked: {counted}")
+    return {"prefill_tokens_per_s": [r.last_prefill_tokens_per_second for r in counted],
+            "decode_tokens_per_s": [r.last_decode_tokens_per_second for r in counted]}
+
+
 def main(argv: list[str]) -> None:
     backend, path, artifact_json, tokens, prompt_len, repeats, out = argv
+    if backend == "litertlm":
+        result = measure_litertlm(Path(path), int(prompt_len), len(np.load(tokens)) - int(prompt_len), int(repeats))
+        np.savez(out, **{k: np.array(v) for k, v in result.items()})
+        return
     result = measure(backend, Path(path), json.loads(artifact_json), np.load(tokens), int(prompt_len), int(repeats))
     np.savez(out, logits=result.pop("logits"), **{k: np.array(v) for k, v in result.items()})
 

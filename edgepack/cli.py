@@ -181,7 +181,7 @@ def smoke(
             err.print("note: the iOS Simulator runs on the Mac's CPU; its numerics can differ from a device's",
                       highlight=False, soft_wrap=True)
     passed = all(r.passed for r in results)
-    extra = ({"not_run": arm64.not_run} if arm64 else
+    extra = ({"not_run": arm64.not_run, "notes": arm64.notes} if arm64 else
              {"not_run": device.not_run, "report": str(device.report) if device.report else None} if device else {})
     if as_json:
         _emit_json({"ok": passed, "bundle": str(bundle), "on": on, "results": {r.backend: r.as_dict() for r in results},

@@ -24,7 +24,7 @@ from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.tflite_weights import (fold_multipliers, folded_layers, grid_for, layer_ops, layer_storage,
-                                               operator_of, quantized_tables)
+                                               nonzero_weight_scales, operator_of, quantized_tables)
 from edgepack.exporters.weights import (NormAffine, fake_quantize, int8_per_row, linears_fed_by_norms,
                                        weight_only_reference)
 from edgepack.packaging.tflite_metadata import ModelDoc, TensorDoc, write_metadata
@@ -286,7 +286,7 @@ def quantize(work: _Work) -> None:
         return
     with contextlib.redirect_stdout(sys.stderr):  # it prints its size report; stdout is for --json
         result = quantizer.Quantizer(work.float_model, recipe.get_quantization_recipe()).quantize()
-    work.model = bytes(result.quantized_model)
+    work.model = nonzero_weight_scales(bytes(result.quantized_model))
     _check_stored(work)
 
 

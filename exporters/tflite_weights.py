@@ -196,3 +196,49 @@ def _same(expected: np.ndarray, values: np.ndarray, rtol: float, atol: float) ->
 
 def _stored(expected: np.ndarray, stored: dict[tuple, list[StoredWeight]]) -> bool:
     return any(_same(expected, w.values, rtol=0, atol=1e-6) for w in stored.get(expected.shape, []))
+
+
+def nonzero_weight_scales(model: bytes) -> bytes:
+    """ai_edge_quantizer gives an all-zero block (or channel) of a weight the scale 0 (max|w| / qmax),
+    and XNNPACK refuses a quantized weight with a zero scale ("unsupported scale value (0.000000)"),
+    so the whole .tflite fails to load: seen with a pad row of an embedding tied to the LM head.
+    Every code of such a block is 0, so any scale stores the same zeros: 1.0 is written in place."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = bytearray(model)  # the accessors' numpy views are then writable views of `data`
+    m = schema.Model.GetRootAs(data, 0)
+    done: set[int] = set()
+    for g in range(m.SubgraphsLength()):
+        graph = m.Subgraphs(g)
+        for t in range(graph.TensorsLength()):
+            tensor, q = graph.Tensors(t), graph.Tensors(t).Quantization()
+            if tensor.Type() not in (schema.TensorType.INT4, schema.TensorType.INT8) or q is None or tensor.Buffer() in done:
+                continue
+            done.add(tensor.Buffer())
+            if q.DetailsType() == schema.QuantizationDetails.BlockwiseQuantization:
+                details = schema.BlockwiseQuantization()
+                details.Init(q.Details().Bytes, q.Details().Pos)
+                holder = graph.Tensors(details.Scales())
+                dtype = np.float16 if holder.Type() == schema.TensorType.FLOAT16 else np.float32
+                scales = _writable(m, data, holder.Buffer()).view(dtype)
+            elif not q.ScaleIsNone():
+                scales = q.ScaleAsNumpy()
+            else:
+                continue
+            zero = scales == 0
+            if zero.any():
+                codes = _writable(m, data, tensor.Buffer())
+                if tensor.Type() == schema.TensorType.INT4:  # two codes a byte, low nibble first
+                    codes = np.stack([codes & 15, codes >> 4], -1)
+                if codes.reshape(len(scales), -1)[zero].any():
+                    raise ValueError(f"tensor {tensor.Name().decode()}: a block with scale 0 holds nonzero codes")
+                scales[zero] = 1.0
+    return bytes(data)
+
+
+def _writable(m, data: bytearray, index: int) -> np.ndarray:
+    """Buffer `index` of the model in `data` as a writable uint8 view: inline, or after the flatbuffer."""
+    buffer = m.Buffers(index)
+    if not buffer.DataIsNone() and buffer.DataLength():
+        return buffer.DataAsNumpy()
+    return np.frombuffer(data, np.uint8, count=buffer.Size(), offset=buffer.Offset())

@@ -7,6 +7,9 @@ or $EDGEPACK_ARM64_ENV):
   sysroot/              Debian's arm64 python3.X and the libraries it needs, unpacked with dpkg -x
   site/                 aarch64 wheels from PyPI at the host venv's versions, unzipped
   cpuinfo               an ARM /proc/cpuinfo (LiteRT's CPU detection crashes on the host's x86 one)
+  cross/                Debian's aarch64 cross compiler (g++-aarch64-linux-gnu), unpacked, not installed
+  executorch/           the aarch64 executorch wheel's C++ runtime (lib/, include/, its cmake config) and
+                        bin/edgepack-et-runner, edgepack's runner (arm64_runner/) built against it
   env.json              what was set up; written last, so its presence means the set-up completed
 
 The versions come from the host venv at set-up time (importlib.metadata), never typed here. Once
@@ -16,6 +19,7 @@ fetches what changed. Run: python -m edgepack.packaging.arm64_env [--dir DIR].""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +42,14 @@ _CPUINFO_PART = "0xd0b"  # Cortex-A76's part number, what cpuinfo parsers read
 # host distribution name -> module the emulated runtime imports; only those the host venv has are set up
 WHEELS = {"numpy": "numpy", "ai-edge-litert": "ai_edge_litert.interpreter", "onnxruntime": "onnxruntime"}
 REQUIRED_WHEELS = ("numpy",)
+# The distribution whose aarch64 wheel's C++ libraries the ExecuTorch runner links (not imported
+# by the emulated Python: its Python runtime needs libtorch, see arm64_smoke).
+RUNNER_DIST = "executorch"
+RUNNER_SOURCE = Path(__file__).resolve().parent / "arm64_runner"
+RUNNER_NAME = "edgepack-et-runner"
+# The cross compiler's Debian package; its dependency closure minus what the host has is unpacked.
+CROSS_COMPILER = "g++-aarch64-linux-gnu"
+CMAKE_MIN = (3, 28)  # the wheel's cmake config gives imported targets (run paths right) from 3.28
 PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
 # The roots of the sysroot; their arm64 dependency closure comes from apt-cache.
 SYSROOT_ROOTS = (f"{PYTHON}-minimal:arm64", f"lib{PYTHON}-stdlib:arm64", "libstdc++6:arm64")
@@ -61,7 +73,7 @@ def default_dir() -> Path:
 def host_versions() -> dict[str, str]:
     """The host venv's versions of the packages the emulated runtimes need: the one source of truth."""
     found = {}
-    for dist in WHEELS:
+    for dist in (*WHEELS, RUNNER_DIST):
         try:
             found[dist] = version(dist)
         except PackageNotFoundError:
@@ -73,17 +85,25 @@ def host_versions() -> dict[str, str]:
 class Arm64Env:
     root: Path
     qemu: Path
-    packages: dict[str, str]  # distribution -> version, installed under site/
+    packages: dict[str, str]  # distribution -> version, installed under site/ (or the runner's, executorch/)
     unavailable: dict[str, str]  # distribution -> why it is not there
 
     @property
     def sysroot(self) -> Path:
         return self.root / "sysroot"
 
+    @property
+    def runner(self) -> Path:
+        """edgepack's ExecuTorch runner (aarch64), when executorch is in `packages`."""
+        return self.root / "executorch" / "bin" / RUNNER_NAME
+
     def command(self, *args: str) -> list[str]:
         """argv running the emulated Python with `args`, behind an ARM /proc/cpuinfo."""
-        emulated = [str(self.qemu), "-cpu", QEMU_CPU, "-L", str(self.sysroot),
-                    str(self.sysroot / "usr" / "bin" / PYTHON), "-s", *args]
+        return self.emulate(str(self.sysroot / "usr" / "bin" / PYTHON), "-s", *args)
+
+    def emulate(self, program: str, *args: str) -> list[str]:
+        """argv running an aarch64 `program` with `args` under qemu, behind an ARM /proc/cpuinfo."""
+        emulated = [str(self.qemu), "-cpu", QEMU_CPU, "-L", str(self.sysroot), program, *args]
         cpuinfo = str(self.root / "cpuinfo")
         if os.geteuid() == 0 and shutil.which("unshare"):
             # A private mount namespace: the bind mount is seen by this process tree only.
@@ -115,6 +135,9 @@ def load_env(root: Path | None = None) -> Arm64Env:
     if stale:
         raise Arm64EnvMissing(f"the emulated arm64 environment at {root} was set up for other versions than "
                               f"the host's {stale}", hint=hint)
+    if RUNNER_DIST in env.packages and recorded.get("runner", {}).get("source") != _runner_digest():
+        raise Arm64EnvMissing(f"the ExecuTorch runner at {env.runner} was built from another source than "
+                              f"{RUNNER_SOURCE}", hint=hint)
     return env
 
 
@@ -203,11 +226,12 @@ def _platforms(debs: list[str]) -> list[str]:
 
 
 def _wheels(root: Path, wanted: dict[str, str], debs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """aarch64 wheels at the host's versions, unzipped into site/. A package without such a wheel is
-    recorded as unavailable (its backend is then reported as not run), unless it is required."""
-    site, work = root / "site", root / "wheels"
-    shutil.rmtree(site, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
+    """aarch64 wheels at the host's versions: the emulated Python's unzipped into site/, the
+    runner's C++ part (lib/, include/, its cmake config) into executorch/. A package without such
+    a wheel is recorded as unavailable (its backend is then reported as not run), unless required."""
+    site, work, runtime = root / "site", root / "wheels", root / RUNNER_DIST
+    for folder in (site, work, runtime):
+        shutil.rmtree(folder, ignore_errors=True)
     work.mkdir(parents=True)
     found, unavailable = {}, {}
     py = f"{sys.version_info.major}{sys.version_info.minor}"
@@ -215,7 +239,7 @@ def _wheels(root: Path, wanted: dict[str, str], debs: list[str]) -> tuple[dict[s
     for dist, ver in wanted.items():
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                                "--only-binary=:all:", *platforms, "--python-version", py, "--no-deps",
-                               "--dest", str(work), f"{dist}=={ver}"], capture_output=True, text=True, check=False)
+                               "--dest", str(work / dist), f"{dist}=={ver}"], capture_output=True, text=True, check=False)
         if done.returncode:
             why = f"no aarch64 wheel of {dist} {ver} for cp{py} on the package index"
             if dist in REQUIRED_WHEELS or "No matching distribution" not in done.stderr:
@@ -223,12 +247,83 @@ def _wheels(root: Path, wanted: dict[str, str], debs: list[str]) -> tuple[dict[s
                                       f"{done.stderr.strip()[-1500:]}", hint="check the network and rerun")
             unavailable[dist] = why
             continue
-        found[dist] = ver
-    for wheel in sorted(work.glob("*.whl")):
+        [wheel] = (work / dist).glob("*.whl")
         with zipfile.ZipFile(wheel) as z:
-            z.extractall(site)
+            if dist == RUNNER_DIST:  # the C++ runtime only: its Python part needs libtorch
+                z.extractall(root, [n for n in z.namelist() if n.split("/")[1:2] in (["lib"], ["include"], ["share"])])
+                (runtime / "wheel.txt").write_text(wheel.name + "\n")  # its platform tag, for the record
+            else:
+                z.extractall(site)
+        found[dist] = ver
     shutil.rmtree(work)
     return found, unavailable
+
+
+def _cross_compiler(root: Path) -> Path:
+    """Debian's aarch64 g++ unpacked into cross/ (with what the host lacks of its dependency
+    closure): no root, nothing installed on the host. Returns the g++ driver."""
+    cross, stamp = root / "cross", root / "cross" / ".debs"
+    gxx = cross / "usr" / "bin" / "aarch64-linux-gnu-g++"
+    if stamp.is_file() and gxx.is_file():
+        return gxx
+    _require_apt("cross compiler")
+    tree = _run("cross compiler", ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+                                   "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", CROSS_COMPILER])
+    names = sorted({line for line in tree.splitlines() if not line.startswith((" ", "<"))})
+    have = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Status}\n", *names],
+                          capture_output=True, text=True, check=False).stdout
+    installed = {line.split()[0] for line in have.splitlines() if line.endswith("install ok installed")}
+    work = root / "downloads"
+    shutil.rmtree(cross, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    _run("cross compiler", ["apt-get", "download", "-q", *[n for n in names if n not in installed]], cwd=work)
+    debs = sorted(work.glob("*.deb"))
+    for deb in debs:
+        _run("cross compiler", ["dpkg-deb", "-x", str(deb), str(cross)])
+    stamp.write_text("\n".join(d.name for d in debs) + "\n")
+    shutil.rmtree(work)
+    return gxx
+
+
+def _runner_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(RUNNER_SOURCE.iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _cmake() -> Path:
+    """The venv's pinned CMake (pyproject: cmake), or one on PATH if it is recent enough."""
+    for cmake in (Path(sys.executable).parent / "cmake", shutil.which("cmake")):
+        if cmake and Path(cmake).is_file():
+            found = _run("runner", [str(cmake), "--version"]).split()[2]
+            if tuple(int(x) for x in found.split(".")[:2]) >= CMAKE_MIN:
+                return Path(cmake)
+    raise Arm64SetupError(f"runner: building the ExecuTorch runner needs CMake >= {'.'.join(map(str, CMAKE_MIN))}",
+                          hint="make install (it pins cmake in the venv)")
+
+
+def _build_runner(root: Path) -> dict:
+    """edgepack's ExecuTorch runner, cross-compiled against the unpacked wheel: the wheel's cmake
+    config supplies the libraries, compile definitions and run paths."""
+    gxx = _cross_compiler(root)
+    runtime, build = root / RUNNER_DIST, root / RUNNER_DIST / "build"
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    toolchain = build / "toolchain.cmake"
+    toolchain.write_text(f'set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR aarch64)\n'
+                         f'set(CMAKE_SYSROOT "{root / "cross"}")\nset(CMAKE_CXX_COMPILER "{gxx}")\n')
+    # The unpacked binutils' own libraries (libopcodes for arm64, ...) are beside them, not on the host.
+    env = {**os.environ, "LD_LIBRARY_PATH": str(root / "cross" / "usr" / "lib" / "x86_64-linux-gnu")}
+    cmake = _cmake()
+    _run("runner", [str(cmake), "-S", str(RUNNER_SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", f"-Dexecutorch_DIR={runtime / 'lib' / 'cmake' / 'executorch'}",
+                    f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={runtime / 'bin'}"], env=env)
+    _run("runner", [str(cmake), "--build", str(build), "-j", str(os.cpu_count() or 1)], env=env)
+    compiler = _run("runner", [str(gxx), "-dumpfullversion"], env=env).strip()
+    shutil.rmtree(build)
+    return {"source": _runner_digest(), "wheel": (runtime / "wheel.txt").read_text().strip(),
+            "compiler": f"{gxx.name} {compiler}"}
 
 
 def _cpuinfo(path: Path) -> None:
@@ -239,9 +334,18 @@ def _cpuinfo(path: Path) -> None:
 
 
 def _self_test(env: Arm64Env) -> str:
-    modules = ", ".join(WHEELS[d] for d in env.packages)
+    modules = ", ".join(WHEELS[d] for d in env.packages if d in WHEELS)
     probe = f"import platform, {modules}; print(platform.machine(), 'imports {modules}')"
-    return _run("self-test", env.command("-c", probe), env=env.environment(), timeout=300).strip()
+    said = _run("self-test", env.command("-c", probe), env=env.environment(), timeout=300).strip()
+    if RUNNER_DIST not in env.packages:
+        return said
+    from edgepack.packaging.arm64_executorch import RUNNER_OPS, list_operators
+
+    ops = list_operators(env)
+    missing = [op for op in (*RUNNER_OPS, "quantized_decomposed::embedding_4bit.out") if op not in ops]
+    if missing:
+        raise Arm64SetupError(f"self-test: the ExecuTorch runner lacks {missing}")
+    return f"{said}; {RUNNER_NAME} runs, {len(ops)} operators registered"
 
 
 def set_up(root: Path | None = None, say=print) -> Arm64Env:
@@ -269,12 +373,19 @@ def _set_up(root: Path, say) -> Arm64Env:
         (root / "env.json").unlink(missing_ok=True)
         say(f"arm64-env: fetching aarch64 wheels for {wanted}")
         packages, unavailable = _wheels(root, wanted, debs)
+        recorded = None
+    runner = {}
+    if RUNNER_DIST in packages:
+        runner = recorded.get("runner", {}) if recorded else {}
+        if runner.get("source") != _runner_digest() or not Arm64Env(root, qemu, {}, {}).runner.is_file():
+            say(f"arm64-env: building {RUNNER_NAME} against the aarch64 {RUNNER_DIST} {packages[RUNNER_DIST]} wheel")
+            runner = _build_runner(root)
     _cpuinfo(root / "cpuinfo")
     env = Arm64Env(root, qemu, packages, unavailable)
     say(f"arm64-env: self-test: {_self_test(env)}")
     (root / "env.json").write_text(json.dumps({"qemu": str(qemu), "cpu": QEMU_CPU, "python": PYTHON, "host": wanted,
-                                               "packages": packages, "unavailable": unavailable, "debs": debs},
-                                              indent=2, sort_keys=True) + "\n")
+                                               "packages": packages, "unavailable": unavailable, "debs": debs,
+                                               "runner": runner}, indent=2, sort_keys=True) + "\n")
     for dist, why in unavailable.items():
         say(f"arm64-env: {dist} not set up: {why}")
     say(f"arm64-env: ready at {root} ({', '.join(f'{d} {v}' for d, v in packages.items())})")

@@ -2,15 +2,18 @@
 runtimes (the ARM kernels phones run: XNNPACK's NEON/dotprod paths, int4 unpacking), under qemu
 user-mode emulation on an x86 host.
 
-The emulated Python (arm64_worker) only replays the golden cases and writes the raw outputs; the
-host judges them with the same code as the host smoke test (smoke.smoke_bundle), then compares
-them with the same artifact on the x86 build of the same runtime version (the arm64-vs-x86
-difference). A backend whose runtime cannot run there is reported as not run, never as passed."""
+The emulated Python (arm64_worker) replays the golden cases through the Python runtimes (LiteRT,
+ONNX Runtime) and writes the raw outputs; the ExecuTorch .pte runs in edgepack's C++ runner
+(arm64_executorch), which the host drives call by call. The host judges both with the same code
+as the host smoke test (smoke.smoke_bundle), then compares them with the same artifact on the x86
+build of the same runtime version (the arm64-vs-x86 difference). A backend whose runtime cannot
+run there is reported as not run, never as passed."""
 
 from __future__ import annotations
 
 import subprocess
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,19 +22,24 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from edgepack.cases import Case, CaseOutput, compare
+from edgepack.cases import Case, CaseOutput, compare, run_case
 from edgepack.errors import RuntimeUnavailableError, SmokeFailure
-from edgepack.packaging.arm64_env import Arm64Env, load_env
+from edgepack.packaging.arm64_env import RUNNER_DIST, RUNNER_NAME, Arm64Env, load_env
+from edgepack.packaging.arm64_executorch import RUNNER_OPS, start_on
 from edgepack.packaging.smoke import BackendSmoke, expected_output, golden_cases, host_replay, smoke_bundle
 
 WHERE = "arm64-emulated"
-# backend -> the aarch64 wheel its runtime adapter imports in the emulated Python
-RUNTIME_WHEELS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime"}
+# backend -> the aarch64 wheel its runtime comes from: imported by the emulated Python, or (ExecuTorch)
+# linked by edgepack's C++ runner, because its Python runtime links libtorch and PyPI's aarch64
+# torch is a CUDA build that does not import without the CUDA libraries
+RUNTIME_WHEELS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime", "executorch": RUNNER_DIST}
+IN_RUNNER = ("executorch",)
+RUNNER_RUNTIME = f"executorch arm64-emulated ({RUNNER_NAME})"
+RUNNER_NOTE = (f"ran in {RUNNER_NAME}, edgepack's C++ runner linked against the aarch64 executorch wheel's "
+               f"runtime, XNNPACK delegate and kernels; {' and '.join(RUNNER_OPS)} are the runner's own "
+               "implementations (ExecuTorch ships them only in a library that links libtorch)")
 # backends with no arm64 runtime that runs under this emulation, and why
 NO_EMULATED_RUNTIME = {
-    "executorch": "ExecuTorch's Python runtime (executorch.extension.pybindings._C, aarch64 wheel) links "
-                  "libtorch, libtorch_cpu, libtorch_python and libc10, and PyPI's aarch64 torch wheel is a "
-                  "CUDA build that does not import without the CUDA libraries",
     "coreml": "CoreML runs only on Apple platforms (Linux checks its MIL program with a numpy evaluator)",
 }
 WORKER_TIMEOUT_S = 1800
@@ -41,6 +49,7 @@ WORKER_TIMEOUT_S = 1800
 class Arm64Smoke:
     results: list[BackendSmoke]
     not_run: dict[str, str]  # backend -> why it cannot run on arm64-emulated
+    notes: dict[str, str]  # backend -> how it ran, where that differs from an app
 
     @property
     def passed(self) -> bool:
@@ -111,23 +120,38 @@ def smoke_arm64(bundle: Path, manifest: dict, backends: list[str] | None = None,
     if any(a["runtime"].get("litertlm") for a in manifest["artifacts"] if a["backend"] in wanted):
         not_run["litertlm"] = "the LiteRT-LM engine (litert-lm-api 0.18.1) has no aarch64 wheel: host only"
     if not wanted:
-        return Arm64Smoke([], {})
+        return Arm64Smoke([], {}, {})
     if not to_run:
         raise RuntimeUnavailableError(f"{bundle}: no artifact here can run on {WHERE}: "
                                       + "; ".join(f"{b}: {why}" for b, why in not_run.items()))
-    with tempfile.TemporaryDirectory(prefix="edgepack-arm64-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgepack-arm64-") as tmp, ExitStack() as runners:
         out = Path(tmp)
-        try:
-            done = subprocess.run(env.command("-m", "edgepack.packaging.arm64_worker", str(bundle.resolve()),
-                                              str(out), *to_run),
-                                  env=env.environment(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-            stderr, returncode = done.stderr, done.returncode
-        except subprocess.TimeoutExpired as e:
-            stderr, returncode = f"timed out after {WORKER_TIMEOUT_S} s: {e.stderr or ''}", -1
-        replay = _recorded(out, stderr, returncode)
+        in_python = [b for b in to_run if b not in IN_RUNNER]
+        recorded = _recorded(out, *_run_worker(env, bundle, out, in_python)) if in_python else None
+
+        def replay(bundle: Path, artifact: dict):
+            if artifact["backend"] not in IN_RUNNER:
+                return recorded(bundle, artifact)
+            call = runners.enter_context(start_on(env, bundle / artifact["path"])).call
+            return lambda case, forced=None: run_case(case, call, forced)
+
         results = smoke_bundle(bundle, manifest, to_run, replay=replay, where=WHERE)
         _vs_x86(bundle, manifest, results, replay)
-    return Arm64Smoke(results, not_run)
+    for result in results:
+        if result.backend in IN_RUNNER:
+            result.runtime = RUNNER_RUNTIME
+    return Arm64Smoke(results, not_run, {r.backend: RUNNER_NOTE for r in results if r.backend in IN_RUNNER})
+
+
+def _run_worker(env: Arm64Env, bundle: Path, out: Path, backends: list[str]) -> tuple[str, int]:
+    """The emulated Python replaying `backends` into `out`: its stderr and exit code."""
+    try:
+        done = subprocess.run(env.command("-m", "edgepack.packaging.arm64_worker", str(bundle.resolve()), str(out),
+                                          *backends),
+                              env=env.environment(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        return done.stderr, done.returncode
+    except subprocess.TimeoutExpired as e:
+        return f"timed out after {WORKER_TIMEOUT_S} s: {e.stderr or ''}", -1
 
 
 def print_arm64(console: Console, smoke: Arm64Smoke) -> None:
@@ -146,5 +170,7 @@ def print_arm64(console: Console, smoke: Arm64Smoke) -> None:
             table.add_row(r.backend, name, tokens, str(d.get("min_cosine", "-")), str(d.get("max_abs_diff", "-")))
     if table.row_count:
         console.print(table)
+    for backend, how in smoke.notes.items():
+        console.print(f"note: {backend}: {how}", highlight=False, soft_wrap=True)
     for backend, why in smoke.not_run.items():
         console.print(f"[yellow]not run[/] on {WHERE}: {backend}: {why}", highlight=False, soft_wrap=True)

@@ -1,5 +1,6 @@
-"""`edgepack smoke --on arm64-emulated`: the tiny Llama's TFLite (and ONNX) artifacts on the arm64
-builds of LiteRT and ONNX Runtime under qemu, judged on the host with the host's comparison code.
+"""`edgepack smoke --on arm64-emulated`: the tiny Llama's TFLite, ONNX and ExecuTorch artifacts on
+the arm64 builds of LiteRT, ONNX Runtime and the ExecuTorch C++ runtime (edgepack's runner, linked
+against the aarch64 executorch wheel) under qemu, judged on the host with the host's comparison code.
 
 The emulated environment is set up by the same code as `make arm64-env` (cached under build/arm64;
 a fresh machine fetches it once, ~1 min). Skipped only when this machine has no apt or no network
@@ -10,10 +11,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from edgepack.packaging.arm64_env import EXIT_NO_ARM64_ENV, Arm64SetupError, load_env, set_up
-from edgepack.errors import EdgepackError
+from edgepack.packaging.arm64_executorch import RUNNER_OPS, start_on
+from edgepack.errors import EdgepackError, SmokeFailure
 from tests.conftest import export_json, flip, resign, run_cli
 
 _NETWORK_FAILURES = ("Temporary failure resolving", "Could not resolve", "Failed to fetch", "Name or service not known",
@@ -73,16 +76,105 @@ def test_onnx_passes_on_arm64(arm64_env, arm64_bundle):
 
 
 @pytest.mark.slow
-def test_a_broken_artifact_fails_on_arm64(arm64_env, arm64_bundle, tmp_path):
-    """4 KiB of the .tflite's weights inverted, the bundle's index rewritten to match: only the
+def test_executorch_passes_token_for_token_on_arm64(arm64_env, llama_export):
+    code, _, bundle = llama_export
+    assert code == 0
+    result, report = _smoke(bundle, "--backend", "executorch")
+    assert result.exit_code == 0, result.output
+    verdict = report["results"]["executorch"]
+    assert verdict["runtime"] == "executorch arm64-emulated (edgepack-et-runner)" and verdict["passed"]
+    greedy = verdict["cases"]["greedy"]
+    assert greedy["tokens_match"] and greedy["min_cosine"] >= 0.99 and not greedy["failures"]
+    # The same .pte on the same ExecuTorch version, the aarch64 wheel's kernels vs the x86 wheel's.
+    assert greedy["vs_x86"]["tokens_match"] and greedy["vs_x86"]["max_abs_diff"] < 1e-3, greedy["vs_x86"]
+    # The two LLM operators the runner implements itself are said, not hidden.
+    assert all(op in report["notes"]["executorch"] for op in RUNNER_OPS)
+
+
+@pytest.mark.slow
+def test_the_runners_llm_operators_match_executorchs(arm64_env, tmp_path):
+    """The runner's own llama::update_cache and llama::custom_sdpa against ExecuTorch's kernels on
+    the x86 host: grouped KV heads (6 query heads, 2 KV heads), causal from start_pos across
+    prefill and decode calls sharing the cache, and an additive mask with its own scale."""
+    import torch
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
+
+    from edgepack.packaging.runtimes import executorch_host
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k_cache", torch.zeros(1, 16, 2, 8))
+            self.register_buffer("v_cache", torch.zeros(1, 16, 2, 8))
+
+        def forward(self, q, k, v, input_pos, mask):
+            start = input_pos[0].item()
+            torch._check_is_size(start)
+            torch._check(start < 16)
+            torch.ops.llama.update_cache(k, self.k_cache, start)
+            torch.ops.llama.update_cache(v, self.v_cache, start)
+            return (torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True, None),
+                    torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, 0, mask, 0.0, False, 0.3))
+
+    seq = torch.export.Dim("seq", min=1, max=8)
+    example = (torch.randn(1, 3, 6, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8), torch.tensor([0]),
+               torch.zeros(3, 16))
+    exported = torch.export.export(Attention(), example, dynamic_shapes=({1: seq}, {1: seq}, {1: seq}, None, {0: seq}))
+    pte = tmp_path / "attention.pte"
+    pte.write_bytes(to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch().buffer)
+    host = executorch_host(pte, {"runtime": {"kernel_libraries": ["llm_custom_ops"]}})
+    rng = np.random.default_rng(0)
+    with start_on(arm64_env, pte) as runner:
+        for start, length in ((0, 5), (5, 1), (6, 3)):
+            q = rng.standard_normal((1, length, 6, 8), dtype=np.float32)
+            k, v = (rng.standard_normal((1, length, 2, 8), dtype=np.float32) for _ in range(2))
+            mask = np.where(rng.random((length, 16)) < 0.3, -np.inf, 0.0).astype(np.float32)
+            mask[:, 0] = 0.0  # every row sees a key
+            inputs = [q, k, v, np.array([start]), mask]
+            for arm, x86 in zip(runner.call("forward", inputs), host("forward", inputs)):
+                assert arm.shape == x86.shape == (1, length, 6, 8)
+                np.testing.assert_allclose(arm, x86, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_missing_operator_is_named(arm64_env, tmp_path):
+    """A .pte calling an operator no arm64 library registers fails with that operator's name."""
+    import torch
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    lib = torch.library.Library("edgepack_test", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.define("twice.out(Tensor x, *, Tensor(a!) out) -> Tensor(a!)")
+    lib.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
+    lib.impl("twice.out", lambda x, *, out: out.copy_(x * 2), "CompositeExplicitAutograd")
+
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.edgepack_test.twice(x) + 1
+
+    program = to_edge(torch.export.export(Twice(), (torch.ones(3),)),
+                      compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
+    pte = tmp_path / "twice.pte"
+    pte.write_bytes(program.buffer)
+    with start_on(arm64_env, pte) as runner, pytest.raises(SmokeFailure) as failure:
+        runner.call("forward", [np.ones(3, np.float32)])
+    assert "OperatorMissing" in failure.value.message and "edgepack_test::twice.out" in failure.value.message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, path", [("tflite", "tflite/model.tflite"), ("executorch", "executorch/model.pte")])
+def test_a_broken_artifact_fails_on_arm64(arm64_env, arm64_bundle, llama_export, tmp_path, backend, path):
+    """4 KiB of the artifact's weights inverted, the bundle's index rewritten to match: only the
     numbers can tell, and the emulated arm64 run must."""
-    bundle = shutil.copytree(arm64_bundle[2], tmp_path / "tiny-llama")
-    model = bundle / "tflite" / "model.tflite"
+    source = arm64_bundle[2] if backend == "tflite" else llama_export[2]
+    bundle = shutil.copytree(source, tmp_path / "tiny-llama")
+    model = bundle / path
     flip(model, model.stat().st_size // 2 - 2048, 4096)
     resign(bundle)
-    result, report = _smoke(bundle, "--backend", "tflite")
+    result, report = _smoke(bundle, "--backend", backend)
     assert result.exit_code == 1, result.output
-    verdict = report["results"]["tflite"]
+    verdict = report["results"][backend]
     assert not report["ok"] and not verdict["passed"] and (verdict["error"] or verdict["cases"]["greedy"]["failures"])
 
 

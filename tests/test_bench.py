@@ -45,3 +45,7 @@ def test_quick_bench_measures_both_tools_side_by_side(tmp_path):
         assert others[backend]["lower_s"] > 0
     for backend in ("tflite", "onnx"):
         assert others[backend]["cosine_vs_fp32"]["mean"] > 0.85 and others[backend]["decode_tokens_per_s"] > 0
+    # The .tflite in the engine Android apps embed, measured in the same run as ExecuTorch.
+    engine = others["tflite (LiteRT-LM engine)"]
+    assert engine["decode_tokens_per_s"] > 0 and len(engine["decode_tokens_per_s_runs"]) == model["repeats"]
+    assert engine["decode_vs_executorch"] == round(engine["decode_tokens_per_s"] / et["edgepack"]["decode_tokens_per_s"], 3)

@@ -248,3 +248,26 @@ def test_the_engine_check_fails_a_litertlm_with_a_wrong_start_token(tflite_expor
     verdicts = greedy_on_engine(wrong, cases, tok["bos_id"], tok["eos_ids"], tmp_path)
     assert f"the engine prepends start token {tok['eos_ids'][0]}, the tokenizer's BOS is {tok['bos_id']}" in \
         verdicts["greedy"]["failures"], verdicts
+
+
+@pytest.mark.slow
+def test_an_all_zero_weight_block_still_loads_in_xnnpack(llama_dir, tmp_path):
+    """A weight row of zeros (a pad token's embedding, tied to the LM head) gets scale 0 from
+    ai_edge_quantizer, which XNNPACK refuses: the export writes scale 1.0 over its zero codes,
+    and the artifact loads and passes its smoke test with that row still exactly zero."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from edgepack.exporters.tflite_weights import stored_weights
+
+    model = shutil.copytree(llama_dir, tmp_path / "zero-row")
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.embed_tokens.weight"][3] = 0.0
+    save_file(weights, str(model / "model.safetensors"))
+    result = run_cli("export", model, "--target", "tflite", "--mixed-precision", "off", "--prefill-len", "8",
+                     "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    tflite = (tmp_path / "out" / "zero-row" / "tflite" / "model.tflite").read_bytes()
+    heads = [w for w in stored_weights(tflite, "FULLY_CONNECTED") if w.values.shape[0] == weights["model.embed_tokens.weight"].shape[0]]
+    assert heads and all(not w.values[3].any() and w.values[2].any() for w in heads)
