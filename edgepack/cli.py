@@ -66,7 +66,7 @@ def export(
     group_size: int = typer.Option(32, help="Weights per quantization group for int4."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache length for decoder LMs (default: min(config max positions, 2048))."),
     min_cosine: Optional[float] = typer.Option(None, help="Fail (exit 1) if quantized vs fp32 cosine (logits, or an encoder's outputs) falls below this, in (0, 1]; for encoders also the floor mixed precision plans for (default 0.99)."),
-    max_ppl_increase: Optional[float] = typer.Option(None, metavar="PCT", rich_help_panel="Decoder LMs", help=f"Fail (exit 1) if an artifact's perplexity on the evaluation text rises more than PCT % over fp32 (default {DEFAULT_MAX_INCREASE_PCT:g}; a rise over {WARN_INCREASE_PCT:g} % is a warning). Measured on the real SmolLM2-135M: its int4 artifacts +23..38 % with the default precision plan (README); broken artifacts several times fp32. Non-finite logits always fail."),
+    max_ppl_increase: Optional[float] = typer.Option(None, metavar="PCT", rich_help_panel="Decoder LMs", help=f"Fail (exit 1) if an artifact's perplexity on the evaluation text rises more than PCT % over fp32 (default {DEFAULT_MAX_INCREASE_PCT:g}; a rise over {WARN_INCREASE_PCT:g} % is a warning). Measured on the real SmolLM2-135M: its int4 artifacts +23..38 % with the default precision plan (docs/quantization.md); broken artifacts several times fp32. Non-finite logits always fail."),
     eval_text: Optional[Path] = typer.Option(None, metavar="FILE", rich_help_panel="Decoder LMs", help="Decoder LMs: the text perplexity is measured on, UTF-8, documents separated by a line '---' (default: a built-in text of ~3,000 tokens mixing prose in six languages, code and dialogue, apart from any calibration text). Each artifact runs it on its own runtime through the KV cache, as an app decodes."),
     mixed_precision: Optional[str] = typer.Option(None, help="At --quant int4: auto (default) keeps the layers whose int4 weights cost most per stored bit at int8 (per channel). Encoders: fewest first, until every calibration text's output is within cosine halfway between the floor (--min-cosine, default 0.99) and 1 of fp32. Decoder LMs: costliest first by their estimated cost to the calibration text's loss, within --bits-per-weight. off stores every layer int4."),
     bits_per_weight: Optional[float] = typer.Option(None, metavar="BITS", rich_help_panel="Decoder LMs", help=f"Decoder LMs at --quant int4: the average bits a quantized weight may take, scales included, when mixed precision keeps layers int8 (default {DEFAULT_BITS_PER_WEIGHT:g}; int4 g32 alone is 4.5, int8 about 8)."),
@@ -91,7 +91,8 @@ def export(
       edgepack export my_model.py:build --name mymodel
       edgepack export ./all-MiniLM-L6-v2 --pooling mean --target tflite,coreml
     """
-    from edgepack.pipeline import ExportRequest, export as run_export
+    from edgepack.pipeline import ExportRequest
+    from edgepack.pipeline import export as run_export
     from edgepack.progress import Progress
     from edgepack.report import export_summary, print_export_summary
 

@@ -211,6 +211,7 @@ def build_decoder_dir(out_dir: str | Path, family: str = "llama", *, vocab_size:
     """
     import torch
     import transformers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     tok = train_tokenizer(vocab_size)
     assert tok.get_vocab_size() == vocab_size, (tok.get_vocab_size(), vocab_size)
@@ -221,20 +222,18 @@ def build_decoder_dir(out_dir: str | Path, family: str = "llama", *, vocab_size:
     model = transformers.AutoModelForCausalLM.from_config(config)
     fit_until_decisive(model, tok, seed, max_train_steps)
     model.eval().save_pretrained(out, safe_serialization=True)
-    save_tokenizer(tok, out, config.max_position_embeddings)
-    return out
-
-
-def save_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
-    """`tok` (train_tokenizer's) as an HF tokenizer with its chat template and generation config
-    (SPECIAL_IDS) in the model directory `out`."""
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
-
     GenerationConfig(**SPECIAL_IDS).save_pretrained(out)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                     pad_token="<|pad|>", model_max_length=max_len)
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|pad|>",
+        model_max_length=config.max_position_embeddings,
+    )
     hf_tok.chat_template = LLAMA_CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
+    return out
 
 
 def build_llama_dir(out_dir: str | Path, **shape) -> Path:

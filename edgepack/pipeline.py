@@ -11,9 +11,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError, TokenizerMismatch, no_space, write_error
-from edgepack.progress import Progress, peak_rss_bytes
-from edgepack.quant import QuantSpec
-from edgepack.stages import Artifact, Bundle
 from edgepack.exporters.capture import CaptureOptions, capture
 from edgepack.exporters.decoder_precision import check_budget, plan_decoder_precision
 from edgepack.exporters.mixed_precision import DEFAULT_FLOOR, plan_mixed_precision, read_calibration
@@ -23,7 +20,9 @@ from edgepack.exporters.tokenizer import encode
 from edgepack.packaging import quality
 from edgepack.packaging.bundle import StagedBundle, check_bundle_name, check_writable, commit, stage_contents
 from edgepack.packaging.smoke import BackendSmoke, smoke_bundle
-
+from edgepack.progress import Progress, peak_rss_bytes
+from edgepack.quant import QuantSpec
+from edgepack.stages import Artifact, Bundle
 
 MIXED_PRECISION = ("auto", "off")
 

@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from edgepack.exporters.registry import BACKENDS
-from edgepack.packaging.artifact_metadata import embedded_metadata
 from edgepack.packaging.integration import integration_snippets
 
 
@@ -109,6 +108,10 @@ def describe_engine(fid: dict) -> str:
     for name, m in fid.get("cases", {}).items():
         if "steps_matched" in m:
             parts.append(f"{name}: {m['steps_matched']} of {m['steps']} greedy tokens (free-running)")
+        if m.get("near_tie"):
+            tie = m["near_tie"]
+            parts.append(f"then a near-tie at step {tie['step']} (the reference preferred its token by "
+                         f"{tie['reference_margin']:.3f}, within the .tflite's noise {tie['noise']:.3f})")
     failures = [f for m in fid.get("cases", {}).values() for f in m.get("failures", [])]
     return ", ".join(parts) + ("; " + "; ".join(failures[:3]) if failures else "")
 
@@ -235,7 +238,7 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
             inputs = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in m["inputs"])
             outputs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in m["outputs"])
             table.add_row(f"method {m['name']}", f"({inputs}) -> {outputs}")
-        for label, text in embedded_metadata(bundle, a):
+        for label, text in BACKENDS[a["backend"]].embedded_metadata(bundle / a["path"]):
             table.add_row(f"in file: {label}", text)
         if a["backend"] in fidelity:
             table.add_row("smoke at export", describe_fidelity(fidelity[a["backend"]]))

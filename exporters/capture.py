@@ -13,9 +13,9 @@ from torch.export import Dim
 
 from edgepack.cases import Case, CaseOutput, MethodCall, Tolerance, compare, run_case
 from edgepack.errors import InputError
-from edgepack.stages import CapturedModel, LoadedModel, MethodSpec, TensorSpec
 from edgepack.exporters.decoder import POOLINGS, EncoderOutput, StaticCacheLM
 from edgepack.exporters.tokenizer import encode
+from edgepack.stages import CapturedModel, LoadedModel, MethodSpec, TensorSpec
 
 GOLDEN_PROMPT = "The river ran past the old mill, and the children"
 GOLDEN_STEPS = 16

@@ -24,12 +24,12 @@ from torch import nn
 
 from edgepack import __version__
 from edgepack.errors import BackendError, InputError
-from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, weight_only_reference
 from edgepack.packaging.coreml_package import package_files
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 
 ARTIFACT_DIR = "coreml/model.mlpackage"
 IOS_TARGETS = (17, 18)

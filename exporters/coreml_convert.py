@@ -118,8 +118,13 @@ def stored_kind(op, group_size: int | None) -> str:
 
 def compress(mlmodel, job: dict):
     import coremltools as ct
-    from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OpPalettizerConfig, OptimizationConfig,
-                                             linear_quantize_weights, palettize_weights)
+    from coremltools.optimize.coreml import (
+        OpLinearQuantizerConfig,
+        OpPalettizerConfig,
+        OptimizationConfig,
+        linear_quantize_weights,
+        palettize_weights,
+    )
 
     if job["compression"] == "none":
         return mlmodel, {}, {}

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from edgepack.errors import InputError
 from edgepack.exporters.mixed_precision import INT8
 from edgepack.exporters.tokenizer import encode
 from edgepack.exporters.weights import Rounding, fake_quantize
-from edgepack.errors import InputError
 from edgepack.packaging.quality import DEFAULT_BITS_PER_WEIGHT
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import CapturedModel

@@ -11,12 +11,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel
 from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import StaticCacheLM
 from edgepack.exporters.executorch_llm import use_llm_custom_ops
 from edgepack.exporters.steps import Step, run_steps
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import Artifact, CapturedModel
 
 # Operator namespaces left outside the delegate, and the kernel library that provides them.
 # An app must link these (and the host runtime must import them) or the .pte fails to load (0x14).

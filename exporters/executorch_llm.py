@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from edgepack.stages import ModelFacts
 from edgepack.exporters.decoder import StaticCacheLM
+from edgepack.stages import ModelFacts
 
 ATTENTION = "edgepack_executorch_custom_sdpa"
 

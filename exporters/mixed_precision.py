@@ -22,10 +22,10 @@ from torch import nn
 import edgepack
 from edgepack.cases import row_cosines
 from edgepack.errors import InputError
-from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import CapturedModel
 from edgepack.exporters.tokenizer import encode
 from edgepack.exporters.weights import Rounding, fake_quantize, int8_per_row
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import CapturedModel
 
 BUILT_IN_TEXTS = Path(edgepack.__file__).parent / "calibration_texts.txt"
 DEFAULT_FLOOR = 0.99

@@ -20,15 +20,15 @@ from torch.export import Dim
 
 from edgepack import __version__
 from edgepack.errors import InputError
-from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
-from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.attention import grouped_query_attention
+from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, quantize_groups, weight_only_reference
 from edgepack.packaging import onnx_graph, onnx_metadata
 from edgepack.packaging.onnx_metadata import INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 
 MODEL_FILE = "onnx/model.onnx"
 GENAI_CONFIG = "onnx/genai_config.json"

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from edgepack.errors import InputError
-from edgepack.stages import LoadedModel
 from edgepack.exporters.architectures import family_for, linearize, model_facts
 from edgepack.exporters.tokenizer import read_tokenizer
+from edgepack.stages import LoadedModel
 
 
 def load_source(source: str, *, name: str | None = None, no_tokenizer: bool = False) -> LoadedModel:

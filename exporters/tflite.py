@@ -15,19 +15,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
 from edgepack import __version__
 from edgepack.errors import BackendError, InputError
-from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
-from edgepack.exporters.tflite_weights import (fold_multipliers, folded_layers, grid_for, layer_ops, layer_storage,
-                                               nonzero_weight_scales, operator_of, quantized_tables)
-from edgepack.exporters.weights import (NormAffine, fake_quantize, int8_per_row, linears_fed_by_norms,
-                                       weight_only_reference)
+from edgepack.exporters.tflite_weights import (
+    fold_multipliers,
+    folded_layers,
+    grid_for,
+    layer_ops,
+    layer_storage,
+    nonzero_weight_scales,
+    operator_of,
+    quantized_tables,
+)
+from edgepack.exporters.weights import (
+    NormAffine,
+    fake_quantize,
+    int8_per_row,
+    linears_fed_by_norms,
+    weight_only_reference,
+)
 from edgepack.packaging.tflite_metadata import ModelDoc, TensorDoc, write_metadata
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 
 MODEL_FILE = "tflite/model.tflite"
 LITERTLM_FILE = "tflite/model.litertlm"

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from edgepack.errors import InputError
+from edgepack.exporters.weights import Rounding
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import CapturedModel
-from edgepack.exporters.weights import Rounding
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ from pathlib import Path
 
 import edgepack
 from edgepack.errors import EXIT_ENVIRONMENT_MISSING, EdgepackError
+from edgepack.exporters.registry import BACKENDS, Arm64Runtime
+
+RUNTIMES = [b.arm64 for b in BACKENDS.values() if isinstance(b.arm64, Arm64Runtime)]
 
 EXIT_NO_ARM64_ENV = EXIT_ENVIRONMENT_MISSING
 # The CPU qemu emulates: a Cortex-A76 (ARMv8.2: NEON, dotprod, fp16), the big core of many phones.
@@ -39,12 +42,13 @@ EXIT_NO_ARM64_ENV = EXIT_ENVIRONMENT_MISSING
 # pick kernels no phone runs.
 QEMU_CPU = "cortex-a76"
 _CPUINFO_PART = "0xd0b"  # Cortex-A76's part number, what cpuinfo parsers read
-# host distribution name -> module the emulated runtime imports; only those the host venv has are set up
-WHEELS = {"numpy": "numpy", "ai-edge-litert": "ai_edge_litert.interpreter", "onnxruntime": "onnxruntime"}
+# host distribution name -> module the emulated Python imports (numpy, and each backend's arm64
+# runtime in the registry); only those the host venv has are set up
+WHEELS = {"numpy": "numpy", **{r.wheel: r.imports for r in RUNTIMES if r.imports}}
 REQUIRED_WHEELS = ("numpy",)
 # The distribution whose aarch64 wheel's C++ libraries the ExecuTorch runner links (not imported
-# by the emulated Python: its Python runtime needs libtorch, see arm64_smoke).
-RUNNER_DIST = "executorch"
+# by the emulated Python: its Python runtime needs libtorch).
+[RUNNER_DIST] = [r.wheel for r in RUNTIMES if r.imports is None]
 RUNNER_SOURCE = Path(__file__).resolve().parent / "arm64_runner"
 RUNNER_NAME = "edgepack-et-runner"
 # The cross compiler's Debian package; its dependency closure minus what the host has is unpacked.

@@ -24,24 +24,16 @@ from rich.table import Table
 
 from edgepack.cases import Case, CaseOutput, compare, run_case
 from edgepack.errors import RuntimeUnavailableError, SmokeFailure
-from edgepack.packaging.arm64_env import RUNNER_DIST, RUNNER_NAME, Arm64Env, load_env
+from edgepack.exporters.registry import BACKENDS, Arm64Runtime
+from edgepack.packaging.arm64_env import RUNNER_NAME, Arm64Env, load_env
 from edgepack.packaging.arm64_executorch import RUNNER_OPS, start_on
 from edgepack.packaging.smoke import BackendSmoke, expected_output, golden_cases, host_replay, smoke_bundle
 
 WHERE = "arm64-emulated"
-# backend -> the aarch64 wheel its runtime comes from: imported by the emulated Python, or (ExecuTorch)
-# linked by edgepack's C++ runner, because its Python runtime links libtorch and PyPI's aarch64
-# torch is a CUDA build that does not import without the CUDA libraries
-RUNTIME_WHEELS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime", "executorch": RUNNER_DIST}
-IN_RUNNER = ("executorch",)
 RUNNER_RUNTIME = f"executorch arm64-emulated ({RUNNER_NAME})"
 RUNNER_NOTE = (f"ran in {RUNNER_NAME}, edgepack's C++ runner linked against the aarch64 executorch wheel's "
                f"runtime, XNNPACK delegate and kernels; {' and '.join(RUNNER_OPS)} are the runner's own "
                "implementations (ExecuTorch ships them only in a library that links libtorch)")
-# backends with no arm64 runtime that runs under this emulation, and why
-NO_EMULATED_RUNTIME = {
-    "coreml": "CoreML runs only on Apple platforms (Linux checks its MIL program with a numpy evaluator)",
-}
 WORKER_TIMEOUT_S = 1800
 
 
@@ -56,15 +48,20 @@ class Arm64Smoke:
         return all(r.passed for r in self.results)
 
 
+def _in_runner(backend: str) -> bool:
+    """The backend's artifact runs in edgepack's C++ runner (not in the emulated Python)."""
+    arm64 = BACKENDS[backend].arm64
+    return isinstance(arm64, Arm64Runtime) and arm64.imports is None
+
+
 def cannot_run(env: Arm64Env, backend: str) -> str | None:
-    """Why `backend` cannot run on the emulated arm64 Python, or None when it can."""
-    if backend in NO_EMULATED_RUNTIME:
-        return NO_EMULATED_RUNTIME[backend]
-    wheel = RUNTIME_WHEELS.get(backend)
-    if wheel is None:
-        return f"edgepack knows no arm64 runtime for {backend}"
-    if wheel not in env.packages:
-        return env.unavailable.get(wheel, f"{wheel} is not installed on the host, so no aarch64 build was set up")
+    """Why `backend` cannot run on the emulated arm64 CPU, or None when it can."""
+    arm64 = BACKENDS[backend].arm64
+    if not isinstance(arm64, Arm64Runtime):
+        return arm64
+    if arm64.wheel not in env.packages:
+        return env.unavailable.get(arm64.wheel, f"{arm64.wheel} is not installed on the host, so no aarch64 build "
+                                                "was set up")
     return None
 
 
@@ -126,11 +123,11 @@ def smoke_arm64(bundle: Path, manifest: dict, backends: list[str] | None = None,
                                       + "; ".join(f"{b}: {why}" for b, why in not_run.items()))
     with tempfile.TemporaryDirectory(prefix="edgepack-arm64-") as tmp, ExitStack() as runners:
         out = Path(tmp)
-        in_python = [b for b in to_run if b not in IN_RUNNER]
+        in_python = [b for b in to_run if not _in_runner(b)]
         recorded = _recorded(out, *_run_worker(env, bundle, out, in_python)) if in_python else None
 
         def replay(bundle: Path, artifact: dict):
-            if artifact["backend"] not in IN_RUNNER:
+            if not _in_runner(artifact["backend"]):
                 return recorded(bundle, artifact)
             call = runners.enter_context(start_on(env, bundle / artifact["path"])).call
             return lambda case, forced=None: run_case(case, call, forced)
@@ -138,9 +135,9 @@ def smoke_arm64(bundle: Path, manifest: dict, backends: list[str] | None = None,
         results = smoke_bundle(bundle, manifest, to_run, replay=replay, where=WHERE)
         _vs_x86(bundle, manifest, results, replay)
     for result in results:
-        if result.backend in IN_RUNNER:
+        if _in_runner(result.backend):
             result.runtime = RUNNER_RUNTIME
-    return Arm64Smoke(results, not_run, {r.backend: RUNNER_NOTE for r in results if r.backend in IN_RUNNER})
+    return Arm64Smoke(results, not_run, {r.backend: RUNNER_NOTE for r in results if _in_runner(r.backend)})
 
 
 def _run_worker(env: Arm64Env, bundle: Path, out: Path, backends: list[str]) -> tuple[str, int]:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from edgepack.errors import BundleIntegrityError, InputError
-from edgepack.stages import Artifact, Bundle, CapturedModel
 from edgepack.packaging.device_smoke import device_files
 from edgepack.packaging.manifest import build_manifest, read_manifest, write_manifest
+from edgepack.stages import Artifact, Bundle, CapturedModel
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 

@@ -31,6 +31,7 @@ import numpy as np
 
 import edgepack
 from edgepack.errors import EXIT_ENVIRONMENT_MISSING, EdgepackError, RuntimeUnavailableError
+from edgepack.exporters.registry import BACKENDS
 from edgepack.packaging.smoke import BackendSmoke
 
 SCRIPTS_DIR = Path(__file__).with_name("device_scripts")
@@ -57,11 +58,11 @@ class DeviceTarget:
 
 TARGETS = {
     "android-emulator": DeviceTarget(
-        "android", "run_android.sh", "junit-android.xml", frozenset({"executorch", "tflite"}),
+        "android", "run_android.sh", "junit-android.xml", frozenset(b for b, e in BACKENDS.items() if "android" in e.apps),
         {"EDGEPACK_ANDROID_APK": "android/app/build/outputs/apk/debug/app-debug.apk",
          "EDGEPACK_ANDROID_TEST_APK": "android/app/build/outputs/apk/androidTest/debug/app-debug-androidTest.apk"}),
     "ios-simulator": DeviceTarget(
-        "ios", "run_ios.sh", "junit-ios.xml", frozenset({"coreml", "executorch"}),
+        "ios", "run_ios.sh", "junit-ios.xml", frozenset(b for b, e in BACKENDS.items() if "ios" in e.apps),
         {"EDGEPACK_IOS_PACKAGE": "ios"}),
 }
 

@@ -29,7 +29,7 @@ WINDOW = 512
 PREFILL = 32
 MIN_SCORED = 64  # fewer scored tokens than this measure nothing
 
-# The default gates, from measurements on the real SmolLM2-135M-Instruct (README, Quantization):
+# The default gates, from measurements on the real SmolLM2-135M-Instruct (docs/quantization.md):
 # its int4 artifacts land 23-38 % above fp32 perplexity with the default precision plan, while
 # broken artifacts (a wrong cache, a lost norm, a collapsed quantization grid) multiply it
 # several times.
@@ -37,7 +37,7 @@ DEFAULT_MAX_INCREASE_PCT = 50.0
 WARN_INCREASE_PCT = 15.0
 # The bits a quantized weight may average when the decoder precision plan keeps layers int8
 # (exporters/decoder_precision.py): int4 g32 with fp16 scales is 4.5; 5.0 (about 11 % more
-# bytes) kept 76 of SmolLM2-135M's 211 layers int8 (measured: README, Quantization).
+# bytes) kept 76 of SmolLM2-135M's 211 layers int8 (measured: docs/quantization.md).
 DEFAULT_BITS_PER_WEIGHT = 5.0
 
 
@@ -173,7 +173,7 @@ def measure_bundle(bundle: Path, manifest: dict, text: EvalText,
                    on_step: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Every artifact of a staged bundle on the text, each through its host runtime. A runtime that
     cannot run the text is recorded as that artifact's error."""
-    from edgepack.packaging.runtimes import HOST_RUNTIMES
+    from edgepack.exporters.registry import BACKENDS
 
     results = {}
     for artifact in manifest["artifacts"]:
@@ -181,7 +181,7 @@ def measure_bundle(bundle: Path, manifest: dict, text: EvalText,
         if on_step:
             on_step(backend)
         try:
-            results[backend] = measure(HOST_RUNTIMES[backend](bundle / artifact["path"], artifact), text)
+            results[backend] = measure(BACKENDS[backend].host_call(bundle / artifact["path"], artifact), text)
         except Exception as e:  # noqa: BLE001 - the artifact failing to run is its verdict, not a crash
             results[backend] = {"text": text.source, "error": f"{type(e).__name__}: {e}"}
     return results

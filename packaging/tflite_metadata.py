@@ -12,6 +12,7 @@ import io
 import json
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgepack.errors import InputError, RuntimeUnavailableError
 
@@ -130,6 +131,11 @@ def read_metadata(model: bytes) -> dict:
         "files": files,
         "facts": json.loads(files[FACTS_FILE]) if FACTS_FILE in files else None,
     }
+
+
+def describe_file(path: Path) -> list[tuple[str, str]]:
+    """describe() of the .tflite at `path` (the registry's metadata reader)."""
+    return describe(path.read_bytes())
 
 
 def describe(model: bytes) -> list[tuple[str, str]]:

@@ -14,9 +14,9 @@ import shutil
 import numpy as np
 import pytest
 
+from edgepack.errors import EdgepackError, SmokeFailure
 from edgepack.packaging.arm64_env import EXIT_NO_ARM64_ENV, Arm64SetupError, load_env, set_up
 from edgepack.packaging.arm64_executorch import RUNNER_OPS, start_on
-from edgepack.errors import EdgepackError, SmokeFailure
 from tests.conftest import export_json, flip, resign, run_cli
 
 _NETWORK_FAILURES = ("Temporary failure resolving", "Could not resolve", "Failed to fetch", "Name or service not known",
@@ -100,7 +100,7 @@ def test_the_runners_llm_operators_match_executorchs(arm64_env, tmp_path):
     from executorch.exir import EdgeCompileConfig, to_edge
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
 
-    from edgepack.packaging.runtimes import executorch_host
+    from edgepack.packaging.executorch_runtime import executorch_host
 
     class Attention(torch.nn.Module):
         def __init__(self):

@@ -167,6 +167,7 @@ def test_mixed_plan_is_stored_layer_by_layer(coreml_mixed_bert, bert_dir):
     """Every layer the program uses is stored as the plan says: int8 with one scale per row for
     the overrides, int4 blocks of 32 for the rest, in one program (mean pooling drops the pooler)."""
     import coremltools as ct
+
     from edgepack.exporters.capture import CaptureOptions, capture
     from edgepack.exporters.mixed_precision import INT8
     from edgepack.exporters.sources import load_source
@@ -245,6 +246,7 @@ def test_fp16_rms_norm_is_rescaled_so_large_activations_do_not_overflow():
     the fp16 program then answers like torch for spiky, ordinary, tiny and all-zero rows alike."""
     import coremltools as ct
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     from edgepack.exporters.coreml import _fp16_safe_rms_norms
 
     norm = LlamaRMSNorm(8, eps=1e-5).eval()
@@ -283,8 +285,8 @@ def _run(prog, **inputs):
 
 
 def _program(build, *specs):  # two inputs, named x and y
-    from coremltools.converters.mil import Builder as mb
     import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
 
     (x, x_type), (y, y_type) = specs
 

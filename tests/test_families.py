@@ -16,7 +16,8 @@ import torch
 
 from edgepack.demo import DECODER_CONFIGS, decoder_config
 from edgepack.exporters.architectures import FAMILIES, linearize, model_facts
-from edgepack.exporters.attention import NAME as GROUPED, grouped_query_attention
+from edgepack.exporters.attention import NAME as GROUPED
+from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.decoder import ExplicitCacheLM, StaticCacheLM
 
 PROMPT = 40  # > every test config's sliding window (16)

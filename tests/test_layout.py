@@ -1,10 +1,13 @@
 """DESIGN.md: top-level exporters/ and packaging/ import as edgepack.*, and `import packaging`
-never resolves to ours, from the repository root included."""
+never resolves to ours, from the repository root included. The mapping is on disk (two committed
+symlinks, edgepack/exporters and edgepack/packaging, and pyproject's package-dir for wheels), not
+code that runs at import."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO_ROOT
 
@@ -19,8 +22,17 @@ def test_imports_from_the_repository_root():
                   "edgepack.exporters.sources as s; print(packaging.__file__); print(m.__file__); print(s.__file__)")
     pypi_packaging, manifest, sources = out.splitlines()
     assert "site-packages" in pypi_packaging
-    assert manifest == str(REPO_ROOT / "packaging" / "manifest.py")
-    assert sources == str(REPO_ROOT / "exporters" / "sources.py")
+    assert Path(manifest).resolve() == REPO_ROOT / "packaging" / "manifest.py"
+    assert Path(sources).resolve() == REPO_ROOT / "exporters" / "sources.py"
+
+
+def test_the_mapping_is_on_disk_not_code_run_at_import():
+    for name in ("exporters", "packaging"):
+        link = REPO_ROOT / "edgepack" / name
+        assert link.is_symlink() and link.resolve() == REPO_ROOT / name
+        assert not (REPO_ROOT / name / "__init__.py").exists()  # a regular `packaging` would shadow PyPI's
+    init = (REPO_ROOT / "edgepack" / "__init__.py").read_text()
+    assert "import" not in init.split('"""')[-1], init  # nothing but the version after the docstring
 
 
 def test_pytest_collects_from_the_repository_root():

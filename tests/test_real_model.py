@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 BACKENDS = ["coreml", "executorch", "onnx", "tflite"]
 IN_MAKE_TEST = ["onnx", "tflite"]
 # fp32 perplexity of this model on the built-in text, windows of 512 after a 32-token prefill:
-# measured by Hugging Face's own forward (README, Quality).
+# measured by Hugging Face's own forward (docs/quantization.md).
 FP32_PERPLEXITY = 15.14
 # Seconds the text may take through one artifact's runtime here. Measured 2026-12-01: ONNX 31 s,
 # TFLite 42 s (TFLite took 1,029 s before its attention stopped copying the KV cache per head).

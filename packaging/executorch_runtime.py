@@ -1,10 +1,10 @@
-"""Host runtimes that replay a bundle's smoke cases, one loader per backend, imported lazily."""
+"""The ExecuTorch runtime on this host (its Python binding), as the smoke and quality stages call it."""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -38,32 +38,3 @@ def executorch_host(path: Path, artifact: dict) -> MethodCall:
         return [o.numpy() for o in outputs]
 
     return call
-
-
-def coreml_host(path: Path, artifact: dict) -> MethodCall:
-    """CoreML prediction on macOS; elsewhere a numpy evaluator of the package's MIL program."""
-    from edgepack.packaging.coreml_mil import coreml_host as host
-
-    return host(path, artifact)
-
-
-def tflite_host(path: Path, artifact: dict) -> MethodCall:
-    """The LiteRT interpreter (ai_edge_litert) through the .tflite's signatures, caches carried."""
-    from edgepack.packaging.tflite_runtime import tflite_host as host
-
-    return host(path, artifact)
-
-
-def onnx_host(path: Path, artifact: dict) -> MethodCall:
-    """ONNX Runtime's InferenceSession (CPU execution provider), KV caches carried for LMs."""
-    from edgepack.packaging.onnx_runtime import onnx_host as host
-
-    return host(path, artifact)
-
-
-HOST_RUNTIMES: dict[str, Callable[[Path, dict], MethodCall]] = {
-    "executorch": executorch_host,
-    "coreml": coreml_host,
-    "tflite": tflite_host,
-    "onnx": onnx_host,
-}
