@@ -77,7 +77,8 @@ def run(work: Path, out_dir: Path) -> dict:
         manifest_path = out / model.name / "manifest.json"
         if not manifest_path.is_file():
             out.mkdir(exist_ok=True)
-            measured, _, _ = edgepack_export(model, out, targets, MAX_SEQ_LEN, PROMPT_LEN, extra=extra, tokenizer=True)
+            measured, _, _ = edgepack_export(model.hf_dir, model.name, out, targets, MAX_SEQ_LEN, PROMPT_LEN, extra=extra,
+                                             tokenizer=True)
             if measured.returncode:
                 raise SystemExit(f"edgepack export failed (exit {measured.returncode}); see {measured.log}")
         manifest = json.loads(manifest_path.read_text())

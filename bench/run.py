@@ -76,19 +76,19 @@ def export_llm(model: BenchModel, out: Path, max_seq_len: int) -> tuple[Measured
     return run_measured(cmd, out / "export_llm.log", cwd=out), out / "model.pte"
 
 
-def edgepack_export(model: BenchModel, out: Path, targets: str, max_seq_len: int, prompt_len: int, *,
+def edgepack_export(hf_dir: Path, name: str, out: Path, targets: str, max_seq_len: int, prompt_len: int, *,
                     extra: list[str] | tuple = (), tokenizer: bool = False) -> tuple[Measured, dict, dict]:
-    """`edgepack export` as a user runs it (lowering, packaging and its own smoke test included);
-    without the tokenizer unless asked (the quality stage needs it)."""
-    cmd = [sys.executable, "-m", "edgepack", "export", str(model.hf_dir), "--target", targets, "--out", str(out),
-           "--name", model.name, "--max-seq-len", str(max_seq_len), "--json", *extra]
+    """`edgepack export` of the model in `hf_dir` as a user runs it (lowering, packaging and its own
+    smoke test included), bundle `name`; without the tokenizer unless asked (the quality stage needs it)."""
+    cmd = [sys.executable, "-m", "edgepack", "export", str(hf_dir), "--target", targets, "--out", str(out),
+           "--name", name, "--max-seq-len", str(max_seq_len), "--json", *extra]
     if not tokenizer:
         cmd.append("--no-tokenizer")
     if "tflite" in targets:
         cmd += ["--prefill-len", str(prompt_len)]
     measured = run_measured(cmd, out / f"edgepack-{targets.replace(',', '-')}.log")
     summary = _last_json(Path(measured.log))
-    written = out / model.name / "manifest.json"  # absent when the export failed
+    written = out / name / "manifest.json"  # absent when the export failed
     manifest = json.loads(written.read_text()) if written.is_file() else {}
     return measured, summary, manifest
 
@@ -114,18 +114,17 @@ def litertlm_engine(work: Path, max_seq_len: int, prompt_len: int, repeats: int,
     weight: all int4 fails the default quality gate on it, +63 %). A real model, because the
     bundle's engine check decodes greedily from a text prompt, which random weights cannot pass.
     Its decode speed is set beside ExecuTorch's (`executorch_decode`, S135 in this run)."""
-    real = BenchModel("smollm2-135m-instruct", ROOT / REAL_MODEL, Path(), Path(), 0, 0)
-    out = work / "litertlm"
+    name, out = REAL_MODEL.name, work / "litertlm"
     out.mkdir(exist_ok=True)
-    measured, _, manifest = edgepack_export(real, out, "tflite", max_seq_len, prompt_len, tokenizer=True,
-                                            extra=["--tflite-bundle", "litertlm"])
+    measured, _, manifest = edgepack_export(ROOT / REAL_MODEL, name, out, "tflite", max_seq_len, prompt_len,
+                                            tokenizer=True, extra=["--tflite-bundle", "litertlm"])
     if measured.returncode:
         raise SystemExit(f"the real model's .litertlm export failed (exit {measured.returncode}); see {measured.log}")
     [artifact] = manifest["artifacts"]
-    path = out / real.name / artifact["runtime"]["litertlm"]
+    path = out / name / artifact["runtime"]["litertlm"]
     engine = speed("litertlm", path, {}, work / "tokens.npy", prompt_len, repeats, work)
     decode = float(np.median(engine["decode_tokens_per_s"]))
-    return {"model": real.name, "bytes": path.stat().st_size,
+    return {"model": name, "bytes": path.stat().st_size,
             "prefill_tokens_per_s": float(np.median(engine["prefill_tokens_per_s"])), "decode_tokens_per_s": decode,
             "decode_tokens_per_s_runs": [round(float(x), 2) for x in engine["decode_tokens_per_s"]],
             "decode_vs_executorch": round(decode / executorch_decode, 3)}
@@ -256,7 +255,8 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool) -> dict:
     ref_export, ref_pte = export_llm(model, ref_dir, max_seq_len)
     if ref_export.returncode:
         raise SystemExit(f"export_llm failed (exit {ref_export.returncode}); see {ref_export.log}")
-    ep_export, summary, manifest = edgepack_export(model, ep_dir, "executorch", max_seq_len, prompt_len)
+    ep_export, summary, manifest = edgepack_export(model.hf_dir, model.name, ep_dir, "executorch", max_seq_len,
+                                                   prompt_len)
     et = next(a for a in manifest["artifacts"] if a["backend"] == "executorch")
     ref_artifact = {"backend": "executorch", "runtime": {"kernel_libraries": ["llm_custom_ops", "quantized"]}}
 
@@ -281,7 +281,8 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool) -> dict:
     if other_backends:
         other_dir = work / "edgepack-others"
         other_dir.mkdir(exist_ok=True)
-        measured, summary, manifest = edgepack_export(model, other_dir, "tflite,coreml,onnx", max_seq_len, prompt_len)
+        measured, summary, manifest = edgepack_export(model.hf_dir, model.name, other_dir, "tflite,coreml,onnx",
+                                                      max_seq_len, prompt_len)
         stages = {s["name"]: s["seconds"] for s in summary.get("stages", [])}
         for artifact in manifest["artifacts"]:
             backend = artifact["backend"]

@@ -202,22 +202,35 @@ def _arm64_lists() -> None:
 
 def _sysroot(root: Path) -> list[str]:
     """The arm64 Python and its libraries' dependency closure, unpacked (never installed) into sysroot/."""
-    sysroot, stamp = root / "sysroot", root / "sysroot" / ".debs"
+    stamp = root / "sysroot" / ".debs"
     if stamp.is_file():
         return stamp.read_text().split()
     _arm64_lists()
-    tree = _run("sysroot", ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
-                            "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *SYSROOT_ROOTS])
-    # Top-level lines name packages; virtual ones come as <name>; host-architecture ones are not needed.
-    names = sorted({line for line in tree.splitlines() if line.endswith(":arm64") and not line.startswith((" ", "<"))})
+    # Host-architecture packages of the closure are not needed.
+    names = [n for n in _closure("sysroot", SYSROOT_ROOTS) if n.endswith(":arm64")]
+    return _unpack_debs("sysroot", names, root / "sysroot", root)
+
+
+def _closure(step: str, roots) -> list[str]:
+    """The packages in the dependency closure of `roots`, by apt-cache (virtual ones, listed as
+    <name>, left out)."""
+    tree = _run(step, ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
+                       "--no-breaks", "--no-replaces", "--no-enhances", *roots])
+    return sorted({line for line in tree.splitlines() if not line.startswith((" ", "<"))})
+
+
+def _unpack_debs(step: str, names: list[str], dest: Path, root: Path) -> list[str]:
+    """The .debs of `names` downloaded and unpacked (never installed) into a fresh `dest`; their file
+    names, also written to dest/.debs, which marks the folder complete."""
     work = root / "downloads"
-    shutil.rmtree(sysroot, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    _run("sysroot", ["apt-get", "download", "-q", *names], cwd=work)
-    debs = sorted(work.glob("*_arm64.deb"))
+    for folder in (dest, work):
+        shutil.rmtree(folder, ignore_errors=True)
+    work.mkdir(parents=True)
+    _run(step, ["apt-get", "download", "-q", *names], cwd=work)
+    debs = sorted(work.glob("*.deb"))
     for deb in debs:
-        _run("sysroot", ["dpkg-deb", "-x", str(deb), str(sysroot)])
-    stamp.write_text("\n".join(d.name for d in debs) + "\n")
+        _run(step, ["dpkg-deb", "-x", str(deb), str(dest)])
+    (dest / ".debs").write_text("\n".join(d.name for d in debs) + "\n")
     shutil.rmtree(work)
     return [d.name for d in debs]
 
@@ -266,26 +279,16 @@ def _wheels(root: Path, wanted: dict[str, str], debs: list[str]) -> tuple[dict[s
 def _cross_compiler(root: Path) -> Path:
     """Debian's aarch64 g++ unpacked into cross/ (with what the host lacks of its dependency
     closure): no root, nothing installed on the host. Returns the g++ driver."""
-    cross, stamp = root / "cross", root / "cross" / ".debs"
+    cross = root / "cross"
     gxx = cross / "usr" / "bin" / "aarch64-linux-gnu-g++"
-    if stamp.is_file() and gxx.is_file():
+    if (cross / ".debs").is_file() and gxx.is_file():
         return gxx
     _require_apt("cross compiler")
-    tree = _run("cross compiler", ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
-                                   "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", CROSS_COMPILER])
-    names = sorted({line for line in tree.splitlines() if not line.startswith((" ", "<"))})
+    names = _closure("cross compiler", [CROSS_COMPILER])
     have = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Status}\n", *names],
                           capture_output=True, text=True, check=False).stdout
     installed = {line.split()[0] for line in have.splitlines() if line.endswith("install ok installed")}
-    work = root / "downloads"
-    shutil.rmtree(cross, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    _run("cross compiler", ["apt-get", "download", "-q", *[n for n in names if n not in installed]], cwd=work)
-    debs = sorted(work.glob("*.deb"))
-    for deb in debs:
-        _run("cross compiler", ["dpkg-deb", "-x", str(deb), str(cross)])
-    stamp.write_text("\n".join(d.name for d in debs) + "\n")
-    shutil.rmtree(work)
+    _unpack_debs("cross compiler", [n for n in names if n not in installed], cross, root)
     return gxx
 
 
@@ -378,14 +381,14 @@ def _set_up(root: Path, say) -> Arm64Env:
         say(f"arm64-env: fetching aarch64 wheels for {wanted}")
         packages, unavailable = _wheels(root, wanted, debs)
         recorded = None
+    env = Arm64Env(root, qemu, packages, unavailable)
     runner = {}
     if RUNNER_DIST in packages:
         runner = recorded.get("runner", {}) if recorded else {}
-        if runner.get("source") != _runner_digest() or not Arm64Env(root, qemu, {}, {}).runner.is_file():
+        if runner.get("source") != _runner_digest() or not env.runner.is_file():
             say(f"arm64-env: building {RUNNER_NAME} against the aarch64 {RUNNER_DIST} {packages[RUNNER_DIST]} wheel")
             runner = _build_runner(root)
     _cpuinfo(root / "cpuinfo")
-    env = Arm64Env(root, qemu, packages, unavailable)
     say(f"arm64-env: self-test: {_self_test(env)}")
     (root / "env.json").write_text(json.dumps({"qemu": str(qemu), "cpu": QEMU_CPU, "python": PYTHON, "host": wanted,
                                                "packages": packages, "unavailable": unavailable, "debs": debs,

@@ -53,7 +53,8 @@ def _near_tie(expected: CaseOutput, step: int, want: int, got: int, noise: float
     own numeric noise? The engine gives no logits, so its noise is the one the interpreter measured
     on the same file and case (its largest logit deviation from the reference, teacher-forced); the
     paths part at a near-tie just as the host smoke's near-tie rule allows."""
-    logits = expected.get("logits").reshape(-1, expected.get("logits").shape[-1])
+    logits = expected.get("logits")
+    logits = logits.reshape(-1, logits.shape[-1])
     if noise is None or step >= len(logits) or got >= logits.shape[1]:
         return None
     margin = float(logits[step, want] - logits[step, got])

@@ -92,10 +92,8 @@ def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None
                 result.cases[case.name] = judge_case(case, run, expected_output(bundle, refs[backend]),
                                                      expected_output(bundle, refs["fp32-eager"]), tolerance)
                 result.passed &= not result.cases[case.name]["failures"]
-        except EdgepackError as e:
-            result.passed, result.error = False, str(e)
         except Exception as e:  # a runtime that cannot load or run the artifact is a smoke failure
-            result.passed, result.error = False, f"{type(e).__name__}: {e}"
+            result.passed, result.error = False, _error_text(e)
         results.append(result)
         if where == "host" and artifact["runtime"].get("litertlm"):
             results.append(litertlm_smoke(bundle, manifest, artifact, cases, result))
@@ -120,8 +118,11 @@ def litertlm_smoke(bundle: Path, manifest: dict, artifact: dict, cases: list[tup
             result.cases = greedy_on_engine(bundle / artifact["runtime"]["litertlm"], greedy, tok["bos_id"],
                                             tok["eos_ids"], Path(cache))
         result.passed = all(not m["failures"] for m in result.cases.values())
-    except EdgepackError as e:
-        result.passed, result.error = False, str(e)
     except Exception as e:  # noqa: BLE001 - the engine failing to load or run the bundle is its verdict
-        result.passed, result.error = False, f"{type(e).__name__}: {e}"
+        result.passed, result.error = False, _error_text(e)
     return result
+
+
+def _error_text(e: Exception) -> str:
+    """A failure as a result row says it: edgepack's own errors as written, others with their type."""
+    return str(e) if isinstance(e, EdgepackError) else f"{type(e).__name__}: {e}"
