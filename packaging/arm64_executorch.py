@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 import subprocess
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Sequence
 
@@ -26,15 +28,19 @@ _SCALAR_TYPES = {np.dtype(np.uint8): 0, np.dtype(np.int8): 1, np.dtype(np.int16)
                  np.dtype(np.int64): 4, np.dtype(np.float16): 5, np.dtype(np.float32): 6,
                  np.dtype(np.float64): 7, np.dtype(np.bool_): 11}
 _DTYPES = {code: dtype for dtype, code in _SCALAR_TYPES.items()}
+# One forward of a 135M decoder under qemu takes seconds; a runner silent for this long is hung
+# (a deadlocked delegate, qemu stuck), and the smoke must end with a verdict rather than wait.
+CALL_TIMEOUT_S = 600
 
 
 class RunnerProcess:
     """One runner process for one .pte; `call(method, inputs)` is a MethodCall. The runtime's log
     goes to a file, read back when a call fails."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]):
+    def __init__(self, argv: list[str], env: dict[str, str], timeout_s: float = CALL_TIMEOUT_S):
         self._log = tempfile.TemporaryFile(prefix="edgepack-et-runner-")
         self._proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        self._timeout_s, self._timed_out = timeout_s, False
 
     def __enter__(self) -> "RunnerProcess":
         return self
@@ -55,18 +61,40 @@ class RunnerProcess:
     def call(self, method: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         request = [b"C", _string(method.encode()), struct.pack("<I", len(inputs))]
         request += [_tensor(np.ascontiguousarray(x)) for x in inputs]
-        message = self._answer(b"".join(request))
-        if message is not None:
-            raise SmokeFailure(f"the ExecuTorch arm64 runner: {message}")
-        out = self._proc.stdout
-        return [_read_tensor(out) for _ in range(_unpack("<I", out))]
+        with self._watchdog(f"{method} call"):
+            message = self._answer(b"".join(request))
+            if message is not None:
+                raise SmokeFailure(f"the ExecuTorch arm64 runner: {message}")
+            out = self._proc.stdout
+            return [_read_tensor(out) for _ in range(_unpack("<I", out))]
 
     def operators(self) -> list[str]:
         """The operators registered in the runner (ExecuTorch's kernels and its own)."""
-        message = self._answer(b"K")
-        if message is not None:
-            raise SmokeFailure(f"the ExecuTorch arm64 runner: {message}")
-        return _read_string(self._proc.stdout).split()
+        with self._watchdog("operator listing"):
+            message = self._answer(b"K")
+            if message is not None:
+                raise SmokeFailure(f"the ExecuTorch arm64 runner: {message}")
+            return _read_string(self._proc.stdout).split()
+
+    @contextmanager
+    def _watchdog(self, what: str):
+        """Kill the runner if one request takes longer than the timeout; its pipe then closes and
+        the read in progress ends in a SmokeFailure that names the timeout."""
+        timer = threading.Timer(self._timeout_s, self._kill_hung)
+        timer.start()
+        try:
+            yield
+        except SmokeFailure as e:
+            if self._timed_out:
+                raise SmokeFailure(f"the ExecuTorch arm64 runner gave no answer to a {what} in "
+                                   f"{self._timeout_s:g} s and was stopped") from e
+            raise
+        finally:
+            timer.cancel()
+
+    def _kill_hung(self) -> None:
+        self._timed_out = True
+        self._proc.kill()
 
     def _answer(self, request: bytes) -> str | None:
         """Send a request; None when the runner answered OK (the payload follows), else its message."""

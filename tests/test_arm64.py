@@ -190,3 +190,18 @@ def test_unknown_place_lists_the_choices(tmp_path):
     result = run_cli("smoke", tmp_path, "--on", "pixel-9")
     assert result.exit_code == 2
     assert "host" in result.stderr and "arm64-emulated" in result.stderr
+
+
+def test_a_hung_runner_is_stopped_and_named(tmp_path):
+    """A runner that never answers (here a process that reads nothing) is killed after the call
+    timeout, and the smoke gets a failure that says so instead of waiting for ever."""
+    import os
+    import time
+
+    from edgepack.packaging.arm64_executorch import RunnerProcess
+
+    started = time.monotonic()
+    with RunnerProcess(["sleep", "60"], dict(os.environ), timeout_s=1) as runner:
+        with pytest.raises(SmokeFailure, match=r"no answer to a forward call in 1 s and was stopped"):
+            runner.call("forward", [np.zeros((1, 1), np.int64)])
+    assert time.monotonic() - started < 10

@@ -290,3 +290,16 @@ def test_the_engine_is_excused_only_at_a_near_tie_within_the_tflites_noise():
     assert tie and tie["step"] == 3 and tie["reference_margin"] == 1.46 and tie["noise"] == 2.91
     assert _near_tie(expected, 3, 7, 2, noise=1.0) is None  # decisive beyond the file's noise: a failure
     assert _near_tie(expected, 3, 7, 2, noise=None) is None  # no interpreter measurement: strict
+
+
+def test_the_engine_borrows_noise_only_from_a_case_the_interpreter_passed():
+    """A failed interpreter case's deviation measures a fault in the .tflite, not noise: lending it
+    to the engine's near-tie rule would let the engine's row pass on a broken file."""
+    from edgepack.packaging.smoke import BackendSmoke, interpreter_noise
+
+    row = BackendSmoke("tflite", "tflite host", passed=False, cases={
+        "ok": {"max_abs_diff": 2.91, "failures": []},
+        "broken": {"max_abs_diff": 40.0, "failures": ["logits max_abs_diff 40.0 > 3.0"]}})
+    assert interpreter_noise(row, "ok") == 2.91
+    assert interpreter_noise(row, "broken") is None
+    assert interpreter_noise(row, "missing") is None  # the interpreter never ran the case
