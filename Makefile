@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
-	$(BIN)/python -m edgepack.demo $(DEMO_MODEL)
+	$(BIN)/python -m demo_model.build $(DEMO_MODEL)
 	@# CoreML at fp32: fp16 (its default) moves this tiny model's logits by up to ~1.3 (docs/limits.md)
 	$(BIN)/edgepack export $(DEMO_MODEL) --target all --tflite-bundle litertlm --coreml-precision fp32 --out $(DEMO_OUT)
 	$(BIN)/edgepack smoke $(DEMO_OUT)/demo-llama

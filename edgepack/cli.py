@@ -6,9 +6,12 @@ Exit codes: 0 all produced and smoke-tested, 1 a backend or a check failed, 2 ba
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import traceback
+import typing
+from inspect import Parameter, Signature, signature
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +20,7 @@ from rich.console import Console
 
 from edgepack import __version__
 from edgepack.errors import EXIT_FAILED, EdgepackError, InputError
+from edgepack.exporters.registry import BACKENDS, DEFAULT_TARGET
 from edgepack.packaging.quality import DEFAULT_BITS_PER_WEIGHT, DEFAULT_MAX_INCREASE_PCT, WARN_INCREASE_PCT
 
 app = typer.Typer(
@@ -25,7 +29,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     help="Turn a PyTorch model into Android and iOS artifacts with 4-bit weights, bundled with its "
          "tokenizer, a manifest and a smoke test.\n\n"
-         "Example:  [bold]edgepack export ./my-model --target executorch --out dist/[/]",
+         f"Example:  [bold]edgepack export ./my-model --target {DEFAULT_TARGET} --out dist/[/]",
 )
 err = Console(stderr=True)
 
@@ -56,10 +60,44 @@ def _source_label(source: str) -> str:
     return Path(source.split(":")[0]).stem or "export"
 
 
+def with_backend_flags(command):
+    """`command` plus one option per field of each backend's Options that declares a flag
+    (exporters/backend.py `flag`), in the backend's own help panel. The command receives the
+    values given as backend_options={backend: {field: value}}; a flag left out keeps the field's
+    default."""
+    hints = typing.get_type_hints(command)
+    params = [p for p in signature(command).parameters.values() if p.name != "backend_options"]
+    fields = {}  # parameter name -> (backend, Options field)
+    for backend in BACKENDS.values():
+        for field, meta in backend.flags():
+            name = meta["flag"].lstrip("-").replace("-", "_")
+            kind = list[meta["type"]] if meta["multiple"] else meta["type"]
+            hints[name] = Optional[kind]
+            option = typer.Option(None, meta["flag"], help=meta["help"], rich_help_panel=backend.title,
+                                  metavar="N" if meta["type"] is int else None)
+            params.append(Parameter(name, Parameter.KEYWORD_ONLY, default=option, annotation=hints[name]))
+            fields[name] = (backend.name, field.name)
+
+    @functools.wraps(command)
+    def run(**values):
+        given = {}
+        for name, (backend, field) in fields.items():
+            value = values.pop(name)
+            if value:  # None, or an empty list for a repeatable flag never given
+                given.setdefault(backend, {})[field] = tuple(value) if isinstance(value, list) else value
+        return command(**values, backend_options=given)
+
+    hints.pop("backend_options")
+    run.__signature__ = Signature([p.replace(kind=Parameter.KEYWORD_ONLY) for p in params])
+    run.__annotations__ = hints
+    return run
+
+
 @app.command()
+@with_backend_flags
 def export(
     source: str = typer.Argument(..., help="A local Hugging Face model directory, a .pt2 file, or file.py:factory / module:factory."),
-    target: str = typer.Option("executorch", "--target", "-t", help="Comma-separated backends, or 'all'."),
+    target: str = typer.Option(DEFAULT_TARGET, "--target", "-t", help=f"Comma-separated backends ({', '.join(BACKENDS)}), or 'all'."),
     out: Path = typer.Option(Path("dist"), "--out", "-o", help="The bundle is written to OUT/NAME/."),
     name: Optional[str] = typer.Option(None, help="Bundle name (default: the source's directory or file name)."),
     quant: str = typer.Option("int4", help="int4 (4-bit group-wise weights, int8 dynamic activations), int8, or none."),
@@ -74,13 +112,9 @@ def export(
     strict: bool = typer.Option(False, "--strict", help="Stop at the first backend failure."),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Export a model directory without tokenizer files (non-text models)."),
     pooling: str = typer.Option("none", rich_help_panel="Encoders", help="Encoders: none (last_hidden_state per token), mean (sentence_embedding: masked mean, as sentence-transformers) or cls (first token)."),
-    ios_target: Optional[int] = typer.Option(None, help="CoreML: minimum iOS version, 17 or 18 (default 18: KV-cache state and int4 per-block weights need 18).", rich_help_panel="CoreML"),
-    coreml_precision: Optional[str] = typer.Option(None, help="CoreML: compute precision, fp16 (default) or fp32.", rich_help_panel="CoreML"),
-    coreml_compression: Optional[str] = typer.Option(None, help="CoreML: int4 (linear per-block, the default for --quant int4) or palettize4 (4-bit lookup tables, preferred by the Neural Engine).", rich_help_panel="CoreML"),
-    prefill_len: Optional[list[int]] = typer.Option(None, metavar="N", help="TFLite: a prefill signature's fixed prompt length; repeat for several.", rich_help_panel="TFLite"),
-    tflite_bundle: Optional[str] = typer.Option(None, help="TFLite: also write a LiteRT-LM bundle ('litertlm').", rich_help_panel="TFLite"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the converters' own output as they run, and full tracebacks."),
+    backend_options: dict = None,  # filled from the backends' own flags (with_backend_flags)
 ) -> None:
     """Export a model to mobile artifacts, package the bundle, and smoke-test it on the host.
 
@@ -96,11 +130,6 @@ def export(
     from edgepack.progress import Progress
     from edgepack.report import export_summary, print_export_summary
 
-    given = {
-        "coreml": {"ios_target": ios_target, "precision": coreml_precision, "compression": coreml_compression},
-        "tflite": {"prefill_lens": tuple(prefill_len) if prefill_len else None, "bundle": tflite_bundle},
-    }
-    backend_options = {b: {k: v for k, v in opts.items() if v is not None} for b, opts in given.items()}
     request = ExportRequest(source=source, targets=target, out_dir=out, name=name, quant=quant, group_size=group_size,
                             max_seq_len=max_seq_len, min_cosine=min_cosine, strict=strict, no_tokenizer=no_tokenizer,
                             pooling=pooling, mixed_precision=mixed_precision, calibration=calibration, bits_per_weight=bits_per_weight,

@@ -14,7 +14,7 @@ from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError, Tok
 from edgepack.exporters.capture import CaptureOptions, capture
 from edgepack.exporters.decoder_precision import check_budget, plan_decoder_precision
 from edgepack.exporters.mixed_precision import DEFAULT_FLOOR, plan_mixed_precision, read_calibration
-from edgepack.exporters.registry import resolve_targets
+from edgepack.exporters.registry import DEFAULT_TARGET, resolve_targets
 from edgepack.exporters.sources import load_source
 from edgepack.exporters.tokenizer import encode
 from edgepack.packaging import quality
@@ -30,7 +30,7 @@ MIXED_PRECISION = ("auto", "off")
 @dataclass(frozen=True)
 class ExportRequest:
     source: str
-    targets: str = "executorch"
+    targets: str = DEFAULT_TARGET
     out_dir: Path = Path("dist")
     name: str | None = None
     quant: str = "int4"
@@ -162,7 +162,7 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
     backends = resolve_targets(request.targets)
     capture_options = CaptureOptions(request.max_seq_len, request.pooling)
     with progress.captured("check"):
-        options = {b.name: b.options(request.backend_options.get(b.name, {})) for b in backends}
+        options = {b.name: b.validated_options(request.backend_options.get(b.name, {})) for b in backends}
     unused = {b: sorted(o) for b, o in request.backend_options.items() if o and b not in options}
     if unused:
         raise InputError(

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from edgepack.exporters.backend import CompanionCheck, function
 from edgepack.exporters.registry import BACKENDS
 from edgepack.packaging.integration import integration_snippets
 
@@ -28,8 +29,8 @@ def export_summary(result) -> dict:
             "backend": a["backend"], "path": a["path"], "bytes": a["bytes"], "sha256": a["sha256"],
             "ideal_bytes": a["ideal_bytes"], "ratio_to_ideal": round(a["bytes"] / a["ideal_bytes"], 3),
             "lowering_fidelity": fidelity.get(a["backend"]), "quantization_quality": quality.get(a["backend"]),
-            # the .litertlm beside a .tflite, checked on the LiteRT-LM engine (packaging/litertlm_engine.py)
-            "litertlm_engine": fidelity.get("litertlm") if a["runtime"].get("litertlm") else None,
+            # files beside the artifact checked on their own runtime (e.g. the .litertlm on the LiteRT-LM engine)
+            "companions": {c.name: fidelity[c.name] for c in _companions(a, fidelity)},
         })
     text_quality = manifest.get("quality", {}).get("artifacts", {})
     for a in artifacts:
@@ -100,20 +101,10 @@ def describe_fidelity(fid: dict) -> str:
     return ", ".join(parts) + ("; " + "; ".join(failures[:3]) if failures else "")
 
 
-def describe_engine(fid: dict) -> str:
-    """The .litertlm's free-running greedy check on the LiteRT-LM engine, in a line."""
-    if fid.get("error"):
-        return f"[red]FAIL[/]: {fid['error']}"
-    parts = ["[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]"]
-    for name, m in fid.get("cases", {}).items():
-        if "steps_matched" in m:
-            parts.append(f"{name}: {m['steps_matched']} of {m['steps']} greedy tokens (free-running)")
-        if m.get("near_tie"):
-            tie = m["near_tie"]
-            parts.append(f"then a near-tie at step {tie['step']} (the reference preferred its token by "
-                         f"{tie['reference_margin']:.3f}, within the .tflite's noise {tie['noise']:.3f})")
-    failures = [f for m in fid.get("cases", {}).values() for f in m.get("failures", [])]
-    return ", ".join(parts) + ("; " + "; ".join(failures[:3]) if failures else "")
+def _companions(artifact: dict, fidelity: dict) -> list[CompanionCheck]:
+    """The companion checks that ran on this artifact's bundle (their rows in the smoke results)."""
+    return [c for c in BACKENDS[artifact["backend"]].companions
+            if artifact["runtime"].get(c.file_key) and c.name in fidelity]
 
 
 def _case_summary(cases: dict, key: str) -> str:
@@ -136,8 +127,9 @@ def print_export_summary(console: Console, summary: dict) -> None:
         table.add_row("file", a["path"])
         table.add_row("size", f"{_mb(a['bytes'])}  ({a['ratio_to_ideal']:.2f}× the ideal {_mb(a['ideal_bytes'])})")
         table.add_row("smoke vs quantized eager", describe_fidelity(fid))
-        if a.get("litertlm_engine"):
-            table.add_row(".litertlm on LiteRT-LM", describe_engine(a["litertlm_engine"]))
+        for check in BACKENDS[a["backend"]].companions:
+            if check.name in a["companions"]:
+                table.add_row(check.label, function(check.describe)(a["companions"][check.name]))
         if a.get("text_quality"):
             table.add_row("quality on text vs fp32", describe_text_quality(a["text_quality"], summary["warn_increase_pct"]))
         else:
@@ -242,8 +234,8 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
             table.add_row(f"in file: {label}", text)
         if a["backend"] in fidelity:
             table.add_row("smoke at export", describe_fidelity(fidelity[a["backend"]]))
-        if a["runtime"].get("litertlm") and "litertlm" in fidelity:
-            table.add_row(".litertlm on LiteRT-LM", describe_engine(fidelity["litertlm"]))
+        for check in _companions(a, fidelity):
+            table.add_row(check.label, function(check.describe)(fidelity[check.name]))
         text = manifest.get("quality", {}).get("artifacts", {}).get(a["backend"])
         if text:
             table.add_row("quality on text", describe_text_quality(text, manifest["quality"]["warn_increase_pct"]))

@@ -137,7 +137,7 @@ def check_runner_tokenizer(model_dir: Path, special_ids: list[int | None]) -> di
     try:
         import pytorch_tokenizers
     except ImportError:
-        return {**result, "checked": False, "reason": "pytorch_tokenizers is not installed (pip install 'edgepack[executorch]')"}
+        return {**result, "checked": False, "reason": "pytorch_tokenizers is not installed (pip install pytorch-tokenizers; its pin is in pyproject.toml)"}
     from tokenizers import Tokenizer
 
     reference = Tokenizer.from_file(str(path))

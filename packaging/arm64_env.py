@@ -8,8 +8,9 @@ or $EDGEPACK_ARM64_ENV):
   site/                 aarch64 wheels from PyPI at the host venv's versions, unzipped
   cpuinfo               an ARM /proc/cpuinfo (LiteRT's CPU detection crashes on the host's x86 one)
   cross/                Debian's aarch64 cross compiler (g++-aarch64-linux-gnu), unpacked, not installed
-  executorch/           the aarch64 executorch wheel's C++ runtime (lib/, include/, its cmake config) and
-                        bin/edgepack-et-runner, edgepack's runner (arm64_runner/) built against it
+  <wheel>/              for a backend with a native runner (ExecuTorch: executorch/): the aarch64
+                        wheel's C++ runtime (lib/, include/, its cmake config) and bin/<runner>, the
+                        backend's runner (e.g. exporters/executorch/runner/) built against it
   env.json              what was set up; written last, so its presence means the set-up completed
 
 The versions come from the host venv at set-up time (importlib.metadata), never typed here. Once
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import edgepack
 from edgepack.errors import EXIT_ENVIRONMENT_MISSING, EdgepackError
-from edgepack.exporters.registry import BACKENDS, Arm64Runtime
+from edgepack.exporters.backend import Arm64Runtime, function
+from edgepack.exporters.registry import BACKENDS
 
 RUNTIMES = [b.arm64 for b in BACKENDS.values() if isinstance(b.arm64, Arm64Runtime)]
 
@@ -46,11 +48,10 @@ _CPUINFO_PART = "0xd0b"  # Cortex-A76's part number, what cpuinfo parsers read
 # runtime in the registry); only those the host venv has are set up
 WHEELS = {"numpy": "numpy", **{r.wheel: r.imports for r in RUNTIMES if r.imports}}
 REQUIRED_WHEELS = ("numpy",)
-# The distribution whose aarch64 wheel's C++ libraries the ExecuTorch runner links (not imported
-# by the emulated Python: its Python runtime needs libtorch).
-[RUNNER_DIST] = [r.wheel for r in RUNTIMES if r.imports is None]
-RUNNER_SOURCE = Path(__file__).resolve().parent / "arm64_runner"
-RUNNER_NAME = "edgepack-et-runner"
+# The backend runner built here (ExecuTorch's: its Python runtime needs libtorch, so the .pte runs
+# in a C++ runner) and the distribution whose aarch64 wheel's C++ libraries it links.
+[(RUNNER_DIST, RUNNER)] = [(r.wheel, r.runner) for r in RUNTIMES if r.runner]
+RUNNER_SOURCE, RUNNER_NAME = RUNNER.source, RUNNER.binary
 # The cross compiler's Debian package; its dependency closure minus what the host has is unpacked.
 CROSS_COMPILER = "g++-aarch64-linux-gnu"
 CMAKE_MIN = (3, 28)  # the wheel's cmake config gives imported targets (run paths right) from 3.28
@@ -89,7 +90,7 @@ def host_versions() -> dict[str, str]:
 class Arm64Env:
     root: Path
     qemu: Path
-    packages: dict[str, str]  # distribution -> version, installed under site/ (or the runner's, executorch/)
+    packages: dict[str, str]  # distribution -> version, installed under site/ (or the runner's, <wheel>/)
     unavailable: dict[str, str]  # distribution -> why it is not there
 
     @property
@@ -98,8 +99,8 @@ class Arm64Env:
 
     @property
     def runner(self) -> Path:
-        """edgepack's ExecuTorch runner (aarch64), when executorch is in `packages`."""
-        return self.root / "executorch" / "bin" / RUNNER_NAME
+        """The backend's native runner (aarch64), when its wheel is in `packages`."""
+        return self.root / RUNNER_DIST / "bin" / RUNNER_NAME
 
     def command(self, *args: str) -> list[str]:
         """argv running the emulated Python with `args`, behind an ARM /proc/cpuinfo."""
@@ -140,7 +141,7 @@ def load_env(root: Path | None = None) -> Arm64Env:
         raise Arm64EnvMissing(f"the emulated arm64 environment at {root} was set up for other versions than "
                               f"the host's {stale}", hint=hint)
     if RUNNER_DIST in env.packages and recorded.get("runner", {}).get("source") != _runner_digest():
-        raise Arm64EnvMissing(f"the ExecuTorch runner at {env.runner} was built from another source than "
+        raise Arm64EnvMissing(f"the runner at {env.runner} was built from another source than "
                               f"{RUNNER_SOURCE}", hint=hint)
     return env
 
@@ -244,7 +245,7 @@ def _platforms(debs: list[str]) -> list[str]:
 
 def _wheels(root: Path, wanted: dict[str, str], debs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """aarch64 wheels at the host's versions: the emulated Python's unzipped into site/, the
-    runner's C++ part (lib/, include/, its cmake config) into executorch/. A package without such
+    runner's C++ part (lib/, include/, its cmake config) into <wheel>/. A package without such
     a wheel is recorded as unavailable (its backend is then reported as not run), unless required."""
     site, work, runtime = root / "site", root / "wheels", root / RUNNER_DIST
     for folder in (site, work, runtime):
@@ -306,12 +307,12 @@ def _cmake() -> Path:
             found = _run("runner", [str(cmake), "--version"]).split()[2]
             if tuple(int(x) for x in found.split(".")[:2]) >= CMAKE_MIN:
                 return Path(cmake)
-    raise Arm64SetupError(f"runner: building the ExecuTorch runner needs CMake >= {'.'.join(map(str, CMAKE_MIN))}",
+    raise Arm64SetupError(f"runner: building {RUNNER_NAME} needs CMake >= {'.'.join(map(str, CMAKE_MIN))}",
                           hint="make install (it pins cmake in the venv)")
 
 
 def _build_runner(root: Path) -> dict:
-    """edgepack's ExecuTorch runner, cross-compiled against the unpacked wheel: the wheel's cmake
+    """The backend's native runner, cross-compiled against the unpacked wheel: the wheel's cmake
     config supplies the libraries, compile definitions and run paths."""
     gxx = _cross_compiler(root)
     runtime, build = root / RUNNER_DIST, root / RUNNER_DIST / "build"
@@ -324,7 +325,7 @@ def _build_runner(root: Path) -> dict:
     env = {**os.environ, "LD_LIBRARY_PATH": str(root / "cross" / "usr" / "lib" / "x86_64-linux-gnu")}
     cmake = _cmake()
     _run("runner", [str(cmake), "-S", str(RUNNER_SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                    f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", f"-Dexecutorch_DIR={runtime / 'lib' / 'cmake' / 'executorch'}",
+                    f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", f"-D{RUNNER_DIST}_DIR={runtime / 'lib' / 'cmake' / RUNNER_DIST}",
                     f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={runtime / 'bin'}"], env=env)
     _run("runner", [str(cmake), "--build", str(build), "-j", str(os.cpu_count() or 1)], env=env)
     compiler = _run("runner", [str(gxx), "-dumpfullversion"], env=env).strip()
@@ -346,13 +347,10 @@ def _self_test(env: Arm64Env) -> str:
     said = _run("self-test", env.command("-c", probe), env=env.environment(), timeout=300).strip()
     if RUNNER_DIST not in env.packages:
         return said
-    from edgepack.packaging.arm64_executorch import RUNNER_OPS, list_operators
-
-    ops = list_operators(env)
-    missing = [op for op in (*RUNNER_OPS, "quantized_decomposed::embedding_4bit.out") if op not in ops]
-    if missing:
-        raise Arm64SetupError(f"self-test: the ExecuTorch runner lacks {missing}")
-    return f"{said}; {RUNNER_NAME} runs, {len(ops)} operators registered"
+    try:
+        return f"{said}; {function(RUNNER.self_test)(env)}"
+    except EdgepackError as e:
+        raise Arm64SetupError(str(e)) from e
 
 
 def set_up(root: Path | None = None, say=print) -> Arm64Env:

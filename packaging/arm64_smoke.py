@@ -3,8 +3,8 @@ runtimes (the ARM kernels phones run: XNNPACK's NEON/dotprod paths, int4 unpacki
 user-mode emulation on an x86 host.
 
 The emulated Python (arm64_worker) replays the golden cases through the Python runtimes (LiteRT,
-ONNX Runtime) and writes the raw outputs; the ExecuTorch .pte runs in edgepack's C++ runner
-(arm64_executorch), which the host drives call by call. The host judges both with the same code
+ONNX Runtime) and writes the raw outputs; an artifact whose runtime has no aarch64 Python (the
+ExecuTorch .pte) runs in its backend's native runner, which the host drives call by call. The host judges both with the same code
 as the host smoke test (smoke.smoke_bundle), then compares them with the same artifact on the x86
 build of the same runtime version (the arm64-vs-x86 difference). A backend whose runtime cannot
 run there is reported as not run, never as passed."""
@@ -24,16 +24,12 @@ from rich.table import Table
 
 from edgepack.cases import Case, CaseOutput, compare, run_case
 from edgepack.errors import RuntimeUnavailableError, SmokeFailure
-from edgepack.exporters.registry import BACKENDS, Arm64Runtime
-from edgepack.packaging.arm64_env import RUNNER_NAME, Arm64Env, load_env
-from edgepack.packaging.arm64_executorch import RUNNER_OPS, start_on
+from edgepack.exporters.backend import Arm64Runtime, function
+from edgepack.exporters.registry import BACKENDS
+from edgepack.packaging.arm64_env import Arm64Env, load_env
 from edgepack.packaging.smoke import BackendSmoke, expected_output, golden_cases, host_replay, smoke_bundle
 
 WHERE = "arm64-emulated"
-RUNNER_RUNTIME = f"executorch arm64-emulated ({RUNNER_NAME})"
-RUNNER_NOTE = (f"ran in {RUNNER_NAME}, edgepack's C++ runner linked against the aarch64 executorch wheel's "
-               f"runtime, XNNPACK delegate and kernels; {' and '.join(RUNNER_OPS)} are the runner's own "
-               "implementations (ExecuTorch ships them only in a library that links libtorch)")
 WORKER_TIMEOUT_S = 1800
 
 
@@ -48,10 +44,11 @@ class Arm64Smoke:
         return all(r.passed for r in self.results)
 
 
-def _in_runner(backend: str) -> bool:
-    """The backend's artifact runs in edgepack's C++ runner (not in the emulated Python)."""
+def _runner(backend: str):
+    """The backend's native runner (NativeRunner), where its artifact runs instead of in the
+    emulated Python; None for those the emulated Python runs."""
     arm64 = BACKENDS[backend].arm64
-    return isinstance(arm64, Arm64Runtime) and arm64.imports is None
+    return arm64.runner if isinstance(arm64, Arm64Runtime) else None
 
 
 def cannot_run(env: Arm64Env, backend: str) -> str | None:
@@ -114,8 +111,9 @@ def smoke_arm64(bundle: Path, manifest: dict, backends: list[str] | None = None,
     wanted = [a["backend"] for a in manifest["artifacts"] if not backends or a["backend"] in backends]
     not_run = {b: why for b in wanted if (why := cannot_run(env, b))}
     to_run = [b for b in wanted if b not in not_run]
-    if any(a["runtime"].get("litertlm") for a in manifest["artifacts"] if a["backend"] in wanted):
-        not_run["litertlm"] = "the LiteRT-LM engine (litert-lm-api 0.18.1) has no aarch64 wheel: host only"
+    for artifact in (a for a in manifest["artifacts"] if a["backend"] in wanted):
+        not_run.update({c.name: c.arm64 for c in BACKENDS[artifact["backend"]].companions
+                        if artifact["runtime"].get(c.file_key)})
     if not wanted:
         return Arm64Smoke([], {}, {})
     if not to_run:
@@ -123,21 +121,23 @@ def smoke_arm64(bundle: Path, manifest: dict, backends: list[str] | None = None,
                                       + "; ".join(f"{b}: {why}" for b, why in not_run.items()))
     with tempfile.TemporaryDirectory(prefix="edgepack-arm64-") as tmp, ExitStack() as runners:
         out = Path(tmp)
-        in_python = [b for b in to_run if not _in_runner(b)]
+        in_python = [b for b in to_run if not _runner(b)]
         recorded = _recorded(out, *_run_worker(env, bundle, out, in_python)) if in_python else None
 
         def replay(bundle: Path, artifact: dict):
-            if not _in_runner(artifact["backend"]):
+            runner = _runner(artifact["backend"])
+            if not runner:
                 return recorded(bundle, artifact)
-            call = runners.enter_context(start_on(env, bundle / artifact["path"])).call
+            call = runners.enter_context(function(runner.start)(env, bundle / artifact["path"])).call
             return lambda case, forced=None: run_case(case, call, forced)
 
         results = smoke_bundle(bundle, manifest, to_run, replay=replay, where=WHERE)
         _vs_x86(bundle, manifest, results, replay)
+    notes = {}
     for result in results:
-        if _in_runner(result.backend):
-            result.runtime = RUNNER_RUNTIME
-    return Arm64Smoke(results, not_run, {r.backend: RUNNER_NOTE for r in results if _in_runner(r.backend)})
+        if runner := _runner(result.backend):
+            result.runtime, notes[result.backend] = f"{result.backend} {WHERE} ({runner.binary})", runner.note
+    return Arm64Smoke(results, not_run, notes)
 
 
 def _run_worker(env: Arm64Env, bundle: Path, out: Path, backends: list[str]) -> tuple[str, int]:

@@ -13,12 +13,12 @@ import jsonschema
 
 from edgepack import __version__
 from edgepack.errors import InputError
+from edgepack.exporters.registry import BACKENDS
 
 SCHEMA_VERSION = "1.1"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-TOOLCHAIN = ("torch", "transformers", "tokenizers", "numpy", "executorch", "torchao", "pytorch-tokenizers",
-             "coremltools", "litert-torch", "ai-edge-quantizer", "ai-edge-litert", "litert-lm-builder",
-             "onnx", "onnxruntime", "onnxscript", "onnxruntime-genai")
+# The front end's libraries; each backend adds its own (Backend.distributions and optional_distributions).
+FRONT_END = ("torch", "transformers", "tokenizers", "numpy")
 
 
 @lru_cache(maxsize=1)
@@ -28,7 +28,8 @@ def schema() -> dict:
 
 def toolchain_versions() -> dict[str, str]:
     versions = {"edgepack": __version__, "python": platform.python_version()}
-    for dist in TOOLCHAIN:
+    backends = [d for b in BACKENDS.values() for d in (*b.distributions, *b.optional_distributions)]
+    for dist in (*FRONT_END, *backends):
         try:
             versions[dist] = version(dist)
         except PackageNotFoundError:

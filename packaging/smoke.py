@@ -11,6 +11,7 @@ import numpy as np
 
 from edgepack.cases import Case, CaseOutput, Tolerance, compare, compare_free_running, run_case, within
 from edgepack.errors import EdgepackError, InputError
+from edgepack.exporters.backend import CompanionCheck, function
 from edgepack.exporters.registry import BACKENDS
 
 
@@ -95,39 +96,24 @@ def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None
         except Exception as e:  # a runtime that cannot load or run the artifact is a smoke failure
             result.passed, result.error = False, _error_text(e)
         results.append(result)
-        if where == "host" and artifact["runtime"].get("litertlm"):
-            results.append(litertlm_smoke(bundle, manifest, artifact, cases, result))
+        if where == "host":
+            results += [companion_smoke(check, bundle, manifest, artifact, cases, result)
+                        for check in BACKENDS[backend].companions if artifact["runtime"].get(check.file_key)]
     return results
 
 
-def litertlm_smoke(bundle: Path, manifest: dict, artifact: dict, cases: list[tuple[Case, dict]],
-                   interpreter: BackendSmoke) -> BackendSmoke:
-    """The TFLite artifact's .litertlm on the LiteRT-LM engine: its greedy cases, free-running
-    (packaging/litertlm_engine.py says why), as a row of its own ("litertlm"). `interpreter` is the
-    same .tflite's row, whose measured deviation is the engine's noise at a near-tie."""
-    import tempfile
-
-    from edgepack.packaging.litertlm_engine import RUNTIME, greedy_on_engine
-
-    result = BackendSmoke("litertlm", RUNTIME, passed=True)
-    greedy = [(case, expected_output(bundle, refs["tflite"]), interpreter_noise(interpreter, case.name))
-              for case, refs in cases if case.kind == "greedy"]
+def companion_smoke(check: CompanionCheck, bundle: Path, manifest: dict, artifact: dict,
+                    cases: list[tuple[Case, dict]], host_row: BackendSmoke) -> BackendSmoke:
+    """A file written beside the artifact, on its own runtime (e.g. the .litertlm on the LiteRT-LM
+    engine), as a row of its own. `host_row` is the artifact's row: what its runtime measured."""
+    result = BackendSmoke(check.name, check.runtime, passed=True)
+    expected = [(case, expected_output(bundle, refs[artifact["backend"]])) for case, refs in cases]
     try:
-        with tempfile.TemporaryDirectory(prefix="edgepack-litertlm-") as cache:  # the engine's weight cache
-            tok = manifest["tokenizer"]
-            result.cases = greedy_on_engine(bundle / artifact["runtime"]["litertlm"], greedy, tok["bos_id"],
-                                            tok["eos_ids"], Path(cache))
+        result.cases = function(check.run)(bundle, manifest, artifact, expected, host_row.cases)
         result.passed = all(not m["failures"] for m in result.cases.values())
-    except Exception as e:  # noqa: BLE001 - the engine failing to load or run the bundle is its verdict
+    except Exception as e:  # noqa: BLE001 - the runtime failing to load or run the file is its verdict
         result.passed, result.error = False, _error_text(e)
     return result
-
-
-def interpreter_noise(interpreter: BackendSmoke, case: str) -> float | None:
-    """The interpreter's measured logit deviation on `case`, lent to the engine's near-tie rule
-    only when that case passed there: a failed case's deviation measures a fault, not noise."""
-    metrics = interpreter.cases.get(case, {})
-    return None if metrics.get("failures", True) else metrics.get("max_abs_diff")
 
 
 def _error_text(e: Exception) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from demo_model.build import build_bert_dir, build_llama_dir
 from edgepack.cli import app
-from edgepack.demo import build_bert_dir, build_llama_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

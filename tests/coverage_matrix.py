@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from edgepack.demo import DECODER_CONFIGS
+from demo_model.build import DECODER_CONFIGS
 from edgepack.exporters.registry import BACKENDS
 
 FAMILIES = tuple(f for f in DECODER_CONFIGS if f != "llama")  # llama: tests/test_export_llama.py and the demo

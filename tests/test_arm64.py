@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from edgepack.errors import EdgepackError, SmokeFailure
+from edgepack.exporters.executorch.arm64 import RUNNER_OPS, start_on
 from edgepack.packaging.arm64_env import EXIT_NO_ARM64_ENV, Arm64SetupError, load_env, set_up
-from edgepack.packaging.arm64_executorch import RUNNER_OPS, start_on
 from tests.conftest import export_json, flip, resign, run_cli
 
 _NETWORK_FAILURES = ("Temporary failure resolving", "Could not resolve", "Failed to fetch", "Name or service not known",
@@ -100,7 +100,7 @@ def test_the_runners_llm_operators_match_executorchs(arm64_env, tmp_path):
     from executorch.exir import EdgeCompileConfig, to_edge
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
 
-    from edgepack.packaging.executorch_runtime import executorch_host
+    from edgepack.exporters.executorch.runtime import executorch_host
 
     class Attention(torch.nn.Module):
         def __init__(self):
@@ -198,7 +198,7 @@ def test_a_hung_runner_is_stopped_and_named(tmp_path):
     import os
     import time
 
-    from edgepack.packaging.arm64_executorch import RunnerProcess
+    from edgepack.exporters.executorch.arm64 import RunnerProcess
 
     started = time.monotonic()
     with RunnerProcess(["sleep", "60"], dict(os.environ), timeout_s=1) as runner:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from edgepack.errors import InputError
+from edgepack.exporters.coreml.mil import MilFunction, load_program
+from edgepack.exporters.coreml.mil_ops import OPS, UnsupportedMilOp
 from edgepack.packaging.bundle import directory_digest
-from edgepack.packaging.coreml_mil import MilFunction, load_program
-from edgepack.packaging.coreml_ops import OPS, UnsupportedMilOp
 from edgepack.packaging.manifest import read_manifest
 from tests.conftest import export_json, run_cli
 
@@ -124,7 +124,7 @@ def test_ios17_is_refused_for_a_stateful_int4_model(llama_dir, tmp_path):
 @pytest.mark.parametrize("values, word", [({"ios_target": 16}, "ios-target"), ({"precision": "bf16"}, "precision"),
                                           ({"compression": "int3"}, "compression")])
 def test_bad_coreml_options_are_input_errors(values, word):
-    from edgepack.exporters.coreml import Options
+    from edgepack.exporters.coreml.lower import Options
 
     with pytest.raises(InputError, match=word):
         Options(**values)
@@ -218,11 +218,11 @@ def test_palettes_beside_int8_layers_replay_their_read_back_reference(bert_dir, 
     2 rows, have no whole group of 16 rows for a palette: they are among the int8 layers.)"""
     from edgepack.cases import compare, run_case, within
     from edgepack.exporters.capture import CaptureOptions, capture
-    from edgepack.exporters.coreml import Options, lower
+    from edgepack.exporters.coreml.lower import Options, lower
+    from edgepack.exporters.coreml.mil import mil_evaluator_host
+    from edgepack.exporters.coreml.package import write_package
     from edgepack.exporters.mixed_precision import INT8
     from edgepack.exporters.sources import load_source
-    from edgepack.packaging.coreml_mil import mil_evaluator_host
-    from edgepack.packaging.coreml_package import write_package
     from edgepack.quant import QuantSpec
 
     captured = capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
@@ -247,7 +247,7 @@ def test_fp16_rms_norm_is_rescaled_so_large_activations_do_not_overflow():
     import coremltools as ct
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from edgepack.exporters.coreml import _fp16_safe_rms_norms
+    from edgepack.exporters.coreml.lower import _fp16_safe_rms_norms
 
     norm = LlamaRMSNorm(8, eps=1e-5).eval()
     with torch.no_grad():
@@ -433,7 +433,7 @@ def test_evaluator_decompresses_int4_blocks_int8_channels_and_palettes_like_core
     assert [types.builtin_to_string(op.data.dtype) for op in decompressed[:2]] == ["int4", "int8"]
     for op in decompressed:
         np.testing.assert_array_equal(function.constants[op.outputs[0].name], op.materialized_val_inference())
-    from edgepack.packaging.coreml_ops import affine_dequantize
+    from edgepack.exporters.coreml.mil_ops import affine_dequantize
     np.testing.assert_allclose(affine_dequantize(quantized, np.int8(0), channel_scale, 0),
                                quantized * channel_scale[:, None], rtol=1e-6)
 

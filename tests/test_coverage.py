@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from edgepack.demo import build_decoder_dir
+from demo_model.build import build_decoder_dir
 from edgepack.exporters.registry import BACKENDS
 from edgepack.packaging.manifest import read_manifest
 from tests.conftest import export_json

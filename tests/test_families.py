@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgepack.demo import DECODER_CONFIGS, decoder_config
+from demo_model.build import DECODER_CONFIGS, decoder_config
 from edgepack.exporters.architectures import FAMILIES, linearize, model_facts
 from edgepack.exporters.attention import NAME as GROUPED
 from edgepack.exporters.attention import grouped_query_attention
@@ -107,7 +107,7 @@ def test_captured_model_answers_like_hugging_face(family):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_executorch_fast_path_answers_like_hugging_face(family):
-    from edgepack.exporters.executorch_llm import use_llm_custom_ops
+    from edgepack.exporters.executorch.llm_ops import use_llm_custom_ops
 
     model, facts = _model(family)
     tokens = _prompt(facts.vocab_size)
@@ -132,7 +132,7 @@ def test_tflite_signatures_answer_like_hugging_face(family):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_onnx_decoder_answers_like_hugging_face(family):
-    from edgepack.exporters.onnx import GenaiDecoder
+    from edgepack.exporters.onnx.lower import GenaiDecoder
 
     model, facts = _model(family)
     tokens = _prompt(facts.vocab_size)

@@ -80,3 +80,35 @@ def test_readme_matrix_check_catches_a_stale_table(tmp_path):
     assert readme_problem(readme, results) is None
     (results / f"{FAMILIES[0]}.{sorted(BACKENDS)[0]}").write_text("✗")
     assert "stale" in readme_problem(readme, results)
+
+
+def _code_strings(path):
+    """The string literals of a module's code (docstrings left out: prose may name a backend)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_nothing_outside_a_backends_folder_names_it():
+    """A backend is its folder (exporters/<name>/) and one registry line: the CLI, the pipeline,
+    the shared front end and packaging ask the registry's records and key nothing by a backend's
+    name, nor import a backend's modules (what adding a backend must not touch)."""
+    import re
+
+    from edgepack.exporters.registry import BACKENDS, DEFAULT_TARGET
+
+    names = {*BACKENDS, *(c.name for b in BACKENDS.values() for c in b.companions)}
+    word = re.compile(rf"\b({'|'.join(names)})\b")
+    shared = [*(REPO_ROOT / "edgepack").glob("*.py"), *(REPO_ROOT / "packaging").glob("*.py"),
+              *(p for p in (REPO_ROOT / "exporters").glob("*.py") if p.name != "registry.py")]
+    found = [f"{path.relative_to(REPO_ROOT)}:{line}: {value!r}" for path in shared
+             for line, value in _code_strings(path) if word.search(value.replace("edgepack.exporters.", "#"))]
+    imports = [f"{path.relative_to(REPO_ROOT)}: imports {m}" for path in shared
+               for m in re.findall(r"edgepack\.exporters\.(\w+)", path.read_text()) if m in BACKENDS]
+    assert not found and not imports, "\n".join(found + imports)
+    assert DEFAULT_TARGET in BACKENDS

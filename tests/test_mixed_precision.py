@@ -11,7 +11,7 @@ from torch import nn
 
 from edgepack.cases import row_cosines
 from edgepack.exporters.capture import CaptureOptions, capture
-from edgepack.exporters.executorch import quantize_module
+from edgepack.exporters.executorch.lower import quantize_module
 from edgepack.exporters.mixed_precision import INT8, _fewest, plan_mixed_precision, read_calibration
 from edgepack.exporters.sources import load_source
 from edgepack.exporters.tokenizer import encode

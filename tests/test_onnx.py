@@ -73,7 +73,7 @@ def test_rounding_is_onnxruntimes_own_grid():
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
-    from edgepack.exporters.onnx import gather_rounding, rounding
+    from edgepack.exporters.onnx.lower import gather_rounding, rounding
     from edgepack.exporters.weights import fake_quantize
 
     spec = QuantSpec.from_options("int4", 32)
@@ -111,7 +111,7 @@ def test_int8_per_channel_is_the_references_grid_and_mlas_8_bit_one():
     from onnxruntime.capi._pybind_state import quantize_matmul_8bits
 
     from edgepack.exporters.mixed_precision import INT8
-    from edgepack.exporters.onnx import _int8_rows, gather_rounding, rounding
+    from edgepack.exporters.onnx.lower import _int8_rows, gather_rounding, rounding
     from edgepack.exporters.weights import fake_quantize
 
     weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
@@ -174,7 +174,7 @@ def test_graph_has_genai_io_and_every_linear_layer_is_matmulnbits(onnx_export, l
 
 @pytest.mark.slow
 def test_weights_are_exactly_the_references_and_near_the_ideal_size(onnx_export, llama_dir):
-    from edgepack.exporters.onnx import gather_rounding, rounding
+    from edgepack.exporters.onnx.lower import gather_rounding, rounding
     from edgepack.exporters.sources import load_source
     from edgepack.exporters.weights import weight_only_reference
 
@@ -202,7 +202,7 @@ def test_weights_are_exactly_the_references_and_near_the_ideal_size(onnx_export,
 
 @pytest.mark.slow
 def test_genai_config_and_metadata_agree_with_the_manifest(onnx_export):
-    from edgepack.packaging.onnx_runtime import session
+    from edgepack.exporters.onnx.runtime import session
 
     bundle = onnx_export[2]
     manifest = read_manifest(bundle)
@@ -263,7 +263,7 @@ MIXED_INT8 = ("model.embeddings.position_embeddings", "model.embeddings.token_ty
 def mixed_bert(bert_dir, tmp_path_factory):
     from edgepack.exporters.capture import CaptureOptions, capture
     from edgepack.exporters.mixed_precision import INT8
-    from edgepack.exporters.onnx import Options, lower
+    from edgepack.exporters.onnx.lower import Options, lower
     from edgepack.exporters.sources import load_source
 
     captured = capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
@@ -282,9 +282,9 @@ def test_mixed_precision_stores_each_layer_as_planned_and_matches_its_reference(
     exactly the reference's image of that layer under its own plan entry, in an op of that bit
     width and granularity; ONNX Runtime then reproduces the reference's sentence embeddings."""
     from edgepack.cases import compare, run_case
-    from edgepack.exporters.onnx import gather_rounding, rounding
+    from edgepack.exporters.onnx.lower import gather_rounding, rounding
+    from edgepack.exporters.onnx.runtime import onnx_host, session
     from edgepack.exporters.weights import weight_only_reference
-    from edgepack.packaging.onnx_runtime import onnx_host, session
 
     captured, spec, artifact, path = mixed_bert
     stored = _stored(_model(path))
@@ -323,7 +323,7 @@ def test_mixed_precision_stores_each_layer_as_planned_and_matches_its_reference(
 
 
 def test_mixed_precision_lowers_to_identical_bytes(mixed_bert):
-    from edgepack.exporters.onnx import Options, lower
+    from edgepack.exporters.onnx.lower import Options, lower
 
     captured, spec, artifact, _ = mixed_bert
     assert lower(captured, spec, Options()).files == artifact.files
@@ -339,7 +339,7 @@ def _minilm_export(minilm_dir: Path, tmp_path: Path, *quant: str) -> tuple[Path,
 def _sentence_cosines(bundle: Path, manifest: dict) -> list[float]:
     """The artifact on ONNX Runtime against fp32 eager: the mean-pooled sentence embedding of each
     of the capture's real sentences."""
-    from edgepack.packaging.onnx_runtime import onnx_host
+    from edgepack.exporters.onnx.runtime import onnx_host
 
     [art] = manifest["artifacts"]
     call = onnx_host(bundle / art["path"], art)
@@ -401,8 +401,8 @@ def test_a_model_past_the_protobuf_limit_gets_its_weights_beside_it(tmp_path, mo
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgepack.packaging import onnx_graph
-    from edgepack.packaging.onnx_runtime import session
+    from edgepack.exporters.onnx import graph as onnx_graph
+    from edgepack.exporters.onnx.runtime import session
 
     weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
@@ -423,7 +423,7 @@ def test_a_model_past_the_protobuf_limit_gets_its_weights_beside_it(tmp_path, mo
 
 
 def test_onnx_modules_import_in_one_process():
-    code = ("import edgepack.exporters.onnx, edgepack.packaging.onnx_runtime, edgepack.packaging.onnx_graph, "
-            "edgepack.packaging.onnx_metadata, onnx, onnxruntime")
+    code = ("import edgepack.exporters.onnx.lower, edgepack.exporters.onnx.runtime, edgepack.exporters.onnx.graph, "
+            "edgepack.exporters.onnx.metadata, onnx, onnxruntime")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from edgepack.cases import Case, CaseOutput, Tolerance
+from edgepack.exporters.backend import release_line
+from edgepack.exporters.tflite.app_lines import RELEASES as LITERT_RELEASES
 from edgepack.packaging.device_smoke import cases_json
-from edgepack.packaging.integration import RELEASES, integration_snippets, release_line
+from edgepack.packaging.integration import integration_snippets
 from edgepack.packaging.manifest import schema
 from tests.conftest import REPO_ROOT
 
@@ -111,9 +113,9 @@ def test_apps_pin_the_runtimes_export_prints(llama_export):
     pinned = dict(re.findall(r'^(\w[\w-]*) = "([^"]+)"$', toml, re.M))
     [executorch] = snippets["gradle"]
     assert executorch == f'implementation("org.pytorch:executorch-android:{pinned["executorch"]}")'
-    # what a TFLite export records: the installed LiteRT interpreter's version (exporters/tflite.py)
-    litert = RELEASES[("litert", release_line(version("ai-edge-litert")))]
-    assert litert.gradle == f"com.google.ai.edge.litert:litert:{pinned['litert']}"
+    # what a TFLite export records: the installed LiteRT interpreter's version (exporters/tflite/lower.py)
+    litert = LITERT_RELEASES[release_line(version("ai-edge-litert"))]
+    assert litert == f"com.google.ai.edge.litert:litert:{pinned['litert']}"
     package = (APPS / "ios/Package.swift").read_text()
     assert snippets["swiftpm"][0].removeprefix(".package(").removesuffix(")") in package
     for product in snippets["swiftpm"][1:]:

@@ -60,7 +60,7 @@ def test_weights_are_4bit_and_near_the_ideal_size(tflite_export):
 
 @pytest.mark.slow
 def test_metadata_and_tokenizer_read_back_from_the_tflite(tflite_export):
-    from edgepack.packaging.tflite_metadata import FACTS_FILE, read_metadata
+    from edgepack.exporters.tflite.metadata import FACTS_FILE, read_metadata
 
     bundle = tflite_export[2]
     manifest = read_manifest(bundle)
@@ -124,12 +124,12 @@ def test_mixed_precision_stores_each_layer_as_planned_and_follows_its_reference(
     its quantized reference (measured 2026-11-23: cosine 1.000000, max |diff| 0.0 on all cases)."""
     from collections import Counter
 
-    from edgepack.exporters import tflite
     from edgepack.exporters.capture import CaptureOptions, capture
     from edgepack.exporters.mixed_precision import INT8
     from edgepack.exporters.registry import BACKENDS
     from edgepack.exporters.sources import load_source
-    from edgepack.exporters.tflite_weights import stored_weights
+    from edgepack.exporters.tflite import lower as tflite
+    from edgepack.exporters.tflite.weights import stored_weights
     from edgepack.quant import QuantSpec
 
     captured = capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
@@ -161,7 +161,7 @@ def test_mixed_precision_stores_each_layer_as_planned_and_follows_its_reference(
 def test_every_backend_imports_in_one_process():
     code = ("import importlib; from edgepack.exporters.registry import BACKENDS; "
             "[importlib.import_module(b.module) for b in BACKENDS.values()]; "
-            "import edgepack.packaging.tflite_metadata, edgepack.packaging.tflite_runtime")
+            "import edgepack.exporters.tflite.metadata, edgepack.exporters.tflite.runtime")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -173,7 +173,7 @@ def test_litertlm_bundle_holds_the_model_tokenizer_and_stop_tokens(tflite_export
     from google.protobuf import text_format
     from litert_lm_builder.runtime.proto import llm_metadata_pb2
 
-    from edgepack.packaging.tflite_litertlm import read_litertlm
+    from edgepack.exporters.tflite.litertlm import read_litertlm
 
     bundle = tflite_export[2]
     manifest = read_manifest(bundle)
@@ -195,10 +195,10 @@ def test_a_planned_layer_without_an_op_of_its_own_is_refused(bert_dir):
     """A plan naming a layer the converted model holds no op for (here the pooler, which mean
     pooling never reads) cannot be followed: the export says so instead of storing the default."""
     from edgepack.errors import BackendError
-    from edgepack.exporters import tflite
     from edgepack.exporters.capture import CaptureOptions, capture
     from edgepack.exporters.mixed_precision import INT8
     from edgepack.exporters.sources import load_source
+    from edgepack.exporters.tflite import lower as tflite
     from edgepack.quant import QuantSpec
 
     captured = capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
@@ -217,7 +217,7 @@ def test_litertlm_answers_on_the_litert_lm_engine_token_for_token(tflite_export)
 
     _, summary, bundle = tflite_export
     [artifact] = summary["artifacts"]  # checked at export too, and part of its verdict
-    assert artifact["litertlm_engine"]["passed"] and artifact["litertlm_engine"]["cases"]["greedy"]["steps_matched"] == 16
+    assert artifact["companions"]["litertlm"]["passed"] and artifact["companions"]["litertlm"]["cases"]["greedy"]["steps_matched"] == 16
     result = run_cli("smoke", bundle, "--json")
     assert result.exit_code == 0, result.output
     engine = json.loads(result.stdout)["results"]["litertlm"]
@@ -232,9 +232,9 @@ def test_the_engine_check_fails_a_litertlm_with_a_wrong_start_token(tflite_expor
     """The engine prepends the bundle's start token itself: one that is not the tokenizer's BOS
     (here the first stop token) changes what the model sees on a device, and the check says so
     (this tiny model's greedy answer happens not to change, so the tokens alone would not)."""
-    from edgepack.packaging.litertlm_engine import greedy_on_engine
+    from edgepack.exporters.tflite.litertlm import build_litertlm
+    from edgepack.exporters.tflite.litertlm_engine import greedy_on_engine
     from edgepack.packaging.smoke import expected_output, golden_cases
-    from edgepack.packaging.tflite_litertlm import build_litertlm
 
     bundle = tflite_export[2]
     manifest = read_manifest(bundle)
@@ -259,7 +259,7 @@ def test_an_all_zero_weight_block_still_loads_in_xnnpack(llama_dir, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from edgepack.exporters.tflite_weights import stored_weights
+    from edgepack.exporters.tflite.weights import stored_weights
 
     model = shutil.copytree(llama_dir, tmp_path / "zero-row")
     weights = load_file(str(model / "model.safetensors"))
@@ -281,7 +281,7 @@ def test_the_engine_is_excused_only_at_a_near_tie_within_the_tflites_noise():
     import numpy as np
 
     from edgepack.cases import CaseOutput
-    from edgepack.packaging.litertlm_engine import _near_tie
+    from edgepack.exporters.tflite.litertlm_engine import _near_tie
 
     logits = np.zeros((4, 10), np.float32)
     logits[3, 7], logits[3, 2] = 26.35, 24.89
@@ -295,11 +295,8 @@ def test_the_engine_is_excused_only_at_a_near_tie_within_the_tflites_noise():
 def test_the_engine_borrows_noise_only_from_a_case_the_interpreter_passed():
     """A failed interpreter case's deviation measures a fault in the .tflite, not noise: lending it
     to the engine's near-tie rule would let the engine's row pass on a broken file."""
-    from edgepack.packaging.smoke import BackendSmoke, interpreter_noise
+    from edgepack.exporters.tflite.litertlm_engine import interpreter_noise
 
-    row = BackendSmoke("tflite", "tflite host", passed=False, cases={
-        "ok": {"max_abs_diff": 2.91, "failures": []},
-        "broken": {"max_abs_diff": 40.0, "failures": ["logits max_abs_diff 40.0 > 3.0"]}})
-    assert interpreter_noise(row, "ok") == 2.91
-    assert interpreter_noise(row, "broken") is None
-    assert interpreter_noise(row, "missing") is None  # the interpreter never ran the case
+    assert interpreter_noise({"max_abs_diff": 2.91, "failures": []}) == 2.91
+    assert interpreter_noise({"max_abs_diff": 40.0, "failures": ["logits max_abs_diff 40.0 > 3.0"]}) is None
+    assert interpreter_noise({}) is None  # the interpreter never ran the case

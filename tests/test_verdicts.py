@@ -21,7 +21,7 @@ BACKEND_EXPORTS = {"executorch": "llama_export", "onnx": "onnx_export", "tflite"
 # The file of each artifact that holds its weights.
 WEIGHTS_FILE = {"executorch": "executorch/model.pte", "onnx": "onnx/model.onnx", "tflite": "tflite/model.tflite",
                 "coreml": "coreml/model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"}
-DEMO_CORPUS = REPO_ROOT / "edgepack" / "demo_corpus.txt"
+DEMO_CORPUS = REPO_ROOT / "demo_model" / "corpus.txt"
 
 
 def _digests(folder: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgepack.cases import MethodCall
 from edgepack.errors import RuntimeUnavailableError
-from edgepack.packaging.coreml_ops import OPS, StateSlot, UnsupportedMilOp
+from edgepack.exporters.coreml.mil_ops import OPS, StateSlot, UnsupportedMilOp
 
 
 def load_program(path: Path):
@@ -134,7 +134,7 @@ class MilFunction:
         unknown = sorted({op.op_type for op in function.operations if op.op_type != "const" and op.op_type not in OPS})
         if unknown:
             raise UnsupportedMilOp(f"the MIL evaluator has no numpy semantics for op type(s): {', '.join(unknown)}",
-                                   hint="add them to packaging/coreml_ops.py OPS (with a test against torch)")
+                                   hint="add them to exporters/coreml/mil_ops.py OPS (with a test against torch)")
         if any(op.blocks for op in function.operations):
             raise UnsupportedMilOp("ops with nested blocks (cond, while_loop) are not supported by the MIL evaluator")
         from coremltools.converters.mil.mil import types

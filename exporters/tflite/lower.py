@@ -22,7 +22,9 @@ from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.steps import Step, run_steps
-from edgepack.exporters.tflite_weights import (
+from edgepack.exporters.tflite.metadata import ModelDoc, TensorDoc, write_metadata
+from edgepack.exporters.tflite.options import DEFAULT_PREFILL_LEN, Options
+from edgepack.exporters.tflite.weights import (
     fold_multipliers,
     folded_layers,
     grid_for,
@@ -39,7 +41,6 @@ from edgepack.exporters.weights import (
     linears_fed_by_norms,
     weight_only_reference,
 )
-from edgepack.packaging.tflite_metadata import ModelDoc, TensorDoc, write_metadata
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 
@@ -48,35 +49,7 @@ LITERTLM_FILE = "tflite/model.litertlm"
 # LiteRT-LM's own conversions use 128-token prefill signatures; a prompt is prefilled in chunks of
 # this length (padded), so a longer default wastes compute on short prompts and a shorter one adds
 # calls on long ones. It must leave room for one decode step: at most max_seq_len - 1.
-DEFAULT_PREFILL_LEN = 128
-BUNDLES = ("litertlm",)
 BLOCK_SIZES = (32, 64, 128, 256)  # ai_edge_quantizer's blockwise granularities
-
-
-@dataclass(frozen=True)
-class Options:
-    """prefill_lens: one prefill_<N> signature per length (default: min(128, max_seq_len - 1));
-    bundle: also write a LiteRT-LM bundle ('litertlm')."""
-
-    prefill_lens: tuple[int, ...] | None = None
-    bundle: str | None = None
-
-    def __post_init__(self):
-        if self.prefill_lens is not None:
-            lens = tuple(self.prefill_lens)
-            if not lens or any(not isinstance(n, int) or n < 1 for n in lens) or len(set(lens)) != len(lens):
-                raise InputError(f"--prefill-len {list(lens)}: each length must be a distinct positive integer",
-                                 hint="e.g. --prefill-len 32 --prefill-len 128")
-            object.__setattr__(self, "prefill_lens", tuple(sorted(lens)))
-        if self.bundle is not None and self.bundle not in BUNDLES:
-            raise InputError(f"--tflite-bundle {self.bundle!r} is not a bundle kind", hint=f"choose {', '.join(BUNDLES)}")
-
-    def prefill_lens_for(self, max_seq_len: int) -> tuple[int, ...]:
-        lens = self.prefill_lens or (min(DEFAULT_PREFILL_LEN, max_seq_len - 1),)
-        if max(lens) > max_seq_len - 1:
-            raise InputError(f"--prefill-len {max(lens)} does not fit the KV cache ({max_seq_len} positions)",
-                             hint=f"use at most {max_seq_len - 1}, or raise --max-seq-len")
-        return lens
 
 
 def _dynamic_update_slice(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -202,7 +175,7 @@ def build_signatures(work: _Work) -> None:
 
 def locate_layers(work: _Work) -> None:
     """Which ops of the converted model each quantized layer became, found by weight identity
-    (exporters/tflite_weights.py), so that the recipe can store a layer otherwise than its kind."""
+    (exporters/tflite/weights.py), so that the recipe can store a layer otherwise than its kind."""
     spec, module = work.quant, work.captured.module
     grid_for(spec, module)  # refuse a spec the reference cannot follow before quantizing
     if spec.linear:
@@ -218,7 +191,7 @@ def record_reference(work: _Work) -> None:
     the dynamic recipe each linear's input is also fake-quantized to int8 per token, as the LiteRT
     kernels do at run time (the int4 blockwise and the int8 per-channel kernels alike). Where the
     converter folded a norm's affine into a linear layer before quantizing (read back from the
-    quantized model: exporters/tflite_weights.py), the reference folds it the same way; an
+    quantized model: exporters/tflite/weights.py), the reference folds it the same way; an
     embedding table the converter folded into a float constant (no EMBEDDING_LOOKUP holds it)
     stays float in the reference too, whatever the spec says for it."""
     spec, captured = work.quant, work.captured
@@ -405,7 +378,7 @@ def write_litertlm(work: _Work) -> None:
         return
     captured = work.captured
     tok = captured.loaded.tokenizer
-    from edgepack.packaging.tflite_litertlm import build_litertlm
+    from edgepack.exporters.tflite.litertlm import build_litertlm
 
     work.files[LITERTLM_FILE] = build_litertlm(
         work.files[MODEL_FILE], tok.directory, tok.files, bos_id=tok.bos_id, eos_ids=tok.eos_ids,

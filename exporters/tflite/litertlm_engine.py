@@ -12,12 +12,11 @@ logits; this checks what the engine adds. Free-running, so a near-tie can end th
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from edgepack.cases import Case, CaseOutput
 from edgepack.errors import RuntimeUnavailableError
-
-RUNTIME = "LiteRT-LM engine (host)"
 
 
 def _engine(path: Path, cache_dir: Path):
@@ -32,6 +31,25 @@ def _engine(path: Path, cache_dir: Path):
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     # The engine writes its compiled XNNPACK weights cache beside the model unless told otherwise.
     return litert_lm.Engine(str(path), backend=interfaces.Backend.CPU(), cache_dir=str(cache_dir)), interfaces
+
+
+def check_on_engine(bundle: Path, manifest: dict, artifact: dict, cases: list[tuple[Case, CaseOutput]],
+                    interpreter: dict[str, dict]) -> dict[str, dict]:
+    """The bundle's .litertlm on the engine (a CompanionCheck's run): its greedy cases, judged
+    against the .tflite's expected outputs, with the interpreter's smoke of the same .tflite
+    (`interpreter`: case -> metrics) lending its measured noise to the near-tie rule."""
+    greedy = [(case, expected, interpreter_noise(interpreter.get(case.name, {})))
+              for case, expected in cases if case.kind == "greedy"]
+    with tempfile.TemporaryDirectory(prefix="edgepack-litertlm-") as cache:  # the engine's weight cache
+        tok = manifest["tokenizer"]
+        return greedy_on_engine(bundle / artifact["runtime"]["litertlm"], greedy, tok["bos_id"], tok["eos_ids"],
+                                Path(cache))
+
+
+def interpreter_noise(metrics: dict) -> float | None:
+    """The interpreter's measured logit deviation on a case, lent to the near-tie rule only when
+    that case passed there: a failed case's deviation measures a fault, not noise."""
+    return None if metrics.get("failures", True) else metrics.get("max_abs_diff")
 
 
 def greedy_on_engine(path: Path, cases: list[tuple[Case, CaseOutput, float | None]], bos_id: int | None,
@@ -113,3 +131,19 @@ def _judge(engine, interfaces, case: Case, expected: CaseOutput, noise: float | 
                         f"{want[len(got)]} is not a stop token {stop_ids}")
     metrics["failures"] = failures
     return metrics
+
+
+def describe(fid: dict) -> str:
+    """The .litertlm's free-running greedy check on the engine, in a line (a CompanionCheck's describe)."""
+    if fid.get("error"):
+        return f"[red]FAIL[/]: {fid['error']}"
+    parts = ["[green]pass[/]" if fid.get("passed") else "[red]FAIL[/]"]
+    for name, m in fid.get("cases", {}).items():
+        if "steps_matched" in m:
+            parts.append(f"{name}: {m['steps_matched']} of {m['steps']} greedy tokens (free-running)")
+        if m.get("near_tie"):
+            tie = m["near_tie"]
+            parts.append(f"then a near-tie at step {tie['step']} (the reference preferred its token by "
+                         f"{tie['reference_margin']:.3f}, within the .tflite's noise {tie['noise']:.3f})")
+    failures = [f for m in fid.get("cases", {}).values() for f in m.get("failures", [])]
+    return ", ".join(parts) + ("; " + "; ".join(failures[:3]) if failures else "")

@@ -3,7 +3,7 @@ default), the decoder's KV-cache buffers become CoreML states, linear and embedd
 compressed after conversion (int4 per-block, int8 per-channel, or 4-bit palettes; chosen per
 layer, so a mixed-precision plan's int8 layers sit beside int4 ones in one program), and the
 .mlpackage carries the tokenizer facts as user-defined metadata. Its bytes are made reproducible
-by packaging/coreml_package.py."""
+by exporters/coreml/package.py."""
 
 from __future__ import annotations
 
@@ -25,38 +25,18 @@ from torch import nn
 from edgepack import __version__
 from edgepack.errors import BackendError, InputError
 from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.coreml.options import Options
+from edgepack.exporters.coreml.package import package_files
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, weight_only_reference
-from edgepack.packaging.coreml_package import package_files
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 
 ARTIFACT_DIR = "coreml/model.mlpackage"
-IOS_TARGETS = (17, 18)
-PRECISIONS = ("fp16", "fp32")
-COMPRESSIONS = ("int4", "palettize4")
 # Channels that share one 16-entry palette (per_grouped_channel): coremltools' suggestion for LLMs.
 PALETTE_GROUP_CHANNELS = 16
 # CoreML has no int64 tensors: integer inputs are int32 in the program, and the host adapter casts.
 _COREML_DTYPE = {"int64": "int32", "int32": "int32", "float32": "float32", "float16": "float16", "bool": "bool"}
-
-
-@dataclass(frozen=True)
-class Options:
-    ios_target: int = 18
-    precision: str = "fp16"
-    compression: str | None = None  # None: int4 when --quant int4 (int8 per-channel for int8)
-
-    def __post_init__(self):
-        if self.ios_target not in IOS_TARGETS:
-            raise InputError(f"--ios-target {self.ios_target} is not supported",
-                             hint=f"choose one of {', '.join(map(str, IOS_TARGETS))}")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"--coreml-precision {self.precision!r} is not a precision",
-                             hint=f"choose one of {', '.join(PRECISIONS)}")
-        if self.compression is not None and self.compression not in COMPRESSIONS:
-            raise InputError(f"--coreml-compression {self.compression!r} is not a compression",
-                             hint=f"choose one of {', '.join(COMPRESSIONS)}")
 
 
 @dataclass
@@ -348,7 +328,7 @@ IO_DESCRIPTIONS = {
 def convert_in_child(work: _Work) -> None:
     """convert, quantize, metadata and save, in a child with a fixed hash seed (see coreml_convert.py)."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run([sys.executable, "-m", "edgepack.exporters.coreml_convert", str(work.workdir)],
+    proc = subprocess.run([sys.executable, "-m", "edgepack.exporters.coreml.convert", str(work.workdir)],
                           env=env, capture_output=True, text=True)
     result_path = work.workdir / "result.json"
     if not result_path.is_file():
@@ -365,8 +345,8 @@ def reference_from_package(work: _Work) -> None:
     """Palettes are k-means clusters of the converted weights, so the reference holds the weights
     the artifact actually stores: each compressed weight (palettes, and the int8 layers of a mixed
     plan) is expanded by coremltools back into its parameter."""
-    from edgepack.exporters.coreml_convert import COMPRESSED_WEIGHT_OPS, weight_placeholder
-    from edgepack.packaging.coreml_mil import load_program
+    from edgepack.exporters.coreml.convert import COMPRESSED_WEIGHT_OPS, weight_placeholder
+    from edgepack.exporters.coreml.mil import load_program
 
     params = work.program.graph_signature.inputs_to_parameters  # placeholder name -> parameter FQN
     module = copy.deepcopy(work.captured.module)

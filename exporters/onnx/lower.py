@@ -23,10 +23,12 @@ from edgepack.errors import InputError
 from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
+from edgepack.exporters.onnx import graph as onnx_graph
+from edgepack.exporters.onnx import metadata as onnx_metadata
+from edgepack.exporters.onnx.metadata import INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
+from edgepack.exporters.onnx.options import Options
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, quantize_groups, weight_only_reference
-from edgepack.packaging import onnx_graph, onnx_metadata
-from edgepack.packaging.onnx_metadata import INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 
@@ -36,11 +38,6 @@ OPSET = 21  # int4 tensors (GatherBlockQuantized's data) need opset 21 / IR 10
 # MatMulNBits accuracy_level 4: activations quantized to int8 per block at run time (the fast
 # path on ARM and x86 CPUs); 0: fp32 compute on the int4 weights.
 INT8_COMPUTE = 4
-
-
-@dataclass(frozen=True)
-class Options:
-    """ONNX has no options of its own yet; the shared QuantSpec says everything."""
 
 
 def rounding(bits: int) -> Rounding:

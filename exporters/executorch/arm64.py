@@ -157,3 +157,12 @@ def list_operators(env) -> list[str]:
     """The operators the runner of `env` registers (its self-test; needs no model to load them)."""
     with start_on(env, Path(__file__)) as runner:  # any existing file: the program loads lazily
         return runner.operators()
+
+
+def self_test(env) -> str:
+    """The built runner of `env` registers the LLM operators a .pte needs (its own and ExecuTorch's)."""
+    ops = list_operators(env)
+    missing = [op for op in (*RUNNER_OPS, "quantized_decomposed::embedding_4bit.out") if op not in ops]
+    if missing:
+        raise SmokeFailure(f"self-test: the ExecuTorch runner lacks {missing}")
+    return f"{Path(env.runner).name} runs, {len(ops)} operators registered"

@@ -13,7 +13,8 @@ from torch import nn
 
 from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import StaticCacheLM
-from edgepack.exporters.executorch_llm import use_llm_custom_ops
+from edgepack.exporters.executorch.llm_ops import use_llm_custom_ops
+from edgepack.exporters.executorch.options import Options
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel
@@ -29,11 +30,6 @@ KERNEL_LIBRARIES = {
 # Each group's scale is searched (half-quadratic, as HQQ) rather than taken from its largest
 # weight: the same choice ExecuTorch's own export_llm makes, measurably closer to fp32 (bench/).
 SCALE_SEARCH = "hqq_scale_only"
-
-
-@dataclass(frozen=True)
-class Options:
-    """ExecuTorch has no options of its own yet; the shared QuantSpec says everything."""
 
 
 @dataclass

@@ -3,9 +3,9 @@
 Why a child: coremltools' torch front end picks among symbolic dimensions held in Python sets
 ("Recklessly broadcast {is14, is18} to is14"), so which ops it emits depends on the interpreter's
 string-hash seed; two exports of the same model in two processes gave different model.mlmodel
-bytes. PYTHONHASHSEED can only be set when an interpreter starts, so exporters/coreml.py saves
+bytes. PYTHONHASHSEED can only be set when an interpreter starts, so exporters/coreml/lower.py saves
 the ExportedProgram and a JSON job into a temporary directory and runs
-`python -m edgepack.exporters.coreml_convert DIR` with PYTHONHASHSEED=0. The child converts,
+`python -m edgepack.exporters.coreml.convert DIR` with PYTHONHASHSEED=0. The child converts,
 compresses, writes the metadata and saves DIR/model.mlpackage, then writes DIR/result.json; a
 failure is reported there with the name of the step that failed.
 

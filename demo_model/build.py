@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-CORPUS_PATH = Path(__file__).parent / "demo_corpus.txt"
+CORPUS_PATH = Path(__file__).parent / "corpus.txt"
 
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -156,7 +156,7 @@ def quantized_copies(model) -> list:
     int4 = QuantSpec.from_options("int4")
     copies = [weight_only_reference(model, int4, lambda bits: Rounding.symmetric(bits, narrow=False))]
     try:
-        from edgepack.exporters.executorch import quantize_module
+        from edgepack.exporters.executorch.lower import quantize_module
     except ImportError:
         return copies
     return copies + [quantize_module(copy.deepcopy(model), int4)]
@@ -285,8 +285,8 @@ def build_bert_dir(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m edgepack.demo OUT_DIR [--family NAME]``."""
-    parser = argparse.ArgumentParser(prog="python -m edgepack.demo", description=__doc__)
+    """CLI: ``python -m demo_model.build OUT_DIR [--family NAME]``."""
+    parser = argparse.ArgumentParser(prog="python -m demo_model.build", description=__doc__)
     parser.add_argument("out_dir", help="directory to write the model into")
     parser.add_argument("--family", default="llama", choices=[*DECODER_CONFIGS, "bert"],
                         help="the architecture to build (default: llama)")

@@ -1,0 +1,36 @@
+"""CoreML's own export options (its `edgepack export` flags are generated from these fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgepack.errors import InputError
+from edgepack.exporters.backend import flag
+
+IOS_TARGETS = (17, 18)
+PRECISIONS = ("fp16", "fp32")
+COMPRESSIONS = ("int4", "palettize4")
+
+
+@dataclass(frozen=True)
+class Options:
+    ios_target: int = field(default=18, metadata=flag(
+        "--ios-target", "CoreML: minimum iOS version, 17 or 18 (default 18: KV-cache state and int4 per-block "
+        "weights need 18).", int))
+    precision: str = field(default="fp16", metadata=flag(
+        "--coreml-precision", "CoreML: compute precision, fp16 (default) or fp32.", str))
+    # None: int4 when --quant int4 (int8 per-channel for int8)
+    compression: str | None = field(default=None, metadata=flag(
+        "--coreml-compression", "CoreML: int4 (linear per-block, the default for --quant int4) or palettize4 "
+        "(4-bit lookup tables, preferred by the Neural Engine).", str))
+
+    def __post_init__(self):
+        if self.ios_target not in IOS_TARGETS:
+            raise InputError(f"--ios-target {self.ios_target} is not supported",
+                             hint=f"choose one of {', '.join(map(str, IOS_TARGETS))}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--coreml-precision {self.precision!r} is not a precision",
+                             hint=f"choose one of {', '.join(PRECISIONS)}")
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            raise InputError(f"--coreml-compression {self.compression!r} is not a compression",
+                             hint=f"choose one of {', '.join(COMPRESSIONS)}")

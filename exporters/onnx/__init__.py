@@ -1,0 +1,14 @@
+"""ONNX: a model.onnx for ONNX Runtime (Mobile) with MatMulNBits int4 weights, laid out for
+onnxruntime-genai (genai_config.json beside it), Android and iOS."""
+
+from edgepack.exporters.backend import Arm64Runtime, Backend
+
+BACKEND = Backend(
+    name="onnx", title="ONNX", lower="edgepack.exporters.onnx.lower",
+    options="edgepack.exporters.onnx.options:Options",
+    platforms=("android", "ios"), artifact="onnx/model.onnx", distributions=("onnx", "onnxruntime", "onnxscript"),
+    optional_distributions=("onnxruntime-genai",),
+    host_runtime="edgepack.exporters.onnx.runtime:onnx_host",
+    arm64=Arm64Runtime("onnxruntime", imports="onnxruntime"),
+    apps=(), app_lines="edgepack.exporters.backend:unverified_release",
+)
