@@ -160,7 +160,7 @@ def test_mixed_precision_stores_each_layer_as_planned_and_follows_its_reference(
 
 def test_every_backend_imports_in_one_process():
     code = ("import importlib; from edgepack.exporters.registry import BACKENDS; "
-            "[importlib.import_module(b.module) for b in BACKENDS.values()]; "
+            "[importlib.import_module(b.lower) for b in BACKENDS.values()]; "
             "import edgepack.exporters.tflite.metadata, edgepack.exporters.tflite.runtime")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
