@@ -4,6 +4,8 @@ from pathlib import Path
 
 from edgepack.exporters.backend import Arm64Runtime, Backend, NativeRunner
 
+# What the arm64 runner provides itself instead of ExecuTorch's own kernels (said with each result).
+RUNNER_OPS = ("llama::update_cache.out", "llama::custom_sdpa.out")
 BACKEND = Backend(
     name="executorch", title="ExecuTorch", lower="edgepack.exporters.executorch.lower",
     options="edgepack.exporters.executorch.options:Options",
@@ -17,7 +19,7 @@ BACKEND = Backend(
         start="edgepack.exporters.executorch.arm64:start_on",
         self_test="edgepack.exporters.executorch.arm64:self_test",
         note="ran in edgepack-et-runner, edgepack's C++ runner linked against the aarch64 executorch wheel's "
-             "runtime, XNNPACK delegate and kernels; llama::update_cache.out and llama::custom_sdpa.out are the "
-             "runner's own implementations (ExecuTorch ships them only in a library that links libtorch)")),
+             f"runtime, XNNPACK delegate and kernels; {' and '.join(RUNNER_OPS)} are the runner's own "
+             "implementations (ExecuTorch ships them only in a library that links libtorch)")),
     apps=("android", "ios"), app_lines="edgepack.exporters.executorch.app_lines:app_lines",
 )

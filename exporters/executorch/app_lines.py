@@ -29,16 +29,16 @@ def app_lines(artifact: dict, task: str) -> AppLines:
     known = RELEASES.get(release_line(runtime["version"]))
     if known is None:
         return unverified_release(artifact)
-    gradle, branch = known
-    lines = AppLines(gradle=(f'implementation("{gradle}")',) if "android" in artifact["platforms"] else ())
+    maven, branch = known
+    gradle = (f'implementation("{maven}")',) if "android" in artifact["platforms"] else ()
     if "ios" not in artifact["platforms"]:
-        return lines
+        return AppLines(gradle)
     products, notes = _swiftpm_products(artifact, task)
     swiftpm = (f'.package(url: "{SWIFTPM_URL}", branch: "{branch}")',
                *(f'.product(name: "{p}", package: "executorch")' for p in products))
     notes.append("executorch on iOS: link the kernel and backend products with -all_load (or -force_load "
                  "each) so their registrations are kept (ExecuTorch's iOS docs, Linkage)")
-    return AppLines(lines.gradle, swiftpm, tuple(notes))
+    return AppLines(gradle, swiftpm, tuple(notes))
 
 
 def _swiftpm_products(artifact: dict, task: str) -> tuple[list[str], list[str]]:

@@ -20,9 +20,8 @@ from typing import IO, Sequence
 import numpy as np
 
 from edgepack.errors import SmokeFailure
+from edgepack.exporters.executorch import RUNNER_OPS
 
-# What the runner provides itself instead of ExecuTorch's own kernels (reported with each result).
-RUNNER_OPS = ("llama::update_cache.out", "llama::custom_sdpa.out")
 # numpy dtype <-> ExecuTorch ScalarType code (c10's numbering)
 _SCALAR_TYPES = {np.dtype(np.uint8): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
                  np.dtype(np.int64): 4, np.dtype(np.float16): 5, np.dtype(np.float32): 6,
