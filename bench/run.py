@@ -116,15 +116,26 @@ def litertlm_engine(work: Path, max_seq_len: int, prompt_len: int, repeats: int,
     Its decode speed is set beside ExecuTorch's (`executorch_decode`, S135 in this run)."""
     name, out = REAL_MODEL.name, work / "litertlm"
     out.mkdir(exist_ok=True)
-    measured, _, manifest = edgepack_export(ROOT / REAL_MODEL, name, out, "tflite", max_seq_len, prompt_len,
-                                            tokenizer=True, extra=["--tflite-bundle", "litertlm"])
+    measured, summary, manifest = edgepack_export(ROOT / REAL_MODEL, name, out, "tflite", max_seq_len, prompt_len,
+                                                  tokenizer=True, extra=["--tflite-bundle", "litertlm"])
+    bundle, engine_check = out / name, "pass"
     if measured.returncode:
-        raise SystemExit(f"the real model's .litertlm export failed (exit {measured.returncode}); see {measured.log}")
+        # The engine's own greedy check can part from the reference beyond the interpreter's
+        # noise on this model (docs/limits.md): the speed is still the engine's, measured on the
+        # bundle the failed export kept, and the row says the check failed. Anything else failing is fatal.
+        [row] = summary.get("artifacts") or [{}]
+        failures = [f for check in row.get("companions", {}).values() for case in check.get("cases", {}).values()
+                    for f in case.get("failures", [])]
+        bundle = Path(summary.get("bundle", ""))
+        own = (row.get("lowering_fidelity") or {}).get("passed") and not summary.get("quality_failures")
+        if not failures or not own or summary.get("failures") or not (bundle / "manifest.json").is_file():
+            raise SystemExit(f"the real model's .litertlm export failed (exit {measured.returncode}); see {measured.log}")
+        manifest, engine_check = json.loads((bundle / "manifest.json").read_text()), "FAIL: " + "; ".join(failures)
     [artifact] = manifest["artifacts"]
-    path = out / name / artifact["runtime"]["litertlm"]
+    path = bundle / artifact["runtime"]["litertlm"]
     engine = speed("litertlm", path, {}, work / "tokens.npy", prompt_len, repeats, work)
     decode = float(np.median(engine["decode_tokens_per_s"]))
-    return {"model": name, "bytes": path.stat().st_size,
+    return {"model": name, "bytes": path.stat().st_size, "engine_check": engine_check,
             "prefill_tokens_per_s": float(np.median(engine["prefill_tokens_per_s"])), "decode_tokens_per_s": decode,
             "decode_tokens_per_s_runs": [round(float(x), 2) for x in engine["decode_tokens_per_s"]],
             "decode_vs_executorch": round(decode / executorch_decode, 3)}

@@ -102,9 +102,9 @@ def compare(expected: CaseOutput, actual: CaseOutput) -> dict:
     Greedy cases are compared teacher-forced: `actual` was fed `expected`'s tokens, so every step
     has the same context and every step is judged (steps_verified == steps). A step whose top-1
     differs is a near-tie when the reference preferred its token over the artifact's by no more
-    than the artifact's own numeric noise, measured away from those two tokens (its largest logit
-    deviation on every step, that step's two tokens left out); a broken artifact cannot hide
-    behind one, as its noise fails the cosine check. A non-finite output is counted and fails."""
+    than the artifact's own numeric noise, measured on the steps whose top-1 agrees (its largest
+    logit deviation there): a step that is wrong cannot lend itself, or another wrong step, the
+    noise that would excuse it. A non-finite output is counted and fails."""
     result: dict = {}
     if "tokens" in expected.names:
         exp_l, act_l = expected.get("logits"), actual.get("logits")
@@ -116,7 +116,8 @@ def compare(expected: CaseOutput, actual: CaseOutput) -> dict:
         result["tokens_match"] = bool(differ.size == 0)
         result["top1_agreement"] = round(float((exp_t == act_t).mean()), 6)
         if differ.size:
-            result["top1_mismatches"] = [_tie_evidence(exp_l, act_l, int(step)) for step in differ]
+            agree = exp_t.reshape(-1) == act_t.reshape(-1)
+            result["top1_mismatches"] = [_tie_evidence(exp_l, act_l, int(step), agree) for step in differ]
             result["near_tie_steps"] = [m["step"] for m in result["top1_mismatches"] if m["near_tie"]]
         pairs = [(exp_l, act_l)]
     else:
@@ -149,14 +150,14 @@ def compare_free_running(expected: CaseOutput, actual: CaseOutput) -> dict:
             "first_token_mismatch": int(differ[0]) if differ.size else None}
 
 
-def _tie_evidence(expected: np.ndarray, actual: np.ndarray, step: int) -> dict:
+def _tie_evidence(expected: np.ndarray, actual: np.ndarray, step: int, agree: np.ndarray) -> dict:
     """At a step where the top-1 differs: the reference's margin between its token and the
-    artifact's, and the artifact's noise (its largest logit deviation on any step, leaving out
-    this step's two tokens)."""
+    artifact's, and the artifact's noise (its largest logit deviation on the steps whose top-1
+    agrees; none when no step does)."""
     want, got = int(expected[step].argmax()), int(actual[step].argmax())
     margin = float(expected[step, want] - expected[step, got])
-    deviation = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
-    deviation[step, [want, got]] = 0.0
+    rows = lambda a: a.reshape(-1, a.shape[-1])[agree].astype(np.float64)  # noqa: E731
+    deviation = np.abs(rows(expected) - rows(actual))
     noise = float(np.nan_to_num(deviation, nan=np.inf).max(initial=0.0))
     return {"step": step, "reference_margin": round(margin, 6), "noise": round(noise, 6), "near_tie": margin <= noise}
 

@@ -60,6 +60,25 @@ def quantize_groups(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -
     return q, scale
 
 
+def quantize_min_max(weight: torch.Tensor, bits: int, group_size: int,
+                     scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The asymmetric grid of GGUF's Q4_1 and of zero-point formats: each group of a [out, in]
+    weight spans its own [min, max] in 2^bits - 1 steps, w ≈ minimum + scale·q with q in
+    [0, 2^bits - 1], the scale rounded to `scale_dtype` where the format stores it so. Returns q
+    [out, groups, group], scale and minimum [out, groups, 1] (float32). A source already on such a
+    grid (a Q4_1 GGUF, fp16 scales) comes back unchanged: its min and max are codes 0 and
+    2^bits - 1. A constant group gets scale 0 and q 0."""
+    rows, cols = weight.shape
+    w = weight.detach().float().reshape(rows, cols // group_size, group_size)
+    lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    scale = (hi - lo) / (2 ** bits - 1)
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).float()
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round((w - lo) / safe), 0, 2 ** bits - 1)
+    return q, scale, lo
+
+
 def fake_quantize(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -> torch.Tensor:
     """Quantize-dequantize a [out, in] weight group-wise along `in` (per row when group_size is None)."""
     q, scale = quantize_groups(weight, wq, rounding)

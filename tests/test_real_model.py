@@ -67,7 +67,7 @@ def _check_passes_and_shows_perplexity(result, backends: list[str]) -> dict:
         assert quality["perplexity_fp32"] == pytest.approx(FP32_PERPLEXITY, abs=0.05)
         assert quality["passed"] and quality["non_finite_steps"] == 0
         assert quality["perplexity"] > quality["perplexity_fp32"]  # 4 bits cost something, measurably
-        assert quality["increase_pct"] == pytest.approx((quality["perplexity"] / quality["perplexity_fp32"] - 1) * 100, abs=0.05)
+        assert quality["increase_pct"] == pytest.approx((quality["perplexity"] / quality["perplexity_fp32"] - 1) * 100, abs=0.15)
         assert math.isclose(math.exp(quality["delta_nats_per_token"]), 1 + quality["increase_pct"] / 100, rel_tol=1e-3)
     return summary
 

@@ -76,6 +76,14 @@ def test_teacher_forced_compare_judges_every_step_and_excuses_only_true_near_tie
     broken[4] = rng.normal(size=8) * 5
     late = compare(ref, CaseOutput(("tokens", "logits"), (broken.argmax(1), broken)))
     assert within(late, Tolerance(0.99)), late  # cosine at step 4 (and its top-1, unless a tie) fail
+    # a wrong step cannot lend itself noise: its row rolled by one moves all its logits, but the
+    # noise is measured on the steps whose top-1 agrees (none moved), so the flip fails as a flip
+    rolled = noisy.copy()
+    rolled[3] = np.roll(logits[3], 1)
+    wrong = compare(ref, CaseOutput(("tokens", "logits"), (rolled.argmax(1), rolled)))
+    [step3] = [m for m in wrong["top1_mismatches"] if m["step"] == 3]
+    assert step3["noise"] == pytest.approx(0.1, abs=1e-6) and not step3["near_tie"], step3
+    assert any("top-1 differs at step 3" in f for f in within(wrong, Tolerance(0.99)))
 
 
 def test_non_finite_outputs_fail_even_where_the_cosine_would_not_say():

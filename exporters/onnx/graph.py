@@ -166,6 +166,107 @@ def store_int8_per_channel(model, node_names: set[str], quantize_rows, accuracy_
     return blocks
 
 
+def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block: int, accuracy_level: int) -> int:
+    """Rewrite the named MatMul / Gather nodes to hold 4-bit blocks on a grid with a float offset
+    per block: w = scale·(q - 8) + offset, from `quantize_blocks(weight [out, in] float32) ->
+    (q uint8 [out, in] in 0..15, scales float16 [out, blocks], offsets float16 [out, blocks])`.
+
+    MatMulNBits computes the symmetric part (zero point 8 implied, so its fast kernels run); the
+    offsets add Σ_b (Σ_{k in b} x_k)·offset[n, b]: x times a 0/1 block-indicator matrix E [K,
+    blocks] gives the block sums, times offsets^T [blocks, N] the term (about 1/blocksize of the
+    main product's work). A Gather becomes GatherBlockQuantized on the same packed layout plus its
+    rows' offsets spread over their blocks (offsets[ids] · E^T). A tied table (the embedding and
+    the LM head) is stored once: the Gather reads the MatMul's codes, scales and offsets.
+    Scales and offsets are stored fp16 (the file's 4.5 -> 5 bits a weight instead of 5.5 with
+    fp32 scales); the Casts, Transposes and Reshapes of these constants come first in the graph
+    and onnxruntime folds them when it loads the model, before MatMulNBits packs its weights.
+    Returns how many tables were shared."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    added: dict[str, object] = {}  # new initializers by name
+    prologue: dict[str, object] = {}  # nodes on constants only, by output name
+    tables: list[tuple[np.ndarray, str]] = []  # (float table [rows, K], its stored name)
+
+    def const(name: str, array: np.ndarray) -> str:
+        if name not in added:
+            added[name] = numpy_helper.from_array(array, name)
+        return name
+
+    def derived(op: str, inputs: list[str], output: str, **attrs) -> str:
+        if output not in prologue:
+            prologue[output] = helper.make_node(op, inputs, [output], name=output, **attrs)
+        return output
+
+    def as_float(name: str) -> str:
+        return derived("Cast", [name], f"{name}_fp32", to=TensorProto.FLOAT)
+
+    def indicator(k: int) -> str:
+        return const(f"block_indicator_{k}x{block}", np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)))
+
+    def store(table: np.ndarray, name: str) -> tuple[str, bool]:
+        for known, stored_name in tables:
+            if known.shape == table.shape and np.array_equal(known, table):
+                return stored_name, True
+        q, scales, offsets = quantize_blocks(table)
+        rows, cols = q.shape
+        const(f"{name}_Q4", (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(rows, cols // block, block // 2))
+        const(f"{name}_scales", scales.astype(np.float16))
+        const(f"{name}_offsets", offsets.astype(np.float16))
+        tables.append((table, name))
+        return name, False
+
+    rewritten: list[tuple[int, list]] = []
+    shared = 0
+    order = sorted(((i, n) for i, n in enumerate(graph.node) if n.name in node_names),
+                   key=lambda item: item[1].op_type != "MatMul")  # MatMuls first: a tied Gather reuses the head's table
+    for index, node in order:
+        is_matmul = node.op_type == "MatMul"
+        weight = numpy_helper.to_array(values[node.input[1 if is_matmul else 0]]).astype(np.float32)
+        table = np.ascontiguousarray(weight.T) if is_matmul else weight
+        name, reused = store(table, node.input[1 if is_matmul else 0])
+        shared += reused and not is_matmul
+        rows, cols = table.shape
+        codes, scales, offsets = f"{name}_Q4", as_float(f"{name}_scales"), f"{name}_offsets"
+        out, tag = node.output[0], node.name
+        if is_matmul:
+            attrs = {"K": cols, "N": rows, "bits": 4, "block_size": block}
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            offsets_t = as_float(derived("Transpose", [offsets], f"{offsets}_t", perm=[1, 0]))
+            nodes = [
+                helper.make_node("MatMulNBits", [node.input[0], codes, scales], [f"{tag}_sym"], name=f"{tag}_Q4",
+                                 domain="com.microsoft", **attrs),
+                helper.make_node("MatMul", [node.input[0], indicator(cols)], [f"{tag}_block_sums"], name=f"{tag}_block_sums"),
+                helper.make_node("MatMul", [f"{tag}_block_sums", offsets_t], [f"{tag}_offset_term"], name=f"{tag}_offset_term"),
+            ]
+        else:
+            rows_of = derived("Reshape", [codes, const(f"rows_{rows}", np.array([rows, -1], np.int64))], f"{codes}_rows")
+            spread = derived("Transpose", [indicator(cols)], f"{indicator(cols)}_t", perm=[1, 0])
+            nodes = [
+                helper.make_node("GatherBlockQuantized", [rows_of, node.input[1], scales], [f"{tag}_sym"], name=f"{tag}_Q4",
+                                 domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1),
+                helper.make_node("Gather", [offsets, node.input[1]], [f"{tag}_offsets16"], name=f"{tag}_offsets", axis=0),
+                helper.make_node("Cast", [f"{tag}_offsets16"], [f"{tag}_row_offsets"], name=f"{tag}_offsets_cast",
+                                 to=TensorProto.FLOAT),
+                helper.make_node("MatMul", [f"{tag}_row_offsets", spread], [f"{tag}_offset_term"], name=f"{tag}_offset_term"),
+            ]
+        nodes.append(helper.make_node("Add", [f"{tag}_sym", f"{tag}_offset_term"], [out], name=f"{tag}_add_offsets"))
+        rewritten.append((index, nodes))
+    for index, nodes in sorted(rewritten, key=lambda item: item[0], reverse=True):
+        del graph.node[index]
+        for offset, new in enumerate(nodes):
+            graph.node.insert(index + offset, new)
+    for offset, node in enumerate(prologue.values()):
+        graph.node.insert(offset, node)
+    graph.initializer.extend(added.values())
+    if node_names and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(graph)
+    return shared
+
+
 def matmul_int8_block(k: int) -> int:
     """The widest MatMulNBits block (16 .. 256, a power of two) that divides K; 0 if none does."""
     return next((b for b in (256, 128, 64, 32, 16) if k % b == 0), 0)
@@ -183,13 +284,14 @@ def share_tied_tables(model) -> int:
     values = {t.name: t for t in graph.initializer}
     heads = {}
     for node in graph.node:
-        if node.op_type == "MatMulNBits" and _attr(node, "bits") == 4:
+        if node.op_type == "MatMulNBits" and _attr(node, "bits") == 4 and node.input[2] in values:  # not offset-grid ones
             packed = numpy_helper.to_array(values[node.input[1]])
             n, k = _attr(node, "N"), _attr(node, "K")
             q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, -1)[:, :k].astype(np.int8) - 8
             heads[node.input[1]] = (node, q, numpy_helper.to_array(values[node.input[2]]))
     reshapes = []
-    four_bit = [n for n in graph.node if n.op_type == "GatherBlockQuantized" and len(n.input) == 3 and _attr(n, "bits") in (None, 4)]
+    four_bit = [n for n in graph.node if n.op_type == "GatherBlockQuantized" and len(n.input) == 3
+                and _attr(n, "bits") in (None, 4) and n.input[0] in values]
     for gather in four_bit:
         table = numpy_helper.to_array(values[gather.input[0]]).astype(np.int8)
         scales = numpy_helper.to_array(values[gather.input[2]])

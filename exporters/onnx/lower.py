@@ -1,6 +1,7 @@
 """ONNX lowering for ONNX Runtime (Mobile): torch.onnx.export(dynamo=True) of the captured model,
-int4 block-wise weights with onnxruntime's own MatMulNBitsQuantizer (MatMulNBits for linear layers,
-GatherBlockQuantized for embeddings), int8 per-channel weights (mixed precision's overrides, or
+int4 block-wise weights as MatMulNBits (linear layers) and GatherBlockQuantized (embeddings): on
+the offset grid (each block its own min..max, the symmetric codes plus a per-block offset term;
+the default) or with onnxruntime's own MatMulNBitsQuantizer (symmetric, --onnx-grid symmetric), int8 per-channel weights (mixed precision's overrides, or
 --quant int8) as the same two ops with bits 8, metadata_props, and for decoder LMs the KV cache as
 inputs and outputs with onnxruntime-genai's names plus a genai_config.json beside the model."""
 
@@ -28,7 +29,7 @@ from edgepack.exporters.onnx import metadata as onnx_metadata
 from edgepack.exporters.onnx.metadata import INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
 from edgepack.exporters.onnx.options import Options
 from edgepack.exporters.steps import Step, run_steps
-from edgepack.exporters.weights import Rounding, quantize_groups, weight_only_reference
+from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max, weight_only_reference
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 
@@ -58,6 +59,27 @@ def gather_rounding(bits: int) -> Rounding:
     return Rounding(-half, half - 1, float(half), signed_scale=True)
 
 
+def offset_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The offset grid (weights.quantize_min_max, 4 bits, scales in fp16) as
+    graph.store_int4_with_offsets stores it: codes q in 0..15, fp16 scales, and fp16 offsets
+    minimum + 8·scale, so that w = scale·(q - 8) + offset with MatMulNBits' implied zero point 8."""
+    q, scale, minimum = quantize_min_max(torch.from_numpy(weight), 4, block, scale_dtype=torch.float16)
+    offset = (minimum + 8 * scale).to(torch.float16)
+    rows, cols = weight.shape
+    return (q.reshape(rows, cols).to(torch.uint8).numpy(), scale.reshape(rows, -1).to(torch.float16).numpy(),
+            offset.reshape(rows, -1).numpy())
+
+
+def offset_parts(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the artifact computes with for a weight on the offset grid: the symmetric part
+    scale·(q - 8) [out, in] (MatMulNBits' dequantized weight) and the offsets [out, blocks] (fp16
+    values, as float32)."""
+    q, scale, offset = offset_blocks(weight.detach().float().numpy(), block)
+    rows, cols = q.shape
+    symmetric = (torch.from_numpy(q).float() - 8).reshape(rows, -1, block) * torch.from_numpy(scale).float().unsqueeze(-1)
+    return symmetric.reshape(rows, cols), torch.from_numpy(offset).float()
+
+
 def _int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int8 per-channel codes of a [out, in] weight and each row's scale, on rounding(8): the
     codes and scales the reference's fake_quantize multiplies. (onnxruntime has no int8
@@ -75,6 +97,10 @@ STORED_AS = {
     (4, "embedding"): "GatherBlockQuantized int4 block_size={block} (onnxruntime MatMulNBitsQuantizer)",
     (8, "linear"): "MatMulNBits bits=8, one scale per output channel repeated over its 16..256-wide blocks (edgepack)",
     (8, "embedding"): "GatherBlockQuantized bits=8 uint8, one block (one scale) per row (edgepack)",
+}
+STORED_AS_OFFSET = {
+    "linear": "MatMulNBits bits=4 block_size={block} + a per-block fp16 offset term (edgepack offset grid)",
+    "embedding": "GatherBlockQuantized bits=4 block_size={block} + the row's fp16 block offsets (edgepack offset grid)",
 }
 
 
@@ -107,6 +133,7 @@ class GenaiDecoder(nn.Module):
 class _Work:
     captured: CapturedModel
     quant: QuantSpec
+    options: Options
     module: nn.Module | None = None
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
@@ -218,12 +245,37 @@ def matmul_block(wq: WeightQuant, in_features: int) -> int:
     return wq.group_size or onnx_graph.matmul_int8_block(in_features)
 
 
+def _on_offset_grid(work: _Work, wq: WeightQuant) -> bool:
+    return work.options.grid == "offset" and wq.bits == 4 and wq.group_size is not None
+
+
+def _offset_linear(layer: nn.Linear, symmetric: torch.Tensor, offsets: torch.Tensor, block: int, int8_inputs: bool):
+    """The layer as the artifact computes it: MatMulNBits on the symmetric part (its input in int8
+    blocks at accuracy_level 4) plus the block sums of the float input times the offsets."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        sums = x.reshape(*x.shape[:-1], -1, block).sum(dim=-1)
+        y = nn.functional.linear(_int8_blocks(x, block) if int8_inputs else x, symmetric, layer.bias)
+        return y + sums @ offsets.T
+    layer.forward = forward
+
+
 def record_reference(work: _Work) -> None:
     spec = work.quant
-    module = weight_only_reference(work.captured.module, spec, rounding, embedding_rounding=gather_rounding)
+    offset = {name: wq for name, wq in work.layers.items() if _on_offset_grid(work, wq)}
+    module = weight_only_reference(work.captured.module, spec, rounding, embedding_rounding=gather_rounding,
+                                   keep_float=frozenset(offset))
+    layers = dict(module.named_modules())
+    # All parts from the float weights first: a tied embedding and LM head share one Parameter.
+    parts = {name: offset_parts(layers[name].weight, wq.group_size) for name, wq in offset.items()}
+    for name, (symmetric, offsets) in parts.items():
+        layer, block = layers[name], offset[name].group_size
+        if isinstance(layer, nn.Linear):
+            _offset_linear(layer, symmetric, offsets, block, spec.dynamic_int8_activations)
+        else:
+            layer.weight = nn.Parameter(symmetric + offsets.repeat_interleave(block, dim=1), requires_grad=False)
     if spec.dynamic_int8_activations:
         for name, layer in module.named_modules():
-            if isinstance(layer, nn.Linear) and name in work.layers:
+            if isinstance(layer, nn.Linear) and name in work.layers and name not in offset:
                 block = matmul_block(work.layers[name], layer.in_features)
                 layer.register_forward_pre_hook(lambda _, args, block=block: (_int8_blocks(args[0], block),))
     work.reference = quantized_reference(module, work.captured)
@@ -295,15 +347,21 @@ def quantize(work: _Work) -> None:
     for node, wq in stored.items():
         by_storage.setdefault(wq, []).append(node)
     for wq, group in sorted(by_storage.items(), key=lambda item: item[0].describe()):
-        work.storage[wq.describe()] = {kind: STORED_AS[wq.bits, kind].format(block=wq.group_size)
+        stored_as = STORED_AS_OFFSET if _on_offset_grid(work, wq) else {k: STORED_AS[wq.bits, k] for k in STORED_AS_OFFSET}
+        work.storage[wq.describe()] = {kind: stored_as[kind].format(block=wq.group_size)
                                        for kind, names in (("linear", linear), ("embedding", embedding))
                                        if any(n in names for n in group)}
+        if _on_offset_grid(work, wq):
+            work.counts["tied_tables_shared"] = onnx_graph.store_int4_with_offsets(
+                work.model, set(group), lambda w, block=wq.group_size: offset_blocks(w, block), wq.group_size, accuracy_level)
+            continue
         if wq.group_size is None:
             onnx_graph.store_int8_per_channel(work.model, set(group), _int8_rows, accuracy_level)
             continue
         exclude = work.other_matmuls + work.other_gathers + [n for n in nodes if n not in group]
         work.model = _blockwise_pass(work.model, group, exclude, wq, accuracy_level, any(n in embedding for n in group))
-    work.counts["tied_tables_shared"] = onnx_graph.share_tied_tables(work.model)
+    work.counts["tied_tables_shared"] = (work.counts.get("tied_tables_shared", 0)
+                                         + onnx_graph.share_tied_tables(work.model))
     counts = onnx_graph.op_counts(work.model)
     work.counts.update(matmul_nbits=counts.get("MatMulNBits", 0), gather_block_quantized=counts.get("GatherBlockQuantized", 0),
                        bits=onnx_graph.quantized_op_bits(work.model))
@@ -346,9 +404,24 @@ STEPS: tuple[Step, ...] = (
 )
 
 
+def _library(quant: QuantSpec, options: Options) -> str:
+    if quant.scheme == "int4" and options.grid == "offset":
+        return f"edgepack offset grid (weights.quantize_min_max) on onnxruntime {version('onnxruntime')} MatMulNBits"
+    return f"onnxruntime {version('onnxruntime')} MatMulNBitsQuantizer"
+
+
+def _side_bits(options: Options):
+    """Per group: a 16-bit scale, and on the offset grid a 16-bit offset too."""
+    def bits(weight: torch.Tensor, wq: WeightQuant) -> float:
+        rows, cols = weight.shape
+        per_group = 32 if options.grid == "offset" and wq.bits == 4 and wq.group_size else 16
+        return rows * (cols // (wq.group_size or cols)) * per_group
+    return bits
+
+
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
           on_step: Callable[[str], None] | None = None) -> Artifact:
-    work = run_steps("onnx", STEPS, _Work(captured, quant), on_step)
+    work = run_steps("onnx", STEPS, _Work(captured, quant, options), on_step)
     runtime = {
         "name": "onnxruntime",
         "version": version("onnxruntime"),
@@ -370,10 +443,11 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         files=dict(work.files),
         main_file=MODEL_FILE,
         methods=work.methods,
-        quantization={**quant.describe(), "library": f"onnxruntime {version('onnxruntime')} MatMulNBitsQuantizer",
+        quantization={**quant.describe(), "library": _library(quant, options),
+                      **({"grid": options.grid} if quant.scheme == "int4" else {}),
                       "ops": work.storage or "none",
                       "accuracy_level": INT8_COMPUTE if quant.dynamic_int8_activations else 0},
-        ideal_bytes=quant.ideal_bytes(captured.module),
+        ideal_bytes=quant.ideal_bytes(captured.module, side_bits=_side_bits(options)),
         reference_outputs=work.reference.outputs,
         runtime=runtime,
         extra={"quality": work.reference.quality},

@@ -1,10 +1,24 @@
-"""ONNX's own export options: none yet; the shared QuantSpec says everything."""
+"""ONNX's own export options (its `edgepack export` flags are generated from these fields)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from edgepack.errors import InputError
+from edgepack.exporters.backend import flag
+
+# offset: each 4-bit block spans its own [min, max] (GGUF Q4_1's grid), stored as MatMulNBits'
+# symmetric codes plus one fp16 offset per block added by a small side product; symmetric:
+# onnxruntime's own MatMulNBitsQuantizer grid, smaller and faster, less accurate (docs/limits.md).
+GRIDS = ("offset", "symmetric")
 
 
 @dataclass(frozen=True)
 class Options:
-    pass
+    grid: str = field(default="offset", metadata=flag(
+        "--onnx-grid", "ONNX: the int4 grid: 'offset' (each block its own min..max, +1 fp16 per 32 weights; "
+        "the default) or 'symmetric' (onnxruntime's quantizer: smaller, faster decode, less accurate).", str))
+
+    def __post_init__(self):
+        if self.grid not in GRIDS:
+            raise InputError(f"--onnx-grid {self.grid!r} is not a grid", hint=f"choose {' or '.join(GRIDS)}")
