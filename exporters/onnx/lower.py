@@ -1,9 +1,10 @@
 """ONNX lowering for ONNX Runtime (Mobile): torch.onnx.export(dynamo=True) of the captured model,
 int4 block-wise weights as MatMulNBits (linear layers) and GatherBlockQuantized (embeddings): on
 the offset grid (each block its own min..max, the symmetric codes plus a per-block offset term;
-the default) or with onnxruntime's own MatMulNBitsQuantizer (symmetric, --onnx-grid symmetric), int8 per-channel weights (mixed precision's overrides, or
---quant int8) as the same two ops with bits 8, metadata_props, and for decoder LMs the KV cache as
-inputs and outputs with onnxruntime-genai's names plus a genai_config.json beside the model."""
+the default) or with onnxruntime's own MatMulNBitsQuantizer (symmetric, --onnx-grid symmetric),
+int8 per-channel weights (mixed precision's overrides, or --quant int8) as the same two ops with
+bits 8, metadata_props, and for decoder LMs the KV cache as inputs and outputs with
+onnxruntime-genai's names plus a genai_config.json beside the model."""
 
 from __future__ import annotations
 
@@ -155,8 +156,8 @@ class _Work:
 
 
 def check_scheme(work: _Work) -> None:
-    """What the two ops store: symmetric int4 in blocks of 16 .. 256 (the quantizer's MatMulNBits
-    and GatherBlockQuantized), or int8 per channel (MatMulNBits' 8-bit blocks, so a linear layer's
+    """What the two ops store: int4 in blocks of 16 .. 256 (MatMulNBits and GatherBlockQuantized,
+    on either --onnx-grid), or int8 per channel (MatMulNBits' 8-bit blocks, so a linear layer's
     input width must be a multiple of 16). Fail before any slow step."""
     module = work.captured.module
     work.layers = work.quant.layers(module)
