@@ -48,4 +48,6 @@ def test_quick_bench_measures_both_tools_side_by_side(tmp_path):
     # The .tflite in the engine Android apps embed, measured in the same run as ExecuTorch.
     engine = others["tflite (LiteRT-LM engine)"]
     assert engine["decode_tokens_per_s"] > 0 and len(engine["decode_tokens_per_s_runs"]) == model["repeats"]
+    # the engine's own greedy check is reported with the speed, never dropped (it can fail on this model)
+    assert engine["engine_check"] == "pass" or engine["engine_check"].startswith("FAIL: the engine"), engine
     assert engine["decode_vs_executorch"] == round(engine["decode_tokens_per_s"] / et["edgepack"]["decode_tokens_per_s"], 3)
