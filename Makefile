@@ -58,10 +58,11 @@ bench: install real-model
 bench-quality: real-model
 	$(BIN)/python -m bench.quality
 
-# The real model exported to every backend with its verdicts checked (tests/test_real_model.py):
-# about 17 minutes on 2 cores, so `make test` runs only its ONNX and TFLite half.
+# The real model exported to every backend with its verdicts checked (tests/test_real_model.py),
+# and the bench's LiteRT-LM engine row (tests/test_bench.py): about 25 minutes on 2 cores, so
+# `make test` runs only the ONNX and TFLite half of the first.
 test-real-model: real-model
-	$(BIN)/python -m pytest -m real_model -n 0 tests/test_real_model.py
+	$(BIN)/python -m pytest -m real_model -n 0 tests/test_real_model.py tests/test_bench.py
 
 # arm64 builds of the runtimes under qemu, for `edgepack smoke BUNDLE --on arm64-emulated`: fetched
 # once into build/arm64 (delete it to start over) at the venv's versions, then offline.

@@ -158,7 +158,10 @@ def test_a_quantization_disaster_fails_by_default_and_the_earlier_bundle_survive
     assert summary["bundle"] == str(failed) and not summary["bundle_passed"]
     assert f"kept for inspection in {failed}" in " ".join(bad.stderr.split())
     manifest = json.loads((failed / "manifest.json").read_text())
-    assert not manifest["verdict"]["passed"] and "perplexity" in manifest["verdict"]["failures"][0]
+    # (On ONNX's offset grid these 100x outlier blocks also fail the smoke: the symmetric part and
+    # the block offset are each ~50x the weights and cancel, so float rounding differs between
+    # ONNX Runtime and the reference beyond its tolerance; docs/limits.md.)
+    assert not manifest["verdict"]["passed"] and any("perplexity" in f for f in manifest["verdict"]["failures"])
     assert run_cli("inspect", failed).exit_code == 0  # a failed bundle is complete and consistent
     # a later good export replaces the bundle, and leaves the failed one for the user to remove
     again = run_cli("export", llama_dir, *args)
