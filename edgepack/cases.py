@@ -116,7 +116,7 @@ def compare(expected: CaseOutput, actual: CaseOutput) -> dict:
         result["tokens_match"] = bool(differ.size == 0)
         result["top1_agreement"] = round(float((exp_t == act_t).mean()), 6)
         if differ.size:
-            agree = exp_t.reshape(-1) == act_t.reshape(-1)
+            agree = exp_t == act_t
             result["top1_mismatches"] = [_tie_evidence(exp_l, act_l, int(step), agree) for step in differ]
             result["near_tie_steps"] = [m["step"] for m in result["top1_mismatches"] if m["near_tie"]]
         pairs = [(exp_l, act_l)]
@@ -156,8 +156,7 @@ def _tie_evidence(expected: np.ndarray, actual: np.ndarray, step: int, agree: np
     agrees; none when no step does)."""
     want, got = int(expected[step].argmax()), int(actual[step].argmax())
     margin = float(expected[step, want] - expected[step, got])
-    rows = lambda a: a.reshape(-1, a.shape[-1])[agree].astype(np.float64)  # noqa: E731
-    deviation = np.abs(rows(expected) - rows(actual))
+    deviation = np.abs(expected[agree].astype(np.float64) - actual[agree].astype(np.float64))
     noise = float(np.nan_to_num(deviation, nan=np.inf).max(initial=0.0))
     return {"step": step, "reference_margin": round(margin, 6), "noise": round(noise, 6), "near_tie": margin <= noise}
 

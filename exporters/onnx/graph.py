@@ -160,9 +160,7 @@ def store_int8_per_channel(model, node_names: set[str], quantize_rows, accuracy_
                                    quantize_axis=1)
         graph.initializer.extend(stored)
         node.CopyFrom(new)
-    if node_names and not any(o.domain == "com.microsoft" for o in model.opset_import):  # the contrib ops' domain
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _drop_unused_initializers(graph)
+    _finish_contrib_rewrite(model, bool(node_names))
     return blocks
 
 
@@ -261,10 +259,17 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
     for offset, node in enumerate(prologue.values()):
         graph.node.insert(offset, node)
     graph.initializer.extend(added.values())
-    if node_names and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _drop_unused_initializers(graph)
+    _finish_contrib_rewrite(model, bool(node_names))
     return shared
+
+
+def _finish_contrib_rewrite(model, rewrote: bool) -> None:
+    """After nodes became onnxruntime contrib ops: import their domain once, drop the float weights."""
+    from onnx import helper
+
+    if rewrote and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(model.graph)
 
 
 def matmul_int8_block(k: int) -> int:

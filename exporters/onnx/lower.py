@@ -246,8 +246,9 @@ def matmul_block(wq: WeightQuant, in_features: int) -> int:
     return wq.group_size or onnx_graph.matmul_int8_block(in_features)
 
 
-def _on_offset_grid(work: _Work, wq: WeightQuant) -> bool:
-    return work.options.grid == "offset" and wq.bits == 4 and wq.group_size is not None
+def on_offset_grid(options: Options, wq: WeightQuant) -> bool:
+    """Whether a layer stored as `wq` goes on the offset grid (int4 blocks, --onnx-grid offset)."""
+    return options.grid == "offset" and wq.bits == 4 and wq.group_size is not None
 
 
 def _offset_linear(layer: nn.Linear, symmetric: torch.Tensor, offsets: torch.Tensor, block: int, int8_inputs: bool):
@@ -262,7 +263,7 @@ def _offset_linear(layer: nn.Linear, symmetric: torch.Tensor, offsets: torch.Ten
 
 def record_reference(work: _Work) -> None:
     spec = work.quant
-    offset = {name: wq for name, wq in work.layers.items() if _on_offset_grid(work, wq)}
+    offset = {name: wq for name, wq in work.layers.items() if on_offset_grid(work.options, wq)}
     module = weight_only_reference(work.captured.module, spec, rounding, embedding_rounding=gather_rounding,
                                    keep_float=frozenset(offset))
     layers = dict(module.named_modules())
@@ -345,15 +346,16 @@ def quantize(work: _Work) -> None:
         stored[node] = spec.linear if node in linear else spec.embedding
     accuracy_level = INT8_COMPUTE if spec.dynamic_int8_activations else 0
     by_storage: dict[WeightQuant, list[str]] = {}
+    shared = 0  # tied tables the offset grid stored once
     for node, wq in stored.items():
         by_storage.setdefault(wq, []).append(node)
     for wq, group in sorted(by_storage.items(), key=lambda item: item[0].describe()):
-        stored_as = STORED_AS_OFFSET if _on_offset_grid(work, wq) else {k: STORED_AS[wq.bits, k] for k in STORED_AS_OFFSET}
-        work.storage[wq.describe()] = {kind: stored_as[kind].format(block=wq.group_size)
-                                       for kind, names in (("linear", linear), ("embedding", embedding))
-                                       if any(n in names for n in group)}
-        if _on_offset_grid(work, wq):
-            work.counts["tied_tables_shared"] = onnx_graph.store_int4_with_offsets(
+        offset_grid = on_offset_grid(work.options, wq)
+        work.storage[wq.describe()] = {
+            kind: (STORED_AS_OFFSET[kind] if offset_grid else STORED_AS[wq.bits, kind]).format(block=wq.group_size)
+            for kind, names in (("linear", linear), ("embedding", embedding)) if any(n in names for n in group)}
+        if offset_grid:
+            shared += onnx_graph.store_int4_with_offsets(
                 work.model, set(group), lambda w, block=wq.group_size: offset_blocks(w, block), wq.group_size, accuracy_level)
             continue
         if wq.group_size is None:
@@ -361,8 +363,7 @@ def quantize(work: _Work) -> None:
             continue
         exclude = work.other_matmuls + work.other_gathers + [n for n in nodes if n not in group]
         work.model = _blockwise_pass(work.model, group, exclude, wq, accuracy_level, any(n in embedding for n in group))
-    work.counts["tied_tables_shared"] = (work.counts.get("tied_tables_shared", 0)
-                                         + onnx_graph.share_tied_tables(work.model))
+    work.counts["tied_tables_shared"] = shared + onnx_graph.share_tied_tables(work.model)
     counts = onnx_graph.op_counts(work.model)
     work.counts.update(matmul_nbits=counts.get("MatMulNBits", 0), gather_block_quantized=counts.get("GatherBlockQuantized", 0),
                        bits=onnx_graph.quantized_op_bits(work.model))
@@ -406,7 +407,7 @@ STEPS: tuple[Step, ...] = (
 
 
 def _library(quant: QuantSpec, options: Options) -> str:
-    if quant.scheme == "int4" and options.grid == "offset":
+    if quant.linear and on_offset_grid(options, quant.linear):
         return f"edgepack offset grid (weights.quantize_min_max) on onnxruntime {version('onnxruntime')} MatMulNBits"
     return f"onnxruntime {version('onnxruntime')} MatMulNBitsQuantizer"
 
@@ -415,7 +416,7 @@ def _side_bits(options: Options):
     """Per group: a 16-bit scale, and on the offset grid a 16-bit offset too."""
     def bits(weight: torch.Tensor, wq: WeightQuant) -> float:
         rows, cols = weight.shape
-        per_group = 32 if options.grid == "offset" and wq.bits == 4 and wq.group_size else 16
+        per_group = 32 if on_offset_grid(options, wq) else 16
         return rows * (cols // (wq.group_size or cols)) * per_group
     return bits
 
