@@ -11,6 +11,12 @@ DEMO_OUT := dist
 TFLITE_SUPPORT := tflite-support==0.4.4
 
 REAL_MODEL := build/smollm2-135m-instruct
+# llama-cpp-python (an sdist) builds llama.cpp at install (~7 min on 2 cores): only the library
+# the GGUF smoke loads, on every core. GGML_NATIVE=OFF: the portable AVX2/FMA/F16C kernels, not
+# -march=native, whose AMX matmul crashes on machines that expose AMX but do not grant it (this
+# project's VMs do).
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
 
 .PHONY: install demo test test-real-model clean arm64-env bench bench-quality real-model
 
@@ -20,7 +26,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "error: '$(PYTHON) -m venv' failed; install the venv module (Debian: apt-get install python3-venv) and rerun" >&2; exit 2; }
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,lint,bench,arm64]'
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,lint,bench,arm64]'
 	@# tflite-support (TFLite metadata writer) pins protobuf<4, which breaks onnx and coremltools:
 	@# installed without its dependencies; its metadata modules work on modern protobuf.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(TFLITE_SUPPORT)

@@ -85,6 +85,7 @@ class ExportResult:
     peak_rss_bytes: int = 0
     quality_failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # backends of --target all that cannot take this model
 
     @property
     def passed(self) -> bool:
@@ -115,6 +116,15 @@ def tokenizer_warnings(loaded, *, strict: bool) -> list[str]:
     return [*loaded.tokenizer.warnings, message]
 
 
+def artifact_warnings(artifact: Artifact, *, strict: bool) -> list[str]:
+    """What a backend found wrong but not fatal in its artifact (e.g. its runtime's tokenizer
+    disagreeing with the model's): a warning, or a failure under --strict."""
+    if artifact.warnings and strict:
+        raise TokenizerMismatch(f"{artifact.backend}: {artifact.warnings[0]}",
+                                hint="without --strict the bundle is written with this warning")
+    return [f"{artifact.backend}: {w}" for w in artifact.warnings]
+
+
 def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> str | None:
     """Which precision plan the export makes ("encoder" or "decoder"): models with a tokenizer
     (the calibration text is text) at int4, unless turned off. An option asked for where it cannot
@@ -138,6 +148,16 @@ def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> str | N
 
 
 PLAN_BY_TASK = {"encoder": "encoder", "causal-lm": "decoder"}
+
+
+def backends_for(backends: list, loaded, quant: QuantSpec, targets: str) -> tuple[list, list[str]]:
+    """The backends that take this model, and why the others do not. A backend named in --target
+    that cannot take it is an input error; under --target all it is left out, and said so."""
+    refused = {b.name: reason for b in backends if (reason := b.refuses(loaded, quant))}
+    if refused and [t.strip() for t in targets.split(",")] != ["all"]:
+        name, reason = next(iter(refused.items()))
+        raise InputError(f"--target {name}: {reason}", hint=f"leave {name} out of --target")
+    return [b for b in backends if b.name not in refused], [f"{name}: {reason}" for name, reason in refused.items()]
 
 
 def export(request: ExportRequest, progress: Progress) -> ExportResult:
@@ -178,6 +198,7 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
     with progress.stage("load"):
         loaded = load_source(request.source, name=request.name, no_tokenizer=request.no_tokenizer)
     quant.check_model(loaded.module)
+    backends, skipped = backends_for(backends, loaded, quant, request.targets)
     warnings = tokenizer_warnings(loaded, strict=request.strict)
     planning = plans_precision(request, loaded, quant)
     if request.eval_text is not None and loaded.task != "causal-lm":
@@ -210,12 +231,13 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         try:
             with progress.stage(f"lower {backend.name}") as stage:
                 artifacts.append(backend.load().lower(captured, quant, options[backend.name], on_step=stage.step))
+            warnings += artifact_warnings(artifacts[-1], strict=request.strict)
         except EdgepackError as e:
             if request.strict or no_space(e):
                 raise
             failures.append(_failure(e, backend.name))
             progress.console.print(f"[red]{backend.name} failed:[/] {e}")
-    result = ExportResult(None, artifacts, failures, [], progress, warnings=warnings)
+    result = ExportResult(None, artifacts, failures, [], progress, warnings=warnings, skipped=skipped)
     if not artifacts:
         result.peak_rss_bytes = peak_rss_bytes()
         return result
@@ -232,7 +254,8 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         if loaded.task == "causal-lm" and loaded.tokenizer is not None:
             with progress.stage("quality") as stage:
                 manifest["quality"] = measure_quality(request, captured, staging, manifest, eval_text, stage, result)
-        manifest["verdict"] = {"passed": result.passed, "failures": verdict_failures(result), "warnings": result.warnings}
+        manifest["verdict"] = {"passed": result.passed, "failures": verdict_failures(result), "warnings": result.warnings,
+                               "skipped": result.skipped}
         result.bundle = commit(staging, manifest, passed=result.passed)
     result.peak_rss_bytes = peak_rss_bytes()
     return result

@@ -48,6 +48,7 @@ def export_summary(result) -> dict:
         "failures": result.failures,
         "quality_failures": result.quality_failures,
         "warnings": result.warnings,
+        "skipped": result.skipped,
         "stages": [t.as_dict() for t in result.progress.timings],
         "peak_rss_bytes": result.peak_rss_bytes,
         "integration": integration_snippets(manifest) if manifest else None,
@@ -143,6 +144,8 @@ def print_export_summary(console: Console, summary: dict) -> None:
         console.print(f"[red]{f['backend']} FAILED[/] at step {f['step']}: {f['message']}", soft_wrap=True)
     times = ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in summary["stages"])
     console.print(f"time: {times}; peak RSS {_mb(summary['peak_rss_bytes'])}", soft_wrap=True)
+    for message in summary["skipped"]:
+        console.print(f"skipped {message}", soft_wrap=True, highlight=False)
     for message in summary["warnings"]:
         console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
     for message in summary["quality_failures"]:

@@ -126,6 +126,7 @@ class Artifact:
     runtime: dict  # runtime name, version, kernel libraries the app must link
     extra: dict = field(default_factory=dict)
     tolerance: Tolerance | None = None  # the smoke's bounds for this artifact (None: the captured model's)
+    warnings: tuple[str, ...] = ()  # what the app should know about this artifact; failures under --strict
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,9 @@ class Backend:
     app_lines: str  # "module:function": (artifact, task) -> AppLines, what an app links to run it
     metadata_reader: str | None = None  # "module:function": path -> [(key, value)] for `inspect`
     companions: tuple[CompanionCheck, ...] = ()
+    # "module:function": (LoadedModel, QuantSpec) -> why this backend cannot take the model at that
+    # quantization, or None (it takes any)
+    refusal: str | None = None
 
     def load(self):
         return importlib.import_module(self.lower)
@@ -104,6 +107,11 @@ class Backend:
     def embedded_metadata(self, path: Path) -> list[tuple[str, str]]:
         """What the artifact says about itself, read back from the file."""
         return function(self.metadata_reader)(path) if self.metadata_reader and path.exists() else []
+
+    def refuses(self, loaded, quant) -> str | None:
+        """Why the backend cannot lower `loaded` at `quant` (a task, family or grid it has no form
+        for), or None."""
+        return function(self.refusal)(loaded, quant) if self.refusal else None
 
     def app_lines_for(self, artifact: dict, task: str) -> "AppLines":
         return function(self.app_lines)(artifact, task)

@@ -16,6 +16,7 @@ BACKENDS: dict[str, Backend] = {
             "coreml",
             "tflite",
             "onnx",
+            "gguf",
         ))
 }
 DEFAULT_TARGET = "executorch"  # what `edgepack export` lowers to without --target

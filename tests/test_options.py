@@ -12,14 +12,15 @@ from edgepack.packaging.bundle import read_bundle
 from tests.conftest import export_json, run_cli
 
 pytestmark = pytest.mark.slow
-BACKENDS = ["coreml", "executorch", "onnx", "tflite"]
+BACKENDS = ["coreml", "executorch", "gguf", "onnx", "tflite"]
 
 
-def _export(source, tmp_path, *args) -> dict:
+def _export(source, tmp_path, *args, skipped: tuple[str, ...] = ()) -> dict:
     code, summary = export_json(str(source), "--target", "all", *args, "--out", str(tmp_path))
     assert code == 0, json.dumps({k: summary[k] for k in ("failures", "quality_failures", "warnings")}, indent=1)
     manifest = read_bundle(tmp_path / summary["bundle"].rsplit("/", 1)[-1])  # every file checked against the index
-    assert sorted(a["backend"] for a in manifest["artifacts"]) == BACKENDS
+    assert sorted(a["backend"] for a in manifest["artifacts"]) == [b for b in BACKENDS if b not in skipped]
+    assert [s.split(":")[0] for s in manifest["verdict"]["skipped"]] == list(skipped)
     assert run_cli("smoke", summary["bundle"]).exit_code == 0  # and again from the written bundle
     return manifest
 
@@ -39,7 +40,7 @@ def test_int8_per_channel_decoder_on_every_backend(llama_dir, tmp_path):
 
 
 def test_group_size_64_with_coreml_at_its_fp16_default(llama_dir, tmp_path):
-    manifest = _export(llama_dir, tmp_path, "--group-size", "64")
+    manifest = _export(llama_dir, tmp_path, "--group-size", "64", skipped=("gguf",))
     assert manifest["quantization"]["linear"] == "int4 g64 sym"
     by_backend = {a["backend"]: a for a in manifest["artifacts"]}
     assert by_backend["coreml"]["runtime"]["compute_precision"] == "fp16"
@@ -50,7 +51,7 @@ def test_group_size_64_with_coreml_at_its_fp16_default(llama_dir, tmp_path):
 
 
 def test_cls_pooled_encoder_on_every_backend(bert_dir, tmp_path):
-    manifest = _export(bert_dir, tmp_path, "--pooling", "cls", "--mixed-precision", "off")
+    manifest = _export(bert_dir, tmp_path, "--pooling", "cls", "--mixed-precision", "off", skipped=("gguf",))
     for a in manifest["artifacts"]:
         [method] = a["methods"]
         # litert_torch names a signature's tensor output output_0; the others carry the pooled name

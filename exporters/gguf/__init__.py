@@ -1,0 +1,17 @@
+"""GGUF: a self-contained .gguf (weights, hyperparameters, tokenizer, chat template) for llama.cpp,
+the runtime apps embed through its Android (JNI) and iOS (XCFramework) builds, React Native's
+llama.rn and others; decoder LMs of the families llama.cpp and edgepack share."""
+
+from edgepack.exporters.backend import Backend
+
+BACKEND = Backend(
+    name="gguf", title="llama.cpp (GGUF)", lower="edgepack.exporters.gguf.lower",
+    options="edgepack.exporters.gguf.options:Options",
+    platforms=("android", "ios"), artifact="gguf/model.gguf", distributions=("gguf", "llama-cpp-python"),
+    optional_distributions=(),
+    host_runtime="edgepack.exporters.gguf.runtime:llama_cpp_host",
+    arm64="llama-cpp-python has no aarch64 wheel on PyPI (it is built from source): host only",
+    apps=(), app_lines="edgepack.exporters.gguf.app_lines:app_lines",
+    metadata_reader="edgepack.exporters.gguf.app_lines:describe_file",
+    refusal="edgepack.exporters.gguf.lower:refusal",
+)

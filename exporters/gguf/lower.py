@@ -1,0 +1,247 @@
+"""GGUF lowering for llama.cpp: the decoder's weights under llama.cpp's tensor names (gguf's own
+name map), 4-bit layers as Q4_1 or Q4_0 and the plan's 8-bit layers as Q8_0 (gguf's numpy
+quantizers, blocks of 32), norms in F32, the architecture's hyperparameters and the tokenizer
+(vocabulary, merges, special ids, chat template) in the file's metadata: one self-contained
+.gguf, the file llama.cpp's Android and iOS bindings load.
+
+The reference is the captured model holding exactly the weights the file stores (each one
+dequantized by gguf from its stored bytes), so the smoke compares llama.cpp with what it was given."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgepack import __version__
+from edgepack.errors import InputError
+from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.gguf import runtime as gguf_runtime
+from edgepack.exporters.gguf.options import Options
+from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
+from edgepack.exporters.steps import Step, run_steps
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import Artifact, CapturedModel
+
+MODEL_FILE = "gguf/model.gguf"
+BLOCK = 32  # every GGUF type edgepack writes quantizes blocks of 32 along a row
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A family as llama.cpp knows it: its architecture name, and whether its rotary embedding
+    pairs neighbouring dimensions (llama.cpp's LLAMA rope), so q and k rows are permuted from
+    Hugging Face's half-split layout, as llama.cpp's own converter does."""
+
+    name: str  # gguf.MODEL_ARCH member
+    interleaved_rope: bool
+
+
+ARCHES = {
+    "llama": Arch("LLAMA", interleaved_rope=True),
+    "qwen2": Arch("QWEN2", interleaved_rope=False),
+    "qwen3": Arch("QWEN3", interleaved_rope=False),
+}
+
+
+def refusal(loaded, quant: QuantSpec) -> str | None:
+    """Why this backend cannot take `loaded` at `quant`, or None."""
+    facts = loaded.facts
+    if loaded.task != "causal-lm" or facts is None:
+        return f"llama.cpp runs decoder LMs; {loaded.source} is a {loaded.task}"
+    if facts.family not in ARCHES:
+        return (f"edgepack writes GGUF for the {', '.join(ARCHES)} families; {loaded.source} is {facts.family}")
+    rope_type = (facts.rope or {}).get("rope_type", "default")
+    if rope_type not in ("default", None):
+        return f"rope type {rope_type!r} is not written to GGUF yet (default rope only)"
+    if quant.linear and quant.linear.bits == 4 and quant.linear.group_size != BLOCK:
+        return f"GGUF's 4-bit types quantize blocks of {BLOCK}; --group-size {quant.linear.group_size} has no GGUF type"
+    if loaded.tokenizer is None:
+        return "a .gguf carries its tokenizer, and this export has none (drop --no-tokenizer)"
+    try:
+        read_vocab(loaded.tokenizer, facts.vocab_size)
+    except InputError as e:
+        return e.message
+    return None
+
+
+@dataclass
+class _Work:
+    captured: CapturedModel
+    quant: QuantSpec
+    options: Options
+    arch: Arch | None = None
+    vocab: GgufVocab | None = None
+    tensors: list[tuple[str, np.ndarray, str]] = field(default_factory=list)  # (gguf name, stored bytes or floats, type)
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)  # HF parameter name -> the weight the file holds
+    reference: Reference | None = None
+    data: bytes = b""
+    tokenizer_check: dict = field(default_factory=dict)
+
+
+def _gguf_type(options: Options, wq: WeightQuant | None) -> str:
+    if wq is None:
+        return "F32"
+    if wq.bits == 8:
+        return "Q8_0"
+    if wq.bits == 4 and wq.group_size == BLOCK:
+        return options.int4_type
+    raise InputError(f"GGUF stores 4-bit weights in blocks of {BLOCK}; {wq.describe()} has no GGUF type",
+                     hint=f"export with --group-size {BLOCK} (the default), or leave gguf out of --target")
+
+
+def _permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Hugging Face's q/k rows (each head's rotary halves) in llama.cpp's order (pairs interleaved).
+    Works on any row-major array whose first axis is the output rows (float or packed blocks)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_architecture(work: _Work) -> None:
+    reason = refusal(work.captured.loaded, work.quant)
+    if reason:
+        raise InputError(f"gguf: {reason}", hint="leave gguf out of --target")
+    work.arch = ARCHES[work.captured.loaded.facts.family]
+    work.vocab = read_vocab(work.captured.loaded.tokenizer, work.captured.loaded.facts.vocab_size)
+
+
+def quantize_tensors(work: _Work) -> None:
+    """Each parameter under its llama.cpp name and type; a tied LM head is the embedding's tensor."""
+    import gguf
+
+    facts = work.captured.loaded.facts
+    hf = work.captured.module.model  # StaticCacheLM wraps the Hugging Face model as .model
+    layers = work.quant.layers(work.captured.module)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, work.arch.name), facts.n_layers)
+    seen: dict[int, str] = {}
+    for name, param in hf.state_dict(keep_vars=True).items():
+        if id(param) in seen:  # tied: llama.cpp reads the LM head from token_embd when output is absent
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise InputError(f"gguf: no llama.cpp tensor for {name}",
+                             hint=f"the {facts.family} layout has a parameter llama.cpp's {work.arch.name} graph does not read")
+        seen[id(param)] = name
+        weight = param.detach().float().numpy()
+        kind = _gguf_type(work.options, layers.get(f"model.{name.rsplit('.', 1)[0]}") if weight.ndim == 2 else None)
+        if kind == "F32":
+            data = weight
+            work.stored[name] = torch.from_numpy(weight.copy())
+        else:
+            if weight.shape[-1] % BLOCK:
+                raise InputError(f"gguf: {name} rows of {weight.shape[-1]} do not split into blocks of {BLOCK}")
+            qtype = getattr(gguf.GGMLQuantizationType, kind)
+            data = gguf.quants.quantize(weight, qtype)
+            work.stored[name] = torch.from_numpy(gguf.quants.dequantize(data, qtype).astype(np.float32))
+        if work.arch.interleaved_rope and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = facts.n_heads if "q_proj" in name else facts.n_kv_heads
+            data = _permute_rope_rows(data, heads)
+        work.tensors.append((target, np.ascontiguousarray(data), kind))
+
+
+def record_reference(work: _Work) -> None:
+    """The captured model holding the stored weights (tied weights stay one tensor)."""
+    module = copy.deepcopy(work.captured.module)
+    params = dict(module.model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, weight in work.stored.items():
+            params[name].copy_(weight.reshape(params[name].shape))
+    work.reference = quantized_reference(module, work.captured)
+
+
+def write_file(work: _Work) -> None:
+    import gguf
+
+    loaded, facts = work.captured.loaded, work.captured.loaded.facts
+    config = loaded.module.config.get_text_config()
+    kinds = {kind for _, _, kind in work.tensors}
+    with tempfile.TemporaryDirectory(prefix="edgepack-gguf-") as tmp:
+        path = Path(tmp) / "model.gguf"
+        writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, work.arch.name)])
+        writer.add_name(loaded.name)
+        writer.add_string("general.source.edgepack", f"edgepack {__version__} from {Path(loaded.source).name}")
+        writer.add_context_length(facts.max_positions)
+        writer.add_embedding_length(facts.hidden_size)
+        writer.add_block_count(facts.n_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(facts.n_heads)
+        writer.add_head_count_kv(facts.n_kv_heads)
+        writer.add_key_length(facts.head_dim)
+        writer.add_value_length(facts.head_dim)
+        writer.add_rope_dimension_count(facts.head_dim)
+        writer.add_rope_freq_base(float(facts.rope_theta))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_vocab_size(facts.vocab_size)
+        writer.add_file_type(_file_type(kinds))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_vocab(writer, work.vocab, loaded.tokenizer)
+        for name, data, kind in work.tensors:
+            qtype = getattr(gguf.GGMLQuantizationType, kind)
+            writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        work.data = path.read_bytes()
+        work.tokenizer_check = gguf_runtime.check_embedded_tokenizer(path, loaded.tokenizer)
+
+
+def _file_type(kinds: set[str]) -> int:
+    """general.file_type: what most of the file is (llama.cpp prints it; nothing reads it)."""
+    import gguf
+
+    for kind in ("Q4_1", "Q4_0", "Q8_0"):
+        if kind in kinds:
+            return getattr(gguf.LlamaFileType, f"MOSTLY_{kind}")
+    return gguf.LlamaFileType.ALL_F32
+
+
+STEPS: tuple[Step, ...] = (
+    Step("architecture", read_architecture),
+    Step("quantize", quantize_tensors),
+    Step("reference", record_reference),
+    Step("write", write_file),
+)
+
+# bits of side data per block of 32: fp16 scale (Q4_0, Q8_0), fp16 scale and minimum (Q4_1)
+_SIDE_BITS = {"Q4_0": 16, "Q4_1": 32, "Q8_0": 16}
+
+
+def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
+          on_step: Callable[[str], None] | None = None) -> Artifact:
+    work = run_steps("gguf", STEPS, _Work(captured, quant, options), on_step)
+    counts: dict[str, int] = {}
+    for _, _, kind in work.tensors:
+        counts[kind] = counts.get(kind, 0) + 1
+
+    def side_bits(weight: torch.Tensor, wq: WeightQuant) -> float:
+        return weight.numel() / BLOCK * _SIDE_BITS[_gguf_type(options, wq)]
+
+    warnings = ()
+    if not work.tokenizer_check["passed"]:
+        first = work.tokenizer_check["mismatches"][0]
+        warnings = (f"llama.cpp's tokenizer (from the .gguf) differs from the model's on "
+                    f"{len(work.tokenizer_check['mismatches'])} check(s); first: {first['what']} of {first['text'][:40]!r}",)
+    return Artifact(
+        backend="gguf",
+        platforms=("android", "ios"),
+        files={MODEL_FILE: work.data},
+        main_file=MODEL_FILE,
+        methods=captured.methods,
+        quantization={**quant.describe(), "library": f"gguf {version('gguf')} (numpy quantizers)",
+                      "gguf_types": dict(sorted(counts.items())), "int4_type": options.int4_type,
+                      "activations": "llama.cpp quantizes activations per block of 32 (Q8_0 / Q8_1) for quantized matmuls"},
+        ideal_bytes=quant.ideal_bytes(captured.module, side_bits=side_bits),
+        reference_outputs=work.reference.outputs,
+        runtime={"name": "llama.cpp", "version": gguf_runtime.runtime_version(), "architecture": work.arch.name.lower(),
+                 "tokenizer": {"embedded": f"tokenizer.ggml.* ({work.vocab.model}, pre {work.vocab.pre!r})",
+                               "check": work.tokenizer_check}},
+        extra={"quality": work.reference.quality},
+        tolerance=work.reference.tolerance,
+        warnings=warnings,
+    )

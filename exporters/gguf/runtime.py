@@ -1,0 +1,105 @@
+"""The .gguf on llama.cpp (through llama-cpp-python, which builds the llama.cpp it vendors), behind
+the golden cases' calling convention, and the check that the tokenizer written into the file is
+the model's.
+
+forward(tokens [1, T], input_pos [1]) -> logits [1, vocab]: llama.cpp keeps the KV cache itself;
+a call at an earlier position rewinds it there (as an app's chat loop does on a new turn)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgepack.cases import MethodCall
+from edgepack.errors import RuntimeUnavailableError, SmokeFailure
+from edgepack.stages import TokenizerFacts
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise RuntimeUnavailableError("llama.cpp's Python binding (llama-cpp-python) is not installed",
+                                      hint="make install builds it (pinned in pyproject.toml, a few minutes)") from e
+    return llama_cpp
+
+
+def runtime_version() -> str:
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """llama.cpp logs every load to stderr (C code, not Python's logging): keep the console clean."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def load(path: Path, n_ctx: int, *, vocab_only: bool = False):
+    llama_cpp = _llama_cpp()
+    with _quiet():
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, vocab_only=vocab_only,
+                               logits_all=False, verbose=False, n_threads=1)
+
+
+def llama_cpp_host(path: Path, artifact: dict) -> MethodCall:
+    [method] = artifact["methods"]
+    n_ctx = method["dynamic_dims"]["seq_len"]["max"] + 1
+    llm = load(path, n_ctx)
+    llama_cpp, vocab = _llama_cpp(), llm.n_vocab()
+
+    def call(_: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        tokens, input_pos = inputs
+        start = int(np.asarray(input_pos).reshape(-1)[0])
+        if start > llm.n_tokens:
+            raise SmokeFailure(f"forward at position {start} but llama.cpp's cache holds {llm.n_tokens} positions")
+        llm.n_tokens = start  # eval drops the cache from n_tokens on
+        llm.eval([int(t) for t in np.asarray(tokens).reshape(-1)])
+        last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # the batch's last position
+        return [np.ctypeslib.as_array(last, shape=(vocab,)).astype(np.float32).reshape(1, -1)]
+
+    return call
+
+
+def check_embedded_tokenizer(path: Path, tok: TokenizerFacts) -> dict:
+    """llama.cpp's tokenizer, read from the .gguf, against the model's (Hugging Face tokenizers) on
+    the runner-check texts, special tokens in text included; and llama.cpp's end-of-generation set
+    against every eos id the model names."""
+    from tokenizers import Tokenizer
+
+    from edgepack.exporters.tokenizer import RUNNER_CHECK_TEXTS
+
+    llama_cpp = _llama_cpp()
+    reference = Tokenizer.from_file(str(Path(tok.directory) / "tokenizer.json"))
+    llm = load(path, 64, vocab_only=True)
+    specials = " ".join(reference.id_to_token(i) or "" for i in (tok.bos_id, *tok.eos_ids, tok.pad_id) if i is not None)
+    texts = (*RUNNER_CHECK_TEXTS, f"{specials} special tokens {specials} in text")
+    mismatches = []
+    for text in texts:
+        want = reference.encode(text, add_special_tokens=False).ids
+        got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        if got != want:
+            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            mismatches.append({"text": text, "what": "ids", "at": first, "runner": got[first:first + 8],
+                               "reference": want[first:first + 8]})
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    not_stopping = [i for i in tok.eos_ids if not llama_cpp.llama_vocab_is_eog(vocab, i)]
+    if not_stopping:
+        mismatches.append({"text": "", "what": "eos", "runner": [], "reference": not_stopping,
+                           "error": f"llama.cpp does not stop on eos id(s) {not_stopping}"})
+    return {"runner": f"llama.cpp (llama-cpp-python {runtime_version()})", "texts": len(texts),
+            "eos_ids_stop": not not_stopping, "passed": not mismatches, "mismatches": mismatches}

@@ -1,0 +1,195 @@
+"""The GGUF backend on the real writer and quantizers (gguf, llama.cpp's own Python package) and
+the real runtime (llama.cpp, built by llama-cpp-python): the file read back tensor by tensor, the
+tokenizer llama.cpp reads from it, and the golden tokens and perplexity through llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
+from edgepack.packaging.manifest import read_manifest
+from tests.conftest import export_json
+
+pytestmark = pytest.mark.slow
+
+
+def _reader(path: Path):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+def _weights(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """Every tensor of the file: its GGUF type and its values as llama.cpp dequantizes them, [rows, cols]."""
+    import gguf
+
+    out = {}
+    for t in _reader(path).tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        out[t.name] = (t.tensor_type.name, values.reshape([int(d) for d in reversed(t.shape)]))
+    return out
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's interleaved q/k rows back in Hugging Face's half-split order."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def gguf_export(llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    code, summary = export_json(str(llama_dir), "--target", "gguf", "--out", str(out))
+    return code, summary, out / "tiny-llama"
+
+
+def test_llama_cpp_answers_like_the_stored_weights(gguf_export, llama_dir):
+    code, summary, bundle = gguf_export
+    assert code == 0, json.dumps(summary)[:3000]
+    manifest = read_manifest(bundle)
+    [artifact] = manifest["artifacts"]
+    assert artifact["path"] == "gguf/model.gguf" and artifact["runtime"]["name"] == "llama.cpp"
+    greedy = manifest["comparisons"]["lowering_fidelity"]["gguf"]["cases"]["greedy"]
+    # llama.cpp quantizes activations per block of 32 and keeps an fp16 KV cache: the reference
+    # (fp32 math on the stored weights) must still be matched at every step
+    assert greedy["steps_verified"] == 16 and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
+    text = manifest["quality"]["artifacts"]["gguf"]
+    assert text["passed"] and text["non_finite_steps"] == 0 and text["scored_tokens"] > 1000, text
+    # the default plan's layers, each in its GGUF type: 4-bit ones Q4_1, the plan's int8 ones Q8_0
+    plan = manifest["quantization"]["plan"]
+    types = artifact["quantization"]["gguf_types"]
+    assert types.get("Q8_0", 0) == len(plan["int8_layer_names"]) - ("model.lm_head" in plan["int8_layer_names"])
+    assert types["Q4_1"] > 0 and types["F32"] > 0
+    # within a few percent of the ideal size: blocks of 32 with fp16 side data, vocabulary beside
+    assert artifact["bytes"] <= 1.1 * artifact["ideal_bytes"] + 64 * 1024, artifact
+
+
+def test_the_file_holds_the_models_weights_on_their_grids(gguf_export, llama_dir):
+    """Read back by llama.cpp's names and types, every tensor dequantizes to within one grid step
+    of the source weight (q and k in llama.cpp's interleaved rope order), norms exactly."""
+    from safetensors.torch import load_file
+
+    _, _, bundle = gguf_export
+    source = load_file(str(llama_dir / "model.safetensors"))
+    config = json.loads((llama_dir / "config.json").read_text())
+    stored = _weights(bundle / "gguf" / "model.gguf")
+    pairs = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    for i in range(config["num_hidden_layers"]):
+        for gg, hf in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                       ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                       ("ffn_down", "mlp.down_proj"), ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+            pairs[f"blk.{i}.{gg}.weight"] = f"model.layers.{i}.{hf}.weight"
+    assert set(stored) == set(pairs)  # tied: no output.weight, llama.cpp reads token_embd
+    for name, hf in pairs.items():
+        kind, values = stored[name]
+        want = source[hf].float().numpy()
+        if ".attn_q." in name:
+            values = _unpermute(values, config["num_attention_heads"])
+        if ".attn_k." in name:
+            values = _unpermute(values, config["num_key_value_heads"])
+        if kind == "F32":
+            assert np.array_equal(values, want), name
+            continue
+        blocks = want.reshape(want.shape[0], -1, 32)
+        step = (blocks.max(-1) - blocks.min(-1)) / (15 if kind.startswith("Q4") else 127)
+        error = np.abs(values - want).reshape(blocks.shape).max(-1)
+        assert kind in ("Q4_1", "Q8_0") and (error <= 0.51 * step + 1e-6).all(), (name, kind, float((error / step).max()))
+
+
+def test_a_q4_1_source_survives_unchanged(llama_dir, tmp_path):
+    """A model already on GGUF's Q4_1 grid (as the real SmolLM2 package ships) is stored on the
+    same grid, weight for weight: the .gguf dequantizes to exactly the source, and its perplexity
+    is the source's within llama.cpp's own arithmetic."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "on-grid"
+    shutil.copytree(llama_dir, model)
+    weights = load_file(str(model / "model.safetensors"))
+    for name, w in weights.items():
+        if w.ndim == 2:
+            q = gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType.Q4_1)
+            weights[name] = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_1).reshape(w.shape).copy())
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    code, summary = export_json(str(model), "--target", "gguf", "--mixed-precision", "off", "--out", str(tmp_path / "out"))
+    assert code == 0, json.dumps(summary)[:3000]
+    bundle = tmp_path / "out" / "on-grid"
+    stored = _weights(bundle / "gguf" / "model.gguf")
+    assert np.array_equal(stored["token_embd.weight"][1], weights["model.embed_tokens.weight"].numpy())
+    assert np.array_equal(stored["blk.0.ffn_down.weight"][1], weights["model.layers.0.mlp.down_proj.weight"].numpy())
+    manifest = read_manifest(bundle)
+    quality = manifest["quality"]["artifacts"]["gguf"]
+    # fp32 here is the on-grid source itself: what is left is llama.cpp's int8 activations and fp16 cache
+    assert abs(quality["increase_pct"]) < 1.0, quality
+
+
+def test_q4_0_is_smaller_and_symmetric(llama_dir, tmp_path):
+    code, summary = export_json(str(llama_dir), "--target", "gguf", "--gguf-int4", "Q4_0", "--mixed-precision", "off",
+                                "--out", str(tmp_path))
+    assert code == 0, json.dumps(summary)[:3000]
+    [artifact] = read_manifest(tmp_path / "tiny-llama")["artifacts"]
+    assert set(artifact["quantization"]["gguf_types"]) == {"Q4_0", "F32"}
+    kinds = {kind for kind, _ in _weights(tmp_path / "tiny-llama" / "gguf" / "model.gguf").values()}
+    assert kinds == {"Q4_0", "F32"}
+
+
+def test_the_embedded_tokenizer_is_the_models(gguf_export, llama_dir):
+    """What llama.cpp reads from the file: the same ids as Hugging Face's tokenizer on the check
+    texts (special tokens in text too), a stop on every eos id, the chat template verbatim."""
+    _, _, bundle = gguf_export
+    [artifact] = read_manifest(bundle)["artifacts"]
+    check = artifact["runtime"]["tokenizer"]["check"]
+    assert check["passed"] and check["eos_ids_stop"] and check["texts"] == 12, check
+    fields = _reader(bundle / "gguf" / "model.gguf").fields
+    assert fields["tokenizer.chat_template"].contents() == (llama_dir / "chat_template.jinja").read_text()
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == 1 and fields["tokenizer.ggml.eot_token_id"].contents() == 2
+
+
+def test_a_wrong_pre_tokenizer_is_caught_by_llama_cpp(llama_dir, tmp_path):
+    """The check can fail: the same vocabulary written with Qwen2's pre-tokenizer (digits one by
+    one) gives llama.cpp other ids on the digits text, and the check names it."""
+    import gguf
+    from transformers import AutoConfig
+
+    from edgepack.exporters.gguf.runtime import check_embedded_tokenizer
+    from edgepack.exporters.tokenizer import read_tokenizer
+
+    tok = read_tokenizer(llama_dir, AutoConfig.from_pretrained(llama_dir), check_runner=False)
+    vocab = read_vocab(tok, 512)
+    writer = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")
+    writer.add_block_count(1)
+    write_vocab(writer, GgufVocab(vocab.model, "qwen2", vocab.tokens, vocab.types, vocab.merges), tok)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    check = check_embedded_tokenizer(tmp_path / "v.gguf", tok)
+    assert not check["passed"] and any(m["text"].startswith("1234567890") for m in check["mismatches"]), check
+
+
+def test_a_tokenizer_llama_cpp_cannot_express_is_refused(llama_dir, tmp_path):
+    model = tmp_path / "odd-tokenizer"
+    shutil.copytree(llama_dir, model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    code, summary = export_json(str(model), "--target", "gguf", "--out", str(tmp_path / "out"))
+    assert code != 0 and not (tmp_path / "out" / "odd-tokenizer").exists()
+    message = json.dumps(summary)
+    assert "llama.cpp's vocabulary cannot express this tokenizer" in message and "Whitespace" in message, message
+
+
+def test_an_encoder_is_refused_by_name_and_skipped_under_all(bert_dir, tmp_path):
+    code, summary = export_json(str(bert_dir), "--target", "gguf", "--out", str(tmp_path))
+    assert code == 2 and "llama.cpp runs decoder LMs" in json.dumps(summary)
+    code, summary = export_json(str(bert_dir), "--target", "all", "--quant", "int8", "--out", str(tmp_path))
+    assert code == 0, json.dumps(summary)[:2000]
+    assert [s.split(":")[0] for s in summary["skipped"]] == ["gguf"]
+    assert "gguf" not in {a["backend"] for a in summary["artifacts"]}
+    assert read_manifest(tmp_path / "tiny-bert")["verdict"]["skipped"] == summary["skipped"]
