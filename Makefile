@@ -45,7 +45,7 @@ demo: install
 	$(BIN)/edgepack export $(DEMO_MODEL) --target all --tflite-bundle litertlm --coreml-precision fp32 --out $(DEMO_OUT)
 	$(BIN)/edgepack smoke $(DEMO_OUT)/demo-llama
 
-# The real SmolLM2-135M-Instruct is part of the tests (ONNX and TFLite; see test-real-model).
+# The real SmolLM2-135M-Instruct is part of the tests (ONNX and GGUF; see test-real-model).
 test: install real-model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
@@ -67,7 +67,7 @@ bench-quality: real-model
 
 # The real model exported to every backend with its verdicts checked (tests/test_real_model.py),
 # and the bench's LiteRT-LM engine row (tests/test_bench.py): about 25 minutes on 2 cores, so
-# `make test` runs only the ONNX and TFLite half of the first.
+# `make test` runs only its ONNX and GGUF part (the rest would take CI past 45 minutes).
 test-real-model: real-model
 	$(BIN)/python -m pytest -m real_model -n 0 tests/test_real_model.py tests/test_bench.py
 
