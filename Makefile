@@ -15,6 +15,7 @@ REAL_MODEL := build/smollm2-135m-instruct
 # the GGUF smoke loads, on every core. GGML_NATIVE=OFF: the portable AVX2/FMA/F16C kernels, not
 # -march=native, whose AMX matmul crashes on machines that expose AMX but do not grant it (this
 # project's VMs do).
+LLAMA_CPP := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
 
@@ -26,8 +27,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "error: '$(PYTHON) -m venv' failed; install the venv module (Debian: apt-get install python3-venv) and rerun" >&2; exit 2; }
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,lint,bench,arm64]'
+	@# llama.cpp first, built here with these flags: --no-cache-dir, because pip's cache of built
+	@# wheels ignores CMAKE_ARGS and would hand back an earlier build made with other flags.
+	@# Built once per venv (kept when pyproject.toml changes but not its pin).
+	$(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$(word 2,$(subst ==, ,$(LLAMA_CPP)))')" 2>/dev/null || \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps '$(LLAMA_CPP)'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,lint,bench,arm64]'
 	@# tflite-support (TFLite metadata writer) pins protobuf<4, which breaks onnx and coremltools:
 	@# installed without its dependencies; its metadata modules work on modern protobuf.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(TFLITE_SUPPORT)
