@@ -208,6 +208,9 @@ STEPS: tuple[Step, ...] = (
     Step("write", write_file),
 )
 
+# What the file's 4-bit layers store (the plan's "int4 ... sym" names the planner's grid, not this one).
+GRIDS = {"Q4_1": "4-bit layers Q4_1: each block of 32 on its own min..max (fp16 scale and minimum); 8-bit layers Q8_0",
+         "Q4_0": "4-bit layers Q4_0: blocks of 32, symmetric, one fp16 scale; 8-bit layers Q8_0"}
 # bits of side data per block of 32: fp16 scale (Q4_0, Q8_0), fp16 scale and minimum (Q4_1)
 _SIDE_BITS = {"Q4_0": 16, "Q4_1": 32, "Q8_0": 16}
 
@@ -235,6 +238,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         methods=captured.methods,
         quantization={**quant.describe(), "library": f"gguf {version('gguf')} (numpy quantizers)",
                       "gguf_types": dict(sorted(counts.items())), "int4_type": options.int4_type,
+                      "grid": GRIDS[options.int4_type],
                       "activations": "llama.cpp quantizes activations per block of 32 (Q8_0 / Q8_1) for quantized matmuls"},
         ideal_bytes=quant.ideal_bytes(captured.module, side_bits=side_bits),
         reference_outputs=work.reference.outputs,
