@@ -54,6 +54,9 @@ def test_minilm_int4_embeddings_stay_within_0_99_of_fp32_on_held_out_sentences(m
     code, summary, bundle = minilm_int4_export
     assert code == 0 and not summary["warnings"], summary
     manifest = read_manifest(bundle)
+    # --target all leaves out what cannot take an encoder (GGUF: llama.cpp runs decoder LMs), and says so
+    assert [s.split(":")[0] for s in summary["skipped"]] == ["gguf"] == [s.split(":")[0] for s in manifest["verdict"]["skipped"]]
+    assert "gguf" not in {a["backend"] for a in manifest["artifacts"]}
     plan = manifest["quantization"]["plan"]
     assert plan["floor_met"] and plan["all_int4_min_cosine"] < 0.99 <= plan["planned_min_cosine"]
     overrides = manifest["quantization"]["overrides"]

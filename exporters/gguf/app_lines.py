@@ -26,16 +26,26 @@ def app_lines(artifact: dict, task: str) -> AppLines:
 
 
 def describe_file(path: Path) -> list[tuple[str, str]]:
-    """The .gguf's own metadata (tokenizer arrays summarized), as llama.cpp will read it."""
+    """What llama.cpp will read from the .gguf, in brief: its architecture and context, the
+    tokenizer it carries, the special ids, and its tensors by type."""
     import gguf
 
     reader = gguf.GGUFReader(path)
-    rows = []
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = fld.contents()
-        if isinstance(value, list):
-            value = f"[{len(value)} entries]"
-        rows.append((key, str(value)[:120]))
+
+    def value(key: str) -> str | None:
+        field = reader.fields.get(key)
+        return None if field is None else str(field.contents())
+
+    arch = value("general.architecture")
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    ids = [f"{name} {value(f'tokenizer.ggml.{key}_token_id')}" for name, key in
+           (("bos", "bos"), ("eos", "eos"), ("eot", "eot"), ("pad", "padding")) if value(f"tokenizer.ggml.{key}_token_id")]
+    rows = [("architecture", f"{arch}, {value(f'{arch}.block_count')} blocks, context {value(f'{arch}.context_length')}"),
+            ("tokenizer", f"{value('tokenizer.ggml.model')}, pre-tokenizer {value('tokenizer.ggml.pre')}, "
+                          f"{len(reader.fields['tokenizer.ggml.tokens'].data)} tokens"),
+            ("special ids", ", ".join(ids)),
+            ("chat template", "present" if value("tokenizer.chat_template") else "none"),
+            ("tensors", ", ".join(f"{n} {k}" for k, n in sorted(types.items())))]
     return rows
