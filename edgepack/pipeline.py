@@ -14,7 +14,7 @@ from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError, Tok
 from edgepack.exporters.capture import CaptureOptions, capture
 from edgepack.exporters.decoder_precision import check_budget, plan_decoder_precision
 from edgepack.exporters.mixed_precision import DEFAULT_FLOOR, plan_mixed_precision, read_calibration
-from edgepack.exporters.registry import DEFAULT_TARGET, resolve_targets
+from edgepack.exporters.registry import DEFAULT_TARGET, resolve_targets, target_names
 from edgepack.exporters.sources import load_source
 from edgepack.exporters.tokenizer import encode
 from edgepack.packaging import quality
@@ -154,7 +154,7 @@ def backends_for(backends: list, loaded, quant: QuantSpec, targets: str) -> tupl
     """The backends that take this model, and why the others do not. A backend named in --target
     that cannot take it is an input error; under --target all it is left out, and said so."""
     refused = {b.name: reason for b in backends if (reason := b.refuses(loaded, quant))}
-    if refused and [t.strip() for t in targets.split(",")] != ["all"]:
+    if refused and target_names(targets) != ["all"]:
         name, reason = next(iter(refused.items()))
         raise InputError(f"--target {name}: {reason}", hint=f"leave {name} out of --target")
     return [b for b in backends if b.name not in refused], [f"{name}: {reason}" for name, reason in refused.items()]

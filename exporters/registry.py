@@ -22,8 +22,13 @@ BACKENDS: dict[str, Backend] = {
 DEFAULT_TARGET = "executorch"  # what `edgepack export` lowers to without --target
 
 
+def target_names(text: str) -> list[str]:
+    """--target as the names it lists ("all" stays a name)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def resolve_targets(text: str) -> list[Backend]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = target_names(text)
     if names == ["all"]:
         return list(BACKENDS.values())
     unknown = [n for n in names if n not in BACKENDS]

@@ -126,6 +126,19 @@ def check_vocabulary(tok, rows: int, used: dict[str, list], model_dir: Path) -> 
             f"in the chat template, but text that spells them out would index past the table on a device",)
 
 
+def runner_check_texts(reference, special_ids) -> tuple[str, ...]:
+    """RUNNER_CHECK_TEXTS and a text that spells out the model's special tokens (`reference`: the
+    HF `tokenizers` Tokenizer), what every on-device tokenizer is compared on."""
+    specials = " ".join(reference.id_to_token(i) or "" for i in special_ids if i is not None)
+    return (*RUNNER_CHECK_TEXTS, f"{specials} special tokens {specials} in text")
+
+
+def ids_mismatch(text: str, got: list[int], want: list[int]) -> dict:
+    """A runner's ids that differ from the reference's on `text`: where, and 8 ids from there."""
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return {"text": text, "what": "ids", "at": first, "runner": got[first:first + 8], "reference": want[first:first + 8]}
+
+
 def check_runner_tokenizer(model_dir: Path, special_ids: list[int | None]) -> dict:
     """Encode RUNNER_CHECK_TEXTS (plus the model's special tokens written in text) with the HF
     `tokenizers` library and with the C++ tokenizer ExecuTorch's LLM runner links on Android and
@@ -152,15 +165,13 @@ def check_runner_tokenizer(model_dir: Path, special_ids: list[int | None]) -> di
         return {**result, "checked": True, "runner": runner_name, "texts": 0, "passed": False,
                 "mismatches": [{"text": "", "what": "load", "error": f"{e} (tokenizer.json parts: "
                                 + ", ".join(f"{k} {v}" for k, v in parts.items()) + ")"}]}
-    specials = " ".join(reference.id_to_token(i) or "" for i in special_ids if i is not None)
-    texts = (*RUNNER_CHECK_TEXTS, f"{specials} special tokens {specials} in text")
+    texts = runner_check_texts(reference, special_ids)
     mismatches = []
     for text in texts:
         want = reference.encode(text, add_special_tokens=False).ids
         got = list(runner.encode(text, 0, 0))
         if got != want:
-            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            mismatches.append({"text": text, "what": "ids", "at": first, "runner": got[first:first + 8], "reference": want[first:first + 8]})
+            mismatches.append(ids_mismatch(text, got, want))
         elif runner.decode_batch(got) != reference.decode(want, skip_special_tokens=False):
             mismatches.append({"text": text, "what": "decode", "runner": runner.decode_batch(got),
                                "reference": reference.decode(want, skip_special_tokens=False)})

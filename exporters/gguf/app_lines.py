@@ -3,6 +3,7 @@ llama-cpp-python vendors), and what the file says about itself for `edgepack ins
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from edgepack.exporters.backend import AppLines, unverified_release
@@ -37,9 +38,7 @@ def describe_file(path: Path) -> list[tuple[str, str]]:
         return None if field is None else str(field.contents())
 
     arch = value("general.architecture")
-    types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
     ids = [f"{name} {value(f'tokenizer.ggml.{key}_token_id')}" for name, key in
            (("bos", "bos"), ("eos", "eos"), ("eot", "eot"), ("pad", "padding")) if value(f"tokenizer.ggml.{key}_token_id")]
     rows = [("architecture", f"{arch}, {value(f'{arch}.block_count')} blocks, context {value(f'{arch}.context_length')}"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -52,6 +53,18 @@ ARCHES = {
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
     """Why this backend cannot take `loaded` at `quant`, or None."""
+    reason = _shape_refusal(loaded, quant)
+    if reason:
+        return reason
+    try:
+        read_vocab(loaded.tokenizer, loaded.facts.vocab_size)
+    except InputError as e:
+        return e.message
+    return None
+
+
+def _shape_refusal(loaded, quant: QuantSpec) -> str | None:
+    """refusal() but for the tokenizer's vocabulary, which read_vocab checks as it reads it."""
     facts = loaded.facts
     if loaded.task != "causal-lm" or facts is None:
         return f"llama.cpp runs decoder LMs; {loaded.source} is a {loaded.task}"
@@ -64,10 +77,6 @@ def refusal(loaded, quant: QuantSpec) -> str | None:
         return f"GGUF's 4-bit types quantize blocks of {BLOCK}; --group-size {quant.linear.group_size} has no GGUF type"
     if loaded.tokenizer is None:
         return "a .gguf carries its tokenizer, and this export has none (drop --no-tokenizer)"
-    try:
-        read_vocab(loaded.tokenizer, facts.vocab_size)
-    except InputError as e:
-        return e.message
     return None
 
 
@@ -86,14 +95,10 @@ class _Work:
 
 
 def _gguf_type(options: Options, wq: WeightQuant | None) -> str:
+    """A layer's GGUF type (4-bit layers have blocks of BLOCK: refusal() turned away other sizes)."""
     if wq is None:
         return "F32"
-    if wq.bits == 8:
-        return "Q8_0"
-    if wq.bits == 4 and wq.group_size == BLOCK:
-        return options.int4_type
-    raise InputError(f"GGUF stores 4-bit weights in blocks of {BLOCK}; {wq.describe()} has no GGUF type",
-                     hint=f"export with --group-size {BLOCK} (the default), or leave gguf out of --target")
+    return "Q8_0" if wq.bits == 8 else options.int4_type
 
 
 def _permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -103,11 +108,12 @@ def _permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def read_architecture(work: _Work) -> None:
-    reason = refusal(work.captured.loaded, work.quant)
+    loaded = work.captured.loaded
+    reason = _shape_refusal(loaded, work.quant)
     if reason:
         raise InputError(f"gguf: {reason}", hint="leave gguf out of --target")
-    work.arch = ARCHES[work.captured.loaded.facts.family]
-    work.vocab = read_vocab(work.captured.loaded.tokenizer, work.captured.loaded.facts.vocab_size)
+    work.arch = ARCHES[loaded.facts.family]
+    work.vocab = read_vocab(loaded.tokenizer, loaded.facts.vocab_size)
 
 
 def quantize_tensors(work: _Work) -> None:
@@ -118,7 +124,7 @@ def quantize_tensors(work: _Work) -> None:
     hf = work.captured.module.model  # StaticCacheLM wraps the Hugging Face model as .model
     layers = work.quant.layers(work.captured.module)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, work.arch.name), facts.n_layers)
-    seen: dict[int, str] = {}
+    seen: set[int] = set()
     for name, param in hf.state_dict(keep_vars=True).items():
         if id(param) in seen:  # tied: llama.cpp reads the LM head from token_embd when output is absent
             continue
@@ -126,7 +132,7 @@ def quantize_tensors(work: _Work) -> None:
         if target is None:
             raise InputError(f"gguf: no llama.cpp tensor for {name}",
                              hint=f"the {facts.family} layout has a parameter llama.cpp's {work.arch.name} graph does not read")
-        seen[id(param)] = name
+        seen.add(id(param))
         weight = param.detach().float().numpy()
         kind = _gguf_type(work.options, layers.get(f"model.{name.rsplit('.', 1)[0]}") if weight.ndim == 2 else None)
         if kind == "F32":
@@ -218,9 +224,7 @@ _SIDE_BITS = {"Q4_0": 16, "Q4_1": 32, "Q8_0": 16}
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
           on_step: Callable[[str], None] | None = None) -> Artifact:
     work = run_steps("gguf", STEPS, _Work(captured, quant, options), on_step)
-    counts: dict[str, int] = {}
-    for _, _, kind in work.tensors:
-        counts[kind] = counts.get(kind, 0) + 1
+    counts = Counter(kind for _, _, kind in work.tensors)
 
     def side_bits(weight: torch.Tensor, wq: WeightQuant) -> float:
         return weight.numel() / BLOCK * _SIDE_BITS[_gguf_type(options, wq)]

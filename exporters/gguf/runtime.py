@@ -7,9 +7,7 @@ a call at an earlier position rewinds it there (as an app's chat loop does on a 
 
 from __future__ import annotations
 
-import contextlib
-import os
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
@@ -30,30 +28,14 @@ def _llama_cpp():
 
 
 def runtime_version() -> str:
-    try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:
-        return "not installed"
-
-
-@contextlib.contextmanager
-def _quiet():
-    """llama.cpp logs every load to stderr (C code, not Python's logging): keep the console clean."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    return version("llama-cpp-python")
 
 
 def load(path: Path, n_ctx: int, *, vocab_only: bool = False):
-    llama_cpp = _llama_cpp()
-    with _quiet():
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, vocab_only=vocab_only,
-                               logits_all=False, verbose=False, n_threads=1)
+    """llama.cpp on one thread: its OpenMP threads spin against the other work of a 2-core machine
+    (docs/limits.md). verbose=False keeps its load log off the terminal, as every stage's output is."""
+    return _llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, vocab_only=vocab_only,
+                              logits_all=False, verbose=False, n_threads=1)
 
 
 def llama_cpp_host(path: Path, artifact: dict) -> MethodCall:
@@ -81,21 +63,18 @@ def check_embedded_tokenizer(path: Path, tok: TokenizerFacts) -> dict:
     against every eos id the model names."""
     from tokenizers import Tokenizer
 
-    from edgepack.exporters.tokenizer import RUNNER_CHECK_TEXTS
+    from edgepack.exporters.tokenizer import ids_mismatch, runner_check_texts
 
     llama_cpp = _llama_cpp()
     reference = Tokenizer.from_file(str(Path(tok.directory) / "tokenizer.json"))
     llm = load(path, 64, vocab_only=True)
-    specials = " ".join(reference.id_to_token(i) or "" for i in (tok.bos_id, *tok.eos_ids, tok.pad_id) if i is not None)
-    texts = (*RUNNER_CHECK_TEXTS, f"{specials} special tokens {specials} in text")
+    texts = runner_check_texts(reference, (tok.bos_id, *tok.eos_ids, tok.pad_id))
     mismatches = []
     for text in texts:
         want = reference.encode(text, add_special_tokens=False).ids
         got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         if got != want:
-            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            mismatches.append({"text": text, "what": "ids", "at": first, "runner": got[first:first + 8],
-                               "reference": want[first:first + 8]})
+            mismatches.append(ids_mismatch(text, got, want))
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     not_stopping = [i for i in tok.eos_ids if not llama_cpp.llama_vocab_is_eog(vocab, i)]
     if not_stopping:
