@@ -1,6 +1,8 @@
 """`make bench --quick` end to end (issue 7): the script that produces the committed benchmark must
 keep working. It runs ExecuTorch's real export_llm and edgepack's real export on a small model of
-the benchmark's architecture, times both on the ExecuTorch runtime, and writes the JSON and chart."""
+the benchmark's architecture, times both on the ExecuTorch runtime, and writes the JSON and chart.
+Marked extended (`make test-extended`): its four exports and timed runs took 5 minutes of CI's
+45-minute budget."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import pytest
 
 from bench.run import TARGETS, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 
 def test_quick_bench_measures_both_tools_side_by_side(tmp_path):
-    # The LiteRT-LM engine row exports the real model (~7 min): test_litertlm_engine_row, make test-real-model.
+    # The LiteRT-LM engine row exports the real model (~7 min): test_litertlm_engine_row.
     report = run(quick=True, out_dir=tmp_path / "results", work=tmp_path / "work", other_backends=True, engine=False)
     written = json.loads((tmp_path / "results" / "s135-quick.json").read_text())
     assert written == json.loads(json.dumps(report))
@@ -49,7 +51,6 @@ def test_quick_bench_measures_both_tools_side_by_side(tmp_path):
     assert "tflite (LiteRT-LM engine)" not in others
 
 
-@pytest.mark.real_model
 def test_litertlm_engine_row(tmp_path):
     """The .tflite in the engine Android apps embed (the real SmolLM2-135M with a .litertlm): its
     speed through the engine's own Benchmark, beside a given ExecuTorch decode speed, and the

@@ -1,6 +1,7 @@
 """Options no other test exports, exported through the CLI to every backend and smoked on each
 artifact's runtime: --quant int8, a group size other than 32 (with CoreML at its fp16 default),
---pooling cls. Each run checks what the artifacts store, not only that they ran."""
+--pooling cls. Each run checks what the artifacts store, not only that they ran. Marked extended
+(`make test-extended`): three exports to every backend took 9 minutes of CI's 45-minute budget."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from edgepack.packaging.bundle import read_bundle
 from tests.conftest import export_json, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 BACKENDS = ["coreml", "executorch", "gguf", "onnx", "tflite"]
 
 

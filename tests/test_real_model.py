@@ -4,7 +4,7 @@ teacher-forced smoke, and the summary, `inspect` and the manifest show its perpl
 built-in evaluation text against fp32, measured through its own runtime.
 
 ONNX and GGUF run in `make test` (a few minutes together); every backend at once (ExecuTorch's
-lowering alone takes 6 minutes, TFLite's about 3) runs with `make test-real-model`: with them in
+lowering alone takes 6 minutes, TFLite's about 3) runs with `make test-extended`: with them in
 `make test`, CI ran past its 45-minute budget."""
 
 from __future__ import annotations
@@ -92,11 +92,11 @@ def test_onnx_and_gguf_pass_and_show_their_perplexity_in_seconds(in_make_test_ex
     _check_inspect_shows_perplexity(in_make_test_export)
 
 
-@pytest.mark.real_model
+@pytest.mark.extended
 def test_every_backend_passes_and_shows_its_perplexity(real_export):
     _check_passes_and_shows_perplexity(real_export, BACKENDS)
 
 
-@pytest.mark.real_model
+@pytest.mark.extended
 def test_inspect_shows_each_artifacts_perplexity(real_export):
     _check_inspect_shows_perplexity(real_export)

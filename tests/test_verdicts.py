@@ -62,7 +62,9 @@ def test_a_broken_artifact_fails_its_smoke_even_when_its_manifest_is_resigned(ba
     assert not verdict["passed"] and (verdict["error"] or verdict["cases"]["greedy"]["failures"])
 
 
-@pytest.mark.parametrize("backend", BACKEND_EXPORTS)
+# CoreML's re-export (its converter and evaluator on one thread, ~2.5 min) is in make test-extended.
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.extended) if b == "coreml" else b
+                                     for b in BACKEND_EXPORTS])
 def test_identical_bytes_across_processes_hash_seeds_and_thread_counts(backend, request, llama_dir, tmp_path):
     """The shared export ran in the test process (a random hash seed, the default thread count);
     this one runs in a process of its own with another seed and one thread everywhere. Every
