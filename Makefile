@@ -17,6 +17,9 @@ REAL_MODEL := build/smollm2-135m-instruct
 # not -march=native, whose AMX matmul crashes on machines that expose AMX but do not grant it (this
 # project's VMs do).
 LLAMA_CPP := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+LLAMA_WHEEL := $(VENV)/llama-wheel
+# pyproject's extras but llama-cpp (all = these + llama-cpp), which install builds on the side.
+EXTRAS := executorch,coreml,tflite,onnx,gguf
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF \
   -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/exporters/gguf/llama_cpp_build.cmake
@@ -29,13 +32,20 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "error: '$(PYTHON) -m venv' failed; install the venv module (Debian: apt-get install python3-venv) and rerun" >&2; exit 2; }
-	@# llama.cpp first, built here with these flags: --no-cache-dir, because pip's cache of built
-	@# wheels ignores CMAKE_ARGS and would hand back an earlier build made with other flags.
-	@# Built once per venv (kept when pyproject.toml changes but not its pin).
-	$(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$(word 2,$(subst ==, ,$(LLAMA_CPP)))')" 2>/dev/null || \
-	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps '$(LLAMA_CPP)'
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test,lint,bench,arm64]'
+	@# llama.cpp's wheel builds (log: $(VENV)/llama-build.log) while pip installs everything else, then
+	@# goes in: --no-cache-dir, because pip's cache of built wheels ignores CMAKE_ARGS and would hand
+	@# back an earlier build made with other flags. Built once per venv (kept when pyproject.toml
+	@# changes but not its pin).
+	@if $(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$(word 2,$(subst ==, ,$(LLAMA_CPP)))')" 2>/dev/null; \
+	then llama=; else echo "building $(LLAMA_CPP) beside the other installs (~4 min)"; rm -rf $(LLAMA_WHEEL); \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip wheel --quiet \
+	    --disable-pip-version-check --no-cache-dir --no-deps -w $(LLAMA_WHEEL) '$(LLAMA_CPP)' > $(VENV)/llama-build.log 2>&1 & \
+	  llama=$$!; fi; \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS),test,lint,bench,arm64]' \
+	  || { test -z "$$llama" || kill $$llama; exit 1; }; \
+	test -z "$$llama" || wait $$llama || { tail -20 $(VENV)/llama-build.log >&2; \
+	  echo "error: building $(LLAMA_CPP) failed (whole log: $(VENV)/llama-build.log)" >&2; exit 1; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --find-links $(LLAMA_WHEEL) -e '.[llama-cpp]'
 	@# tflite-support (TFLite metadata writer) pins protobuf<4, which breaks onnx and coremltools:
 	@# installed without its dependencies; its metadata modules work on modern protobuf.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(TFLITE_SUPPORT)
@@ -76,7 +86,7 @@ bench-quality: real-model
 # The tests marked `extended`, which `make test` leaves out to keep CI under 45 minutes on 2 cores:
 # the real model on every backend (make test exports it to ONNX and GGUF; the rest took ~25 min),
 # the quick bench beside export_llm and its LiteRT-LM engine row, the options exported to every
-# backend (tests/test_options.py), CoreML's byte-determinism re-export.
+# backend (tests/test_options.py), the byte-determinism re-exports but ONNX's.
 test-extended: install real-model
 	$(BIN)/python -m pytest -m extended
 

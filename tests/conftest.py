@@ -32,8 +32,10 @@ def pytest_configure(config):
         os.environ[RESULTS_ENV] = tempfile.mkdtemp(prefix="edgepack-coverage-")
 
 
-# The modules that take longest (measured with --durations), started first: xdist's loadscope hands
-# out whole modules in collection order, so a long one collected last would run alone at the end.
+# The modules that take longest (measured with --durations), started first. xdist's loadscope hands
+# out whole modules (and classes), by default the ones with most tests first, which left the real
+# model's one long test running alone at the end; with --no-loadscope-reorder (pyproject) it hands
+# them out in this collection order.
 LONGEST_FIRST = ("test_coreml.py", "test_real_model.py", "test_verdicts.py", "test_coverage.py", "test_arm64.py")
 
 
