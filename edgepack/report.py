@@ -203,6 +203,10 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
         head.add_row("architecture", f"{arch['family']}: {arch['n_layers']} layers, hidden {arch['hidden_size']}, "
                                      f"{arch['n_heads']} heads / {arch['n_kv_heads']} kv, vocab {arch['vocab_size']}")
     head.add_row("parameters", f"{model['parameter_count']:,}")
+    stored = model.get("source_quantization")  # absent from bundles written before it was recorded
+    if stored:
+        head.add_row("source stored as", f"{stored['file_type'] or stored['format']}: " + ", ".join(
+            f"{kind} {n['parameters']:,}" for kind, n in stored["tensor_types"].items()))
     tok = manifest["tokenizer"]
     if tok:
         head.add_row("tokenizer", ", ".join(f["path"] for f in tok["files"]))

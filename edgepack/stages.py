@@ -62,6 +62,7 @@ class LoadedModel:
     module: nn.Module = field(repr=False)
     parameter_count: int
     weight_files: tuple[tuple[str, str], ...] = ()  # (file name, sha256)
+    source_quantization: dict | None = None  # a source already quantized (GGUF): how its weights were stored
     facts: ModelFacts | None = None
     tokenizer: TokenizerFacts | None = None
     example_inputs: tuple = field(default=(), repr=False)

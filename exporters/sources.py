@@ -157,13 +157,14 @@ def load_gguf(path: Path, source: str, *, name: str | None, no_tokenizer: bool) 
     """A .gguf file, through a Hugging Face directory written for this process (gguf_source)."""
     from dataclasses import replace
 
-    from edgepack.exporters.gguf_source import convert_gguf
+    from edgepack.exporters.gguf_source import convert_gguf, stored_types
 
     work = Path(tempfile.mkdtemp(prefix="edgepack-gguf-"))
     atexit.register(shutil.rmtree, work, True)  # the tokenizer files are read again when packaging
     loaded = load_hf_dir(convert_gguf(path, work / "model"), source, name=name or _bundle_name(path.stem),
                          no_tokenizer=no_tokenizer)
-    return replace(loaded, source_kind="gguf", weight_files=((path.name, _sha256(path)),))
+    return replace(loaded, source_kind="gguf", weight_files=((path.name, _sha256(path)),),
+                   source_quantization=stored_types(path))
 
 
 def _first_line(error: BaseException) -> str:

@@ -118,6 +118,7 @@ def build_manifest(captured, quant, artifacts, artifact_files: dict, tokenizer_f
             },
             "parameter_count": loaded.parameter_count,
             "weight_files": [{"name": n, "sha256": h} for n, h in loaded.weight_files],
+            "source_quantization": loaded.source_quantization,
         },
         "tokenizer": None if tok is None else {
             "files": tokenizer_files,

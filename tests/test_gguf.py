@@ -128,6 +128,39 @@ def test_a_q4_1_source_survives_unchanged(llama_dir, tmp_path):
     assert abs(quality["increase_pct"]) < 1.0, quality
 
 
+def test_a_gguf_file_is_a_source_and_its_stored_types_are_recorded(gguf_export, tmp_path):
+    """edgepack's own .gguf (Q4_1 blocks, the plan's Q8_0 layers, F32 norms) read back as a source
+    through transformers' GGUF loader: the manifest records the file and how it stored its weights,
+    and the Q4_1 tensors come out of a second GGUF export as the same values (rounding on the grid
+    they are already on changes nothing)."""
+    from collections import Counter
+
+    from edgepack.packaging.bundle import read_bundle
+    from tests.conftest import run_cli
+
+    source = tmp_path / "tiny.gguf"
+    shutil.copy(gguf_export[2] / "gguf" / "model.gguf", source)
+    code, summary = export_json(str(source), "--target", "gguf", "--mixed-precision", "off", "--out", str(tmp_path / "out"))
+    assert code == 0, json.dumps(summary)[:3000]
+    bundle = tmp_path / "out" / "tiny"
+    model = read_bundle(bundle)["model"]
+    assert model["source_kind"] == "gguf" and [f["name"] for f in model["weight_files"]] == ["tiny.gguf"]
+    before = _weights(source)
+    kinds = Counter(kind for kind, _ in before.values())
+    stored = model["source_quantization"]
+    assert stored["format"] == "gguf" and stored["file_type"] == "MOSTLY_Q4_1"
+    assert {k: v["tensors"] for k, v in stored["tensor_types"].items()} == dict(kinds) and set(kinds) == {"Q4_1", "Q8_0", "F32"}
+    # every parameter of the model is in one of the file's tensors (the tied head is token_embd)
+    assert sum(v["parameters"] for v in stored["tensor_types"].values()) == model["parameter_count"]
+    after = _weights(bundle / "gguf" / "model.gguf")
+    for name, (kind, values) in before.items():
+        if kind == "Q4_1":
+            assert after[name][0] == "Q4_1" and np.array_equal(after[name][1], values), name
+    shown = " ".join(run_cli("inspect", bundle).stdout.split())
+    types = ", ".join(f"{kind} {n['parameters']:,}" for kind, n in stored["tensor_types"].items())
+    assert f"source stored as │ MOSTLY_Q4_1: {types}" in shown, shown
+
+
 def test_q4_0_is_smaller_and_symmetric(llama_dir, tmp_path):
     code, summary = export_json(str(llama_dir), "--target", "gguf", "--gguf-int4", "Q4_0", "--mixed-precision", "off",
                                 "--out", str(tmp_path))
