@@ -63,7 +63,7 @@ demo: install
 	$(BIN)/edgepack export $(DEMO_MODEL) --target all --tflite-bundle litertlm --coreml-precision fp32 --out $(DEMO_OUT)
 	$(BIN)/edgepack smoke $(DEMO_OUT)/demo-llama
 
-# The real SmolLM2-135M-Instruct is part of the tests (ONNX and GGUF; see test-extended).
+# The real SmolLM2-135M-Instruct is part of the tests (GGUF; every backend in test-extended).
 test: install real-model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
@@ -84,7 +84,7 @@ bench-quality: real-model
 	$(BIN)/python -m bench.quality
 
 # The tests marked `extended`, which `make test` leaves out to keep CI under 45 minutes on 2 cores:
-# the real model on every backend (make test exports it to ONNX and GGUF; the rest took ~25 min),
+# the real model on every backend (make test exports it to GGUF; the rest took ~25 min),
 # the quick bench beside export_llm and its LiteRT-LM engine row, the options exported to every
 # backend (tests/test_options.py), the byte-determinism re-exports but ONNX's.
 test-extended: install real-model

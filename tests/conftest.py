@@ -36,7 +36,7 @@ def pytest_configure(config):
 # out whole modules (and classes), by default the ones with most tests first, which left the real
 # model's one long test running alone at the end; with --no-loadscope-reorder (pyproject) it hands
 # them out in this collection order.
-LONGEST_FIRST = ("test_coreml.py", "test_real_model.py", "test_verdicts.py", "test_coverage.py", "test_arm64.py")
+LONGEST_FIRST = ("test_real_model.py", "test_coreml.py", "test_verdicts.py", "test_coverage.py", "test_arm64.py")
 
 
 def pytest_collection_modifyitems(config, items):

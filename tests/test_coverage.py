@@ -11,14 +11,13 @@ test passed in the same run."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from demo_model.build import build_decoder_dir
 from edgepack.exporters.registry import BACKENDS
 from edgepack.packaging.manifest import read_manifest
-from tests.conftest import REPO_ROOT, export_json
+from tests.conftest import SHORT_EVAL_TEXT, export_json
 from tests.coverage_matrix import FAMILIES, record
 
 pytestmark = pytest.mark.slow
@@ -31,16 +30,6 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
 # CoreML is checked at fp32 compute: fp16 (its default) moves these tiny models' logits by up to ~0.8
 # and flips greedy choices whatever the conversion does; README states it.
 BACKEND_OPTIONS = {"coreml": ("--coreml-precision", "fp32")}
-
-
-def _short_eval_text(folder) -> Path:
-    """The built-in evaluation text's first two documents (~2,000 of the demo tokenizer's tokens):
-    enough to show each cell's perplexity measured through its runtime, at a third of the whole
-    text's time (CoreML's evaluator made the quality stage most of a cell's minutes; CI's budget)."""
-    documents = (REPO_ROOT / "edgepack" / "eval_text.txt").read_text(encoding="utf-8").split("\n---\n")
-    path = folder / "eval-text.txt"
-    path.write_text("\n---\n".join(documents[:2]), encoding="utf-8")
-    return path
 
 
 def _check_facts_against_source(manifest: dict, model_dir) -> None:
@@ -79,7 +68,7 @@ class FamilyCells:
             request.applymarker(pytest.mark.xfail(reason=gap, strict=True))
         record(family, backend, "✗ (known limit)" if gap else "✗")
         code, summary = export_json(str(model_dir), "--target", backend, *BACKEND_OPTIONS.get(backend, ()),
-                                    "--max-seq-len", "64", "--eval-text", str(_short_eval_text(tmp_path)),
+                                    "--max-seq-len", "64", "--eval-text", str(SHORT_EVAL_TEXT),
                                     "--out", str(tmp_path))
         assert code == 0, json.dumps(summary)[:2000]
         manifest = read_manifest(tmp_path / model_dir.name)
@@ -98,7 +87,9 @@ class FamilyCells:
                 "llama::custom_sdpa + llama::update_cache" if family != "gemma2" else
                 "portable ops (attention logit soft-capping (custom_sdpa has no soft-cap))"), artifact["runtime"]
         text = manifest["quality"]["artifacts"][backend]
-        assert text["non_finite_steps"] == 0 and text["scored_tokens"] > 1000 and text["passed"], text
+        # perplexity measured through the runtime on a short text (CI's budget: CoreML's evaluator
+        # spent 14 s a cell on 2,000 tokens); quality itself is judged on the real model
+        assert text["non_finite_steps"] == 0 and text["scored_tokens"] > 200 and text["passed"], text
         constants = artifact["runtime"].get("constant_methods")
         if constants is not None:  # ExecuTorch: the runner's stop tokens are all of the model's eos ids
             assert constants["get_eos_ids"] == manifest["tokenizer"]["eos_ids"]

@@ -3,9 +3,9 @@ file, laid out as a Hugging Face directory) exported through the CLI: each artif
 teacher-forced smoke, and the summary, `inspect` and the manifest show its perplexity on the
 built-in evaluation text against fp32, measured through its own runtime.
 
-ONNX and GGUF run in `make test` (a few minutes together); every backend at once (ExecuTorch's
-lowering alone takes 6 minutes, TFLite's about 3) runs with `make test-extended`: with them in
-`make test`, CI ran past its 45-minute budget."""
+GGUF runs in `make test` (about 2 minutes); every backend at once (ExecuTorch's lowering alone
+takes 6 minutes, TFLite's about 3, ONNX's export and text about 3) runs with `make test-extended`:
+with them in `make test`, CI ran past its 45-minute budget."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.conftest import REPO_ROOT, built_once, export_json, run_cli
 
 pytestmark = pytest.mark.slow
 BACKENDS = ["coreml", "executorch", "gguf", "onnx", "tflite"]
-IN_MAKE_TEST = ["gguf", "onnx"]
+IN_MAKE_TEST = ["gguf"]
 # fp32 perplexity of this model on the built-in text, windows of 512 after a 32-token prefill:
 # measured by Hugging Face's own forward (docs/quantization.md).
 FP32_PERPLEXITY = 15.14
@@ -84,7 +84,7 @@ def _check_inspect_shows_perplexity(result) -> None:
     assert "quality measured on built-in (edgepack/eval_text.txt)" in text
 
 
-def test_onnx_and_gguf_pass_and_show_their_perplexity_in_seconds(in_make_test_export):
+def test_gguf_passes_and_shows_its_perplexity_in_seconds(in_make_test_export):
     summary = _check_passes_and_shows_perplexity(in_make_test_export, IN_MAKE_TEST)
     [quality] = [s for s in summary["stages"] if s["name"] == "quality"]
     for backend in IN_MAKE_TEST:
