@@ -18,6 +18,12 @@ def function(path: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+# The int4 grids a backend's options may offer (--onnx-grid, --coreml-grid). offset: each block
+# spans its own [min, max] (GGUF Q4_1's grid, weights.quantize_min_max), so a source already on it
+# survives; symmetric: the backend's own quantizer grid around zero (weights.Rounding).
+INT4_GRIDS = ("offset", "symmetric")
+
+
 def flag(name: str, help: str, type: Any, multiple: bool = False) -> dict:
     """An Options field's command-line flag (dataclasses.field metadata): `edgepack export` grows
     one option per field, in the backend's own help panel, typed `type` (repeatable if

@@ -79,8 +79,34 @@ def quantize_min_max(weight: torch.Tensor, bits: int, group_size: int,
     return q, scale, lo
 
 
-def fake_quantize(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -> torch.Tensor:
+@dataclass(frozen=True)
+class OffsetGrid:
+    """The offset grid as a format that stores w = scale·(q - offset) keeps it (CoreML's
+    constexpr_blockwise_shift_scale with a float offset): quantize_min_max's codes and scales,
+    and offset = -minimum / scale, both in `dtype` (the format's compute precision)."""
+
+    dtype: torch.dtype = torch.float16
+
+    def blocks(self, weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [out, in] in 0..15, and scale and offset [out, blocks] in `dtype`. A constant block
+        (scale 0) gets scale 1 and offset -value, so it still comes back exactly."""
+        q, scale, minimum = quantize_min_max(weight.to(self.dtype), 4, group_size, scale_dtype=self.dtype)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        offset = (-minimum / scale).to(self.dtype)
+        return q.reshape(weight.shape), scale.squeeze(-1).to(self.dtype), offset.squeeze(-1)
+
+    def image(self, weight: torch.Tensor, wq: WeightQuant) -> torch.Tensor:
+        """What the format computes with: scale·(q - offset) per block, in float32."""
+        q, scale, offset = self.blocks(weight, wq.group_size)
+        rows, cols = weight.shape
+        blocks = q.reshape(rows, -1, wq.group_size) - offset.float().unsqueeze(-1)
+        return (blocks * scale.float().unsqueeze(-1)).reshape(rows, cols).to(weight.dtype)
+
+
+def fake_quantize(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding | OffsetGrid) -> torch.Tensor:
     """Quantize-dequantize a [out, in] weight group-wise along `in` (per row when group_size is None)."""
+    if isinstance(rounding, OffsetGrid):
+        return rounding.image(weight, wq)
     q, scale = quantize_groups(weight, wq, rounding)
     return (q * scale).reshape(weight.shape).to(weight.dtype)
 

@@ -15,7 +15,7 @@ from edgepack.exporters.coreml.mil import MilFunction, load_program
 from edgepack.exporters.coreml.mil_ops import OPS, UnsupportedMilOp
 from edgepack.packaging.bundle import directory_digest
 from edgepack.packaging.manifest import read_manifest
-from tests.conftest import export_json, run_cli
+from tests.conftest import LLAMA_BACKEND_OPTIONS, export_json, run_cli
 
 PACKAGE = "coreml/model.mlpackage"
 # Layers the QuantSpec quantizes in the tiny Llama: q, k, v, o, gate, up, down per layer (2 layers)
@@ -76,8 +76,12 @@ def test_llama_package_holds_int4_blocks_states_and_metadata(coreml_llama, llama
     assert ops.count("constexpr_blockwise_shift_scale") == TINY_LLAMA_QUANTIZED_WEIGHTS
     assert art["quantization"]["compressed_weight_ops"] == {"constexpr_blockwise_shift_scale": TINY_LLAMA_QUANTIZED_WEIGHTS}
     int4_blocks = [op for op in program.functions["main"].operations if op.op_type == "constexpr_blockwise_shift_scale"]
-    assert all(types.builtin_to_string(op.data.dtype) == "int4" for op in int4_blocks)
+    # the default offset grid: uint4 codes, one scale and one float offset per block, both in the
+    # compute precision (this export's is fp32)
+    assert all(types.builtin_to_string(op.data.dtype) == "uint4" for op in int4_blocks)
+    assert all(op.offset is not None and types.builtin_to_string(op.offset.dtype) == "fp32" for op in int4_blocks)
     assert all(op.data.shape[1] // op.scale.shape[1] == 32 for op in int4_blocks)  # block = group size
+    assert art["quantization"]["compression"] == "int4_offset"
 
     model = ct.models.MLModel(str(bundle / PACKAGE), skip_model_load=True)
     spec = model.get_spec()
@@ -114,6 +118,47 @@ def test_llama_weights_fit_the_ideal_size(coreml_llama):
     assert art == {**art, **directory_digest(bundle / PACKAGE)}  # sha256/bytes as the schema defines them
 
 
+@pytest.mark.slow
+def test_offset_grid_blocks_span_each_float_blocks_range(coreml_llama, llama_dir):
+    """Each stored block, decompressed by coremltools itself, spans its float block's [min, max]
+    (codes 0 and 15, up to fp16 rounding), and every weight is within half a step of its float
+    value: the grid a Q4_1 source is already on."""
+    from edgepack.exporters.sources import load_source
+
+    program = load_program(coreml_llama[2] / PACKAGE)
+    weights = [p.detach().numpy() for p in load_source(str(llama_dir)).module.parameters() if p.ndim == 2]
+    blocks = [op for op in program.functions["main"].operations if op.op_type == "constexpr_blockwise_shift_scale"]
+    assert len(blocks) == TINY_LLAMA_QUANTIZED_WEIGHTS
+    for op in blocks:
+        stored = np.asarray(op.materialized_val_inference(), dtype=np.float32)
+        step = np.repeat(np.asarray(op.scale.val, dtype=np.float32), 32, axis=1)
+        [w] = [w for w in weights if w.shape == stored.shape and (np.abs(w - stored) <= 0.5 * step + 1e-3).all()]
+        rows = stored.shape[0]
+        slack = 1e-6 * np.abs(w).max()  # fp32 arithmetic (this export's compute precision)
+        assert np.abs(stored.reshape(rows, -1, 32).max(-1) - w.reshape(rows, -1, 32).max(-1)).max() <= slack
+        assert np.abs(stored.reshape(rows, -1, 32).min(-1) - w.reshape(rows, -1, 32).min(-1)).max() <= slack
+
+
+@pytest.mark.slow
+def test_symmetric_grid_is_coremltools_own_quantizer(llama_dir, tmp_path):
+    """--coreml-grid symmetric: coremltools' linear_symmetric int4 blocks (no offsets), decoding
+    token for token like its reference (fp32 compute, as the shared export)."""
+    from coremltools.converters.mil.mil import types
+
+    code, summary = export_json(str(llama_dir), "--target", "coreml", "--coreml-grid", "symmetric",
+                                *LLAMA_BACKEND_OPTIONS["coreml"], "--out", str(tmp_path))
+    assert code == 0, json.dumps(summary)[:3000]
+    bundle = tmp_path / "tiny-llama"
+    [art] = read_manifest(bundle)["artifacts"]
+    assert art["quantization"]["compression"] == "int4"
+    blocks = [op for op in load_program(bundle / PACKAGE).functions["main"].operations
+              if op.op_type == "constexpr_blockwise_shift_scale"]
+    assert len(blocks) == TINY_LLAMA_QUANTIZED_WEIGHTS
+    assert all(types.builtin_to_string(op.data.dtype) == "int4" and op.offset is None for op in blocks)
+    greedy = read_manifest(bundle)["comparisons"]["lowering_fidelity"]["coreml"]["cases"]["greedy"]
+    assert greedy["tokens_match"] and greedy["top1_agreement"] == 1.0
+
+
 def test_ios17_is_refused_for_a_stateful_int4_model(llama_dir, tmp_path):
     result = run_cli("export", llama_dir, "--target", "coreml", "--ios-target", "17", "--out", tmp_path, "--strict")
     assert result.exit_code == 2
@@ -122,7 +167,8 @@ def test_ios17_is_refused_for_a_stateful_int4_model(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("values, word", [({"ios_target": 16}, "ios-target"), ({"precision": "bf16"}, "precision"),
-                                          ({"compression": "int3"}, "compression")])
+                                          ({"compression": "int3"}, "compression"),
+                                          ({"grid": "asymmetric"}, "grid")])
 def test_bad_coreml_options_are_input_errors(values, word):
     from edgepack.exporters.coreml.lower import Options
 

@@ -11,11 +11,13 @@ failure is reported there with the name of the step that failed.
 
 Job (job.json): inputs [{name, dtype, shape: [int | [min, max, default]]}], outputs [{name,
 dtype}], states [{name, shape}], ios_target, precision, compression, group_size,
-palette_group_channels, weights {placeholder: storage}, metadata {author, version,
+palette_group_channels, offset_dtype, weights {placeholder: storage}, metadata {author, version,
 short_description, user, descriptions}.
 
-Storage (one per weight, so one program can mix them): "int4" (per block of group_size along the
-input), "int8" (per output channel) or "palettize4". `weights` names each quantized weight by its
+Storage (one per weight, so one program can mix them): "int4_offset" (per block of group_size
+along the input, each block its own min..max: uint4 codes, a scale and a float offset),
+"int4" (the same blocks on coremltools' symmetric grid), "int8" (per output channel) or
+"palettize4". `weights` names each quantized weight by its
 placeholder in the saved ExportedProgram, which is also the name coremltools' torch front end gives
 its const ("p_model_encoder_layer_0_attention_self_value_weight"; "_to_fp16" is appended when the
 fp16 pass casts it, "_quantized" / "_palettized" when it is compressed). A weight const the map does
@@ -113,7 +115,40 @@ def stored_kind(op, group_size: int | None) -> str:
     if dtype == "int8" and blocks == 1:
         return "int8"
     block = op.data.shape[-1] // blocks
-    return "int4" if dtype == "int4" and block == group_size else f"{dtype} block {block}"
+    if block == group_size and dtype == "int4" and op.offset is None:
+        return "int4"
+    if block == group_size and dtype == "uint4" and op.offset is not None and types.is_float(op.offset.dtype):
+        return "int4_offset"
+    return f"{dtype} block {block}"
+
+
+def store_offset_blocks(mlmodel, names: set[str], group_size: int, dtype: str):
+    """Replace each named weight const by constexpr_blockwise_shift_scale(uint4 codes, scale,
+    float offset): weights.OffsetGrid's blocks. coremltools' own quantizer has no such mode (its
+    'linear' mode rounds the offset to an integer and widens each block's range to hold 0)."""
+    import torch
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.models.utils import _apply_graph_pass
+
+    from edgepack.exporters.weights import OffsetGrid
+
+    grid = OffsetGrid(getattr(torch, dtype))
+
+    class StoreOffsetBlocks(AbstractGraphPass):
+        def apply(self, prog):
+            for function in prog.functions.values():
+                for op in [op for op in function.operations if op.op_type == "const" and op.name in names]:
+                    q, scale, offset = grid.blocks(torch.from_numpy(np.asarray(op.val.val)), group_size)
+                    with function:
+                        stored = mb.constexpr_blockwise_shift_scale(
+                            data=q.numpy().astype(types.np_uint4_dtype), scale=scale.numpy(), offset=offset.numpy(),
+                            before_op=op, name=op.name + "_quantized")
+                    op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=stored)
+                    op.enclosing_block.remove_ops([op])
+
+    return _apply_graph_pass(mlmodel, StoreOffsetBlocks(), skip_model_load=True)
 
 
 def compress(mlmodel, job: dict):
@@ -139,11 +174,14 @@ def compress(mlmodel, job: dict):
     }
     # Named consts only (every linear and embedding weight, whatever its size), each with its own
     # config, so the artifact stores what the QuantSpec says while norms and biases stay in the
-    # compute precision. Linear quantization first, palettes for the rest.
+    # compute precision. Linear quantization first, palettes for the rest, the offset grid last.
     for fn, kinds in ((linear_quantize_weights, ("int4", "int8")), (palettize_weights, ("palettize4",))):
         named = {name: configs[kind] for name, kind in storage.items() if kind in kinds}
         if named:
             mlmodel = fn(mlmodel, OptimizationConfig(op_name_configs=named))
+    offset = {name for name, kind in storage.items() if kind == "int4_offset"}
+    if offset:
+        mlmodel = store_offset_blocks(mlmodel, offset, job["group_size"], job["offset_dtype"])
     ops = count_ops(mlmodel)
     found = {k: ops[k] for k in COMPRESSED_WEIGHT_OPS if ops[k]}
     stored = {weight_placeholder(op.name): stored_kind(op, job["group_size"])

@@ -28,7 +28,7 @@ from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.coreml.options import Options
 from edgepack.exporters.coreml.package import package_files
 from edgepack.exporters.steps import Step, run_steps
-from edgepack.exporters.weights import Rounding, weight_only_reference
+from edgepack.exporters.weights import OffsetGrid, Rounding, weight_only_reference
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
 
@@ -44,7 +44,7 @@ class _Work:
     captured: CapturedModel
     quant: QuantSpec
     options: Options
-    compression: str  # "int4", "int8", "palettize4" or "none"
+    compression: str  # "int4_offset", "int4", "int8", "palettize4" or "none"
     workdir: Path
     reference: Reference | None = None
     program: Any = None  # torch ExportedProgram
@@ -68,7 +68,8 @@ def _compression(quant: QuantSpec, options: Options) -> str:
             raise InputError(f"--coreml-compression {options.compression} is a 4-bit scheme but --quant is int8",
                              hint="use --quant int4 with --coreml-compression")
         return "int8"
-    return options.compression or "int4"
+    chosen = options.compression or "int4"
+    return "int4_offset" if chosen == "int4" and options.grid == "offset" else chosen
 
 
 def _mutated_buffers(module: nn.Module) -> tuple[str, ...]:
@@ -84,7 +85,7 @@ def _check_target(captured: CapturedModel, compression: str, options: Options) -
     needs = []
     if stateful:
         needs.append("a stateful KV cache (CoreML states, ct.StateType)")
-    if compression == "int4":
+    if compression in ("int4", "int4_offset"):
         needs.append("int4 per-block weights (constexpr_blockwise_shift_scale)")
     if compression == "palettize4":
         needs.append("per-grouped-channel 4-bit palettes (constexpr_lut_to_dense)")
@@ -100,10 +101,19 @@ def _rounding(bits: int) -> Rounding:
     return Rounding.symmetric(bits, narrow=True)
 
 
+def offset_grid(precision: str) -> OffsetGrid:
+    """The offset grid as the child stores it: the weight const is already in the compute
+    precision, and scale and offset are too (constexpr_blockwise_shift_scale's output type)."""
+    return OffsetGrid(torch.float16 if precision == "fp16" else torch.float32)
+
+
 def record_reference(work: _Work) -> None:
     module = work.captured.module
     if work.compression in ("int4", "int8"):
         module = weight_only_reference(module, work.quant, _rounding)
+    elif work.compression == "int4_offset":
+        grid = offset_grid(work.options.precision)
+        module = weight_only_reference(module, work.quant, lambda bits: grid if bits == 4 else _rounding(bits))
     work.reference = quantized_reference(module, work.captured)
 
 
@@ -249,6 +259,7 @@ def _job(work: _Work) -> dict:
         "compression": work.compression,
         "group_size": work.quant.linear.group_size if work.quant.linear else None,
         "palette_group_channels": PALETTE_GROUP_CHANNELS,
+        "offset_dtype": "float16" if work.options.precision == "fp16" else "float32",
         "weights": weights,
         "metadata": _metadata(work, weights),
     }
@@ -390,16 +401,21 @@ def _methods(work: _Work) -> tuple[MethodSpec, ...]:
 
 def ideal_bytes(quant: QuantSpec, module: nn.Module, precision: str, compression: str) -> int:
     """An ML program stores scales, palettes and every unquantized parameter in its compute
-    precision (16 bits for fp16, 32 for fp32); a 4-bit palette is 16 entries per group of rows
-    (int8 layers of a mixed plan keep one scale per row beside them)."""
+    precision (16 bits for fp16, 32 for fp32); a 4-bit palette is 16 entries per group of rows,
+    an offset-grid block a scale and an offset (int8 layers of a mixed plan keep one scale per row
+    beside them)."""
     float_bits = 16 if precision == "fp16" else 32
 
     def palettes(weight: torch.Tensor, wq: WeightQuant) -> float:
         rows = weight.shape[0]
         return (-(-rows // PALETTE_GROUP_CHANNELS) * 16 if wq.bits == 4 else rows) * float_bits
 
-    return quant.ideal_bytes(module, float_bits=float_bits, scale_bits=float_bits,
-                             side_bits=palettes if compression == "palettize4" else None)
+    def offsets(weight: torch.Tensor, wq: WeightQuant) -> float:
+        rows, cols = weight.shape
+        return rows * (cols // (wq.group_size or cols)) * float_bits * (2 if wq.bits == 4 else 1)
+
+    side_bits = {"palettize4": palettes, "int4_offset": offsets}.get(compression)
+    return quant.ideal_bytes(module, float_bits=float_bits, scale_bits=float_bits, side_bits=side_bits)
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,

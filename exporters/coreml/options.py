@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgepack.errors import InputError
-from edgepack.exporters.backend import flag
+from edgepack.exporters.backend import INT4_GRIDS, flag
 
 IOS_TARGETS = (17, 18)
 PRECISIONS = ("fp16", "fp32")
@@ -23,6 +23,9 @@ class Options:
     compression: str | None = field(default=None, metadata=flag(
         "--coreml-compression", "CoreML: int4 (linear per-block, the default for --quant int4) or palettize4 "
         "(4-bit lookup tables, preferred by the Neural Engine).", str))
+    grid: str = field(default="offset", metadata=flag(
+        "--coreml-grid", "CoreML: the grid of int4 blocks: 'offset' (each block its own min..max, a float "
+        "offset beside each scale; the default) or 'symmetric' (coremltools' linear_symmetric: -7..7, smaller).", str))
 
     def __post_init__(self):
         if self.ios_target not in IOS_TARGETS:
@@ -31,6 +34,8 @@ class Options:
         if self.precision not in PRECISIONS:
             raise InputError(f"--coreml-precision {self.precision!r} is not a precision",
                              hint=f"choose one of {', '.join(PRECISIONS)}")
+        if self.grid not in INT4_GRIDS:
+            raise InputError(f"--coreml-grid {self.grid!r} is not a grid", hint=f"choose {' or '.join(INT4_GRIDS)}")
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise InputError(f"--coreml-compression {self.compression!r} is not a compression",
                              hint=f"choose one of {', '.join(COMPRESSIONS)}")

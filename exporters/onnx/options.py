@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgepack.errors import InputError
-from edgepack.exporters.backend import flag
+from edgepack.exporters.backend import INT4_GRIDS, flag
 
-# offset: each 4-bit block spans its own [min, max] (GGUF Q4_1's grid), stored as MatMulNBits'
-# symmetric codes plus one fp16 offset per block added by a small side product; symmetric:
-# onnxruntime's own MatMulNBitsQuantizer grid, smaller and faster, less accurate (docs/limits.md).
-GRIDS = ("offset", "symmetric")
+# offset: stored as MatMulNBits' symmetric codes plus one fp16 offset per block added by a small
+# side product; symmetric: onnxruntime's own MatMulNBitsQuantizer grid, smaller and faster, less
+# accurate (docs/limits.md).
 
 
 @dataclass(frozen=True)
@@ -20,5 +19,5 @@ class Options:
         "the default) or 'symmetric' (onnxruntime's quantizer: smaller, faster decode, less accurate).", str))
 
     def __post_init__(self):
-        if self.grid not in GRIDS:
-            raise InputError(f"--onnx-grid {self.grid!r} is not a grid", hint=f"choose {' or '.join(GRIDS)}")
+        if self.grid not in INT4_GRIDS:
+            raise InputError(f"--onnx-grid {self.grid!r} is not a grid", hint=f"choose {' or '.join(INT4_GRIDS)}")
