@@ -198,8 +198,9 @@ def test_minilm_mixed_int4_int8_sentence_embeddings_hold_0_99_of_fp32(minilm_int
     int8 = {"p_" + n.replace(".", "_") + "_weight" for n in overrides}
     stored = _stored_weights(bundle / art["path"])
     assert len(stored) == 39 and int8 - set(stored) <= {"p_model_pooler_dense_weight"}  # unused when mean pooled
-    assert stored == {n: "int8 per-channel sym" if n in int8 else "int4 g32 sym" for n in stored}
-    assert quantization["stored_weights"] == {"int4": 39 - len(int8 & set(stored)), "int8": len(int8 & set(stored))}
+    # int4 layers on the default offset grid: uint4 codes with a float offset per block
+    assert stored == {n: "int8 per-channel sym" if n in int8 else "uint4 g32 asym" for n in stored}
+    assert quantization["stored_weights"] == {"int4_offset": 39 - len(int8 & set(stored)), "int8": len(int8 & set(stored))}
     assert art["bytes"] <= 1.10 * art["ideal_bytes"], (art["bytes"], art["ideal_bytes"])
     fidelity = manifest["comparisons"]["lowering_fidelity"]["coreml"]
     assert fidelity["passed"] and len(fidelity["cases"]) == 3
@@ -225,13 +226,14 @@ def test_mixed_plan_is_stored_layer_by_layer(coreml_mixed_bert, bert_dir):
     overrides = art["quantization"]["overrides"]
     captured = capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
     plan = QuantSpec.from_options("int4").with_overrides({n: INT8 for n in overrides}, plan={}).layers(captured.module)
-    expected = {"p_" + name.replace(".", "_") + "_weight": wq.describe()
+    on_offset_grid = {"int4 g32 sym": "uint4 g32 asym"}  # the default --coreml-grid offset
+    expected = {"p_" + name.replace(".", "_") + "_weight": on_offset_grid.get(wq.describe(), wq.describe())
                 for name, wq in plan.items() if not name.startswith("model.pooler")}
     assert _stored_weights(bundle / art["path"]) == expected and len(expected) == 15
     int8 = sum(wq == INT8 for name, wq in plan.items() if not name.startswith("model.pooler"))
-    assert 0 < int8 < 15 and art["quantization"]["stored_weights"] == {"int4": 15 - int8, "int8": int8}
+    assert 0 < int8 < 15 and art["quantization"]["stored_weights"] == {"int4_offset": 15 - int8, "int8": int8}
     meta = ct.models.MLModel(str(bundle / art["path"]), skip_model_load=True).get_spec().description.metadata
-    assert meta.userDefined["edgepack.compression"] == f"int4 + int8 per-channel ({int8} weights)"
+    assert meta.userDefined["edgepack.compression"] == f"int4_offset + int8 per-channel ({int8} weights)"
 
 
 @pytest.mark.slow
