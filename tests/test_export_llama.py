@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgepack.packaging.manifest import read_manifest
-from tests.conftest import resign, run_cli
+from tests.conftest import export_json, resign, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +79,25 @@ def test_pte_decodes_like_the_quantized_model_for_16_steps(llama_export):
     # the fitted tiny model at int4: measurably off fp32 (quantization happened), not broken
     quality = manifest["comparisons"]["quantization_quality"]["executorch"]["greedy"]
     assert 0.9 < quality["min_cosine"] < 0.9999 and quality["top1_agreement"] >= 0.75, quality
+
+
+def test_pte_holds_the_offset_grid_and_symmetric_is_export_llms(llama_export, llama_dir, tmp_path):
+    """The shared export is on the default --executorch-grid offset (its layers: test_units'
+    offset-grid test; its decoding: the tests around this one). --executorch-grid symmetric is
+    torchao's plain 8da4w: a smaller file and ideal, decoding token for token too."""
+    [art] = read_manifest(llama_export[2])["artifacts"]
+    assert art["quantization"]["grid"] == "offset"
+    code, summary = export_json(str(llama_dir), "--target", "executorch", "--mixed-precision", "off",
+                                "--executorch-grid", "symmetric", "--out", str(tmp_path))
+    assert code == 0, json.dumps(summary)[:3000]
+    bundle = tmp_path / "tiny-llama"
+    manifest = read_manifest(bundle)
+    [symmetric] = manifest["artifacts"]
+    assert symmetric["quantization"]["grid"] == "symmetric"
+    greedy = manifest["comparisons"]["lowering_fidelity"]["executorch"]["cases"]["greedy"]
+    assert greedy["tokens_match"] and greedy["top1_agreement"] == 1.0
+    # per 32 weights the offset grid stores an int8 offset and a 32nd of an indicator row more
+    assert symmetric["bytes"] < art["bytes"] and symmetric["ideal_bytes"] < art["ideal_bytes"]
 
 
 def test_executorch_llm_runner_generates_the_golden_tokens(llama_export):

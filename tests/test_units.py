@@ -147,6 +147,54 @@ def test_weight_only_reference_quantizes_each_group_on_the_backend_grid():
     assert not torch.equal(ref["emb"].weight, emb.weight)  # the original is untouched
 
 
+def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
+    """quantize_module on the offset grid (torchao tensors built from the grid's own codes, not
+    torchao's rounding): a tied table and LM head, a biased linear. The embedding dequantizes to
+    exactly quantize_min_max's image (its float zero points hold the minimum); a linear's
+    symmetric part and indicator rows are exact, its int8 offsets within half a step of the
+    blocks' offsets, and eager output matches the grid's float model up to the int8 activations."""
+    import copy
+
+    import torch
+
+    from edgepack.exporters.executorch.lower import quantize_module
+    from edgepack.exporters.executorch.offset_grid import OffsetLinear
+    from edgepack.exporters.weights import quantize_min_max
+
+    torch.manual_seed(0)
+
+    def on_grid(w):
+        q, scale, minimum = quantize_min_max(w, 4, 32, scale_dtype=torch.float16)
+        return (minimum + scale * q).reshape(w.shape)
+
+    emb, head, mid = nn.Embedding(50, 64), nn.Linear(64, 50, bias=False), nn.Linear(64, 64)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "mid": mid, "head": head})
+    quantized = quantize_module(copy.deepcopy(model), QuantSpec.from_options("int4", 32), "offset")
+    table = quantized["emb"].weight.dequantize()
+    assert torch.allclose(table, on_grid(emb.weight.detach()), rtol=0, atol=1e-6)
+    for name in ("mid", "head"):
+        layer, w = quantized[name], model[name].weight.detach()
+        assert isinstance(layer, OffsetLinear)
+        q, scale, minimum = quantize_min_max(w, 4, 32, scale_dtype=torch.float16)
+        symmetric = layer.symmetric.weight.dequantize().reshape(q.shape)
+        assert torch.equal(symmetric, (q - 8) * scale)
+        assert torch.equal(layer.sums.weight.dequantize(), torch.eye(2).repeat_interleave(32, dim=1))
+        offsets, want = layer.offsets.weight.dequantize(), (minimum + 8 * scale).squeeze(-1)
+        step = want.abs().amax(-1, keepdim=True) / 127
+        assert ((offsets - want).abs() <= 0.51 * step + 1e-7).all()
+    assert torch.equal(quantized["mid"].offsets.bias, mid.bias)
+    grid_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in ("emb", "mid"):
+            grid_model[name].weight.copy_(on_grid(model[name].weight.detach()))
+    tokens = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        got = quantized["head"](quantized["mid"](quantized["emb"](tokens)))
+        want = grid_model["head"](grid_model["mid"](grid_model["emb"](tokens)))
+    assert torch.allclose(got, want, rtol=0, atol=0.02 * want.abs().max()), (got - want).abs().max()
+
+
 def test_norm_affine_is_measured_and_folds_exactly():
     import torch
 

@@ -1,4 +1,4 @@
-"""ExecuTorch: a .pte for the ExecuTorch runtime (XNNPACK delegate, 8da4w weights), Android and iOS."""
+"""ExecuTorch: a .pte for the ExecuTorch runtime (XNNPACK delegate, int8 dynamic activations, int4 weights), Android and iOS."""
 
 from pathlib import Path
 

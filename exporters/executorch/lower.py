@@ -1,5 +1,6 @@
-"""ExecuTorch lowering: torchao 8da4w weights, XNNPACK delegate, a .pte that follows the LLM
-runner's calling convention and carries its metadata as constant methods."""
+"""ExecuTorch lowering: int4 weights on the offset grid (offset_grid.py, the default) or torchao's
+8da4w, XNNPACK delegate, a .pte that follows the LLM runner's calling convention and carries its
+metadata as constant methods."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.decoder import StaticCacheLM
 from edgepack.exporters.executorch.llm_ops import use_llm_custom_ops
+from edgepack.exporters.executorch.offset_grid import offset_embedding, offset_linear
 from edgepack.exporters.executorch.options import Options
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.quant import QuantSpec, WeightQuant
@@ -36,6 +38,7 @@ SCALE_SEARCH = "hqq_scale_only"
 class _Work:
     captured: CapturedModel
     quant: QuantSpec
+    options: Options
     module: nn.Module | None = None
     attention: str | None = None  # decoder LMs: how attention and the KV cache are lowered
     metadata: dict = field(default_factory=dict)  # the LLM runner's constant methods
@@ -74,13 +77,19 @@ def take_llm_fast_path(work: _Work) -> None:
 
 
 def quantize_weights(work: _Work) -> None:
-    quantize_module(work.module, work.quant)
+    quantize_module(work.module, work.quant, work.options.grid)
 
 
-def quantize_module(module: nn.Module, spec: QuantSpec) -> nn.Module:
+def on_offset_grid(grid: str, wq: WeightQuant) -> bool:
+    return grid == "offset" and wq.bits == 4 and wq.group_size is not None
+
+
+def quantize_module(module: nn.Module, spec: QuantSpec, grid: str = "symmetric") -> nn.Module:
     """torchao rewrites the module's linear and embedding weights in place, as the .pte stores
     them (eager, the result is the quantized model the .pte must reproduce). One pass per storage
-    kind: mixed precision (spec.overrides) is just more than one kind."""
+    kind: mixed precision (spec.overrides) is just more than one kind. On the offset grid, 4-bit
+    layers are built by exporters/executorch/offset_grid.py first, from the float weights (so a
+    tied table is read before either of its users is replaced)."""
     from torchao.quantization import quantize_
 
     for m in module.modules():
@@ -89,6 +98,19 @@ def quantize_module(module: nn.Module, spec: QuantSpec) -> nn.Module:
             # quant-fusion pattern (embedding_4bit) and to_executorch fails on dequantize_affine.
             m.padding_idx = None
     layers = spec.layers(module)
+    offset = {name: wq for name, wq in layers.items() if on_offset_grid(grid, wq)}
+    if offset:
+        int8_rows = _torchao_config(WeightQuant(bits=8, group_size=None), spec.dynamic_int8_activations, for_linear=True)
+        modules = dict(module.named_modules())
+        built = {name: offset_linear(modules[name], wq.group_size, spec.dynamic_int8_activations, int8_rows)
+                 for name, wq in offset.items() if isinstance(modules[name], nn.Linear)}
+        for name, wq in offset.items():
+            if isinstance(modules[name], nn.Embedding):
+                offset_embedding(modules[name], wq.group_size)
+        for name, layer in built.items():
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent), child, layer)
+        layers = {name: wq for name, wq in layers.items() if name not in offset}
     kinds = {(isinstance(m, nn.Linear), layers[name]) for name, m in module.named_modules() if name in layers}
     for for_linear, wq in sorted(kinds, key=lambda k: (k[0], k[1].bits)):  # embeddings first, as before
         config = _torchao_config(wq, for_linear and spec.dynamic_int8_activations, for_linear=for_linear)
@@ -133,6 +155,17 @@ def to_pte(work: _Work) -> None:
     work.kernel_libraries = sorted(lib for ns, (lib, _) in KERNEL_LIBRARIES.items() if ns in namespaces)
 
 
+def side_bits(grid: str) -> Callable[[torch.Tensor, WeightQuant], float]:
+    """A 16-bit scale per group, and on the offset grid a 16-bit offset beside it: the grid's own
+    cost, as the other backends count it (what the .pte stores instead, int8 offsets and indicator
+    rows for a linear layer, fp32 zero points for a table, shows in its ratio to this ideal)."""
+    def bits(weight: torch.Tensor, wq: WeightQuant) -> float:
+        rows, cols = weight.shape
+        groups = rows * (cols // (wq.group_size or cols))
+        return groups * (32 if on_offset_grid(grid, wq) else 16)
+    return bits
+
+
 STEPS: tuple[Step, ...] = (
     Step("fast path", take_llm_fast_path),
     Step("quantize", quantize_weights),
@@ -150,7 +183,7 @@ RUNNER_TOKENIZER = ("tokenizer/tokenizer.json through ExecuTorch's HFTokenizer (
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
           on_step: Callable[[str], None] | None = None) -> Artifact:
-    work = run_steps("executorch", STEPS, _Work(captured, quant), on_step)
+    work = run_steps("executorch", STEPS, _Work(captured, quant, options), on_step)
     metadata, tok = work.metadata, captured.loaded.tokenizer
     runtime = {
         "name": "executorch",
@@ -169,8 +202,9 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         main_file="executorch/model.pte",
         methods=captured.methods,
         quantization={**quant.describe(), "library": f"torchao {version('torchao')}", "delegate": "XNNPACK",
-                      "scale_search": SCALE_SEARCH},
-        ideal_bytes=quant.ideal_bytes(captured.module),
+                      "scale_search": SCALE_SEARCH,
+                      **({"grid": options.grid} if quant.scheme == "int4" else {})},
+        ideal_bytes=quant.ideal_bytes(captured.module, side_bits=side_bits(options.grid)),
         reference_outputs=work.reference.outputs,
         runtime=runtime,
         extra={"quality": work.reference.quality},

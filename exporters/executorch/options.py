@@ -1,10 +1,20 @@
-"""ExecuTorch's own export options: none yet; the shared QuantSpec says everything."""
+"""ExecuTorch's own export options (its `edgepack export` flags are generated from these fields)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from edgepack.errors import InputError
+from edgepack.exporters.backend import INT4_GRIDS, flag
 
 
 @dataclass(frozen=True)
 class Options:
-    pass
+    grid: str = field(default="offset", metadata=flag(
+        "--executorch-grid", "ExecuTorch: the int4 grid: 'offset' (each block its own min..max: XNNPACK's "
+        "symmetric blocks plus two small int8 side layers per linear; the default) or 'symmetric' (torchao's "
+        "8da4w with HQQ scales, export_llm's: smaller and faster, less accurate).", str))
+
+    def __post_init__(self):
+        if self.grid not in INT4_GRIDS:
+            raise InputError(f"--executorch-grid {self.grid!r} is not a grid", hint=f"choose {' or '.join(INT4_GRIDS)}")

@@ -1,0 +1,98 @@
+"""The offset grid (each block of a weight on its own min..max, GGUF Q4_1's grid,
+weights.quantize_min_max) on the kernels an ExecuTorch app links.
+
+XNNPACK's 4-bit blocks (qb4w) are symmetric: one zero point per tensor. A weight on the offset
+grid is w = scale·(q - 8) + offset per block, so a linear layer becomes three that XNNPACK runs:
+
+    y = x·W_symᵀ + sums(x)·Mᵀ + b
+
+W_sym the symmetric part (int4 blocks, the codes and scales of the grid, stored exactly), sums(x)
+each input block's sum (an int4 linear of 0/1 indicator rows: code 4 × scale 0.25, exact), and M
+the per-block offsets (int8 per row). Both side layers are a 32nd of the weight's size. Every
+linear takes int8 dynamic activations as 8da4w does. Embedding tables need no side layer:
+ExecuTorch's embedding_4bit kernel takes a float zero point per block, so
+w = scale·(q - 8 - zero_point) holds the grid itself."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgepack.exporters.weights import quantize_min_max
+
+# An indicator row's ones as int4 code × scale, both exact in XNNPACK's bf16 block scales.
+_ONE_CODE, _ONE_SCALE = 4, 0.25
+
+
+class OffsetLinear(nn.Module):
+    """A linear layer on the offset grid: symmetric(x) + offsets(sums(x)) (the bias in offsets)."""
+
+    def __init__(self, symmetric: nn.Linear, sums: nn.Linear, offsets: nn.Linear):
+        super().__init__()
+        self.symmetric, self.sums, self.offsets = symmetric, sums, offsets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.symmetric(x) + self.offsets(self.sums(x))
+
+
+def _blocks(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 codes q - 8 in -8..7 [out, in], fp16-valued scales and the blocks' minima [out, blocks]."""
+    rows, cols = weight.shape
+    q, scale, minimum = quantize_min_max(weight, 4, block, scale_dtype=torch.float16)
+    return (q.reshape(rows, cols) - 8).to(torch.int8), scale.reshape(rows, -1), minimum.reshape(rows, -1)
+
+
+def _int4_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block: int,
+                 dynamic_activations: bool):
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    return IntxUnpackedToInt8Tensor(
+        qdata=codes, scale=scale, zero_point=zero_point, target_dtype=torch.int4, block_size=(1, block),
+        dtype=torch.float32,
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN
+        if dynamic_activations else None)
+
+
+def _frozen(linear: nn.Linear, weight) -> nn.Linear:
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def _block_sums(cols: int, block: int, dynamic_activations: bool) -> nn.Linear:
+    """The indicator layer: each input block's sum."""
+    blocks = cols // block
+    indicator = torch.zeros(blocks, cols, dtype=torch.int8)
+    indicator.view(blocks, blocks, block)[torch.arange(blocks), torch.arange(blocks)] = _ONE_CODE
+    return _frozen(nn.Linear(cols, blocks, bias=False), _int4_blocks(
+        indicator, torch.full((blocks, blocks), _ONE_SCALE), torch.zeros(blocks, blocks, dtype=torch.int8),
+        block, dynamic_activations))
+
+
+def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_config) -> OffsetLinear:
+    """`layer` on the offset grid; `int8_config` is the torchao config of the offsets' int8 rows."""
+    from torchao.quantization import quantize_
+
+    weight = layer.weight.detach().float()
+    rows, cols = weight.shape
+    blocks = cols // block
+    codes, scale, minimum = _blocks(weight, block)
+    symmetric = _frozen(nn.Linear(cols, rows, bias=False), _int4_blocks(
+        codes, scale, torch.zeros_like(scale, dtype=torch.int8), block, dynamic_activations))
+    sums = _block_sums(cols, block, dynamic_activations)
+    offsets = nn.Linear(blocks, rows, bias=layer.bias is not None)
+    with torch.no_grad():
+        offsets.weight.copy_(minimum + 8 * scale)
+        if layer.bias is not None:
+            offsets.bias.copy_(layer.bias.detach())
+    quantize_(offsets, int8_config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    return OffsetLinear(symmetric, sums, offsets)
+
+
+def offset_embedding(table: nn.Embedding, block: int) -> None:
+    """Store `table` on the offset grid in place: int4 codes, scales and float zero points."""
+    codes, scale, minimum = _blocks(table.weight.detach().float(), block)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # a constant block: q = 0, w = minimum
+    table.weight = nn.Parameter(_int4_blocks(codes, safe, -minimum / safe - 8, block, False), requires_grad=False)
