@@ -89,8 +89,15 @@ class OffsetGrid:
 
     def blocks(self, weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [out, in] in 0..15, and scale and offset [out, blocks] in `dtype`. A constant block
-        (scale 0) gets scale 1 and offset -value, so it still comes back exactly."""
+        (scale 0) gets scale 1 and offset -value, so it still comes back exactly. A block far from
+        zero for its spread (|minimum| over 2^(mantissa bits - 1) steps) gets a wider step, so its
+        offset stays finite and rounds by at most half a step (fp16: at most 512 steps)."""
         q, scale, minimum = quantize_min_max(weight.to(self.dtype), 4, group_size, scale_dtype=self.dtype)
+        floor = (minimum.abs() * 2 * torch.finfo(self.dtype).eps).to(self.dtype).float()  # |offset| <= 1 / (2 eps)
+        if (scale < floor).any():
+            scale = torch.maximum(scale, floor)
+            w = weight.to(self.dtype).float().reshape(q.shape)
+            q = torch.clamp(torch.round((w - minimum) / scale), 0, 15)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         offset = (-minimum / scale).to(self.dtype)
         return q.reshape(weight.shape), scale.squeeze(-1).to(self.dtype), offset.squeeze(-1)

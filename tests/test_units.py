@@ -147,6 +147,26 @@ def test_weight_only_reference_quantizes_each_group_on_the_backend_grid():
     assert not torch.equal(ref["emb"].weight, emb.weight)  # the original is untouched
 
 
+def test_coreml_offset_grid_keeps_a_block_far_from_zero_finite_in_fp16():
+    """A block of values near 1000 spread over 1e-3: its offset -min/scale would be ~10^7, past
+    fp16's range (inf weights). The grid widens that block's step until the offset is at most 512
+    steps, so every value comes back within half a step (and fp16's own rounding), finite."""
+    import torch
+
+    from edgepack.exporters.weights import OffsetGrid
+    from edgepack.quant import WeightQuant
+
+    weight = torch.linspace(-1, 1, 64).reshape(2, 32)
+    weight[1] = 1000 + torch.linspace(0, 1e-3, 32)
+    grid = OffsetGrid(torch.float16)
+    q, scale, offset = grid.blocks(weight, 32)
+    assert torch.isfinite(offset.float()).all() and offset.float().abs().max() <= 513
+    image = grid.image(weight, WeightQuant(bits=4, group_size=32))
+    half = weight.half().float()
+    assert ((image - half).abs() <= 0.5 * scale.float().repeat_interleave(32, dim=1) + 2 ** -11 * half.abs()).all()
+    assert (image[0] - weight[0]).abs().max() <= 1 / 15 + 1e-3  # an ordinary block keeps its 15 steps
+
+
 def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
     """quantize_module on the offset grid (torchao tensors built from the grid's own codes, not
     torchao's rounding): a tied table and LM head, a biased linear. The embedding dequantizes to
