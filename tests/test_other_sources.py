@@ -41,8 +41,9 @@ def test_factory_module(tmp_path):
     assert manifest["model"]["source_kind"] == "factory" and manifest["tokenizer"] is None
     [method] = manifest["artifacts"][0]["methods"]
     assert method["inputs"][0]["shape"] == [4, 64] and method["outputs"][0]["shape"] == [4, 32]
-    # 64*128 + 128*32 weights at 4.5 bits, biases fp32
-    assert manifest["artifacts"][0]["ideal_bytes"] == int((64 * 128 + 128 * 32) * 4.5 / 8 + (128 + 32) * 4)
+    # 64*128 + 128*32 weights at 5 bits (ExecuTorch's default offset grid: 4 bits, a 16-bit scale
+    # and a 16-bit offset per 32), biases fp32
+    assert manifest["artifacts"][0]["ideal_bytes"] == int((64 * 128 + 128 * 32) * 5.0 / 8 + (128 + 32) * 4)
 
 
 def test_saved_exported_program(tmp_path):
