@@ -81,7 +81,7 @@ def test_llama_package_holds_int4_blocks_states_and_metadata(coreml_llama, llama
     assert all(types.builtin_to_string(op.data.dtype) == "uint4" for op in int4_blocks)
     assert all(op.offset is not None and types.builtin_to_string(op.offset.dtype) == "fp32" for op in int4_blocks)
     assert all(op.data.shape[1] // op.scale.shape[1] == 32 for op in int4_blocks)  # block = group size
-    assert art["quantization"]["compression"] == "int4_offset"
+    assert art["quantization"]["compression"] == "int4_offset" and art["quantization"]["grid"] == "offset"
 
     model = ct.models.MLModel(str(bundle / PACKAGE), skip_model_load=True)
     spec = model.get_spec()
@@ -150,7 +150,7 @@ def test_symmetric_grid_is_coremltools_own_quantizer(llama_dir, tmp_path):
     assert code == 0, json.dumps(summary)[:3000]
     bundle = tmp_path / "tiny-llama"
     [art] = read_manifest(bundle)["artifacts"]
-    assert art["quantization"]["compression"] == "int4"
+    assert art["quantization"]["compression"] == "int4" and art["quantization"]["grid"] == "symmetric"
     blocks = [op for op in load_program(bundle / PACKAGE).functions["main"].operations
               if op.op_type == "constexpr_blockwise_shift_scale"]
     assert len(blocks) == TINY_LLAMA_QUANTIZED_WEIGHTS
