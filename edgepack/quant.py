@@ -101,11 +101,13 @@ class QuantSpec:
         return described
 
     def ideal_bytes(self, model: nn.Module, *, float_bits: int = 32, scale_bits: int = 16,
-                    side_bits: Callable[[torch.Tensor, WeightQuant], float] | None = None) -> int:
+                    side_bits: Callable[[torch.Tensor, WeightQuant], float] | None = None,
+                    offsets: Callable[[WeightQuant], bool] | None = None) -> int:
         """Size of the parameters stored exactly as the scheme says, tied weights once: each
         quantized weight at its bits plus one scale (scale_bits) per group, or per row when
-        per-channel; everything else at float_bits. side_bits(weight, wq) replaces the scales for
-        schemes that store other side data (e.g. palettes)."""
+        per-channel, and an offset of as many bits beside it where offsets(wq) says the weight is
+        on an offset grid; everything else at float_bits. side_bits(weight, wq) replaces the
+        scales for schemes that store other side data (e.g. palettes)."""
         bits = 0.0
         quantized: set[int] = set()
         for name, module in model.named_modules():
@@ -116,7 +118,8 @@ class QuantSpec:
             quantized.add(id(weight))
             rows, cols = weight.shape
             groups = rows * (cols // (wq.group_size or cols))
-            bits += weight.numel() * wq.bits + (side_bits(weight, wq) if side_bits else groups * scale_bits)
+            per_group = scale_bits * (2 if offsets and offsets(wq) else 1)
+            bits += weight.numel() * wq.bits + (side_bits(weight, wq) if side_bits else groups * per_group)
         rest = {id(p): p for p in model.parameters() if id(p) not in quantized}
         bits += sum(p.numel() for p in rest.values()) * float_bits
         return int(bits // 8)

@@ -259,7 +259,7 @@ def _job(work: _Work) -> dict:
         "compression": work.compression,
         "group_size": work.quant.linear.group_size if work.quant.linear else None,
         "palette_group_channels": PALETTE_GROUP_CHANNELS,
-        "offset_dtype": "float16" if work.options.precision == "fp16" else "float32",
+        "offset_dtype": str(offset_grid(work.options.precision).dtype).removeprefix("torch."),
         "weights": weights,
         "metadata": _metadata(work, weights),
     }
@@ -410,12 +410,9 @@ def ideal_bytes(quant: QuantSpec, module: nn.Module, precision: str, compression
         rows = weight.shape[0]
         return (-(-rows // PALETTE_GROUP_CHANNELS) * 16 if wq.bits == 4 else rows) * float_bits
 
-    def offsets(weight: torch.Tensor, wq: WeightQuant) -> float:
-        rows, cols = weight.shape
-        return rows * (cols // (wq.group_size or cols)) * float_bits * (2 if wq.bits == 4 else 1)
-
-    side_bits = {"palettize4": palettes, "int4_offset": offsets}.get(compression)
-    return quant.ideal_bytes(module, float_bits=float_bits, scale_bits=float_bits, side_bits=side_bits)
+    return quant.ideal_bytes(module, float_bits=float_bits, scale_bits=float_bits,
+                             side_bits=palettes if compression == "palettize4" else None,
+                             offsets=(lambda wq: wq.bits == 4) if compression == "int4_offset" else None)
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,

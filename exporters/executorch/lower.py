@@ -155,17 +155,6 @@ def to_pte(work: _Work) -> None:
     work.kernel_libraries = sorted(lib for ns, (lib, _) in KERNEL_LIBRARIES.items() if ns in namespaces)
 
 
-def side_bits(grid: str) -> Callable[[torch.Tensor, WeightQuant], float]:
-    """A 16-bit scale per group, and on the offset grid a 16-bit offset beside it: the grid's own
-    cost, as the other backends count it (what the .pte stores instead, int8 offsets and indicator
-    rows for a linear layer, fp32 zero points for a table, shows in its ratio to this ideal)."""
-    def bits(weight: torch.Tensor, wq: WeightQuant) -> float:
-        rows, cols = weight.shape
-        groups = rows * (cols // (wq.group_size or cols))
-        return groups * (32 if on_offset_grid(grid, wq) else 16)
-    return bits
-
-
 STEPS: tuple[Step, ...] = (
     Step("fast path", take_llm_fast_path),
     Step("quantize", quantize_weights),
@@ -204,7 +193,9 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         quantization={**quant.describe(), "library": f"torchao {version('torchao')}", "delegate": "XNNPACK",
                       "scale_search": SCALE_SEARCH,
                       **({"grid": options.grid} if quant.scheme == "int4" else {})},
-        ideal_bytes=quant.ideal_bytes(captured.module, side_bits=side_bits(options.grid)),
+        # the grid's own cost, as the other backends count it; the .pte's int8 offsets and indicator rows
+        # (fp32 zero points for a table) show in its ratio to this ideal
+        ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: on_offset_grid(options.grid, wq)),
         reference_outputs=work.reference.outputs,
         runtime=runtime,
         extra={"quality": work.reference.quality},

@@ -412,15 +412,6 @@ def _library(quant: QuantSpec, options: Options) -> str:
     return f"onnxruntime {version('onnxruntime')} MatMulNBitsQuantizer"
 
 
-def _side_bits(options: Options):
-    """Per group: a 16-bit scale, and on the offset grid a 16-bit offset too."""
-    def bits(weight: torch.Tensor, wq: WeightQuant) -> float:
-        rows, cols = weight.shape
-        per_group = 32 if on_offset_grid(options, wq) else 16
-        return rows * (cols // (wq.group_size or cols)) * per_group
-    return bits
-
-
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
           on_step: Callable[[str], None] | None = None) -> Artifact:
     work = run_steps("onnx", STEPS, _Work(captured, quant, options), on_step)
@@ -449,7 +440,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
                       **({"grid": options.grid} if quant.scheme == "int4" else {}),
                       "ops": work.storage or "none",
                       "accuracy_level": INT8_COMPUTE if quant.dynamic_int8_activations else 0},
-        ideal_bytes=quant.ideal_bytes(captured.module, side_bits=_side_bits(options)),
+        ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: on_offset_grid(options, wq)),
         reference_outputs=work.reference.outputs,
         runtime=runtime,
         extra={"quality": work.reference.quality},
