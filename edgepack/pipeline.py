@@ -214,14 +214,20 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
     with progress.stage("capture"):
         captured = capture(loaded, capture_options)
 
+    # Each backend's QuantSpec: one for all, or its int4 grid's own plan (decoder LMs)
+    specs, grids = {b.name: quant for b in backends}, {b.name: options[b.name].int4_grid for b in backends}
     if planning == "decoder":
+        budget = request.bits_per_weight or quality.DEFAULT_BITS_PER_WEIGHT
         with progress.stage("plan precision") as stage:
-            quant = plan_decoder_precision(captured, quant, *(calibration or read_calibration(None)),
-                                           request.bits_per_weight or quality.DEFAULT_BITS_PER_WEIGHT, on_step=stage.step)
+            plans = plan_decoder_precision(captured, quant, *(calibration or read_calibration(None)), budget,
+                                           tuple(sorted(set(grids.values()))), on_step=stage.step)
+        specs = {name: plans[grid] for name, grid in grids.items()}
+        warnings += over_budget(plans, grids, budget)
     if planning == "encoder":
         with progress.stage("plan precision") as stage:
             quant = plan_mixed_precision(captured, quant, *(calibration or read_calibration(None)), DEFAULT_FLOOR if request.min_cosine is None else request.min_cosine,
                                          on_step=stage.step)
+        specs = {b.name: quant for b in backends}
         if not quant.plan["floor_met"]:
             warnings.append(f"even with every layer int8 the calibration outputs reach cosine "
                             f"{quant.plan['planned_min_cosine']} < {quant.plan['floor']} from fp32")
@@ -230,7 +236,7 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
     for backend in backends:
         try:
             with progress.stage(f"lower {backend.name}") as stage:
-                artifacts.append(backend.load().lower(captured, quant, options[backend.name], on_step=stage.step))
+                artifacts.append(backend.load().lower(captured, specs[backend.name], options[backend.name], on_step=stage.step))
             warnings += artifact_warnings(artifacts[-1], strict=request.strict)
         except EdgepackError as e:
             if request.strict or no_space(e):
@@ -244,7 +250,7 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
 
     with StagedBundle(request.out_dir, loaded.name) as staging:
         with progress.stage("package"):
-            manifest = stage_contents(staging, captured, quant, artifacts, failures)
+            manifest = stage_contents(staging, captured, quantization_record(quant, {a.backend: specs[a.backend] for a in artifacts}, grids), artifacts, failures)
         with progress.stage("smoke") as stage:
             result.smoke = smoke_bundle(staging.root, manifest)
             if not all(s.passed for s in result.smoke):
@@ -259,6 +265,28 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         result.bundle = commit(staging, manifest, passed=result.passed)
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def over_budget(plans: dict[str, QuantSpec], grids: dict[str, str], budget: float) -> list[str]:
+    """A warning for each grid whose every layer at int4 already takes more than the budget."""
+    return [f"{', '.join(n for n, g in grids.items() if g == grid)}: the {grid} grid stores int4 at "
+            f"{spec.plan['bits_per_weight']:g} bits a weight, over --bits-per-weight {budget:g}, so every layer is int4 "
+            f"(the symmetric grid, e.g. --executorch-grid symmetric, stores 4.5)"
+            for grid, spec in plans.items() if spec.plan["bits_per_weight"] > budget]
+
+
+def quantization_record(request: QuantSpec, specs: dict[str, QuantSpec], grids: dict[str, str]) -> dict:
+    """The manifest's quantization: the one spec every backend followed or, when the backends'
+    int4 grids got plans of their own, the request's scheme and each grid's plan (its overrides
+    and how they were chosen) with the backends that follow it."""
+    if len({id(s) for s in specs.values()}) <= 1:
+        return next(iter(specs.values()), request).describe()
+    plans: dict[str, dict] = {}
+    for name, spec in sorted(specs.items()):
+        described = spec.describe()
+        plans.setdefault(grids[name], {"backends": [], **{k: described[k] for k in ("overrides", "plan") if k in described}})
+        plans[grids[name]]["backends"].append(name)
+    return {**request.describe(), "plans": dict(sorted(plans.items()))}
 
 
 def gate_cosine(request: ExportRequest, quant: QuantSpec, manifest: dict, result: ExportResult) -> None:

@@ -52,8 +52,17 @@ def export_summary(result) -> dict:
         "stages": [t.as_dict() for t in result.progress.timings],
         "peak_rss_bytes": result.peak_rss_bytes,
         "integration": integration_snippets(manifest) if manifest else None,
-        "precision_plan": manifest.get("quantization", {}).get("plan"),
+        "precision_plans": [{"backends": backends, "plan": plan}
+                            for backends, plan in precision_plans(manifest.get("quantization", {}))],
     }
+
+
+def precision_plans(quantization: dict) -> list[tuple[list[str] | None, dict]]:
+    """The manifest quantization's precision plans, each with the backends that follow it (None:
+    every backend)."""
+    if quantization.get("plan"):
+        return [(None, quantization["plan"])]
+    return [(p["backends"], p["plan"]) for p in quantization.get("plans", {}).values() if p.get("plan")]
 
 
 def describe_plan(plan: dict) -> str:
@@ -138,8 +147,9 @@ def print_export_summary(console: Console, summary: dict) -> None:
             table.add_row("quality vs fp32", f"min cosine {_case_summary(vs_fp32, 'min_cosine')} (the artifact on its runtime)"
                           if vs_fp32 else "-")
         console.print(table)
-    if summary.get("precision_plan"):
-        console.print(f"precision: {describe_plan(summary['precision_plan'])}", soft_wrap=True)
+    for p in summary.get("precision_plans") or []:
+        whom = f"{', '.join(p['backends'])}: " if p["backends"] else ""
+        console.print(f"precision: {whom}{describe_plan(p['plan'])}", soft_wrap=True)
     for f in summary["failures"]:
         console.print(f"[red]{f['backend']} FAILED[/] at step {f['step']}: {f['message']}", soft_wrap=True)
     times = ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in summary["stages"])
@@ -216,11 +226,13 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
         gen = manifest["generation"]
         head.add_row("max seq len", f"{gen['max_seq_len']} (prefill 1..{gen['prefill_len']['max']}, prepend {gen['num_bos']} BOS)")
     quant = manifest["quantization"]
-    head.add_row("quantization", ", ".join(f"{k} {v}" for k, v in quant.items() if k not in ("overrides", "plan")))
-    if quant.get("plan"):
-        head.add_row("precision", describe_plan(quant["plan"]))
-    for kind in sorted(set(quant.get("overrides", {}).values())):
-        head.add_row(kind, ", ".join(n for n, k in quant["overrides"].items() if k == kind))
+    head.add_row("quantization", ", ".join(f"{k} {v}" for k, v in quant.items() if k not in ("overrides", "plan", "plans")))
+    for backends, plan in precision_plans(quant):
+        head.add_row("precision", (f"{', '.join(backends)}: " if backends else "") + describe_plan(plan))
+    for plan in [quant, *quant.get("plans", {}).values()]:
+        for kind in sorted(set(plan.get("overrides", {}).values())):
+            whom = f"{', '.join(plan['backends'])}: " if "backends" in plan else ""
+            head.add_row(kind, whom + ", ".join(n for n, k in plan["overrides"].items() if k == kind))
     head.add_row("toolchain", ", ".join(f"{k} {v}" for k, v in manifest["toolchain"].items()))
     console.print(head)
     fidelity = manifest["comparisons"]["lowering_fidelity"]

@@ -75,7 +75,9 @@ class Backend:
     name: str
     title: str  # as users know it: help panels and tables
     lower: str  # module exposing lower(captured, quant, options, on_step) -> Artifact
-    options: str  # "module:Options": a frozen dataclass; its fields (with `flag` metadata) become CLI flags
+    # "module:Options": a frozen dataclass; its fields (with `flag` metadata) become CLI flags, and
+    # its int4_grid names the INT4_GRIDS entry its int4 blocks are stored on (the precision plan's)
+    options: str
     platforms: tuple[str, ...]
     artifact: str
     distributions: tuple[str, ...]  # what must be installed, for `doctor`

@@ -7,18 +7,23 @@ text), rounding a weight by d costs about F * d^2 / 2 nats. One backward pass pe
 layer, where trying each layer at int8 in turn would take one forward pass per layer. The tied
 embedding / LM head of small models is one weight and one choice: its Fisher sums both uses.
 
-The rounding is the coarsest grid any backend stores (symmetric -7..7, CoreML's), as for the
-encoder plan; each artifact's real quality is then measured on the evaluation text through its
+Each int4 grid the export's backends store gets its own plan, from the same gradients: the
+offset grid (each block its own min..max) stores a scale and an offset per block, 5 bits a
+weight at g32, and keeps a source already on it (a Q4_1 GGUF) nearly exact, where int8 buys
+nothing; the symmetric grid rounds on -7..7 (the coarsest any backend stores, CoreML's) with one
+scale, 4.5 bits. Each artifact's real quality is then measured on the evaluation text through its
 own runtime, apart from the calibration text."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from edgepack.errors import InputError
 from edgepack.exporters.mixed_precision import INT8
 from edgepack.exporters.tokenizer import encode
-from edgepack.exporters.weights import Rounding, fake_quantize
+from edgepack.exporters.weights import OffsetGrid, Rounding, fake_quantize
 from edgepack.packaging.quality import DEFAULT_BITS_PER_WEIGHT
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import CapturedModel
@@ -26,9 +31,29 @@ from edgepack.stages import CapturedModel
 CHUNK = 128  # tokens per backward pass
 
 
-def stored_bits(wq: WeightQuant, cols: int, scale_bits: int = 16) -> float:
-    """Bits a weight of a layer `cols` wide takes as wq stores it, its scales included."""
-    return wq.bits + scale_bits / (wq.group_size or cols)
+@dataclass(frozen=True)
+class Int4Grid:
+    """How an int4 grid rounds, and how many fp16 numbers it stores per block beside the codes."""
+
+    rounding: Rounding | OffsetGrid
+    per_block: int
+    described: str
+
+
+INT4_GRID = {
+    "offset": Int4Grid(OffsetGrid(torch.float16), 2, "offset int4 (each block its own min..max; an fp16 scale and "
+                                                       "offset per block)"),
+    "symmetric": Int4Grid(Rounding.symmetric(4, narrow=True), 1, "symmetric int4 -7..7 (the coarsest any backend "
+                                                                   "stores; an fp16 scale per block)"),
+}
+EIGHT = Rounding.symmetric(8, narrow=True)
+
+
+def stored_bits(wq: WeightQuant, cols: int, grid: str = "symmetric", scale_bits: int = 16) -> float:
+    """Bits a weight of a layer `cols` wide takes as wq stores it on `grid` (int4's; int8 is per
+    channel with one scale), its scales and offsets included."""
+    per_block = INT4_GRID[grid].per_block if wq.bits == 4 else 1
+    return wq.bits + per_block * scale_bits / (wq.group_size or cols)
 
 
 def check_budget(spec: QuantSpec, budget: float) -> None:
@@ -40,9 +65,11 @@ def check_budget(spec: QuantSpec, budget: float) -> None:
 
 
 def plan_decoder_precision(captured: CapturedModel, spec: QuantSpec, texts: list[str], source: str,
-                           budget: float, on_step=None) -> QuantSpec:
-    """`spec` with int8 per-channel overrides for the layers that buy the most estimated loss per
-    extra bit, costliest first, while the quantized weights average at most `budget` bits."""
+                           budget: float, grids: tuple[str, ...] = ("symmetric",), on_step=None) -> dict[str, QuantSpec]:
+    """For each int4 grid in `grids`: `spec` with int8 per-channel overrides for the layers that
+    buy the most estimated loss per extra bit, costliest first, while the quantized weights
+    average at most `budget` bits as that grid stores them. A budget under the grid's own all-int4
+    bits keeps every layer int4 (the plan's bits_per_weight says what it costs)."""
     step = on_step or (lambda _: None)
     layers = dict(captured.module.named_modules())
     units: dict[int, tuple[torch.Tensor, list[str], WeightQuant]] = {}
@@ -54,18 +81,27 @@ def plan_decoder_precision(captured: CapturedModel, spec: QuantSpec, texts: list
     step(f"loss gradients on {tokens} calibration tokens")
     fisher = _fisher(captured.loaded.module, chunks, [w for w, _, _ in units.values()])
 
-    step(f"cost of {len(units)} weights at int4 and int8")
-    four, eight = Rounding.symmetric(4, narrow=True), Rounding.symmetric(8, narrow=True)
-    total_bits = sum(w.numel() * stored_bits(wq, w.shape[1]) for w, _, wq in units.values())
-    numel = sum(w.numel() for w, _, _ in units.values())
+    calibration = {"texts": len(texts), "source": source, "tokens": tokens}
+    plans = {}
+    for grid in grids:
+        step(f"cost of {len(units)} weights at int4 ({grid} grid) and int8")
+        plans[grid] = _plan_on_grid(spec, list(units.values()), fisher, grid, budget, calibration)
+    return plans
+
+
+def _plan_on_grid(spec: QuantSpec, units: list, fisher: list[torch.Tensor], grid: str, budget: float,
+                  calibration: dict) -> QuantSpec:
+    four = INT4_GRID[grid]
+    total_bits = sum(w.numel() * stored_bits(wq, w.shape[1], grid) for w, _, wq in units)
+    numel = sum(w.numel() for w, _, _ in units)
     candidates = []
-    for (weight, names, wq), f in zip(units.values(), fisher):
+    for (weight, names, wq), f in zip(units, fisher):
         if wq.bits != 4:
             continue
         w = weight.detach().float()
-        cost4 = 0.5 * float((f * (fake_quantize(w, wq, four) - w) ** 2).sum())
-        cost8 = 0.5 * float((f * (fake_quantize(w, INT8, eight) - w) ** 2).sum())
-        extra = w.numel() * (stored_bits(INT8, w.shape[1]) - stored_bits(wq, w.shape[1]))
+        cost4 = 0.5 * float((f * (fake_quantize(w, wq, four.rounding) - w) ** 2).sum())
+        cost8 = 0.5 * float((f * (fake_quantize(w, INT8, EIGHT) - w) ** 2).sum())
+        extra = w.numel() * (stored_bits(INT8, w.shape[1], grid) - stored_bits(wq, w.shape[1], grid))
         candidates.append((names, cost4, cost8, extra))
     spare = budget * numel - total_bits
     chosen, saved = [], 0.0
@@ -82,12 +118,12 @@ def plan_decoder_precision(captured: CapturedModel, spec: QuantSpec, texts: list
                   "stored bit (diagonal Fisher estimate), costliest first, within the bits-per-weight budget",
         "budget_bits_per_weight": budget,
         "bits_per_weight": round(budget - spare / numel, 4),
-        "calibration": {"texts": len(texts), "source": source, "tokens": tokens},
-        "grid": "symmetric int4 -7..7 / int8 -127..127 (the coarsest any backend stores)",
+        "calibration": calibration,
+        "grid": f"{four.described} / int8 -127..127 per channel",
         "int8_layers": len(chosen), "int4_layers": sum(len(c[0]) for c in candidates) - len(chosen),
         "int8_layer_names": sorted(chosen),
-        "estimated_loss_all_int4": round(all_int4 / tokens, 6),
-        "estimated_loss_planned": round((all_int4 - saved) / tokens, 6),
+        "estimated_loss_all_int4": round(all_int4 / calibration["tokens"], 6),
+        "estimated_loss_planned": round((all_int4 - saved) / calibration["tokens"], 6),
     }
     return spec.with_overrides({n: INT8 for n in chosen}, plan)
 

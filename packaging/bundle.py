@@ -130,9 +130,10 @@ class StagedBundle:
         return relpath
 
 
-def stage_contents(staging: StagedBundle, captured: CapturedModel, quant, artifacts: list[Artifact],
+def stage_contents(staging: StagedBundle, captured: CapturedModel, quantization: dict, artifacts: list[Artifact],
                    failures: list[dict]) -> dict:
-    """Write artifacts, tokenizer files (byte for byte) and smoke cases; return the manifest draft."""
+    """Write artifacts, tokenizer files (byte for byte) and smoke cases; return the manifest draft
+    (`quantization` is its quantization section)."""
     artifact_files = {}
     for art in artifacts:
         for relpath, data in sorted(art.files.items()):
@@ -156,7 +157,7 @@ def stage_contents(staging: StagedBundle, captured: CapturedModel, quant, artifa
                     f"smoke/{case.name}/expected.{source}.{name}.npy", array)
     for relpath, data, executable in device_files(captured, artifacts):
         staging.write(relpath, data, executable)
-    return build_manifest(captured, quant, artifacts, artifact_files, tokenizer_files, case_files, failures)
+    return build_manifest(captured, quantization, artifacts, artifact_files, tokenizer_files, case_files, failures)
 
 
 def write_archive(root: Path, archive: Path, prefix: str) -> None:

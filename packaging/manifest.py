@@ -96,7 +96,7 @@ def smoke_section(captured, artifacts, case_files: dict) -> dict:
     return {"tolerance": captured.tolerance.as_dict(), "cases": cases}
 
 
-def build_manifest(captured, quant, artifacts, artifact_files: dict, tokenizer_files: list, case_files: dict,
+def build_manifest(captured, quantization: dict, artifacts, artifact_files: dict, tokenizer_files: list, case_files: dict,
                    failures: list[dict]) -> dict:
     loaded = captured.loaded
     facts, tok = loaded.facts, loaded.tokenizer
@@ -140,7 +140,7 @@ def build_manifest(captured, quant, artifacts, artifact_files: dict, tokenizer_f
             "calling_convention": "forward(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, vocab]; "
                                   "KV cache held inside the program",
         },
-        "quantization": quant.describe(),
+        "quantization": quantization,
         "artifacts": [
             {
                 "backend": a.backend,

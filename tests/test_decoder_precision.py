@@ -17,10 +17,10 @@ from edgepack.exporters.capture import CaptureOptions, capture
 from edgepack.exporters.decoder_precision import _chunks, plan_decoder_precision, stored_bits
 from edgepack.exporters.mixed_precision import INT8, read_calibration
 from edgepack.exporters.sources import load_source
-from edgepack.exporters.weights import Rounding, weight_only_reference
+from edgepack.exporters.weights import OffsetGrid, Rounding, fake_quantize, weight_only_reference
 from edgepack.packaging.bundle import read_bundle
 from edgepack.quant import QuantSpec
-from tests.conftest import export_json
+from tests.conftest import export_json, run_cli
 
 INT4 = QuantSpec.from_options("int4", 32)
 
@@ -30,18 +30,18 @@ def tiny_llama_capture(llama_dir):
     return capture(load_source(str(llama_dir)), CaptureOptions())
 
 
-def _plan(captured, budget):
-    return plan_decoder_precision(captured, INT4, *read_calibration(None), budget)
+def _plan(captured, budget, grid="symmetric"):
+    return plan_decoder_precision(captured, INT4, *read_calibration(None), budget, (grid,))[grid]
 
 
-def _bits_per_weight(captured, spec) -> float:
+def _bits_per_weight(captured, spec, grid="symmetric") -> float:
     """Stored bits per quantized weight, a tied weight once, as the plan's budget counts them."""
     seen, bits, numel = set(), 0.0, 0
     for name, wq in spec.layers(captured.module).items():
         weight = captured.module.get_submodule(name).weight
         if id(weight) not in seen:
             seen.add(id(weight))
-            bits += weight.numel() * stored_bits(wq, weight.shape[1])
+            bits += weight.numel() * stored_bits(wq, weight.shape[1], grid)
             numel += weight.numel()
     return bits / numel
 
@@ -97,6 +97,30 @@ def test_budget_bounds_keep_all_int4_or_make_everything_that_helps_int8(tiny_lla
     assert everything.plan["estimated_loss_planned"] < everything.plan["estimated_loss_all_int4"] / 50
 
 
+def test_each_grid_is_planned_at_its_own_bits_and_a_source_on_the_offset_grid_stays_int4(llama_dir):
+    """The offset grid stores a scale and an offset per block (5 bits a weight at g32): the same
+    budget buys fewer int8 layers than on the symmetric grid (4.5). A source whose weights already
+    sit on the offset grid (as a Q4_1 GGUF's do) loses nothing there, so nothing is worth int8."""
+    captured = capture(load_source(str(llama_dir)), CaptureOptions())
+    plans = plan_decoder_precision(captured, INT4, *read_calibration(None), 5.5, ("offset", "symmetric"))
+    offset, symmetric = plans["offset"], plans["symmetric"]
+    assert _bits_per_weight(captured, INT4, "offset") == pytest.approx(5.0, abs=1e-6)
+    assert 5.0 < _bits_per_weight(captured, offset, "offset") <= 5.5
+    assert offset.plan["bits_per_weight"] == pytest.approx(_bits_per_weight(captured, offset, "offset"), abs=1e-4)
+    assert 0 < len(offset.overrides) < len(symmetric.overrides)
+    assert offset.plan["estimated_loss_all_int4"] < symmetric.plan["estimated_loss_all_int4"]
+    # a budget under the grid's own bits keeps every layer int4 and says what it spends
+    under = _plan(captured, 4.5, "offset")
+    assert not under.overrides and under.plan["bits_per_weight"] == pytest.approx(5.0, abs=1e-4)
+    with torch.no_grad():  # the weights put on the offset grid, as a Q4_1 source's are
+        for name in INT4.layers(captured.module):
+            weight = captured.module.get_submodule(name).weight
+            weight.copy_(fake_quantize(weight, INT4.linear, OffsetGrid(torch.float16)))
+    on_grid = plan_decoder_precision(captured, INT4, *read_calibration(None), 8.5, ("offset", "symmetric"))
+    assert not on_grid["offset"].overrides and on_grid["symmetric"].overrides
+    assert on_grid["offset"].plan["estimated_loss_all_int4"] < 1e-3 * on_grid["symmetric"].plan["estimated_loss_all_int4"]
+
+
 @pytest.mark.slow
 def test_export_records_the_plan_and_the_artifact_stores_it(llama_dir, tmp_path):
     code, summary = export_json(str(llama_dir), "--target", "onnx", "--bits-per-weight", "5.5", "--out", str(tmp_path / "auto"))
@@ -123,3 +147,28 @@ def test_export_records_the_plan_and_the_artifact_stores_it(llama_dir, tmp_path)
     off = read_bundle(tmp_path / "off" / "tiny-llama")
     assert "plan" not in off["quantization"] and "overrides" not in off["quantization"]
     assert off["artifacts"][0]["bytes"] < artifact["bytes"]
+
+
+@pytest.mark.slow
+def test_backends_on_two_grids_get_a_plan_each(llama_dir, tmp_path):
+    """GGUF's Q4_1 (offset grid, 5 bits a weight) and ONNX on the symmetric grid (4.5) in one
+    export: one plan per grid from the same gradients, each artifact stores its own, the manifest
+    and the summary say which backends follow which. 4.75 bits buys the symmetric grid some int8
+    layers; the offset grid stays all int4, over the budget, and the export says so."""
+    result = run_cli("export", llama_dir, "--target", "gguf,onnx", "--onnx-grid", "symmetric", "--bits-per-weight", "4.75",
+                     "--out", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    manifest = read_bundle(tmp_path / "tiny-llama")
+    quant = manifest["quantization"]
+    assert "plan" not in quant and sorted(quant["plans"]) == ["offset", "symmetric"]
+    offset, symmetric = quant["plans"]["offset"], quant["plans"]["symmetric"]
+    assert offset["backends"] == ["gguf"] and symmetric["backends"] == ["onnx"]
+    assert "overrides" not in offset and offset["plan"]["bits_per_weight"] == pytest.approx(5.0, abs=1e-4)
+    assert symmetric["overrides"] and 4.5 < symmetric["plan"]["bits_per_weight"] <= 4.75
+    assert sorted(symmetric["overrides"]) == symmetric["plan"]["int8_layer_names"]
+    arts = {a["backend"]: a["quantization"] for a in manifest["artifacts"]}
+    assert "overrides" not in arts["gguf"] and "Q8_0" not in arts["gguf"]["gguf_types"]
+    assert arts["onnx"]["overrides"] == symmetric["overrides"]
+    stderr = " ".join(result.stderr.split())
+    assert "precision: gguf: 0 of" in stderr and "precision: onnx: " in stderr
+    assert "gguf: the offset grid stores int4 at 5 bits a weight, over --bits-per-weight 4.75" in stderr

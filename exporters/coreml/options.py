@@ -39,3 +39,8 @@ class Options:
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise InputError(f"--coreml-compression {self.compression!r} is not a compression",
                              hint=f"choose one of {', '.join(COMPRESSIONS)}")
+
+    @property
+    def int4_grid(self) -> str:
+        """A 4-bit palette has no grid; its 16 fp16 entries per layer cost about the symmetric grid's bits."""
+        return "symmetric" if self.compression == "palettize4" else self.grid

@@ -18,3 +18,7 @@ class Options:
     def __post_init__(self):
         if self.grid not in INT4_GRIDS:
             raise InputError(f"--executorch-grid {self.grid!r} is not a grid", hint=f"choose {' or '.join(INT4_GRIDS)}")
+
+    @property
+    def int4_grid(self) -> str:
+        return self.grid

@@ -23,3 +23,7 @@ class Options:
         if self.int4_type not in INT4_TYPES:
             raise InputError(f"--gguf-int4 {self.int4_type!r} is not a GGUF 4-bit type",
                              hint=f"choose {' or '.join(INT4_TYPES)}")
+
+    @property
+    def int4_grid(self) -> str:
+        return "offset" if self.int4_type == "Q4_1" else "symmetric"

@@ -31,6 +31,10 @@ class Options:
         if self.bundle is not None and self.bundle not in BUNDLES:
             raise InputError(f"--tflite-bundle {self.bundle!r} is not a bundle kind", hint=f"choose {', '.join(BUNDLES)}")
 
+    @property
+    def int4_grid(self) -> str:
+        return "symmetric"  # ai-edge-quantizer's blocks have no zero points
+
     def prefill_lens_for(self, max_seq_len: int) -> tuple[int, ...]:
         lens = self.prefill_lens or (min(DEFAULT_PREFILL_LEN, max_seq_len - 1),)
         if max(lens) > max_seq_len - 1:
