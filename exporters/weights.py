@@ -197,27 +197,38 @@ class NormAffine:
         linear.register_forward_pre_hook(lambda _, args: (((args[0] - self.shift) / safe),))
 
 
-def linears_fed_by_norms(module: nn.Module, example_inputs: tuple,
-                         is_norm: Callable[[nn.Module], bool]) -> dict[str, NormAffine]:
-    """Linear layers whose input is exactly the output of a norm layer (`is_norm`), with that
-    norm's measured affine, found by running `module` once on a copy."""
-    probe = copy.deepcopy(module)  # the forward pass may write caches
-    outputs: dict[int, tuple[torch.Tensor, nn.Module]] = {}  # tensors kept alive: ids stay unique
-    found: dict[str, nn.Module] = {}
-    hooks = []
-    for name, layer in probe.named_modules():
-        if is_norm(layer):
-            hooks.append(layer.register_forward_hook(lambda m, _, out: outputs.__setitem__(id(out), (out, m))))
-        elif isinstance(layer, nn.Linear):
-            def seen(_, args, name=name):
-                if id(args[0]) in outputs:
-                    found[name] = outputs[id(args[0])][1]
-            hooks.append(layer.register_forward_pre_hook(seen))
+def run_copy_with_hooks(module: nn.Module, example_inputs: tuple, install: Callable[[nn.Module], list]) -> nn.Module:
+    """Run a copy of `module` once (the forward pass may write caches) with the hooks that
+    `install(copy)` registers, removed after; returns the copy."""
+    probe = copy.deepcopy(module)
+    hooks = install(probe)
     try:
         with torch.no_grad():
             probe(*example_inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    layers = dict(probe.named_modules())
+    return probe
+
+
+def linears_fed_by_norms(module: nn.Module, example_inputs: tuple,
+                         is_norm: Callable[[nn.Module], bool]) -> dict[str, NormAffine]:
+    """Linear layers whose input is exactly the output of a norm layer (`is_norm`), with that
+    norm's measured affine, found by running `module` once on a copy."""
+    outputs: dict[int, tuple[torch.Tensor, nn.Module]] = {}  # tensors kept alive: ids stay unique
+    found: dict[str, nn.Module] = {}
+
+    def install(probe: nn.Module) -> list:
+        hooks = []
+        for name, layer in probe.named_modules():
+            if is_norm(layer):
+                hooks.append(layer.register_forward_hook(lambda m, _, out: outputs.__setitem__(id(out), (out, m))))
+            elif isinstance(layer, nn.Linear):
+                def seen(_, args, name=name):
+                    if id(args[0]) in outputs:
+                        found[name] = outputs[id(args[0])][1]
+                hooks.append(layer.register_forward_pre_hook(seen))
+        return hooks
+
+    layers = dict(run_copy_with_hooks(module, example_inputs, install).named_modules())
     return {name: NormAffine.measure(norm, layers[name].in_features) for name, norm in found.items()}

@@ -268,3 +268,43 @@ def test_a_folded_multiplier_is_applied_after_the_norm_scale():
         NormAffine(affine.scale, affine.shift, m).fold_into(linear, lambda w: handed.append(w) or w)
         assert torch.equal(handed[0], (weight * affine.scale) * m)
         assert torch.allclose(linear(ln(x)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", ["offset", "symmetric"])
+def test_executorch_linears_reading_one_input_become_one_and_compute_the_same(grid):
+    """q, k and v read one input, as gate and up do; stored alike they become one wide linear
+    whose output each slices (per-row weights and per-token activations: the same numbers), a
+    layer stored otherwise (int8 by the plan) stays apart, and the eager output is unchanged."""
+    import copy
+
+    import torch
+
+    from edgepack.exporters.executorch.lower import quantize_module
+    from edgepack.exporters.executorch.shared_input import SliceOf, linears_reading_one_input
+    from edgepack.exporters.mixed_precision import INT8
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (nn.Linear(64, n, bias=False) for n in (64, 32, 32))
+            self.o = nn.Linear(96, 64, bias=False)
+            self.gate, self.up, self.down = nn.Linear(64, 96), nn.Linear(64, 96), nn.Linear(96, 64)
+
+        def forward(self, x):
+            x = x + self.o(torch.cat([self.q(x), self.k(x) * self.v(x).sigmoid()], dim=-1))
+            return x + self.down(self.gate(x).relu() * self.up(x))
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(1, 5, 64)
+    assert linears_reading_one_input(model, (x,)) == [["q", "k", "v"], ["gate", "up"]]
+    spec = QuantSpec.from_options("int4", 32)
+    for plan in ({}, {"v": INT8}):
+        planned = spec.with_overrides(plan, {}) if plan else spec
+        apart = quantize_module(copy.deepcopy(model), planned, grid)
+        shared = quantize_module(copy.deepcopy(model), planned, grid, (x,))
+        sliced = {name for name, m in shared.named_children() if isinstance(m, SliceOf)}
+        assert sliced == ({"q", "k", "gate", "up"} if plan else {"q", "k", "v", "gate", "up"})
+        with torch.no_grad():
+            want, got = apart(x), shared(x)
+            assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max()), (got - want).abs().max()
+            assert torch.equal(shared(x), got)  # computed afresh for each input, never stale

@@ -17,6 +17,7 @@ from edgepack.exporters.decoder import StaticCacheLM
 from edgepack.exporters.executorch.llm_ops import use_llm_custom_ops
 from edgepack.exporters.executorch.offset_grid import offset_embedding, offset_linear
 from edgepack.exporters.executorch.options import Options
+from edgepack.exporters.executorch.shared_input import share_inputs
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import Artifact, CapturedModel
@@ -77,19 +78,21 @@ def take_llm_fast_path(work: _Work) -> None:
 
 
 def quantize_weights(work: _Work) -> None:
-    quantize_module(work.module, work.quant, work.options.grid)
+    quantize_module(work.module, work.quant, work.options.grid, work.captured.example_inputs)
 
 
 def on_offset_grid(grid: str, wq: WeightQuant) -> bool:
     return grid == "offset" and wq.bits == 4 and wq.group_size is not None
 
 
-def quantize_module(module: nn.Module, spec: QuantSpec, grid: str = "symmetric") -> nn.Module:
+def quantize_module(module: nn.Module, spec: QuantSpec, grid: str = "symmetric",
+                    example_inputs: tuple | None = None) -> nn.Module:
     """torchao rewrites the module's linear and embedding weights in place, as the .pte stores
     them (eager, the result is the quantized model the .pte must reproduce). One pass per storage
     kind: mixed precision (spec.overrides) is just more than one kind. On the offset grid, 4-bit
     layers are built by exporters/executorch/offset_grid.py first, from the float weights (so a
-    tied table is read before either of its users is replaced)."""
+    tied table is read before either of its users is replaced). With `example_inputs`, linears
+    that read one input and are stored alike become one (shared_input.py)."""
     from torchao.quantization import quantize_
 
     for m in module.modules():
@@ -98,6 +101,8 @@ def quantize_module(module: nn.Module, spec: QuantSpec, grid: str = "symmetric")
             # quant-fusion pattern (embedding_4bit) and to_executorch fails on dequantize_affine.
             m.padding_idx = None
     layers = spec.layers(module)
+    if example_inputs is not None:
+        layers = share_inputs(module, example_inputs, layers)
     offset = {name: wq for name, wq in layers.items() if on_offset_grid(grid, wq)}
     if offset:
         int8_rows = _torchao_config(WeightQuant(bits=8, group_size=None), spec.dynamic_int8_activations, for_linear=True)
