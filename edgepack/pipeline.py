@@ -271,7 +271,7 @@ def over_budget(plans: dict[str, QuantSpec], grids: dict[str, str], budget: floa
     """A warning for each grid whose every layer at int4 already takes more than the budget."""
     return [f"{', '.join(n for n, g in grids.items() if g == grid)}: the {grid} grid stores int4 at "
             f"{spec.plan['bits_per_weight']:g} bits a weight, over --bits-per-weight {budget:g}, so every layer is int4 "
-            f"(the symmetric grid, e.g. --executorch-grid symmetric, stores 4.5)"
+            f"(the symmetric grid, which a backend's grid option selects, stores 4.5)"
             for grid, spec in plans.items() if spec.plan["bits_per_weight"] > budget]
 
 

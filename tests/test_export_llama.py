@@ -81,6 +81,9 @@ def test_pte_decodes_like_the_quantized_model_for_16_steps(llama_export):
     assert 0.9 < quality["min_cosine"] < 0.9999 and quality["top1_agreement"] >= 0.75, quality
 
 
+# make test-extended (CI's 45-minute budget): the symmetric grid's lowering and decoding are the
+# coverage matrix's ExecuTorch cells (tests/test_coverage.py), seven families in make test.
+@pytest.mark.extended
 def test_pte_holds_the_offset_grid_and_symmetric_is_export_llms(llama_export, llama_dir, tmp_path):
     """The shared export is on the default --executorch-grid offset (its layers: test_units'
     offset-grid test; its decoding: the tests around this one). --executorch-grid symmetric is
