@@ -103,7 +103,9 @@ def test_mixed_precision_is_refused_where_it_cannot_apply(llama_dir, bert_dir, t
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.slow
+# make test-extended (CI's 45-minute budget): the encoder plan's artifacts on every backend are the
+# real MiniLM's shared export in make test (tests/test_encoders.py, test_coreml.py, test_onnx.py).
+@pytest.mark.extended
 def test_export_records_the_plan_and_off_turns_it_off(bert_dir, tiny_bert_capture, tmp_path):
     """One plan for every backend: ExecuTorch (torchao, one pass per storage kind) stores each
     layer as planned and its .pte follows its reference on the ExecuTorch runtime. On the
