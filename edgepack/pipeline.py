@@ -214,24 +214,24 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
     with progress.stage("capture"):
         captured = capture(loaded, capture_options)
 
-    # Each backend's QuantSpec: one for all, or its int4 grid's own plan (decoder LMs)
-    specs, grids = {b.name: quant for b in backends}, {b.name: options[b.name].int4_grid for b in backends}
+    grids = {b.name: options[b.name].int4_grid for b in backends}
     if planning == "decoder":
         budget = request.bits_per_weight or quality.DEFAULT_BITS_PER_WEIGHT
         with progress.stage("plan precision") as stage:
             plans = plan_decoder_precision(captured, quant, *(calibration or read_calibration(None)), budget,
                                            tuple(sorted(set(grids.values()))), on_step=stage.step)
-        specs = {name: plans[grid] for name, grid in grids.items()}
         warnings += over_budget(plans, grids, budget)
     if planning == "encoder":
         with progress.stage("plan precision") as stage:
             quant = plan_mixed_precision(captured, quant, *(calibration or read_calibration(None)), DEFAULT_FLOOR if request.min_cosine is None else request.min_cosine,
                                          on_step=stage.step)
-        specs = {b.name: quant for b in backends}
         if not quant.plan["floor_met"]:
             warnings.append(f"even with every layer int8 the calibration outputs reach cosine "
                             f"{quant.plan['planned_min_cosine']} < {quant.plan['floor']} from fp32")
 
+    # Each backend's QuantSpec: its int4 grid's own plan (decoder LMs), or one for all
+    specs = ({name: plans[grid] for name, grid in grids.items()} if planning == "decoder"
+             else {b.name: quant for b in backends})
     artifacts, failures = [], []
     for backend in backends:
         try:

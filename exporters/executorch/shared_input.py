@@ -65,6 +65,8 @@ def share_inputs(module: nn.Module, example_inputs: tuple, layers: dict[str, Wei
     """Replace the linears that read one input and are stored alike (the same quantization, all
     with or all without bias) by one SharedInput each; returns `layers` with each wide layer in
     place of its members."""
+    if not layers:  # nothing quantized (--quant none): no layer to share, no probe run
+        return layers
     modules = dict(module.named_modules())
     users: dict[int, int] = {}
     for m in modules.values():
