@@ -19,7 +19,7 @@ REAL_MODEL := build/smollm2-135m-instruct
 LLAMA_CPP := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 LLAMA_WHEEL := $(VENV)/llama-wheel
 # pyproject's extras but llama-cpp (all = these + llama-cpp), which install builds on the side.
-EXTRAS := executorch,coreml,tflite,onnx,gguf
+EXTRAS := executorch,coreml,tflite,onnx,gguf,mnn
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF \
   -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/exporters/gguf/llama_cpp_build.cmake

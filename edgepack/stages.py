@@ -52,6 +52,16 @@ class TokenizerFacts:
     chat_example: dict | None = None  # a two-turn conversation rendered with the template, and its ids
     warnings: tuple[str, ...] = ()  # what the app should know but does not stop the export
 
+    def file_bytes(self, folder: str = "") -> dict[str, bytes]:
+        """The source tokenizer files, byte for byte, under `folder` in the bundle."""
+        return {f"{folder}{name}": (self.directory / name).read_bytes() for name in self.files}
+
+    def stop_facts(self) -> dict:
+        """What a runner beside an artifact reads to tokenize and stop (ONNX's metadata_props, MNN's
+        config.json)."""
+        return {"files": list(self.files), "bos_id": self.bos_id, "eos_ids": list(self.eos_ids), "pad_id": self.pad_id,
+                "add_bos": self.add_bos, "chat_template": self.chat_template}
+
 
 @dataclass(frozen=True)
 class LoadedModel:

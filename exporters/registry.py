@@ -17,6 +17,7 @@ BACKENDS: dict[str, Backend] = {
             "tflite",
             "onnx",
             "gguf",
+            "mnn",
         ))
 }
 DEFAULT_TARGET = "executorch"  # what `edgepack export` lowers to without --target

@@ -132,11 +132,11 @@ def test_tflite_signatures_answer_like_hugging_face(family):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_onnx_decoder_answers_like_hugging_face(family):
-    from edgepack.exporters.onnx.lower import GenaiDecoder
+    from edgepack.exporters.onnx_capture import PastPresentDecoder
 
     model, facts = _model(family)
     tokens = _prompt(facts.vocab_size)
-    decoder = GenaiDecoder(model, facts).eval()
+    decoder = PastPresentDecoder(model, facts).eval()
     state = {"past": {f"{k}_{i}": torch.zeros(1, facts.n_kv_heads, 0, facts.head_dim) for i in range(facts.n_layers) for k in "kv"}}
 
     def call(chunk, pos):
@@ -147,4 +147,4 @@ def test_onnx_decoder_answers_like_hugging_face(family):
 
     want = _reference(model, tokens)
     with _traced_attention(model, facts):
-        _check("GenaiDecoder", _stepwise(call, tokens), want)
+        _check("PastPresentDecoder", _stepwise(call, tokens), want)

@@ -13,7 +13,7 @@ from edgepack.packaging.bundle import read_bundle
 from tests.conftest import export_json, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
-BACKENDS = ["coreml", "executorch", "gguf", "onnx", "tflite"]
+BACKENDS = ["coreml", "executorch", "gguf", "mnn", "onnx", "tflite"]
 
 
 def _export(source, tmp_path, *args, skipped: tuple[str, ...] = ()) -> dict:

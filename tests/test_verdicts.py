@@ -17,10 +17,11 @@ import pytest
 from edgepack.packaging.manifest import dumps
 from tests.conftest import LLAMA_BACKEND_OPTIONS, REPO_ROOT, flip, resign, run_cli
 
-BACKEND_EXPORTS = {"executorch": "llama_export", "onnx": "onnx_export", "tflite": "tflite_export", "coreml": "coreml_llama"}
+BACKEND_EXPORTS = {"executorch": "llama_export", "onnx": "onnx_export", "tflite": "tflite_export", "coreml": "coreml_llama",
+                   "mnn": "mnn_export"}
 # The file of each artifact that holds its weights.
 WEIGHTS_FILE = {"executorch": "executorch/model.pte", "onnx": "onnx/model.onnx", "tflite": "tflite/model.tflite",
-                "coreml": "coreml/model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"}
+                "coreml": "coreml/model.mlpackage/Data/com.apple.CoreML/weights/weight.bin", "mnn": "mnn/model.mnn"}
 DEMO_CORPUS = REPO_ROOT / "demo_model" / "corpus.txt"
 
 
@@ -62,9 +63,9 @@ def test_a_broken_artifact_fails_its_smoke_even_when_its_manifest_is_resigned(ba
     assert not verdict["passed"] and (verdict["error"] or verdict["cases"]["greedy"]["failures"])
 
 
-# ONNX's re-export (~15 s) runs in make test; the others (ExecuTorch ~75 s, TFLite ~45 s, CoreML
+# ONNX's and MNN's re-exports (~15 s each) run in make test; the others (ExecuTorch ~75 s, TFLite ~45 s, CoreML
 # ~2.5 min on one thread) in make test-extended, for CI's 45-minute budget.
-@pytest.mark.parametrize("backend", [b if b == "onnx" else pytest.param(b, marks=pytest.mark.extended)
+@pytest.mark.parametrize("backend", [b if b in ("onnx", "mnn") else pytest.param(b, marks=pytest.mark.extended)
                                      for b in BACKEND_EXPORTS])
 def test_identical_bytes_across_processes_hash_seeds_and_thread_counts(backend, request, llama_dir, tmp_path):
     """The shared export ran in the test process (a random hash seed, the default thread count);

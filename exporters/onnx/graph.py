@@ -15,24 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-_CLASSES = "pkg.torch.onnx.class_hierarchy"
-_SCOPES = "pkg.torch.onnx.name_scopes"
+from edgepack.exporters.onnx_capture import module_class
+
 # ONNX protobufs cannot exceed 2 GiB; above this the weights go to one external data file.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
-
-
-def _innermost(node, record: str) -> str | None:
-    """The innermost nn.Module a node was traced in, by class (_CLASSES) or by path in the exported
-    module (_SCOPES): the entry before the aten op."""
-    for prop in node.metadata_props:
-        if prop.key == record:
-            entries = [c.strip(" '\"") for c in prop.value.strip("[]").split(",")]
-            return entries[-2] if len(entries) >= 2 else None
-    return None
-
-
-def _module_class(node) -> str | None:
-    return _innermost(node, _CLASSES)
 
 
 def fold_weight_transposes(model) -> int:
@@ -66,7 +52,7 @@ def linear_gemms_to_matmuls(model, linear_classes: set[str]) -> int:
     rewritten = 0
     for index, node in reversed(list(enumerate(graph.node))):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or _module_class(node) not in linear_classes or node.input[1] not in initializers
+        if (node.op_type != "Gemm" or module_class(node) not in linear_classes or node.input[1] not in initializers
                 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             continue
         weight = numpy_helper.to_array(initializers[node.input[1]])
@@ -93,29 +79,6 @@ def _drop_unused_initializers(graph) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for t in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(t)
-
-
-def class_names(module, kind: type) -> set[str]:
-    """The qualified names of `module`'s submodule classes that are `kind` or subclass it (e.g.
-    Gemma's scaled word embedding), as the trace records name them."""
-    return {f"{type(m).__module__}.{type(m).__qualname__}" for m in module.modules() if isinstance(m, kind)}
-
-
-def weight_nodes(model, op_type: str, module_classes: set[str]) -> tuple[dict[str, str], list[str]]:
-    """({name: layer path} of the `op_type` nodes traced directly inside one of `module_classes`
-    whose weight is an initializer, names of the other `op_type` nodes with an initializer weight).
-    Layer paths are module names in the exported module (`model.encoder.layer.0.attention.self.value`)."""
-    initializers = {t.name for t in model.graph.initializer}
-    weight_input = 1 if op_type == "MatMul" else 0
-    chosen, other = {}, []
-    for node in model.graph.node:
-        if node.op_type != op_type or node.input[weight_input] not in initializers:
-            continue
-        if _module_class(node) in module_classes:
-            chosen[node.name] = _innermost(node, _SCOPES)
-        else:
-            other.append(node.name)
-    return chosen, other
 
 
 def store_int8_per_channel(model, node_names: set[str], quantize_rows, accuracy_level: int) -> dict[str, int]:

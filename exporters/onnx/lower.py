@@ -8,9 +8,7 @@ onnxruntime-genai's names plus a genai_config.json beside the model."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, Callable
@@ -18,21 +16,26 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.export import Dim
 
 from edgepack import __version__
 from edgepack.errors import InputError
-from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.capture import Reference, quantized_reference
-from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.onnx import graph as onnx_graph
 from edgepack.exporters.onnx import metadata as onnx_metadata
-from edgepack.exporters.onnx.metadata import INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
 from edgepack.exporters.onnx.options import Options
+from edgepack.exporters.onnx_capture import (
+    PAST,
+    PRESENT,
+    OnnxSignature,
+    class_names,
+    export_onnx,
+    onnx_signature,
+    weight_nodes,
+)
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max, weight_only_reference
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
+from edgepack.stages import Artifact, CapturedModel
 
 MODEL_FILE = "onnx/model.onnx"
 GENAI_CONFIG = "onnx/genai_config.json"
@@ -105,43 +108,12 @@ STORED_AS_OFFSET = {
 }
 
 
-def _append(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """onnxruntime-genai's growing cache: present = past followed by the new keys or values."""
-    return torch.cat([cache, new], dim=2)
-
-
-class GenaiDecoder(nn.Module):
-    """forward(input_ids [1, T], position_ids [1, T], past {"k_i", "v_i": [1, kv_heads, P, head_dim]})
-    -> (logits [1, 1, vocab], present k_0, v_0, k_1, ... [1, kv_heads, P + T, head_dim]).
-
-    ExplicitCacheLM with the cache written by concatenation. Its attention mask spans
-    `max_seq_len` keys; here the keys are the past and the new tokens, so each call builds it for
-    exactly P + T (a symbolic length in the exported graph)."""
-
-    def __init__(self, model: nn.Module, facts):
-        super().__init__()
-        self.model = model
-        self.facts = facts
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: dict[str, torch.Tensor]):
-        total = past["k_0"].shape[2] + input_ids.shape[1]
-        out = ExplicitCacheLM(self.model, self.facts, total, _append)(input_ids, position_ids[0], past)
-        present = out["kv_cache"]
-        return (out["logits"], *(present[f"{kind}_{i}"] for i in range(self.facts.n_layers) for kind in "kv"))
-
-
 @dataclass
 class _Work:
     captured: CapturedModel
     quant: QuantSpec
     options: Options
-    module: nn.Module | None = None
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    dynamic_shapes: Any = None
-    input_names: list[str] = field(default_factory=list)
-    output_names: list[str] = field(default_factory=list)
-    methods: tuple[MethodSpec, ...] = ()
+    signature: OnnxSignature | None = None
     reference: Reference | None = None
     model: Any = None  # onnx.ModelProto
     layers: dict[str, WeightQuant] = field(default_factory=dict)  # layer path -> how it is stored
@@ -178,57 +150,9 @@ def check_scheme(work: _Work) -> None:
                              hint="use --quant int4 --group-size 16|32|64|128|256, int8 or none for --target onnx")
 
 
-def _lm_signature(work: _Work) -> None:
-    captured = work.captured
-    facts, max_seq_len = captured.loaded.facts, captured.llm_metadata["get_max_seq_len"]
-    work.module = GenaiDecoder(captured.loaded.module, facts).eval()
-    # The example: 3 new tokens after a past of at least 2 (torch.export specializes lengths 0 and
-    # 1). With a sliding window shorter than the cache, past + 3 exceeds the window, so the trace
-    # takes attention_masks' windowed branch (decided in Python from the example); the windowed
-    # mask is also right for shorter lengths, where the window hides nothing.
-    window = facts.sliding_window
-    past_len = window - 2 if window is not None and 4 <= window < max_seq_len else 2
-    cache = (1, facts.n_kv_heads, past_len, facts.head_dim)
-    past = {f"{kind}_{i}": torch.zeros(cache) for i in range(facts.n_layers) for kind in "kv"}
-    work.args = (torch.zeros(1, 3, dtype=torch.int64), torch.arange(past_len, past_len + 3).unsqueeze(0))
-    work.kwargs = {"past": past}
-    seq = Dim("sequence_length", min=1, max=max_seq_len - 1)
-    past_len = Dim("past_sequence_length", min=0, max=max_seq_len - 1)
-    work.dynamic_shapes = {"input_ids": {1: seq}, "position_ids": {1: seq}, "past": {k: {2: past_len} for k in past}}
-    work.input_names = [INPUT_IDS, POSITION_IDS, *onnx_metadata.cache_names(facts.n_layers, PAST)]
-    work.output_names = [LOGITS, *onnx_metadata.cache_names(facts.n_layers, PRESENT)]
-
-    def kv(name: str, length: str) -> TensorSpec:
-        return TensorSpec(name, "float32", (1, facts.n_kv_heads, length, facts.head_dim))
-
-    work.methods = (MethodSpec(
-        "forward",
-        inputs=(TensorSpec(INPUT_IDS, "int64", (1, "sequence_length")),
-                TensorSpec(POSITION_IDS, "int64", (1, "sequence_length")),
-                *(kv(n, "past_sequence_length") for n in work.input_names[2:])),
-        outputs=(TensorSpec(LOGITS, "float32", (1, 1, facts.vocab_size)),
-                 *(kv(n, "total_sequence_length") for n in work.output_names[1:])),
-        dynamic_dims={"sequence_length": (1, max_seq_len - 1), "past_sequence_length": (0, max_seq_len - 1),
-                      "total_sequence_length": (1, max_seq_len)},
-    ),)
-
-
-def _module_signature(work: _Work) -> None:
-    """Encoders and plain modules: the captured module as is, inputs and outputs named as the
-    manifest names them (input_ids / attention_mask, input_0 ...; last_hidden_state, output_0 ...)."""
-    captured = work.captured
-    [method] = captured.methods
-    work.module = captured.module
-    work.args = tuple(captured.example_inputs)
-    work.dynamic_shapes = captured.dynamic_shapes
-    work.input_names = [t.name for t in method.inputs]
-    work.output_names = [t.name for t in method.outputs]
-    work.methods = (method,)
-
-
 def build_signature(work: _Work) -> None:
     check_scheme(work)
-    (_lm_signature if work.captured.loaded.task == "causal-lm" else _module_signature)(work)
+    work.signature = onnx_signature(work.captured)
 
 
 def _int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -286,22 +210,14 @@ def record_reference(work: _Work) -> None:
 def export(work: _Work) -> None:
     import onnx
 
-    # its progress lines go to stderr (stdout is for --json)
-    with grouped_query_attention(work.captured.loaded.module), contextlib.redirect_stdout(sys.stderr):
-        program = torch.onnx.export(work.module, work.args, kwargs=work.kwargs or None, dynamo=True,
-                                    dynamic_shapes=work.dynamic_shapes, input_names=work.input_names,
-                                    output_names=work.output_names, opset_version=OPSET, verbose=False)
-    model = program.model_proto
-    linear_classes = onnx_graph.class_names(work.module, nn.Linear)
-    embedding_classes = onnx_graph.class_names(work.module, nn.Embedding)
+    model = export_onnx(work.signature, work.captured.loaded.module, OPSET)
+    linear_classes = class_names(work.signature.module, nn.Linear)
+    embedding_classes = class_names(work.signature.module, nn.Embedding)
     work.counts["transposes_folded"] = onnx_graph.fold_weight_transposes(model)
     work.counts["gemms_rewritten"] = onnx_graph.linear_gemms_to_matmuls(model, linear_classes)
-    names = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
-    if names != (work.input_names, work.output_names):
-        raise RuntimeError(f"exported I/O names {names} differ from {work.input_names}, {work.output_names}")
     # Which nodes are the model's linear and embedding layers is known only from the trace records.
-    work.linear, work.other_matmuls = onnx_graph.weight_nodes(model, "MatMul", linear_classes)
-    work.embedding, work.other_gathers = onnx_graph.weight_nodes(model, "Gather", embedding_classes)
+    work.linear, work.other_matmuls = weight_nodes(model, "MatMul", linear_classes)
+    work.embedding, work.other_gathers = weight_nodes(model, "Gather", embedding_classes)
     onnx_graph.strip_trace_records(model)
     onnx.checker.check_model(model, full_check=True)
     work.model, work.float_bytes = model, model.ByteSize()
@@ -391,10 +307,8 @@ def finish(work: _Work) -> None:
     if loaded.task == "causal-lm":
         config = onnx_metadata.genai_config(loaded.facts, loaded.tokenizer, meta["get_max_seq_len"], MODEL_FILE.split("/")[-1])
         work.files[GENAI_CONFIG] = onnx_metadata.dumps(config)
-        tok = loaded.tokenizer
         # onnxruntime-genai reads the tokenizer from the model's own folder: onnx/ loads as is.
-        for name in tok.files if tok else ():
-            work.files[f"onnx/{name}"] = (tok.directory / name).read_bytes()
+        work.files.update(loaded.tokenizer.file_bytes("onnx/") if loaded.tokenizer else {})
 
 
 STEPS: tuple[Step, ...] = (
@@ -435,7 +349,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         platforms=("android", "ios"),
         files=dict(work.files),
         main_file=MODEL_FILE,
-        methods=work.methods,
+        methods=work.signature.methods,
         quantization={**quant.describe(), "library": _library(quant, options),
                       **({"grid": options.grid} if quant.scheme == "int4" else {}),
                       "ops": work.storage or "none",

@@ -3,11 +3,9 @@
 onnxruntime-genai reads to drive the model (its `model.decoder` I/O names, head layout, stop tokens,
 context length, and search defaults: greedy).
 
-KV cache convention (onnxruntime-genai's default, `past_present_share_buffer: false`): each call
-takes `past_key_values.N.key/value` [1, kv_heads, past_len, head_dim] and returns
-`present.N.key/value` [1, kv_heads, past_len + T, head_dim], the past followed by the new tokens;
-the first call passes past_len 0. genai's shared-buffer mode is for graphs built around its
-GroupQueryAttention op, which a torch.export graph does not contain."""
+KV cache convention: exporters/onnx_capture.py (onnxruntime-genai's default,
+`past_present_share_buffer: false`; its shared-buffer mode is for graphs built around its
+GroupQueryAttention op, which a torch.export graph does not contain)."""
 
 from __future__ import annotations
 
@@ -15,15 +13,7 @@ import hashlib
 import json
 
 from edgepack import __version__
-
-PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
-PRESENT = ("present.%d.key", "present.%d.value")
-INPUT_IDS, POSITION_IDS, LOGITS = "input_ids", "position_ids", "logits"
-
-
-def cache_names(n_layers: int, templates: tuple[str, str]) -> list[str]:
-    """Layer by layer, key then value: the order the graph's inputs and outputs follow."""
-    return [t % i for i in range(n_layers) for t in templates]
+from edgepack.exporters.onnx_capture import INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
 
 
 def metadata_props(loaded, quant, generation: dict | None) -> dict[str, str]:
@@ -37,9 +27,7 @@ def metadata_props(loaded, quant, generation: dict | None) -> dict[str, str]:
         "quantization": json.dumps(quant.describe(), sort_keys=True),
     }
     if tok is not None:
-        props["tokenizer"] = json.dumps({
-            "files": list(tok.files), "bos_id": tok.bos_id, "eos_ids": list(tok.eos_ids), "pad_id": tok.pad_id,
-            "add_bos": tok.add_bos, "chat_template": tok.chat_template}, sort_keys=True)
+        props["tokenizer"] = json.dumps(tok.stop_facts(), sort_keys=True)
     if generation:
         props["generation"] = json.dumps(generation, sort_keys=True)
     return props

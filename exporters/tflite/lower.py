@@ -367,7 +367,7 @@ def add_metadata(work: _Work) -> None:
         inputs=tuple(TensorDoc(n, _tensor_text(n)) for n in inputs),
         outputs=tuple(TensorDoc(n, _tensor_text(n)) for n in outputs),
         facts=_facts(work),
-        files={name: (tok.directory / name).read_bytes() for name in tok.files} if tok else {},
+        files=tok.file_bytes() if tok else {},
     )
     work.files[MODEL_FILE] = write_metadata(work.model, doc)
 

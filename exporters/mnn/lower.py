@@ -1,0 +1,315 @@
+"""MNN lowering: the captured model, its weights put on MNN's grid, exported as an fp32 ONNX graph
+(exporters/onnx_capture.py's convention) and converted by MNN's own converter, which stores the
+linear layers' weights in 4-bit blocks (asymmetric: each block its own min..max, fp16 scale and
+minimum) or 8 bits per channel (symmetric).
+
+The converter quantizes only matrix products with constant weights. An embedding table would stay
+fp32 (for a 50k-token vocabulary, more than the rest of a small LM), so edgepack stores it on the
+same grid itself: 4-bit codes two to a byte with fp16 scales and minimums per block (int8 codes and
+one scale per row at 8 bits), looked up and unpacked by the graph for the tokens of each call.
+
+The weights are rounded onto that grid before export, so the converter's own rounding gives them
+back unchanged: the reference is the captured model holding exactly those weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from edgepack import __version__
+from edgepack.errors import InputError
+from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.mnn import runtime as mnn_runtime
+from edgepack.exporters.mnn.options import Options
+from edgepack.exporters.onnx_capture import (
+    PAST,
+    PRESENT,
+    OnnxSignature,
+    class_names,
+    export_onnx,
+    onnx_signature,
+    weight_nodes,
+)
+from edgepack.exporters.steps import Step, run_steps
+from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max
+from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.stages import Artifact, CapturedModel
+
+MODEL_FILE = "mnn/model.mnn"
+CONFIG_FILE = "mnn/config.json"
+OPSET = 18  # the lowest torch.onnx's dynamo exporter writes; MNN's ONNX front end reads it
+BIZ_CODE = "edgepack"  # the model's bizCode (Module::getInfo), which says who made it
+INT8 = Rounding(-127, 127, 127.0)  # MNN's symmetric 8-bit weights: scale = max|w| / 127, per channel
+
+
+def refusal(loaded, quant: QuantSpec) -> str | None:
+    """MNN's converter quantizes blocks of a multiple of 16 weights; other group sizes it would
+    silently store per channel."""
+    if quant.scheme == "int4" and quant.linear.group_size % 16:
+        return f"MNN's converter stores 4-bit blocks of 16, 32, 64 ... weights, not {quant.linear.group_size}"
+    return None
+
+
+@dataclass
+class _Work:
+    captured: CapturedModel
+    quant: QuantSpec
+    options: Options
+    layers: dict[str, WeightQuant] = field(default_factory=dict)
+    linear: WeightQuant | None = None  # the converter's flags: the linear layers' most common storage
+    linear_outputs: dict[str, str] = field(default_factory=dict)  # layer path -> its MatMul's output in the graph
+    module: nn.Module | None = None  # the captured module holding the weights the .mnn stores
+    reference: Reference | None = None
+    signature: OnnxSignature | None = None
+    onnx_model: object = None  # onnx.ModelProto
+    data: bytes = b""
+    converter: dict = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def check_scheme(work: _Work) -> None:
+    """What MNN stores: 4-bit blocks of a multiple of 16 (asymmetric) or 8 bits per channel
+    (symmetric). The converter's flags set the linear layers' most common storage; the others
+    (a precision plan's int8 layers) are named to it one by one (convert)."""
+    work.layers = work.quant.layers(work.captured.module)
+    for wq in set(work.layers.values()):
+        if wq.bits == 4 and (wq.group_size is None or wq.group_size % 16):
+            raise InputError(f"MNN stores 4-bit weights in blocks of a multiple of 16 ({wq.describe()})",
+                             hint="use --group-size 32 (the default)")
+        if wq.bits == 8 and wq.group_size is not None:
+            raise InputError(f"MNN stores 8-bit weights per channel ({wq.describe()})", hint="use --quant int8")
+    modules = dict(work.captured.module.named_modules())
+    linear = Counter(wq for name, wq in work.layers.items() if isinstance(modules[name], nn.Linear))
+    work.linear = linear.most_common(1)[0][0] if linear else None
+
+
+def grid_image(weight: torch.Tensor, wq: WeightQuant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A [rows, cols] weight on MNN's grid: the codes [rows, cols] (0..15 at 4 bits, -127..127 at
+    8), and per block the scale and the minimum [rows, blocks] (float32 holding fp16 values at 4
+    bits; at 8 bits one fp32 scale per row and no minimum). w = scale·q + minimum."""
+    rows, cols = weight.shape
+    if wq.bits == 4:
+        # fp16 weights, scales and minimums: the converter (--weightQuantScaleBit 16) recomputes
+        # each block's min..max from these values and stores exactly this grid again.
+        q, scale, minimum = quantize_min_max(weight.detach().to(torch.float16), 4, wq.group_size, scale_dtype=torch.float16)
+        return q.reshape(rows, cols), scale.reshape(rows, -1), minimum.reshape(rows, -1)
+    q, scale = quantize_groups(weight.detach().float(), wq, INT8)
+    return q.reshape(rows, cols), scale.reshape(rows, -1), None
+
+
+def _image(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+    w = q.unflatten(-1, (scale.shape[-1], -1)) * scale.unsqueeze(-1)
+    if minimum is not None:
+        w = w + minimum.unsqueeze(-1)
+    return w.flatten(-2)
+
+
+def _stored_lookup(layer: nn.Embedding, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> None:
+    """The embedding as the graph computes it: the rows of the stored codes, scales and minimums
+    for the call's tokens, unpacked to float. 4-bit codes are two to a byte, low nibble first."""
+    four = minimum is not None
+    layer.register_buffer("stored_codes", (q[:, 0::2] + 16 * q[:, 1::2]).to(torch.uint8) if four else q.to(torch.int8))
+    layer.register_buffer("stored_scales", scale.to(torch.float16) if four else scale)
+    if four:
+        layer.register_buffer("stored_minimums", minimum.to(torch.float16))
+    embed_scale = getattr(layer, "embed_scale", None)  # Gemma's scaled embedding multiplies its rows
+
+    def rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # index_select: ONNX Gather (indexing would trace to GatherND, which MNN cannot run on these tables)
+        return torch.index_select(table, 0, ids.reshape(-1)).float().unflatten(0, ids.shape)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        codes = rows(layer.stored_codes, ids)
+        if four:
+            high = torch.floor(codes / 16)
+            codes = torch.stack([codes - 16 * high, high], dim=-1).flatten(-2)
+        w = _image(codes, rows(layer.stored_scales, ids), rows(layer.stored_minimums, ids) if four else None)
+        return w * embed_scale.to(w.dtype) if embed_scale is not None else w
+
+    layer.forward = forward
+
+
+def round_weights(work: _Work) -> None:
+    """A copy of the captured module holding the weights the .mnn stores (tied ones rounded once),
+    its embeddings as stored lookups; its answers are the reference."""
+    module = copy.deepcopy(work.captured.module)
+    modules = dict(module.named_modules())
+    done: set[int] = set()
+    with torch.no_grad():
+        for name, wq in work.layers.items():
+            layer = modules[name]
+            q, scale, minimum = grid_image(layer.weight, wq)
+            if id(layer.weight) not in done:
+                done.add(id(layer.weight))
+                layer.weight.copy_(_image(q.float(), scale, minimum))
+            if isinstance(layer, nn.Embedding):
+                _stored_lookup(layer, q, scale, minimum)
+    work.module = module
+    work.reference = quantized_reference(module, work.captured)
+
+
+def export(work: _Work) -> None:
+    """The rounded model as an fp32 ONNX graph: for decoder LMs the model inside the reference's
+    wrapper, under the KV-cache convention."""
+    module, task = work.module, work.captured.loaded.task
+    transformers_model = module.model if task in ("causal-lm", "encoder") else module  # inside the wrapper
+    if task == "encoder":
+        # torch.onnx writes SDPA with a padding mask using IsNaN, which MNN's converter lacks;
+        # eager attention is the same product (this copy only: the reference ran before)
+        transformers_model.config._attn_implementation = "eager"
+    work.signature = onnx_signature(work.captured, transformers_model if task == "causal-lm" else module)
+    work.onnx_model = export_onnx(work.signature, transformers_model, OPSET)
+    nodes, _ = weight_nodes(work.onnx_model, "MatMul", class_names(work.signature.module, nn.Linear))
+    outputs = {node.name: node.output[0] for node in work.onnx_model.graph.node}
+    work.linear_outputs = {path: outputs[name] for name, path in nodes.items()}
+
+
+def converter_flags(linear: WeightQuant | None) -> list[str]:
+    if linear is None:
+        return []
+    if linear.bits == 4:
+        return ["--weightQuantBits", "4", "--weightQuantAsymmetric=1", "--weightQuantBlock", str(linear.group_size),
+                "--weightQuantScaleBit", "16"]
+    return ["--weightQuantBits", "8", "--weightQuantAsymmetric=0"]
+
+
+def save_for_converter(model, path: Path) -> None:
+    """The graph with its fp32 weights in a file beside it (a graph over 2 GB cannot be one file).
+    Other tables stay inside: the converter reads external uint8 and fp16 tensors wrongly (the
+    model it writes then fails to load)."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=f"{path.name}.data", size_threshold=1024)
+    for tensor in model.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    write_external_data_tensors(model, str(path.parent))
+    onnx.save_model(model, path)
+
+
+def _layer_settings(work: _Work, listing: dict) -> dict:
+    """The converter's own listing of the layers it quantizes (its compression-parameters JSON,
+    one entry per matrix product it turned into a convolution, named after the product's output),
+    with the layers stored otherwise than its flags say set to their own storage."""
+    others = {work.linear_outputs[name]: wq for name, wq in work.layers.items()
+              if name in work.linear_outputs and wq != work.linear}
+    found = set()
+    for layer in (layer for algo in listing["algo"] for layer in algo["quantParams"]["layer"]):
+        output = next((o for o in others if layer["opName"].startswith(f"{o}__")), None)
+        if output is not None:
+            wq = others[output]
+            layer["weight"][0].update(bits=wq.bits, asymmetric=wq.bits == 4, blockSize=wq.group_size or 0)
+            found.add(output)
+    if found != set(others):
+        raise RuntimeError(f"MNN's converter lists no layer for the graph outputs {sorted(set(others) - found)[:3]}")
+    return listing
+
+
+def convert(work: _Work) -> None:
+    """MNN's converter, in a child process (its C++ logs go to the stage's log, and a crash in it
+    cannot take edgepack down). When some linear layers are stored otherwise than most (a precision
+    plan's int8 layers), a first run lists the layers and a second stores each as set there."""
+    flags = converter_flags(work.linear)
+    # The exporter's value_info is only a hint, and MNN's converter misreads it (the model it
+    # writes then fails to load: "Alloc memory for const tensor error"); it infers its own.
+    del work.onnx_model.graph.value_info[:]
+    mixed = any(wq != work.linear for name, wq in work.layers.items() if name in work.linear_outputs)
+    with tempfile.TemporaryDirectory(prefix="edgepack-mnn-") as tmp:
+        source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.mnn"
+        save_for_converter(work.onnx_model, source)
+        work.onnx_model = None  # its weights can be large; the file has them now
+        flags += ["--bizCode", BIZ_CODE]
+        if mixed:
+            listing, settings = Path(tmp) / "layers.json", Path(tmp) / "settings.json"
+            mnn_runtime.convert(source, target, [*flags, "--compressionParamsFile", str(listing)])
+            settings.write_text(json.dumps(_layer_settings(work, json.loads(listing.read_text()))))
+            flags += ["--compressionParamsFile", str(settings)]
+        mnn_runtime.convert(source, target, flags)
+        mnn_runtime.stable_model_id(target)
+        work.data = target.read_bytes()
+    work.converter = {"flags": " ".join(converter_flags(work.linear)) or "(weights fp32)",
+                      "layers_set_apart": sum(wq != work.linear for name, wq in work.layers.items()
+                                              if name in work.linear_outputs)}
+
+
+def finish(work: _Work) -> None:
+    """config.json beside the model: what an app needs to drive it (I/O names, the KV cache's
+    layout, stop tokens, context length, tokenizer files), and the tokenizer itself."""
+    captured = work.captured
+    loaded, meta = captured.loaded, captured.llm_metadata
+    [method] = work.signature.methods
+    config = {
+        "format": "edgepack-mnn/1",
+        "model": MODEL_FILE.split("/")[-1],
+        "name": loaded.name,
+        "task": loaded.task,
+        "edgepack_version": __version__,
+        "inputs": [t.name for t in method.inputs],
+        "outputs": [t.name for t in method.outputs],
+        "quantization": work.quant.describe(),
+    }
+    tok = loaded.tokenizer
+    if loaded.task == "causal-lm":
+        facts = loaded.facts
+        config["decoder"] = {
+            "context_length": meta["get_max_seq_len"], "num_hidden_layers": facts.n_layers,
+            "num_key_value_heads": facts.n_kv_heads, "head_size": facts.head_dim, "vocab_size": facts.vocab_size,
+            "past": list(PAST), "present": list(PRESENT), "kv_layout": "[1, kv_heads, length, head_dim]",
+            "cache_growth": "present = past followed by the new tokens; the first call passes past length 0"}
+    if tok is not None:
+        config["tokenizer"] = tok.stop_facts()
+    work.files = {MODEL_FILE: work.data, CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+                  **(tok.file_bytes("mnn/") if tok else {})}
+
+
+STEPS: tuple[Step, ...] = (
+    Step("check", check_scheme),
+    Step("round", round_weights),
+    Step("export", export),
+    Step("convert", convert),
+    Step("finish", finish),
+)
+
+GRID = ("4-bit linear layers: MNN's asymmetric blocks (each its own min..max, fp16 scale and minimum), stored by "
+        "its converter; embeddings: the same grid, stored by edgepack (codes two to a byte) and unpacked by the graph")
+
+
+def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
+          on_step: Callable[[str], None] | None = None) -> Artifact:
+    work = run_steps("mnn", STEPS, _Work(captured, quant, options), on_step)
+    runtime = {
+        "name": "MNN",
+        "version": mnn_runtime.runtime_version(),
+        "converter": f"MNN converter {version('mnn')} ({work.converter['flags']}; "
+                     f"{work.converter['layers_set_apart']} layers stored otherwise by --compressionParamsFile) "
+                     f"from torch.onnx (dynamo) {torch.__version__}, opset {OPSET}",
+        "api": "Express Module (MNN::Express::Module::load), CPU backend",
+        "memory_mode": mnn_runtime.MEMORY_MODE,
+        "dynamic_quant_option": mnn_runtime.DYNAMIC_QUANT_OPTION,
+        "config": CONFIG_FILE,
+    }
+    return Artifact(
+        backend="mnn",
+        platforms=("android", "ios"),
+        files=dict(work.files),
+        main_file=MODEL_FILE,
+        methods=work.signature.methods,
+        quantization={**quant.describe(), "library": f"MNN converter {version('mnn')}",
+                      **({"grid": GRID} if quant.scheme == "int4" else {})},
+        ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: wq.bits == 4),
+        reference_outputs=work.reference.outputs,
+        runtime=runtime,
+        extra={"quality": work.reference.quality},
+        tolerance=work.reference.tolerance,
+    )
