@@ -66,7 +66,9 @@ class _Work:
     options: Options
     layers: dict[str, WeightQuant] = field(default_factory=dict)
     linear: WeightQuant | None = None  # the converter's flags: the linear layers' most common storage
-    linear_outputs: dict[str, str] = field(default_factory=dict)  # layer path -> its MatMul's output in the graph
+    # layer path -> the graph outputs the converter may name its layer after: the MatMul's, and
+    # with a bias the Add's it fuses
+    linear_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     module: nn.Module | None = None  # the captured module holding the weights the .mnn stores
     reference: Reference | None = None
     signature: OnnxSignature | None = None
@@ -124,7 +126,7 @@ def _stored_lookup(layer: nn.Embedding, q: torch.Tensor, scale: torch.Tensor, mi
     embed_scale = getattr(layer, "embed_scale", None)  # Gemma's scaled embedding multiplies its rows
 
     def rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # index_select: ONNX Gather (indexing would trace to GatherND, which MNN cannot run on these tables)
+        # index_select traces to ONNX Gather of whole rows (plain indexing gives GatherND)
         return torch.index_select(table, 0, ids.reshape(-1)).float().unflatten(0, ids.shape)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
@@ -169,8 +171,18 @@ def export(work: _Work) -> None:
     work.signature = onnx_signature(work.captured, transformers_model if task == "causal-lm" else module)
     work.onnx_model = export_onnx(work.signature, transformers_model, OPSET)
     nodes, _ = weight_nodes(work.onnx_model, "MatMul", class_names(work.signature.module, nn.Linear))
-    outputs = {node.name: node.output[0] for node in work.onnx_model.graph.node}
-    work.linear_outputs = {path: outputs[name] for name, path in nodes.items()}
+    graph = work.onnx_model.graph
+    outputs = {node.name: node.output[0] for node in graph.node}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def names(output: str) -> tuple[str, ...]:
+        users = consumers.get(output, [])
+        return (output, users[0].output[0]) if len(users) == 1 and users[0].op_type == "Add" else (output,)
+
+    work.linear_outputs = {path: names(outputs[name]) for name, path in nodes.items()}
 
 
 def converter_flags(linear: WeightQuant | None) -> list[str]:
@@ -202,17 +214,18 @@ def _layer_settings(work: _Work, listing: dict) -> dict:
     """The converter's own listing of the layers it quantizes (its compression-parameters JSON,
     one entry per matrix product it turned into a convolution, named after the product's output),
     with the layers stored otherwise than its flags say set to their own storage."""
-    others = {work.linear_outputs[name]: wq for name, wq in work.layers.items()
-              if name in work.linear_outputs and wq != work.linear}
+    others = {name: wq for name, wq in work.layers.items() if name in work.linear_outputs and wq != work.linear}
+    by_output = {output: name for name in others for output in work.linear_outputs[name]}
     found = set()
     for layer in (layer for algo in listing["algo"] for layer in algo["quantParams"]["layer"]):
-        output = next((o for o in others if layer["opName"].startswith(f"{o}__")), None)
-        if output is not None:
-            wq = others[output]
+        name = by_output.get(layer["opName"].rsplit("__", 1)[0])
+        if name is not None:
+            wq = others[name]
             layer["weight"][0].update(bits=wq.bits, asymmetric=wq.bits == 4, blockSize=wq.group_size or 0)
-            found.add(output)
+            found.add(name)
     if found != set(others):
-        raise RuntimeError(f"MNN's converter lists no layer for the graph outputs {sorted(set(others) - found)[:3]}")
+        raise RuntimeError(f"MNN's converter lists no layer for {sorted(set(others) - found)[:3]} "
+                           f"(graph outputs {[work.linear_outputs[n] for n in sorted(set(others) - found)[:3]]})")
     return listing
 
 
