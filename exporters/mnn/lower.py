@@ -149,6 +149,8 @@ def round_weights(work: _Work) -> None:
     with torch.no_grad():
         for name, wq in work.layers.items():
             layer = modules[name]
+            if id(layer.weight) in done and not isinstance(layer, nn.Embedding):
+                continue  # a tied LM head: its table is already on the grid
             q, scale, minimum = grid_image(layer.weight, wq)
             if id(layer.weight) not in done:
                 done.add(id(layer.weight))
@@ -210,22 +212,27 @@ def save_for_converter(model, path: Path) -> None:
     onnx.save_model(model, path)
 
 
-def _layer_settings(work: _Work, listing: dict) -> dict:
+def _set_apart(work: _Work) -> dict[str, WeightQuant]:
+    """The linear layers in the graph stored otherwise than the converter's flags say (a precision
+    plan's int8 layers among int4 ones)."""
+    return {name: wq for name, wq in work.layers.items() if name in work.linear_outputs and wq != work.linear}
+
+
+def _layer_settings(listing: dict, apart: dict[str, WeightQuant], outputs: dict[str, tuple[str, ...]]) -> dict:
     """The converter's own listing of the layers it quantizes (its compression-parameters JSON,
     one entry per matrix product it turned into a convolution, named after the product's output),
-    with the layers stored otherwise than its flags say set to their own storage."""
-    others = {name: wq for name, wq in work.layers.items() if name in work.linear_outputs and wq != work.linear}
-    by_output = {output: name for name in others for output in work.linear_outputs[name]}
+    with the layers set apart given their own storage."""
+    by_output = {output: name for name in apart for output in outputs[name]}
     found = set()
     for layer in (layer for algo in listing["algo"] for layer in algo["quantParams"]["layer"]):
         name = by_output.get(layer["opName"].rsplit("__", 1)[0])
         if name is not None:
-            wq = others[name]
+            wq = apart[name]
             layer["weight"][0].update(bits=wq.bits, asymmetric=wq.bits == 4, blockSize=wq.group_size or 0)
             found.add(name)
-    if found != set(others):
-        raise RuntimeError(f"MNN's converter lists no layer for {sorted(set(others) - found)[:3]} "
-                           f"(graph outputs {[work.linear_outputs[n] for n in sorted(set(others) - found)[:3]]})")
+    missing = sorted(set(apart) - found)[:3]
+    if missing:
+        raise RuntimeError(f"MNN's converter lists no layer for {missing} (graph outputs {[outputs[n] for n in missing]})")
     return listing
 
 
@@ -234,26 +241,24 @@ def convert(work: _Work) -> None:
     cannot take edgepack down). When some linear layers are stored otherwise than most (a precision
     plan's int8 layers), a first run lists the layers and a second stores each as set there."""
     flags = converter_flags(work.linear)
+    apart = _set_apart(work)
     # The exporter's value_info is only a hint, and MNN's converter misreads it (the model it
     # writes then fails to load: "Alloc memory for const tensor error"); it infers its own.
     del work.onnx_model.graph.value_info[:]
-    mixed = any(wq != work.linear for name, wq in work.layers.items() if name in work.linear_outputs)
     with tempfile.TemporaryDirectory(prefix="edgepack-mnn-") as tmp:
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.mnn"
         save_for_converter(work.onnx_model, source)
         work.onnx_model = None  # its weights can be large; the file has them now
-        flags += ["--bizCode", BIZ_CODE]
-        if mixed:
+        run = [*flags, "--bizCode", BIZ_CODE]
+        if apart:
             listing, settings = Path(tmp) / "layers.json", Path(tmp) / "settings.json"
-            mnn_runtime.convert(source, target, [*flags, "--compressionParamsFile", str(listing)])
-            settings.write_text(json.dumps(_layer_settings(work, json.loads(listing.read_text()))))
-            flags += ["--compressionParamsFile", str(settings)]
-        mnn_runtime.convert(source, target, flags)
+            mnn_runtime.convert(source, target, [*run, "--compressionParamsFile", str(listing)])
+            settings.write_text(json.dumps(_layer_settings(json.loads(listing.read_text()), apart, work.linear_outputs)))
+            run += ["--compressionParamsFile", str(settings)]
+        mnn_runtime.convert(source, target, run)
         mnn_runtime.stable_model_id(target)
         work.data = target.read_bytes()
-    work.converter = {"flags": " ".join(converter_flags(work.linear)) or "(weights fp32)",
-                      "layers_set_apart": sum(wq != work.linear for name, wq in work.layers.items()
-                                              if name in work.linear_outputs)}
+    work.converter = {"flags": " ".join(flags) or "(weights fp32)", "layers_set_apart": len(apart)}
 
 
 def finish(work: _Work) -> None:
