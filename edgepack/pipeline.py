@@ -215,11 +215,12 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         captured = capture(loaded, capture_options)
 
     grids = {b.name: options[b.name].int4_grid for b in backends}
-    if planning == "decoder":
+    plans = {}
+    if planning == "decoder" and any(grids.values()):
         budget = request.bits_per_weight or quality.DEFAULT_BITS_PER_WEIGHT
         with progress.stage("plan precision") as stage:
             plans = plan_decoder_precision(captured, quant, *(calibration or read_calibration(None)), budget,
-                                           tuple(sorted(set(grids.values()))), on_step=stage.step)
+                                           tuple(sorted({g for g in grids.values() if g})), on_step=stage.step)
         warnings += over_budget(plans, grids, budget)
     if planning == "encoder":
         with progress.stage("plan precision") as stage:
@@ -230,8 +231,7 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
                             f"{quant.plan['planned_min_cosine']} < {quant.plan['floor']} from fp32")
 
     # Each backend's QuantSpec: its int4 grid's own plan (decoder LMs), or one for all
-    specs = ({name: plans[grid] for name, grid in grids.items()} if planning == "decoder"
-             else {b.name: quant for b in backends})
+    specs = {name: plans.get(grid, quant) for name, grid in grids.items()}
     artifacts, failures = [], []
     for backend in backends:
         try:
@@ -275,17 +275,21 @@ def over_budget(plans: dict[str, QuantSpec], grids: dict[str, str], budget: floa
             for grid, spec in plans.items() if spec.plan["bits_per_weight"] > budget]
 
 
+OWN_QUANTIZER = "none: the backend's quantizer chose"  # the plans' key for backends with no int4 grid
+
+
 def quantization_record(request: QuantSpec, specs: dict[str, QuantSpec], grids: dict[str, str]) -> dict:
     """The manifest's quantization: the one spec every backend followed or, when the backends'
-    int4 grids got plans of their own, the request's scheme and each grid's plan (its overrides
-    and how they were chosen) with the backends that follow it."""
-    if len({id(s) for s in specs.values()}) <= 1:
+    int4 grids got plans of their own (or a backend's own quantizer chose), the request's scheme
+    and each grid's plan (its overrides and how they were chosen) with the backends that follow it."""
+    if len({id(s) for s in specs.values()}) <= 1 and all(grids[name] for name in specs):
         return next(iter(specs.values()), request).describe()
     plans: dict[str, dict] = {}
     for name, spec in sorted(specs.items()):
         described = spec.describe()
-        plans.setdefault(grids[name], {"backends": [], **{k: described[k] for k in ("overrides", "plan") if k in described}})
-        plans[grids[name]]["backends"].append(name)
+        grid = grids[name] or OWN_QUANTIZER
+        plans.setdefault(grid, {"backends": [], **{k: described[k] for k in ("overrides", "plan") if k in described}})
+        plans[grid]["backends"].append(name)
     return {**request.describe(), "plans": dict(sorted(plans.items()))}
 
 

@@ -245,6 +245,8 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
         if a["runtime"].get("kernel_libraries"):
             runtime += f" + kernels: {', '.join(a['runtime']['kernel_libraries'])}"
         table.add_row("runtime", runtime)
+        if a["quantization"].get("grid"):
+            table.add_row("int4 stored as", a["quantization"]["grid"])
         for m in a["methods"]:
             inputs = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in m["inputs"])
             outputs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in m["outputs"])

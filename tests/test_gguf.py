@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
 from edgepack.packaging.manifest import read_manifest
-from tests.conftest import export_json
+from tests.conftest import export_json, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -135,10 +136,7 @@ def test_a_gguf_file_is_a_source_and_its_stored_types_are_recorded(gguf_export, 
     through transformers' GGUF loader: the manifest records the file and how it stored its weights,
     and the Q4_1 tensors come out of a second GGUF export as the same values (rounding on the grid
     they are already on changes nothing)."""
-    from collections import Counter
-
     from edgepack.packaging.bundle import read_bundle
-    from tests.conftest import run_cli
 
     source = tmp_path / "tiny.gguf"
     shutil.copy(gguf_export[2] / "gguf" / "model.gguf", source)
@@ -164,13 +162,48 @@ def test_a_gguf_file_is_a_source_and_its_stored_types_are_recorded(gguf_export, 
 
 
 def test_q4_0_is_smaller_and_symmetric(llama_dir, tmp_path):
-    code, summary = export_json(str(llama_dir), "--target", "gguf", "--gguf-int4", "Q4_0", "--mixed-precision", "off",
+    code, summary = export_json(str(llama_dir), "--target", "gguf", "--gguf-type", "Q4_0", "--mixed-precision", "off",
                                 "--out", str(tmp_path))
     assert code == 0, json.dumps(summary)[:3000]
     [artifact] = read_manifest(tmp_path / "tiny-llama")["artifacts"]
     assert set(artifact["quantization"]["gguf_types"]) == {"Q4_0", "F32"}
     kinds = {kind for kind, _ in _weights(tmp_path / "tiny-llama" / "gguf" / "model.gguf").values()}
     assert kinds == {"Q4_0", "F32"}
+
+
+def test_q4_k_m_is_llama_cpps_own_mix(tmp_path):
+    """--gguf-type Q4_K_M: llama.cpp's quantizer chooses each tensor's type (rows of 256, so its
+    K-quants apply: Q4_K, and Q6_K where the mix spends more); llama.cpp answers like the weights
+    it stored, the size is what those types hold, and the manifest says no plan was applied."""
+    from demo_model.build import build_decoder_dir
+    from edgepack.pipeline import OWN_QUANTIZER
+
+    # a short fit: the smoke compares llama.cpp with the weights it stored, not with a decisive model
+    model = build_decoder_dir(tmp_path / "k-llama", "llama", max_train_steps=20, hidden_size=256, intermediate_size=512)
+    code, summary = export_json(str(model), "--target", "gguf", "--gguf-type", "Q4_K_M", "--out", str(tmp_path / "out"))
+    assert code == 0, json.dumps(summary)[:3000]
+    bundle = tmp_path / "out" / "k-llama"
+    manifest = read_manifest(bundle)
+    [artifact] = manifest["artifacts"]
+    greedy = manifest["comparisons"]["lowering_fidelity"]["gguf"]["cases"]["greedy"]
+    assert greedy["steps_verified"] == 16 and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
+    tensors = _reader(bundle / "gguf" / "model.gguf").tensors
+    types = Counter(t.tensor_type.name for t in tensors)
+    assert artifact["quantization"]["gguf_types"] == dict(sorted(types.items()))
+    assert types["Q4_K"] > 0 and types["Q6_K"] > 0 and set(types) <= {"Q4_K", "Q6_K", "Q5_0", "Q8_0", "F32"}, types
+    assert artifact["ideal_bytes"] == sum(int(t.n_bytes) for t in tensors)
+    quantized = [t for t in tensors if t.tensor_type.name != "F32"]
+    bits = 8 * sum(int(t.n_bytes) for t in quantized) / sum(int(t.n_elements) for t in quantized)
+    assert 4.5 <= bits <= 6.6, bits  # Q4_K 4.5, Q6_K 6.5625 bits a weight
+    assert manifest["quantization"]["plans"] == {OWN_QUANTIZER: {"backends": ["gguf"]}}
+    assert "plan" not in artifact["quantization"] and artifact["quantization"]["gguf_type"] == "Q4_K_M"
+    assert "int4 stored as │ llama.cpp's Q4_K_M mix" in " ".join(run_cli("inspect", bundle).stdout.split())
+
+
+def test_q4_k_m_needs_int4(llama_dir, tmp_path):
+    result = run_cli("export", llama_dir, "--target", "gguf", "--gguf-type", "Q4_K_M", "--quant", "int8", "--out", tmp_path)
+    assert result.exit_code != 0 and "--gguf-type Q4_K_M is a 4-bit mix; --quant int8" in result.stderr
+    assert not (tmp_path / "tiny-llama").exists()
 
 
 def test_the_embedded_tokenizer_is_the_models(gguf_export, llama_dir):

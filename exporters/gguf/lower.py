@@ -2,7 +2,8 @@
 name map), 4-bit layers as Q4_1 or Q4_0 and the plan's 8-bit layers as Q8_0 (gguf's numpy
 quantizers, blocks of 32), norms in F32, the architecture's hyperparameters and the tokenizer
 (vocabulary, merges, special ids, chat template) in the file's metadata: one self-contained
-.gguf, the file llama.cpp's Android and iOS bindings load.
+.gguf, the file llama.cpp's Android and iOS bindings load. --gguf-type Q4_K_M writes the weights
+in F32 and hands the file to llama.cpp's own quantizer, which picks each tensor's type.
 
 The reference is the captured model holding exactly the weights the file stores (each one
 dequantized by gguf from its stored bytes), so the smoke compares llama.cpp with what it was given."""
@@ -24,7 +25,7 @@ from edgepack import __version__
 from edgepack.errors import InputError
 from edgepack.exporters.capture import Reference, quantized_reference
 from edgepack.exporters.gguf import runtime as gguf_runtime
-from edgepack.exporters.gguf.options import Options
+from edgepack.exporters.gguf.options import LLAMA_CPP_MIXES, Options
 from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.quant import QuantSpec, WeightQuant
@@ -80,36 +81,54 @@ def _shape_refusal(loaded, quant: QuantSpec) -> str | None:
     return None
 
 
+def _type_refusal(quant: QuantSpec, options: Options) -> str | None:
+    if options.type in LLAMA_CPP_MIXES and quant.scheme != "int4":
+        return f"--gguf-type {options.type} is a 4-bit mix; --quant {quant.scheme} asks for none (use --quant int4)"
+    return None
+
+
 @dataclass
 class _Work:
     captured: CapturedModel
     quant: QuantSpec
     options: Options
+    folder: Path  # a scratch folder for the file (and llama.cpp's quantizer's input)
     arch: Arch | None = None
     vocab: GgufVocab | None = None
     tensors: list[tuple[str, np.ndarray, str]] = field(default_factory=list)  # (gguf name, stored bytes or floats, type)
+    hf_names: dict[str, str] = field(default_factory=dict)  # gguf name -> Hugging Face parameter name
     stored: dict[str, torch.Tensor] = field(default_factory=dict)  # HF parameter name -> the weight the file holds
     reference: Reference | None = None
-    data: bytes = b""
+    path: Path | None = None  # the file written
     tokenizer_check: dict = field(default_factory=dict)
 
 
 def _gguf_type(options: Options, wq: WeightQuant | None) -> str:
-    """A layer's GGUF type (4-bit layers have blocks of BLOCK: refusal() turned away other sizes)."""
-    if wq is None:
+    """A layer's GGUF type as edgepack writes it (4-bit layers have blocks of BLOCK: refusal()
+    turned away other sizes); F32 throughout where llama.cpp's quantizer chooses afterwards."""
+    if wq is None or options.type in LLAMA_CPP_MIXES:
         return "F32"
-    return "Q8_0" if wq.bits == 8 else options.int4_type
+    return "Q8_0" if wq.bits == 8 else options.type
 
 
-def _permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
-    """Hugging Face's q/k rows (each head's rotary halves) in llama.cpp's order (pairs interleaved).
-    Works on any row-major array whose first axis is the output rows (float or packed blocks)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _permute_rope_rows(w: np.ndarray, heads: int, *, back: bool = False) -> np.ndarray:
+    """Hugging Face's q/k rows (each head's rotary halves) in llama.cpp's order (pairs interleaved),
+    or `back`. Works on any row-major array whose first axis is the output rows (float or packed blocks)."""
+    split = (heads, w.shape[0] // heads // 2, 2) if back else (heads, 2, w.shape[0] // heads // 2)
+    return w.reshape(*split, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_heads(work: _Work, name: str) -> int | None:
+    """The heads whose rows llama.cpp's rope pairs differently, for an HF q or k weight; else None."""
+    if not (work.arch.interleaved_rope and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))):
+        return None
+    facts = work.captured.loaded.facts
+    return facts.n_heads if "q_proj" in name else facts.n_kv_heads
 
 
 def read_architecture(work: _Work) -> None:
     loaded = work.captured.loaded
-    reason = _shape_refusal(loaded, work.quant)
+    reason = _shape_refusal(loaded, work.quant) or _type_refusal(work.quant, work.options)
     if reason:
         raise InputError(f"gguf: {reason}", hint="leave gguf out of --target")
     work.arch = ARCHES[loaded.facts.family]
@@ -144,10 +163,10 @@ def quantize_tensors(work: _Work) -> None:
             qtype = getattr(gguf.GGMLQuantizationType, kind)
             data = gguf.quants.quantize(weight, qtype)
             work.stored[name] = torch.from_numpy(gguf.quants.dequantize(data, qtype).astype(np.float32))
-        if work.arch.interleaved_rope and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            heads = facts.n_heads if "q_proj" in name else facts.n_kv_heads
+        if heads := _rope_heads(work, name):
             data = _permute_rope_rows(data, heads)
         work.tensors.append((target, np.ascontiguousarray(data), kind))
+        work.hf_names[target] = name
 
 
 def record_reference(work: _Work) -> None:
@@ -166,35 +185,32 @@ def write_file(work: _Work) -> None:
     loaded, facts = work.captured.loaded, work.captured.loaded.facts
     config = loaded.module.config.get_text_config()
     kinds = {kind for _, _, kind in work.tensors}
-    with tempfile.TemporaryDirectory(prefix="edgepack-gguf-") as tmp:
-        path = Path(tmp) / "model.gguf"
-        writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, work.arch.name)])
-        writer.add_name(loaded.name)
-        writer.add_string("general.source.edgepack", f"edgepack {__version__} from {Path(loaded.source).name}")
-        writer.add_context_length(facts.max_positions)
-        writer.add_embedding_length(facts.hidden_size)
-        writer.add_block_count(facts.n_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(facts.n_heads)
-        writer.add_head_count_kv(facts.n_kv_heads)
-        writer.add_key_length(facts.head_dim)
-        writer.add_value_length(facts.head_dim)
-        writer.add_rope_dimension_count(facts.head_dim)
-        writer.add_rope_freq_base(float(facts.rope_theta))
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        writer.add_vocab_size(facts.vocab_size)
-        writer.add_file_type(_file_type(kinds))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_vocab(writer, work.vocab, loaded.tokenizer)
-        for name, data, kind in work.tensors:
-            qtype = getattr(gguf.GGMLQuantizationType, kind)
-            writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        work.data = path.read_bytes()
-        work.tokenizer_check = gguf_runtime.check_embedded_tokenizer(path, loaded.tokenizer)
+    work.path = work.folder / "model.gguf"
+    writer = gguf.GGUFWriter(work.path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, work.arch.name)])
+    writer.add_name(loaded.name)
+    writer.add_string("general.source.edgepack", f"edgepack {__version__} from {Path(loaded.source).name}")
+    writer.add_context_length(facts.max_positions)
+    writer.add_embedding_length(facts.hidden_size)
+    writer.add_block_count(facts.n_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(facts.n_heads)
+    writer.add_head_count_kv(facts.n_kv_heads)
+    writer.add_key_length(facts.head_dim)
+    writer.add_value_length(facts.head_dim)
+    writer.add_rope_dimension_count(facts.head_dim)
+    writer.add_rope_freq_base(float(facts.rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(facts.vocab_size)
+    writer.add_file_type(_file_type(kinds))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_vocab(writer, work.vocab, loaded.tokenizer)
+    for name, data, kind in work.tensors:
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _file_type(kinds: set[str]) -> int:
@@ -207,44 +223,78 @@ def _file_type(kinds: set[str]) -> int:
     return gguf.LlamaFileType.ALL_F32
 
 
-STEPS: tuple[Step, ...] = (
+def quantize_with_llama_cpp(work: _Work) -> None:
+    """llama.cpp's quantizer makes its mix from the F32 file; what it stored is read back (each
+    tensor dequantized by gguf, q/k rows in Hugging Face's order again) for the reference."""
+    import gguf
+
+    mixed = work.folder / f"model-{work.options.type}.gguf"
+    gguf_runtime.quantize(work.path, mixed, LLAMA_CPP_MIXES[work.options.type])
+    work.path, work.tensors, work.stored = mixed, [], {}
+    for t in gguf.GGUFReader(mixed).tensors:
+        name = work.hf_names[t.name]
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        values = values.reshape([int(d) for d in reversed(t.shape)])
+        if heads := _rope_heads(work, name):
+            values = _permute_rope_rows(values, heads, back=True)
+        work.tensors.append((t.name, t.data, t.tensor_type.name))
+        work.stored[name] = torch.from_numpy(values.copy())
+
+
+def check_tokenizer(work: _Work) -> None:
+    work.tokenizer_check = gguf_runtime.check_embedded_tokenizer(work.path, work.captured.loaded.tokenizer)
+
+
+PLAN_STEPS: tuple[Step, ...] = (
     Step("architecture", read_architecture),
     Step("quantize", quantize_tensors),
     Step("reference", record_reference),
     Step("write", write_file),
+    Step("check tokenizer", check_tokenizer),
+)
+LLAMA_CPP_STEPS: tuple[Step, ...] = (
+    Step("architecture", read_architecture),
+    Step("collect weights", quantize_tensors),  # all F32
+    Step("write", write_file),
+    Step("llama.cpp quantize", quantize_with_llama_cpp),
+    Step("check tokenizer", check_tokenizer),
+    Step("reference", record_reference),
 )
 
 # What the file's 4-bit layers store (the plan's "int4 ... sym" names the planner's grid, not this one).
 GRIDS = {"Q4_1": "4-bit layers Q4_1: each block of 32 on its own min..max (fp16 scale and minimum); 8-bit layers Q8_0",
-         "Q4_0": "4-bit layers Q4_0: blocks of 32, symmetric, one fp16 scale; 8-bit layers Q8_0"}
-# bits of side data per block of 32: fp16 scale (Q4_0, Q8_0), fp16 scale and minimum (Q4_1)
-_SIDE_BITS = {"Q4_0": 16, "Q4_1": 32, "Q8_0": 16}
+         "Q4_0": "4-bit layers Q4_0: blocks of 32, symmetric, one fp16 scale; 8-bit layers Q8_0",
+         "Q4_K_M": "llama.cpp's Q4_K_M mix, each tensor's type chosen by llama.cpp's quantizer (gguf_types); "
+                   "the precision plan does not apply"}
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
           on_step: Callable[[str], None] | None = None) -> Artifact:
-    work = run_steps("gguf", STEPS, _Work(captured, quant, options), on_step)
+    steps = LLAMA_CPP_STEPS if options.type in LLAMA_CPP_MIXES else PLAN_STEPS
+    with tempfile.TemporaryDirectory(prefix="edgepack-gguf-") as tmp:
+        work = run_steps("gguf", steps, _Work(captured, quant, options, Path(tmp)), on_step)
+        data = work.path.read_bytes()
     counts = Counter(kind for _, _, kind in work.tensors)
-
-    def side_bits(weight: torch.Tensor, wq: WeightQuant) -> float:
-        return weight.numel() / BLOCK * _SIDE_BITS[_gguf_type(options, wq)]
-
     warnings = ()
     if not work.tokenizer_check["passed"]:
         first = work.tokenizer_check["mismatches"][0]
         warnings = (f"llama.cpp's tokenizer (from the .gguf) differs from the model's on "
                     f"{len(work.tokenizer_check['mismatches'])} check(s); first: {first['what']} of {first['text'][:40]!r}",)
+    if options.type in LLAMA_CPP_MIXES:
+        quantization = {"scheme": quant.scheme, "method": f"llama.cpp's quantizer ({options.type})",
+                        "library": f"llama.cpp (llama-cpp-python {gguf_runtime.runtime_version()})"}
+    else:
+        quantization = {**quant.describe(), "library": f"gguf {version('gguf')} (numpy quantizers)"}
     return Artifact(
         backend="gguf",
         platforms=("android", "ios"),
-        files={MODEL_FILE: work.data},
+        files={MODEL_FILE: data},
         main_file=MODEL_FILE,
         methods=captured.methods,
-        quantization={**quant.describe(), "library": f"gguf {version('gguf')} (numpy quantizers)",
-                      "gguf_types": dict(sorted(counts.items())), "int4_type": options.int4_type,
-                      "grid": GRIDS[options.int4_type],
+        quantization={**quantization, "gguf_types": dict(sorted(counts.items())), "gguf_type": options.type,
+                      "grid": GRIDS[options.type],
                       "activations": "llama.cpp quantizes activations per block of 32 (Q8_0 / Q8_1) for quantized matmuls"},
-        ideal_bytes=quant.ideal_bytes(captured.module, side_bits=side_bits),
+        ideal_bytes=sum(data.nbytes for _, data, _ in work.tensors),  # as their types store them, tied once
         reference_outputs=work.reference.outputs,
         runtime={"name": "llama.cpp", "version": gguf_runtime.runtime_version(), "architecture": work.arch.name.lower(),
                  "tokenizer": {"embedded": f"tokenizer.ggml.* ({work.vocab.model}, pre {work.vocab.pre!r})",

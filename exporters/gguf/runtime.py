@@ -82,3 +82,15 @@ def check_embedded_tokenizer(path: Path, tok: TokenizerFacts) -> dict:
                            "error": f"llama.cpp does not stop on eos id(s) {not_stopping}"})
     return {"runner": f"llama.cpp (llama-cpp-python {runtime_version()})", "texts": len(texts),
             "eos_ids_stop": not not_stopping, "passed": not mismatches, "mismatches": mismatches}
+
+
+def quantize(source: Path, out: Path, mix: str) -> None:
+    """llama.cpp's quantizer (llama_model_quantize, as its llama-quantize tool) from `source`
+    (F32) to `out` as the llama_ftype `mix`, on every core (nthread 0). A failure is the step's
+    error (run_steps names it)."""
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{mix}")
+    failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
+    if failed or not out.exists():
+        raise RuntimeError(f"llama.cpp's quantizer returned {failed} making {mix} from {source.name}")
