@@ -96,7 +96,7 @@ def with_backend_flags(command):
 @app.command()
 @with_backend_flags
 def export(
-    source: str = typer.Argument(..., help="A local Hugging Face model directory, a .pt2 file, or file.py:factory / module:factory."),
+    source: str = typer.Argument(..., help="A local Hugging Face model directory, a hub id in the local Hugging Face cache (ORG/NAME[@REVISION]; never downloaded), a GGUF file, a .pt2 file, or file.py:factory / module:factory."),
     target: str = typer.Option(DEFAULT_TARGET, "--target", "-t", help=f"Comma-separated backends ({', '.join(BACKENDS)}), or 'all'."),
     out: Path = typer.Option(Path("dist"), "--out", "-o", help="The bundle is written to OUT/NAME/."),
     name: Optional[str] = typer.Option(None, help="Bundle name (default: the source's directory or file name)."),

@@ -208,6 +208,8 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
     model = manifest["model"]
     head = _kv_table(f"bundle {manifest['name']} (manifest schema {manifest['schema_version']})")
     head.add_row("source", f"{model['source']} ({model['source_kind']}, {model['task']})")
+    if model.get("hub"):
+        head.add_row("hub", f"{model['hub']['repo_id']} at {model['hub']['revision']}: commit {model['hub']['commit']}")
     if model["architecture"]:
         arch = model["architecture"]
         head.add_row("architecture", f"{arch['family']}: {arch['n_layers']} layers, hidden {arch['hidden_size']}, "

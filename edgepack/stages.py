@@ -67,12 +67,13 @@ class TokenizerFacts:
 class LoadedModel:
     name: str
     source: str
-    source_kind: Literal["hf-dir", "gguf", "pt2", "factory"]
+    source_kind: Literal["hf-dir", "hub", "gguf", "pt2", "factory"]
     task: Task
     module: nn.Module = field(repr=False)
     parameter_count: int
     weight_files: tuple[tuple[str, str], ...] = ()  # (file name, sha256)
     source_quantization: dict | None = None  # a source already quantized (GGUF): how its weights were stored
+    hub: dict | None = None  # a hub id's repo_id, the revision asked for and the commit the cache resolved it to
     facts: ModelFacts | None = None
     tokenizer: TokenizerFacts | None = None
     example_inputs: tuple = field(default=(), repr=False)

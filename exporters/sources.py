@@ -38,6 +38,8 @@ def load_source(source: str, *, name: str | None = None, no_tokenizer: bool = Fa
         loaded = load_pt2(path, source, name=name)
     elif ":" in source and not path.exists():
         loaded = load_factory(source, name=name)
+    elif HUB_ID.fullmatch(source) and not path.exists():
+        loaded = load_hub(source, name=name, no_tokenizer=no_tokenizer)
     elif path.is_file() and (path.parent / "config.json").is_file():
         raise InputError(f"{source}: is a file inside a model folder; edgepack reads the whole folder",
                          hint=f"pass the folder: edgepack export {path.parent}")
@@ -47,7 +49,8 @@ def load_source(source: str, *, name: str | None = None, no_tokenizer: bool = Fa
     else:
         raise InputError(
             f"{source}: no such model directory or file",
-            hint="pass a local Hugging Face model directory, a .pt2 file, or file.py:factory / module:factory",
+            hint="pass a local Hugging Face model directory, a hub id in the local cache (ORG/NAME[@REVISION]), "
+                 "a .gguf or .pt2 file, or file.py:factory / module:factory",
         )
     check_finite(loaded.module, source)
     return loaded
@@ -151,6 +154,33 @@ def load_hf_dir(path: Path, source: str, *, name: str | None, no_tokenizer: bool
         facts=facts,
         tokenizer=tokenizer,
     )
+
+
+# ORG/NAME[@REVISION], as the Hub names models (a path that exists is read as a path first)
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
+
+
+def load_hub(source: str, *, name: str | None, no_tokenizer: bool) -> LoadedModel:
+    """A hub id, from the local Hugging Face cache (HF_HUB_CACHE, or HF_HOME/hub) only, resolved
+    by huggingface_hub as transformers resolves it: a branch or tag through the cache's refs, a
+    commit by its snapshot. edgepack never downloads: a model not in the cache is an input error."""
+    from dataclasses import replace
+
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    match = HUB_ID.fullmatch(source)
+    repo, revision = match["repo"], match["revision"] or "main"
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError as e:
+        raise InputError(f"{source}: no such model directory, and {repo} at {revision!r} is not in the Hugging Face "
+                         f"cache {constants.HF_HUB_CACHE}",
+                         hint=f"edgepack never downloads: fetch it first (`hf download {repo}"
+                              f"{'' if revision == 'main' else f' --revision {revision}'}`), or point HF_HUB_CACHE "
+                              f"(or HF_HOME) at the cache that has it") from e
+    loaded = load_hf_dir(folder, source, name=name or _bundle_name(repo.split("/")[1]), no_tokenizer=no_tokenizer)
+    return replace(loaded, source_kind="hub", hub={"repo_id": repo, "revision": revision, "commit": folder.name})
 
 
 def load_gguf(path: Path, source: str, *, name: str | None, no_tokenizer: bool) -> LoadedModel:

@@ -119,6 +119,7 @@ def build_manifest(captured, quantization: dict, artifacts, artifact_files: dict
             "parameter_count": loaded.parameter_count,
             "weight_files": [{"name": n, "sha256": h} for n, h in loaded.weight_files],
             "source_quantization": loaded.source_quantization,
+            "hub": loaded.hub,
         },
         "tokenizer": None if tok is None else {
             "files": tokenizer_files,

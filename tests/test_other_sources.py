@@ -1,7 +1,15 @@
 """The other front ends: a BERT encoder directory, a Python factory and a saved .pt2 program,
-each exported to ExecuTorch and checked on the ExecuTorch runtime."""
+each exported to ExecuTorch and checked on the ExecuTorch runtime; a hub id read from a local
+Hugging Face cache laid out on disk (no network)."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,3 +65,41 @@ def test_saved_exported_program(tmp_path):
     manifest = _check(tmp_path / "out", "mlp", code, summary)
     assert manifest["model"]["source_kind"] == "pt2"
     assert manifest["model"]["weight_files"][0]["name"] == "mlp.pt2"
+
+
+def _cli(*args, cache) -> subprocess.CompletedProcess:
+    """The CLI in its own process, as a user runs it: huggingface_hub reads HF_HUB_CACHE when imported."""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "edgepack", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_hub_id_is_read_from_the_local_cache(llama_dir, tmp_path):
+    """ORG/NAME resolves through the cache's refs/main to its snapshot, as transformers resolves it;
+    the manifest records the repo, the revision and the commit, and the weights read are the cache's."""
+    commit = hashlib.sha1(b"tiny-llama v1").hexdigest()
+    repo = tmp_path / "hub" / "models--local--tiny-llama"
+    shutil.copytree(llama_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    result = _cli("export", "local/tiny-llama", "--target", "gguf", "--out", tmp_path / "out", "--json", cache=tmp_path / "hub")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "out" / "tiny-llama")
+    model = manifest["model"]
+    assert model["source"] == "local/tiny-llama" and model["source_kind"] == "hub"
+    assert model["hub"] == {"repo_id": "local/tiny-llama", "revision": "main", "commit": commit}
+    want = hashlib.sha256((llama_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert model["weight_files"] == [{"name": "model.safetensors", "sha256": want}]
+    assert manifest["comparisons"]["lowering_fidelity"]["gguf"]["passed"]
+    assert json.loads(result.stdout)["ok"] is True
+
+
+def test_a_hub_id_not_in_the_cache_says_where_edgepack_looked(tmp_path):
+    (tmp_path / "hub").mkdir()
+    for source, revision in (("local/absent", "main"), ("local/absent@v2", "v2")):
+        result = _cli("export", source, "--target", "gguf", "--out", tmp_path / "out", cache=tmp_path / "hub")
+        assert result.returncode == 2, result.stderr[-2000:]
+        said = " ".join(result.stderr.split())
+        assert f"local/absent at '{revision}' is not in the Hugging Face cache {tmp_path / 'hub'}" in said, said
+        assert "edgepack never downloads" in said and "hf download local/absent" in said
+    assert not (tmp_path / "out").exists()
