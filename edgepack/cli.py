@@ -1,4 +1,4 @@
-"""The edgepack command line: export, smoke, inspect, doctor.
+"""The edgepack command line: export, smoke, inspect, diff, doctor.
 
 Human text goes to stderr; with --json, one machine-readable object goes to stdout.
 Exit codes: 0 all produced and smoke-tested, 1 a backend or a check failed, 2 bad usage or input,
@@ -241,6 +241,40 @@ def inspect(
         _emit_json(manifest)
     else:
         print_manifest(Console(), manifest, bundle)
+
+
+@app.command()
+def diff(
+    old: Path = typer.Argument(..., help="The earlier bundle (a directory written by `edgepack export`)."),
+    new: Path = typer.Argument(..., help="The bundle to compare with it."),
+    max_size_increase: Optional[float] = typer.Option(
+        None, "--max-size-increase", metavar="PCT",
+        help="Exit 1 if an artifact of NEW is more than PCT % larger than OLD's (or OLD's artifact is missing from NEW)."),
+    max_ppl_increase: Optional[float] = typer.Option(
+        None, "--max-ppl-increase", metavar="PCT",
+        help="Exit 1 if an artifact's perplexity in NEW is more than PCT % above OLD's, or cannot be compared "
+             "(measured on different texts or in one bundle only)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every compared quantity as JSON on stdout."),
+) -> None:
+    """Compare two bundles: each artifact's size, perplexity, cosines and golden tokens, the source
+    weights, the settings and the toolchain. Both bundles are checked against their file index first.
+
+    [bold]Example[/] (release CI, against the last release's bundle)
+
+      edgepack diff last-release/my-model dist/my-model --max-size-increase 2 --max-ppl-increase 1
+    """
+    from edgepack.packaging.diff import Bounds, diff_bundles
+    from edgepack.report import print_diff
+
+    try:
+        result = diff_bundles(old, new, Bounds(max_size_increase, max_ppl_increase))
+    except EdgepackError as e:
+        _fail(e, as_json, False)
+    if as_json:
+        _emit_json(result)
+    else:
+        print_diff(err, result)
+    raise typer.Exit(0 if result["passed"] else EXIT_FAILED)
 
 
 @app.command()

@@ -3,6 +3,7 @@ Every number comes from the run or the manifest; nothing here measures or guesse
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -303,3 +304,42 @@ def print_doctor(console: Console, report: dict) -> None:
         versions = ", ".join(f"{d} {v or 'missing'}" for d, v in b["distributions"].items())
         table.add_row(f"backend {name}", "[green]ready[/]" if b["available"] else "[red]missing[/]", versions)
     console.print(table)
+
+
+def _shown(value) -> str:
+    """A compared value, short: digests cut, records as key=value with nested ones cut at 60
+    characters (--json has them whole)."""
+    if isinstance(value, dict):
+        def nested(v) -> str:
+            text = json.dumps(v, sort_keys=True)
+            return text if len(text) <= 60 else text[:59] + "…"
+        return ", ".join(f"{k}={nested(v) if isinstance(v, (dict, list)) else _shown(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "…"
+    return "-" if value is None else str(value)
+
+
+def print_diff(console: Console, result: dict) -> None:
+    """What changed from OLD to NEW, a row per compared quantity; unchanged ones are counted, not listed."""
+    table = Table(title=f"{result['old']} → {result['new']}", title_justify="left")
+    for column in ("", "what", "old", "new", "change"):
+        table.add_column(column, overflow="fold")
+    same = 0
+    for c in result["changes"]:
+        if c["same"] and not c["regression"]:
+            same += 1
+            continue
+        if c["what"] == "bytes":
+            old, new = _mb(c["old"]), _mb(c["new"])
+        elif c["note"]:
+            old, new = "", c["note"]
+        else:
+            old, new = _shown(c["old"]), _shown(c["new"])
+        change = "" if c["change_pct"] is None else f"{c['change_pct']:+.2f} %"
+        table.add_row(c["backend"] or "", c["what"], old, new, f"[red]{change or 'unchecked'}[/]" if c["regression"] else change)
+    if table.row_count:
+        console.print(table)
+    console.print(f"{same} compared quantities unchanged" + ("" if table.row_count else ": no differences"))
+    for regression in result["regressions"]:
+        console.print(f"[red]regression:[/] {regression}")
+    console.print("[green]within bounds[/]" if result["passed"] else "[red]over bounds[/]")
