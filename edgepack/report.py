@@ -32,6 +32,7 @@ def export_summary(result) -> dict:
             "lowering_fidelity": fidelity.get(a["backend"]), "quantization_quality": quality.get(a["backend"]),
             # files beside the artifact checked on their own runtime (e.g. the .litertlm on the LiteRT-LM engine)
             "companions": {c.name: fidelity[c.name] for c in _companions(a, fidelity)},
+            "memory": a.get("memory"),
         })
     text_quality = manifest.get("quality", {}).get("artifacts", {})
     for a in artifacts:
@@ -123,6 +124,22 @@ def _case_summary(cases: dict, key: str) -> str:
     return f"{min(values):.4f}" if values else "-"
 
 
+def describe_memory(memory: dict | None, measured: dict | None) -> str:
+    """The memory report: weights and KV cache computed from the artifact, the smoke's RSS measured."""
+    if not memory:
+        return "-"
+    text = f"weights {_mb(memory['weights_bytes'])}"
+    kv = memory["kv_cache"]
+    if kv:
+        text += (f" + KV cache {_mb(kv['bytes_at_max_context'])} at {kv['max_context']:,} tokens "
+                 f"({kv['dtype']}, {kv['allocation']}; {_mb(kv['bytes_per_1000_tokens'])} per 1,000 tokens)")
+    text += " (computed)"
+    if measured:
+        text += (f"; the smoke's peak RSS {_mb(measured['peak_rss_bytes'])}, "
+                 f"{_mb(measured['peak_rss_bytes'] - measured['rss_before_bytes'])} over the process before it (measured)")
+    return text
+
+
 def _kv_table(title: str) -> Table:
     """Two columns, so nothing is cut on an 80-column terminal or in a CI log."""
     table = Table(title=title, title_justify="left", show_header=False)
@@ -138,6 +155,7 @@ def print_export_summary(console: Console, summary: dict) -> None:
         table.add_row("file", a["path"])
         table.add_row("size", f"{_mb(a['bytes'])}  ({a['ratio_to_ideal']:.2f}× the ideal {_mb(a['ideal_bytes'])})")
         table.add_row("smoke vs quantized eager", describe_fidelity(fid))
+        table.add_row("memory", describe_memory(a["memory"], fid.get("memory")))
         for check in BACKENDS[a["backend"]].companions:
             if check.name in a["companions"]:
                 table.add_row(check.label, function(check.describe)(a["companions"][check.name]))
@@ -258,6 +276,8 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
             table.add_row(f"in file: {label}", text)
         if a["backend"] in fidelity:
             table.add_row("smoke at export", describe_fidelity(fidelity[a["backend"]]))
+        if a.get("memory"):  # bundles from before the memory report have none
+            table.add_row("memory", describe_memory(a["memory"], fidelity.get(a["backend"], {}).get("memory")))
         for check in _companions(a, fidelity):
             table.add_row(check.label, function(check.describe)(fidelity[check.name]))
         text = manifest.get("quality", {}).get("artifacts", {}).get(a["backend"])

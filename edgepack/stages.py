@@ -123,6 +123,21 @@ class CapturedModel:
 
 
 @dataclass(frozen=True)
+class KvCache:
+    """How an artifact keeps a decoder's KV cache: the dtype it stores keys and values in and how
+    the memory is taken (the manifest's memory report computes the bytes from the model's shape)."""
+
+    dtype: Literal["float32", "float16"]
+    # static: the whole context allocated at load; growing: passed in and out, growing with the
+    # tokens; runtime: the runtime allocates it for the context the app asks for
+    allocation: Literal["static", "growing", "runtime"]
+
+    @classmethod
+    def for_decoder(cls, captured: "CapturedModel", dtype: str, allocation: str) -> "KvCache | None":
+        return cls(dtype, allocation) if captured.loaded.task == "causal-lm" else None
+
+
+@dataclass(frozen=True)
 class Artifact:
     """One backend's product: its files (relative to the bundle), how it was made, and the
     quantized eager answers it must reproduce."""
@@ -139,6 +154,7 @@ class Artifact:
     extra: dict = field(default_factory=dict)
     tolerance: Tolerance | None = None  # the smoke's bounds for this artifact (None: the captured model's)
     warnings: tuple[str, ...] = ()  # what the app should know about this artifact; failures under --strict
+    kv_cache: KvCache | None = None  # decoder LMs
 
 
 @dataclass(frozen=True)

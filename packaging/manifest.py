@@ -96,6 +96,26 @@ def smoke_section(captured, artifacts, case_files: dict) -> dict:
     return {"tolerance": captured.tolerance.as_dict(), "cases": cases}
 
 
+KV_ITEM_BYTES = {"float32": 4, "float16": 2}
+
+
+def memory_record(artifact, captured) -> dict:
+    """What the artifact takes in an app's memory, computed (nothing here is measured): its weights
+    as its files hold them (the main file, or the directory, and any data file beside it named after
+    it; each runtime maps or loads them whole), and a decoder's KV cache, keys and values for every
+    layer and KV head, in the dtype the artifact keeps them in."""
+    facts, kv = captured.loaded.facts, artifact.kv_cache
+    weights = sum(len(data) for name, data in artifact.files.items() if name.startswith(artifact.main_file))
+    record = {"weights_bytes": weights, "kv_cache": None}
+    if kv is not None and facts is not None:
+        per_token = 2 * facts.n_layers * facts.n_kv_heads * facts.head_dim * KV_ITEM_BYTES[kv.dtype]
+        max_context = captured.llm_metadata["get_max_context_len"]
+        record["kv_cache"] = {"dtype": kv.dtype, "allocation": kv.allocation, "bytes_per_token": per_token,
+                              "bytes_per_1000_tokens": 1000 * per_token, "max_context": max_context,
+                              "bytes_at_max_context": max_context * per_token}
+    return record
+
+
 def build_manifest(captured, quantization: dict, artifacts, artifact_files: dict, tokenizer_files: list, case_files: dict,
                    failures: list[dict]) -> dict:
     loaded = captured.loaded
@@ -153,6 +173,7 @@ def build_manifest(captured, quantization: dict, artifacts, artifact_files: dict
                 "methods": [m.as_dict() for m in a.methods],
                 "runtime": a.runtime,
                 "smoke_tolerance": (a.tolerance or captured.tolerance).as_dict(),
+                "memory": memory_record(a, captured),
             }
             for a in artifacts
         ],

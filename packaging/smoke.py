@@ -3,6 +3,7 @@ compare with the expected outputs recorded at export, within the manifest's tole
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ from edgepack.cases import Case, CaseOutput, Tolerance, compare, compare_free_ru
 from edgepack.errors import EdgepackError, InputError
 from edgepack.exporters.backend import CompanionCheck, function
 from edgepack.exporters.registry import BACKENDS
+from edgepack.progress import measure_rss
 
 
 @dataclass
@@ -22,9 +24,13 @@ class BackendSmoke:
     passed: bool
     cases: dict[str, dict] = field(default_factory=dict)  # case -> metrics (+ "failures")
     error: str | None = None
+    # measured on the host while its runtime loaded and ran the artifact in this process: the
+    # resident set before and the peak during (empty where not measurable: not Linux, not the host)
+    memory: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"runtime": self.runtime, "passed": self.passed, "cases": self.cases, "error": self.error}
+        return {"runtime": self.runtime, "passed": self.passed, "cases": self.cases, "error": self.error,
+                "memory": self.memory}
 
 
 def _load(bundle: Path, ref: dict) -> np.ndarray:
@@ -88,11 +94,12 @@ def smoke_bundle(bundle: Path, manifest: dict, backends: list[str] | None = None
         result = BackendSmoke(backend, f"{backend} {where}", passed=True)
         tolerance = Tolerance.from_dict(artifact["smoke_tolerance"])
         try:
-            run = replay(bundle, artifact)
-            for case, refs in cases:
-                result.cases[case.name] = judge_case(case, run, expected_output(bundle, refs[backend]),
-                                                     expected_output(bundle, refs["fp32-eager"]), tolerance)
-                result.passed &= not result.cases[case.name]["failures"]
+            with measure_rss() if where == "host" else nullcontext({}) as result.memory:
+                run = replay(bundle, artifact)
+                for case, refs in cases:
+                    result.cases[case.name] = judge_case(case, run, expected_output(bundle, refs[backend]),
+                                                         expected_output(bundle, refs["fp32-eager"]), tolerance)
+                    result.passed &= not result.cases[case.name]["failures"]
         except Exception as e:  # a runtime that cannot load or run the artifact is a smoke failure
             result.passed, result.error = False, _error_text(e)
         results.append(result)

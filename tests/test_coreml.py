@@ -94,6 +94,12 @@ def test_llama_package_holds_int4_blocks_states_and_metadata(coreml_llama, llama
     # states, inputs and outputs are what the manifest says (what an iOS app binds to)
     states = {s.name: list(s.type.stateType.arrayType.shape) for s in spec.description.state}
     assert states == {s["name"]: s["shape"] for s in art["runtime"]["states"]} and len(states) == 4
+    # the memory report's KV cache is these states: fp16 (CoreML's only state type), whole at load
+    fp16 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
+    assert all(s.type.stateType.arrayType.dataType == fp16 for s in spec.description.state)
+    kv = art["memory"]["kv_cache"]
+    assert (kv["dtype"], kv["allocation"]) == ("float16", "static")
+    assert kv["bytes_at_max_context"] == sum(2 * int(np.prod(shape)) for shape in states.values())
     [method] = art["methods"]
     assert [i.name for i in spec.description.input] == [i["name"] for i in method["inputs"]] == ["tokens", "input_pos"]
     assert [i["dtype"] for i in method["inputs"]] == ["int32", "int32"]

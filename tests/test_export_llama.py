@@ -30,6 +30,28 @@ def test_export_writes_a_complete_bundle(llama_export):
     assert not list(bundle.parent.glob(".*partial*")), "staging directory left behind"
 
 
+def test_memory_report_is_the_programs_kv_cache(llama_export):
+    """The manifest's KV cache is the .pte's own: its fp32 cache buffers [1, max context, kv heads,
+    head dim], two per layer (keys, values), allocated whole; the weights are the file's bytes;
+    the smoke's resident set was measured on this (Linux) host."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    _, _, bundle = llama_export
+    manifest = read_manifest(bundle)
+    [art] = manifest["artifacts"]
+    arch, kv = manifest["model"]["architecture"], art["memory"]["kv_cache"]
+    program = deserialize_pte_binary((bundle / art["path"]).read_bytes())
+    [plan] = [p for p in getattr(program, "program", program).execution_plan if p.name == "forward"]
+    cache_shape = [1, kv["max_context"], arch["n_kv_heads"], arch["head_dim"]]
+    caches = [v.val for v in plan.values if type(v.val).__name__ == "Tensor" and list(v.val.sizes) == cache_shape]
+    assert len(caches) == 2 * arch["n_layers"] and all(int(t.scalar_type) == 6 for t in caches)  # 6: Float
+    assert (kv["dtype"], kv["allocation"]) == ("float32", "static")
+    assert kv["bytes_at_max_context"] == sum(4 * int(np.prod(t.sizes)) for t in caches)
+    assert art["memory"]["weights_bytes"] == art["bytes"]
+    measured = manifest["comparisons"]["lowering_fidelity"]["executorch"]["memory"]
+    assert 0 < measured["rss_before_bytes"] <= measured["peak_rss_bytes"], measured
+
+
 def test_tokenizer_is_shipped_byte_for_byte(llama_export, llama_dir):
     bundle = llama_export[2]
     manifest = read_manifest(bundle)

@@ -211,6 +211,13 @@ def test_graph_has_genai_io_and_every_linear_layer_is_matmulnbits(onnx_export, l
     assert [i.name for i in model.graph.input] == ["input_ids", "position_ids"] + [
         f"past_key_values.{c.split('.', 1)[1]}" for c in caches]
     assert [o.name for o in model.graph.output] == ["logits"] + [f"present.{c.split('.', 1)[1]}" for c in caches]
+    # the memory report's KV cache is these inputs: fp32 [1, kv heads, past, head dim], growing with the tokens
+    past = [i.type.tensor_type for i in model.graph.input if i.name.startswith("past_key_values.")]
+    assert all(t.elem_type == onnx.TensorProto.FLOAT for t in past)
+    per_token = sum(4 * int(np.prod([d.dim_value for d in t.shape.dim if d.dim_value])) for t in past)
+    kv = read_manifest(bundle)["artifacts"][0]["memory"]["kv_cache"]
+    assert (kv["dtype"], kv["allocation"], kv["bytes_per_token"]) == ("float32", "growing", per_token)
+    assert kv["bytes_at_max_context"] == per_token * kv["max_context"] and kv["bytes_per_1000_tokens"] == 1000 * per_token
     ops = [n.op_type for n in model.graph.node]
     linears = sum(isinstance(m, torch.nn.Linear) for m in load_source(str(llama_dir)).module.modules())
     assert linears == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head

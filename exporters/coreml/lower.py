@@ -30,7 +30,7 @@ from edgepack.exporters.coreml.package import package_files
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import OffsetGrid, Rounding, weight_only_reference
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
+from edgepack.stages import Artifact, CapturedModel, KvCache, MethodSpec, TensorSpec
 
 ARTIFACT_DIR = "coreml/model.mlpackage"
 # Channels that share one 16-entry palette (per_grouped_channel): coremltools' suggestion for LLMs.
@@ -453,4 +453,5 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         },
         extra={"quality": work.reference.quality},
         tolerance=work.reference.tolerance,
+        kv_cache=KvCache.for_decoder(captured, "float16", "static"),
     )

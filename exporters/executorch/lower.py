@@ -20,7 +20,7 @@ from edgepack.exporters.executorch.options import Options
 from edgepack.exporters.executorch.shared_input import share_inputs
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel
+from edgepack.stages import Artifact, CapturedModel, KvCache
 
 # Operator namespaces left outside the delegate, and the kernel library that provides them.
 # An app must link these (and the host runtime must import them) or the .pte fails to load (0x14).
@@ -205,4 +205,5 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         runtime=runtime,
         extra={"quality": work.reference.quality},
         tolerance=work.reference.tolerance,
+        kv_cache=KvCache.for_decoder(captured, "float32", "static"),
     )

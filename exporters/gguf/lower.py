@@ -29,7 +29,7 @@ from edgepack.exporters.gguf.options import LLAMA_CPP_MIXES, Options
 from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel
+from edgepack.stages import Artifact, CapturedModel, KvCache
 
 MODEL_FILE = "gguf/model.gguf"
 BLOCK = 32  # every GGUF type edgepack writes quantizes blocks of 32 along a row
@@ -302,4 +302,5 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         extra={"quality": work.reference.quality},
         tolerance=work.reference.tolerance,
         warnings=warnings,
+        kv_cache=KvCache.for_decoder(captured, "float16", "runtime"),
     )

@@ -42,7 +42,7 @@ from edgepack.exporters.onnx_capture import (
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel
+from edgepack.stages import Artifact, CapturedModel, KvCache
 
 MODEL_FILE = "mnn/model.mnn"
 CONFIG_FILE = "mnn/config.json"
@@ -330,4 +330,5 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         runtime=runtime,
         extra={"quality": work.reference.quality},
         tolerance=work.reference.tolerance,
+        kv_cache=KvCache.for_decoder(captured, "float32", "growing"),
     )

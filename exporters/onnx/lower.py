@@ -35,7 +35,7 @@ from edgepack.exporters.onnx_capture import (
 from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max, weight_only_reference
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel
+from edgepack.stages import Artifact, CapturedModel, KvCache
 
 MODEL_FILE = "onnx/model.onnx"
 GENAI_CONFIG = "onnx/genai_config.json"
@@ -359,4 +359,5 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         runtime=runtime,
         extra={"quality": work.reference.quality},
         tolerance=work.reference.tolerance,
+        kv_cache=KvCache.for_decoder(captured, "float32", "growing"),
     )

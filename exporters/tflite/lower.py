@@ -42,7 +42,7 @@ from edgepack.exporters.weights import (
     weight_only_reference,
 )
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, MethodSpec, TensorSpec
+from edgepack.stages import Artifact, CapturedModel, KvCache, MethodSpec, TensorSpec
 
 MODEL_FILE = "tflite/model.tflite"
 LITERTLM_FILE = "tflite/model.litertlm"
@@ -433,4 +433,5 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         },
         extra={"quality": work.reference.quality},
         tolerance=work.reference.tolerance,
+        kv_cache=KvCache.for_decoder(captured, "float32", "static"),
     )
