@@ -214,8 +214,8 @@ def smoke(
     extra = ({"not_run": arm64.not_run, "notes": arm64.notes} if arm64 else
              {"not_run": device.not_run, "report": str(device.report) if device.report else None} if device else {})
     if as_json:
-        _emit_json({"ok": passed, "bundle": str(bundle), "on": on, "results": {r.backend: r.as_dict() for r in results},
-                    **extra})
+        results_json = {r.backend: {**r.as_dict(), "memory": r.memory} for r in results}  # memory: measured now
+        _emit_json({"ok": passed, "bundle": str(bundle), "on": on, "results": results_json, **extra})
     raise typer.Exit(0 if passed else EXIT_FAILED)
 
 

@@ -20,8 +20,9 @@ from edgepack.exporters.tokenizer import encode
 from edgepack.packaging import quality
 from edgepack.packaging.bundle import StagedBundle, check_bundle_name, check_writable, commit, stage_contents
 from edgepack.packaging.smoke import BackendSmoke, smoke_bundle
-from edgepack.progress import Progress, peak_rss_bytes
+from edgepack.progress import Progress
 from edgepack.quant import QuantSpec
+from edgepack.rss import peak_rss_bytes
 from edgepack.stages import Artifact, Bundle
 
 MIXED_PRECISION = ("auto", "off")

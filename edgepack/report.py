@@ -24,6 +24,7 @@ def export_summary(result) -> dict:
     manifest = result.bundle.manifest if result.bundle else {}
     fidelity = manifest.get("comparisons", {}).get("lowering_fidelity", {})
     quality = manifest.get("comparisons", {}).get("quantization_quality", {})
+    measured = {s.backend: s.memory for s in result.smoke}
     artifacts = []
     for a in manifest.get("artifacts", []):
         artifacts.append({
@@ -32,7 +33,7 @@ def export_summary(result) -> dict:
             "lowering_fidelity": fidelity.get(a["backend"]), "quantization_quality": quality.get(a["backend"]),
             # files beside the artifact checked on their own runtime (e.g. the .litertlm on the LiteRT-LM engine)
             "companions": {c.name: fidelity[c.name] for c in _companions(a, fidelity)},
-            "memory": a.get("memory"),
+            "memory": a.get("memory"), "smoke_memory": measured.get(a["backend"]) or None,
         })
     text_quality = manifest.get("quality", {}).get("artifacts", {})
     for a in artifacts:
@@ -155,7 +156,7 @@ def print_export_summary(console: Console, summary: dict) -> None:
         table.add_row("file", a["path"])
         table.add_row("size", f"{_mb(a['bytes'])}  ({a['ratio_to_ideal']:.2f}× the ideal {_mb(a['ideal_bytes'])})")
         table.add_row("smoke vs quantized eager", describe_fidelity(fid))
-        table.add_row("memory", describe_memory(a["memory"], fid.get("memory")))
+        table.add_row("memory", describe_memory(a["memory"], a["smoke_memory"]))
         for check in BACKENDS[a["backend"]].companions:
             if check.name in a["companions"]:
                 table.add_row(check.label, function(check.describe)(a["companions"][check.name]))
@@ -277,7 +278,7 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
         if a["backend"] in fidelity:
             table.add_row("smoke at export", describe_fidelity(fidelity[a["backend"]]))
         if a.get("memory"):  # bundles from before the memory report have none
-            table.add_row("memory", describe_memory(a["memory"], fidelity.get(a["backend"], {}).get("memory")))
+            table.add_row("memory", describe_memory(a["memory"], None))
         for check in _companions(a, fidelity):
             table.add_row(check.label, function(check.describe)(fidelity[check.name]))
         text = manifest.get("quality", {}).get("artifacts", {}).get(a["backend"])

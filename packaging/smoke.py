@@ -14,7 +14,7 @@ from edgepack.cases import Case, CaseOutput, Tolerance, compare, compare_free_ru
 from edgepack.errors import EdgepackError, InputError
 from edgepack.exporters.backend import CompanionCheck, function
 from edgepack.exporters.registry import BACKENDS
-from edgepack.progress import measure_rss
+from edgepack.rss import measure_rss
 
 
 @dataclass
@@ -25,12 +25,13 @@ class BackendSmoke:
     cases: dict[str, dict] = field(default_factory=dict)  # case -> metrics (+ "failures")
     error: str | None = None
     # measured on the host while its runtime loaded and ran the artifact in this process: the
-    # resident set before and the peak during (empty where not measurable: not Linux, not the host)
+    # resident set before and the peak during (empty where not measurable: not Linux, not the
+    # host). Reported by export and smoke, never written to the manifest: a bundle stays the same
+    # bytes from run to run.
     memory: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"runtime": self.runtime, "passed": self.passed, "cases": self.cases, "error": self.error,
-                "memory": self.memory}
+        return {"runtime": self.runtime, "passed": self.passed, "cases": self.cases, "error": self.error}
 
 
 def _load(bundle: Path, ref: dict) -> np.ndarray:
