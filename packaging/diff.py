@@ -108,9 +108,9 @@ def _artifact_changes(backend: str, old: tuple[Path, dict], new: tuple[Path, dic
 
 
 def _keyed(what: str, old: dict, new: dict) -> Change:
-    """A flat record's changed keys: {key: [old, new]} on both sides, or the same."""
-    changed = {k: [old.get(k), new.get(k)] for k in sorted({*old, *new}) if old.get(k) != new.get(k)}
-    return Change(what, None, {k: v[0] for k, v in changed.items()} or None, {k: v[1] for k, v in changed.items()} or None)
+    """A record's keys whose values differ, each side's values under them (None on both: the same)."""
+    changed = [k for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+    return Change(what, None, {k: old.get(k) for k in changed} or None, {k: new.get(k) for k in changed} or None)
 
 
 def diff_bundles(old_dir: Path, new_dir: Path, bounds: Bounds = Bounds()) -> dict:

@@ -156,7 +156,7 @@ def quantize_tensors(work: _Work) -> None:
         kind = _gguf_type(work.options, layers.get(f"model.{name.rsplit('.', 1)[0]}") if weight.ndim == 2 else None)
         if kind == "F32":
             data = weight
-            work.stored[name] = torch.from_numpy(weight.copy())
+            work.stored[name] = torch.from_numpy(weight)  # read only: record_reference copies it into its own model
         else:
             if weight.shape[-1] % BLOCK:
                 raise InputError(f"gguf: {name} rows of {weight.shape[-1]} do not split into blocks of {BLOCK}")
@@ -238,7 +238,7 @@ def quantize_with_llama_cpp(work: _Work) -> None:
         if heads := _rope_heads(work, name):
             values = _permute_rope_rows(values, heads, back=True)
         work.tensors.append((t.name, t.data, t.tensor_type.name))
-        work.stored[name] = torch.from_numpy(values.copy())
+        work.stored[name] = torch.from_numpy(values)
 
 
 def check_tokenizer(work: _Work) -> None:
