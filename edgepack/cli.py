@@ -1,4 +1,4 @@
-"""The edgepack command line: export, smoke, inspect, diff, doctor.
+"""The edgepack command line: export, export-many, plan, smoke, inspect, diff, cache, doctor.
 
 Human text goes to stderr; with --json, one machine-readable object goes to stdout.
 Exit codes: 0 all produced and smoke-tested, 1 a backend or a check failed, 2 bad usage or input,
@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgepack import __version__
 from edgepack.errors import EXIT_FAILED, EdgepackError, InputError
@@ -41,12 +42,13 @@ def _emit_json(payload: dict) -> None:
 def _fail(error: BaseException, as_json: bool, verbose: bool) -> None:
     if isinstance(error, EdgepackError):
         code, kind = error.exit_code, type(error).__name__
-        err.print(f"[bold red]error:[/] {error.message}", highlight=False, soft_wrap=True)
+        # escaped: a message quotes paths and files, whose brackets are not markup
+        err.print(f"[bold red]error:[/] {escape(error.message)}", highlight=False, soft_wrap=True)
         if error.hint:
-            err.print(f"  [dim]hint:[/] {error.hint}", highlight=False, soft_wrap=True)
+            err.print(f"  [dim]hint:[/] {escape(error.hint)}", highlight=False, soft_wrap=True)
     else:
         code, kind = EXIT_FAILED, "InternalError"
-        err.print(f"[bold red]internal error (a bug in edgepack):[/] {type(error).__name__}: {error}",
+        err.print(f"[bold red]internal error (a bug in edgepack):[/] {type(error).__name__}: {escape(str(error))}",
                   highlight=False, soft_wrap=True)
     if verbose:
         err.print("".join(traceback.format_exception(error)), highlight=False, markup=False)
@@ -113,6 +115,8 @@ def export(
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Export a model directory without tokenizer files (non-text models)."),
     pooling: str = typer.Option("none", rich_help_panel="Encoders", help="Encoders: none (last_hidden_state per token), mean (sentence_embedding: masked mean, as sentence-transformers) or cls (first token)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="EDGEPACK_CACHE_DIR", metavar="DIR", show_default=False, rich_help_panel="Stage cache", help="Where the precision plan, each backend's artifact and each perplexity are kept, keyed by the captured model's content, the options and the tool versions, so a re-export (one more target, a rerun after a kill) takes them from there; the output is the same bytes. Default: edgepack/ in the user's cache directory (~/.cache), bounded to 10 GB. See `edgepack cache`."),
+    no_cache: bool = typer.Option(False, "--no-cache", envvar="EDGEPACK_NO_CACHE", rich_help_panel="Stage cache", help="Run every stage; keep nothing in the cache."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the converters' own output as they run, and full tracebacks."),
     backend_options: dict = None,  # filled from the backends' own flags (with_backend_flags)
 ) -> None:
@@ -125,6 +129,7 @@ def export(
       edgepack export my_model.py:build --name mymodel
       edgepack export ./all-MiniLM-L6-v2 --pooling mean --target tflite,coreml
     """
+    from edgepack.cache import default_cache_dir
     from edgepack.pipeline import ExportRequest
     from edgepack.pipeline import export as run_export
     from edgepack.progress import Progress
@@ -133,7 +138,8 @@ def export(
     request = ExportRequest(source=source, targets=target, out_dir=out, name=name, quant=quant, group_size=group_size,
                             max_seq_len=max_seq_len, min_cosine=min_cosine, strict=strict, no_tokenizer=no_tokenizer,
                             pooling=pooling, mixed_precision=mixed_precision, calibration=calibration, bits_per_weight=bits_per_weight,
-                            max_ppl_increase=max_ppl_increase, eval_text=eval_text, backend_options=backend_options)
+                            max_ppl_increase=max_ppl_increase, eval_text=eval_text, backend_options=backend_options,
+                            cache_dir=None if no_cache else cache_dir or default_cache_dir())
     try:
         result = run_export(request, Progress(err, verbose=verbose, log_label=name or _source_label(source)))
     except BaseException as e:  # noqa: BLE001 - every failure becomes an exit code
@@ -275,6 +281,137 @@ def diff(
     else:
         print_diff(err, result)
     raise typer.Exit(0 if result["passed"] else EXIT_FAILED)
+
+
+def _export_options() -> dict[str, dict]:
+    """`edgepack export`'s long flags (without dashes): whether each is a switch, and repeatable."""
+    command = typer.main.get_command(app).commands["export"]
+    return {opt[2:]: {"flag": p.is_flag, "multiple": p.multiple}
+            for p in command.params for opt in p.opts if opt.startswith("--")}
+
+
+RELEASE_FILE = typer.Argument(..., metavar="RELEASE.toml", help="The release file: [defaults] and [[model]] entries whose keys are export's long flags (see `edgepack export-many --help`).")
+
+
+@app.command("export-many")
+def export_many(
+    release: Path = RELEASE_FILE,
+    only: Optional[list[str]] = typer.Option(None, "--only", metavar="NAME", help="Only this model (its name in the release file); repeatable."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Only these of each model's targets (a CI matrix job: one)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every export's record, with its own --json summary, on stdout."),
+) -> None:
+    """Export every model of a release file in sequence, each as its own `edgepack export`, going on
+    past a failure; then one table of what passed. Exits with the worst exit code of the exports.
+
+    [bold]Release file[/]
+
+      [defaults]                 # every model's export flags, unless it sets its own
+      target = "executorch,onnx"
+      out = "dist"
+      [[model]]
+      source = "build/smollm2-135m-instruct"
+      name = "smollm2"           # the bundle's name (default: the source's)
+      target = "all"
+      max-ppl-increase = 12      # any export flag, without its dashes; true for a switch
+
+    [bold]Examples[/]
+
+      edgepack export-many release.toml
+      edgepack export-many release.toml --only smollm2 --target onnx   # one job of `plan --github-matrix`
+    """
+    from edgepack.release import read_release, run_jobs, select
+    from edgepack.report import print_release
+
+    try:
+        chosen = select(read_release(release, _export_options()), only or [], target)
+    except EdgepackError as e:
+        _fail(e, as_json, False)
+
+    def announce(i: int, job, argv: list[str]) -> None:
+        err.rule(f"[{i + 1}/{len(chosen)}] {job.name}")
+        err.print("edgepack export " + " ".join(argv), highlight=False, soft_wrap=True)
+
+    records = run_jobs(chosen, announce)
+    print_release(err, records)
+    code = max((r["exit_code"] for r in records), default=0)
+    if as_json:
+        _emit_json({"ok": code == 0, "exit_code": code, "exports": records})
+    raise typer.Exit(code)
+
+
+@app.command()
+def plan(
+    release: Path = RELEASE_FILE,
+    github_matrix: bool = typer.Option(False, "--github-matrix", help="Print the GitHub Actions matrix, one job per model × target, as one line of JSON (for $GITHUB_OUTPUT)."),
+) -> None:
+    """Show what `edgepack export-many` would run for a release file, or (--github-matrix) the CI
+    matrix that fans it out; nothing is exported. The release file is checked as export-many checks it.
+
+    [bold]Example[/] (.github/workflows/release.yml)
+
+      echo "matrix=$(edgepack plan release.toml --github-matrix)" >> "$GITHUB_OUTPUT"
+    """
+    from edgepack.release import github_matrix as matrix_of
+    from edgepack.release import read_release
+
+    try:
+        jobs = read_release(release, _export_options())
+    except EdgepackError as e:
+        _fail(e, False, False)
+    if github_matrix:
+        sys.stdout.write(json.dumps(matrix_of(jobs), separators=(",", ":")) + "\n")
+        return
+    for job in jobs:
+        typer.echo(f"{job.name}: edgepack export {' '.join(job.argv())}")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Show or prune the stage cache that `edgepack export` reuses (see export --cache-dir).")
+app.add_typer(cache_app, name="cache")
+CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", envvar="EDGEPACK_CACHE_DIR", metavar="DIR", show_default=False,
+                                help="The cache (default: edgepack/ in the user's cache directory, ~/.cache).")
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: Optional[Path] = CACHE_DIR_OPTION,
+               as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON on stdout.")) -> None:
+    """Where the stage cache is, and what it holds: entries and bytes per kind.
+
+    [bold]Example[/]
+
+      edgepack cache info
+    """
+    from edgepack.cache import StageCache, default_cache_dir
+    from edgepack.report import print_cache_info
+
+    info = StageCache(cache_dir or default_cache_dir()).info()
+    if as_json:
+        _emit_json(info)
+    else:
+        print_cache_info(Console(), info)
+
+
+@cache_app.command("prune")
+def cache_prune(max_size: str = typer.Option("0", "--max-size", metavar="SIZE", help="Keep at most this much, the most recently used first (e.g. 5GB, 500MB; 0, the default, empties the cache)."),
+                cache_dir: Optional[Path] = CACHE_DIR_OPTION,
+                as_json: bool = typer.Option(False, "--json", help="Print what was removed as JSON on stdout.")) -> None:
+    """Remove the least recently used entries of the stage cache until it holds at most --max-size.
+
+    [bold]Examples[/]
+
+      edgepack cache prune                  # empty it
+      edgepack cache prune --max-size 5GB   # release CI, before the cache action saves it
+    """
+    from edgepack.cache import StageCache, default_cache_dir, parse_size
+
+    try:
+        pruned = StageCache(cache_dir or default_cache_dir()).prune(parse_size(max_size))
+    except EdgepackError as e:
+        _fail(e, as_json, False)
+    if as_json:
+        _emit_json(pruned)
+    else:
+        err.print(f"removed {pruned['removed']} entries ({pruned['freed_bytes'] / 1e6:.2f} MB); "
+                  f"{pruned['bytes'] / 1e6:.2f} MB kept", highlight=False)
 
 
 @app.command()

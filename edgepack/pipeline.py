@@ -1,7 +1,9 @@
 """The whole export, in order: check → load → capture → plan precision (encoders at int4) → lower
 (per backend) → package → smoke → quality (decoder LMs: perplexity on text) → commit (to NAME/ when
 everything passed, else to NAME.failed/).
-No stage here knows a backend by name; backends come from the registry."""
+No stage here knows a backend by name; backends come from the registry. The plan, each lowering and
+each perplexity are kept in the stage cache (edgepack/cache.py) and taken from it when an export
+repeats them."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from edgepack.cache import StageCache, digest, model_digest, tool_digest
 from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError, TokenizerMismatch, no_space, write_error
 from edgepack.exporters.capture import CaptureOptions, capture
 from edgepack.exporters.decoder_precision import check_budget, plan_decoder_precision
@@ -55,6 +58,7 @@ class ExportRequest:
     # backend name -> its options as typed (e.g. {"coreml": {"ios_target": 17}}); each backend
     # validates its own part, and only the backends asked for are consulted.
     backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    cache_dir: Path | None = None  # the stage cache (None: nothing is reused or kept)
 
     def check(self) -> None:
         """Every option's value and range, before anything is loaded (exit 2)."""
@@ -87,6 +91,7 @@ class ExportResult:
     quality_failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # backends of --target all that cannot take this model
+    cache: StageCache = field(default_factory=lambda: StageCache(None))
 
     @property
     def passed(self) -> bool:
@@ -212,39 +217,49 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         warnings.append("perplexity on text was not measured: the export has no tokenizer; quality rests on "
                         "the golden cases' cosine (see --min-cosine)")
 
-    with progress.stage("capture"):
+    cache, model_key = StageCache(request.cache_dir), None
+    with progress.stage("capture") as stage:
         captured = capture(loaded, capture_options)
+        if cache.enabled:
+            stage.step("cache key")
+            model_key = digest(model_digest(captured), tool_digest())
 
     grids = {b.name: options[b.name].int4_grid for b in backends}
+    calibration = calibration or read_calibration(None)
     plans = {}
     if planning == "decoder" and any(grids.values()):
         budget = request.bits_per_weight or quality.DEFAULT_BITS_PER_WEIGHT
+        wanted = tuple(sorted({g for g in grids.values() if g}))
         with progress.stage("plan precision") as stage:
-            plans = plan_decoder_precision(captured, quant, *(calibration or read_calibration(None)), budget,
-                                           tuple(sorted({g for g in grids.values() if g})), on_step=stage.step)
+            plans = cached_plan(cache, ("decoder", model_key, quant.record(), calibration, budget, wanted), stage,
+                                lambda: plan_decoder_precision(captured, quant, *calibration, budget, wanted, on_step=stage.step))
         warnings += over_budget(plans, grids, budget)
     if planning == "encoder":
+        floor = DEFAULT_FLOOR if request.min_cosine is None else request.min_cosine
         with progress.stage("plan precision") as stage:
-            quant = plan_mixed_precision(captured, quant, *(calibration or read_calibration(None)), DEFAULT_FLOOR if request.min_cosine is None else request.min_cosine,
-                                         on_step=stage.step)
+            quant = cached_plan(cache, ("encoder", model_key, quant.record(), calibration, floor), stage,
+                                lambda: {"": plan_mixed_precision(captured, quant, *calibration, floor, on_step=stage.step)})[""]
         if not quant.plan["floor_met"]:
             warnings.append(f"even with every layer int8 the calibration outputs reach cosine "
                             f"{quant.plan['planned_min_cosine']} < {quant.plan['floor']} from fp32")
 
     # Each backend's QuantSpec: its int4 grid's own plan (decoder LMs), or one for all
     specs = {name: plans.get(grid, quant) for name, grid in grids.items()}
+    artifact_keys = {name: digest("artifact", model_key, name, options[name], specs[name].record())
+                     for name in specs} if cache.enabled else {}
     artifacts, failures = [], []
     for backend in backends:
         try:
             with progress.stage(f"lower {backend.name}") as stage:
-                artifacts.append(backend.load().lower(captured, specs[backend.name], options[backend.name], on_step=stage.step))
+                artifacts.append(lowered(backend, captured, specs[backend.name], options[backend.name], cache,
+                                         artifact_keys.get(backend.name), stage))
             warnings += artifact_warnings(artifacts[-1], strict=request.strict)
         except EdgepackError as e:
             if request.strict or no_space(e):
                 raise
             failures.append(_failure(e, backend.name))
             progress.console.print(f"[red]{backend.name} failed:[/] {e}")
-    result = ExportResult(None, artifacts, failures, [], progress, warnings=warnings, skipped=skipped)
+    result = ExportResult(None, artifacts, failures, [], progress, warnings=warnings, skipped=skipped, cache=cache)
     if not artifacts:
         result.peak_rss_bytes = peak_rss_bytes()
         return result
@@ -260,12 +275,40 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         gate_cosine(request, quant, manifest, result)
         if loaded.task == "causal-lm" and loaded.tokenizer is not None:
             with progress.stage("quality") as stage:
-                manifest["quality"] = measure_quality(request, captured, staging, manifest, eval_text, stage, result)
+                manifest["quality"] = measure_quality(request, captured, staging, manifest, eval_text, stage, result,
+                                                      artifact_keys)
         manifest["verdict"] = {"passed": result.passed, "failures": verdict_failures(result), "warnings": result.warnings,
                                "skipped": result.skipped}
         result.bundle = commit(staging, manifest, passed=result.passed)
     result.peak_rss_bytes = peak_rss_bytes()
+    if cache.stored:
+        cache.prune()
     return result
+
+
+def cached_plan(cache: StageCache, inputs: tuple, stage, plan) -> dict[str, "QuantSpec"]:
+    """The precision plans ({grid: spec}) `plan()` makes from `inputs`, or the cache's."""
+    key = digest("plan", *inputs) if cache.enabled else None
+    kept = cache.get_json("plan", key, "plan precision") if key else None
+    if kept is not None:
+        stage.note("from the cache")
+        return {grid: QuantSpec.from_record(r) for grid, r in kept.items()}
+    plans = plan()
+    if key:
+        cache.put_json("plan", key, {grid: spec.record() for grid, spec in plans.items()})
+    return plans
+
+
+def lowered(backend, captured, spec: QuantSpec, options, cache: StageCache, key: str | None, stage) -> Artifact:
+    """The backend's artifact from the cache, or lowered now (and kept there)."""
+    artifact = cache.get_artifact(key, f"lower {backend.name}") if key else None
+    if artifact is not None:
+        stage.note("from the cache")
+        return artifact
+    artifact = backend.load().lower(captured, spec, options, on_step=stage.step)
+    if key:
+        cache.put_artifact(key, artifact)
+    return artifact
 
 
 def over_budget(plans: dict[str, QuantSpec], grids: dict[str, str], budget: float) -> list[str]:
@@ -309,14 +352,26 @@ def gate_cosine(request: ExportRequest, quant: QuantSpec, manifest: dict, result
 
 
 def measure_quality(request: ExportRequest, captured, staging: StagedBundle, manifest: dict, eval_text: tuple[str, str],
-                    stage, result: ExportResult) -> dict:
-    """Perplexity of every artifact on the evaluation text against fp32, and the gates on it."""
+                    stage, result: ExportResult, artifact_keys: dict[str, str]) -> dict:
+    """Perplexity of every artifact on the evaluation text against fp32 (or the cache's, for an
+    artifact already measured on this text), and the gates on it."""
     loaded = captured.loaded
     stage.step("fp32")
     text = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t),
                                      *eval_text, captured.llm_metadata["get_max_seq_len"])
     bound = quality.DEFAULT_MAX_INCREASE_PCT if request.max_ppl_increase is None else request.max_ppl_increase
-    measured = quality.measure_bundle(staging.root, manifest, text, on_step=stage.step)
+    cache = result.cache
+    keys = {backend: digest("quality", key, text.sha256) for backend, key in artifact_keys.items()}
+    measured = {a["backend"]: kept for a in manifest["artifacts"] if a["backend"] in keys
+                and (kept := cache.get_json("quality", keys[a["backend"]], f"quality {a['backend']}")) is not None}
+    if measured:
+        stage.note(f"{', '.join(measured)} from the cache")
+    fresh = quality.measure_bundle(staging.root, manifest, text, on_step=stage.step,
+                                   backends=[a["backend"] for a in manifest["artifacts"] if a["backend"] not in measured])
+    for backend, metrics in fresh.items():
+        if backend in keys and "error" not in metrics:
+            cache.put_json("quality", keys[backend], metrics)
+    measured = {a["backend"]: {**measured, **fresh}[a["backend"]] for a in manifest["artifacts"]}
     for backend, metrics in measured.items():
         failed, warned = quality.judge(metrics, bound)
         result.quality_failures += [f"{backend}: {m}" for m in failed]

@@ -48,6 +48,11 @@ class _Stage:
         self._step: str | None = None
         self._step_start = 0.0
         self.failed = False
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        """A remark for the stage's line (e.g. "from the cache"), after its steps."""
+        self.notes.append(text)
 
     def step(self, name: str) -> None:
         """Mark the start of a named step inside the stage (closing the previous one)."""
@@ -189,7 +194,7 @@ class Progress:
             timing.peak_rss_bytes = peak_rss_bytes()
             if not self.quiet:
                 mark = "[green]✓[/]" if ok else "[red]✗[/]"
-                steps = ", ".join(f"{k} {v:.1f}s" for k, v in timing.steps.items())
+                steps = ", ".join([*(f"{k} {v:.1f}s" for k, v in timing.steps.items()), *stage.notes])
                 self.console.print(f"{mark} {name:<20} {timing.seconds:7.1f} s" + (f"  [dim]({steps})[/]" if steps else ""))
                 if log is not None and log.kept:
                     for line in log_tail(log.path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Literal, Mapping
 
 import torch
@@ -99,6 +99,21 @@ class QuantSpec:
         if self.plan:
             described["plan"] = dict(self.plan)
         return described
+
+    def record(self) -> dict:
+        """Every field, as JSON (the stage cache's form); from_record gives the same spec back."""
+        return {"scheme": self.scheme, "linear": self.linear and asdict(self.linear),
+                "embedding": self.embedding and asdict(self.embedding),
+                "dynamic_int8_activations": self.dynamic_int8_activations,
+                "overrides": {name: asdict(wq) for name, wq in self.overrides.items()}, "plan": self.plan}
+
+    @classmethod
+    def from_record(cls, r: dict) -> "QuantSpec":
+        def weight(d: dict | None) -> WeightQuant | None:
+            return d and WeightQuant(**d)
+
+        return cls(r["scheme"], weight(r["linear"]), weight(r["embedding"]), r["dynamic_int8_activations"],
+                   {name: WeightQuant(**d) for name, d in r["overrides"].items()}, r["plan"])
 
     def ideal_bytes(self, model: nn.Module, *, float_bits: int = 32, scale_bits: int = 16,
                     side_bits: Callable[[torch.Tensor, WeightQuant], float] | None = None,

@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgepack.exporters.backend import CompanionCheck, function
@@ -57,6 +58,8 @@ def export_summary(result) -> dict:
         "integration": integration_snippets(manifest) if manifest else None,
         "precision_plans": [{"backends": backends, "plan": plan}
                             for backends, plan in precision_plans(manifest.get("quantization", {}))],
+        # the stages taken from the stage cache (edgepack/cache.py) instead of run; None: no cache
+        "cache": {"dir": str(result.cache.root), "reused": result.cache.hits} if result.cache.enabled else None,
     }
 
 
@@ -174,6 +177,9 @@ def print_export_summary(console: Console, summary: dict) -> None:
         console.print(f"[red]{f['backend']} FAILED[/] at step {f['step']}: {f['message']}", soft_wrap=True)
     times = ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in summary["stages"])
     console.print(f"time: {times}; peak RSS {_mb(summary['peak_rss_bytes'])}", soft_wrap=True)
+    if summary["cache"] and summary["cache"]["reused"]:
+        console.print(f"cache: reused {', '.join(summary['cache']['reused'])} ({summary['cache']['dir']})",
+                      highlight=False, soft_wrap=True)
     for message in summary["skipped"]:
         console.print(f"skipped {message}", soft_wrap=True, highlight=False)
     for message in summary["warnings"]:
@@ -364,3 +370,30 @@ def print_diff(console: Console, result: dict) -> None:
     for regression in result["regressions"]:
         console.print(f"[red]regression:[/] {regression}")
     console.print("[green]within bounds[/]" if result["passed"] else "[red]over bounds[/]")
+
+
+def print_cache_info(console: Console, info: dict) -> None:
+    table = Table(title=f"stage cache: {info['dir']}", title_justify="left")
+    for column in ("kind", "entries", "size"):
+        table.add_column(column)
+    for kind, figures in info["kinds"].items():
+        table.add_row(kind, str(figures["entries"]), _mb(figures["bytes"]))
+    table.add_row("all", str(sum(k["entries"] for k in info["kinds"].values())),
+                  f"{_mb(info['bytes'])} (an export prunes to {_mb(info['max_bytes'])})")
+    console.print(table)
+
+
+def print_release(console: Console, records: list[dict]) -> None:
+    """export-many's table: one row per export."""
+    table = Table(title="edgepack export-many", title_justify="left")
+    for column in ("model", "target", "result", "bundle", "artifacts", "time"):
+        table.add_column(column)
+    for r in records:
+        summary = r["summary"]
+        result = "[green]OK[/]" if r["exit_code"] == 0 else f"[red]exit {r['exit_code']}[/]"
+        problem = (summary.get("error") or {}).get("message") or "; ".join(
+            [*(f"{f['backend']}: {f['message']}" for f in summary.get("failures", [])), *summary.get("quality_failures", [])])
+        artifacts = ", ".join(f"{a['backend']} {_mb(a['bytes'])}" for a in summary.get("artifacts", []))
+        table.add_row(r["name"], r["target"], result + (f": {escape(problem)}" if problem and r["exit_code"] else ""),
+                      summary.get("bundle") or "-", artifacts or "-", f"{r['seconds']:.0f} s")
+    console.print(table)

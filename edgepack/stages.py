@@ -89,6 +89,10 @@ class TensorSpec:
     def as_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -104,6 +108,11 @@ class MethodSpec:
             "outputs": [t.as_dict() for t in self.outputs],
             "dynamic_dims": {k: {"min": lo, "max": hi} for k, (lo, hi) in sorted(self.dynamic_dims.items())},
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodSpec":
+        return cls(d["name"], tuple(map(TensorSpec.from_dict, d["inputs"])), tuple(map(TensorSpec.from_dict, d["outputs"])),
+                   {k: (v["min"], v["max"]) for k, v in d["dynamic_dims"].items()})
 
 
 @dataclass(frozen=True)

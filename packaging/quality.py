@@ -171,15 +171,17 @@ def judge(metrics: dict, max_increase_pct: float) -> tuple[list[str], list[str]]
     return [], []
 
 
-def measure_bundle(bundle: Path, manifest: dict, text: EvalText,
-                   on_step: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Every artifact of a staged bundle on the text, each through its host runtime. A runtime that
-    cannot run the text is recorded as that artifact's error."""
+def measure_bundle(bundle: Path, manifest: dict, text: EvalText, on_step: Callable[[str], None] | None = None,
+                   backends: list[str] | None = None) -> dict[str, dict]:
+    """Every artifact of a staged bundle (or those named) on the text, each through its host
+    runtime. A runtime that cannot run the text is recorded as that artifact's error."""
     from edgepack.exporters.registry import BACKENDS
 
     results = {}
     for artifact in manifest["artifacts"]:
         backend = artifact["backend"]
+        if backends is not None and backend not in backends:
+            continue
         if on_step:
             on_step(backend)
         try:

@@ -18,6 +18,9 @@ from demo_model.build import build_bert_dir, build_llama_dir
 from edgepack.cli import app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# No stage cache unless a test asks for one (--cache-dir, with this unset): tests patch code constants
+# and inject faults that a cache key cannot see, and each must run the stages it claims to test.
+os.environ["EDGEPACK_NO_CACHE"] = "1"
 
 
 def _is_controller(config) -> bool:
