@@ -116,7 +116,7 @@ def export(
     pooling: str = typer.Option("none", rich_help_panel="Encoders", help="Encoders: none (last_hidden_state per token), mean (sentence_embedding: masked mean, as sentence-transformers) or cls (first token)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="EDGEPACK_CACHE_DIR", metavar="DIR", show_default=False, rich_help_panel="Stage cache", help="Where the precision plan, each backend's artifact and each perplexity are kept, keyed by the captured model's content, the options and the tool versions, so a re-export (one more target, a rerun after a kill) takes them from there; the output is the same bytes. Default: edgepack/ in the user's cache directory (~/.cache), bounded to 10 GB. See `edgepack cache`."),
-    no_cache: bool = typer.Option(False, "--no-cache", envvar="EDGEPACK_NO_CACHE", rich_help_panel="Stage cache", help="Run every stage; keep nothing in the cache."),
+    no_cache: bool = typer.Option(False, "--no-cache", envvar="EDGEPACK_NO_CACHE", metavar="", rich_help_panel="Stage cache", help="Run every stage; keep nothing in the cache."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the converters' own output as they run, and full tracebacks."),
     backend_options: dict = None,  # filled from the backends' own flags (with_backend_flags)
 ) -> None:

@@ -115,22 +115,33 @@ def _judge(engine, interfaces, case: Case, expected: CaseOutput, noise: float | 
     finally:
         session.close()
     got = engine.tokenize(answer) if answer else []
-    matched = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    matched = steps_matched(engine.detokenize, want, answer)
     # No speeds here: this lands in the manifest, whose bytes must not depend on the run.
     metrics.update({"tokens": got, "steps_matched": matched})
     failures = list(wrong)
-    if matched < len(got):
-        tie = _near_tie(expected, matched, want[matched], got[matched], noise)
+    rest = answer[len(engine.detokenize(want[:matched])):]
+    if rest and matched < len(want):  # the engine went on with text the reference's next token does not give
+        parted = engine.tokenize(rest)[0]
+        tie = _near_tie(expected, matched, want[matched], parted, noise)
         if tie:
             metrics["near_tie"] = tie
         else:
-            failures.append(f"the engine's greedy token {got[matched]} at step {matched} is not the reference's "
+            failures.append(f"the engine's greedy token {parted} at step {matched} is not the reference's "
                             f"{want[matched]}")
-    elif len(got) < len(want) and want[len(got)] not in stop_ids:
-        failures.append(f"the engine stopped after {len(got)} tokens, where the reference's next token "
-                        f"{want[len(got)]} is not a stop token {stop_ids}")
+    elif not rest and matched < len(want) and want[matched] not in stop_ids:
+        failures.append(f"the engine stopped after {matched} tokens, where the reference's next token "
+                        f"{want[matched]} is not a stop token {stop_ids}")
     metrics["failures"] = failures
     return metrics
+
+
+def steps_matched(detokenize, want: list[int], answer: str) -> int:
+    """How many of the reference's greedy tokens the engine's answer begins with, compared as text:
+    the engine answers in text, and re-tokenizing it can merge two tokens it generated into one
+    (BPE), so the answer's own tokens are not the steps it took. A prefix that ends inside a
+    character decodes to a replacement character, so every prefix is tried, not just up to the
+    first that differs."""
+    return max(k for k in range(len(want) + 1) if answer.startswith(detokenize(want[:k])))
 
 
 def describe(fid: dict) -> str:
