@@ -2,7 +2,7 @@
 that repeats the stage (one more target, a rerun after a kill) takes it from here instead.
 
 Stages kept: the precision plan, each backend's artifact (its files, record and quantized eager
-answers) and each artifact's perplexity on the evaluation text. Load and capture always run: their
+answers), fp32's answers on the evaluation text and each artifact's perplexity there. Load and capture always run: their
 result, the captured model, is what the keys are computed from. The smoke always runs: it is the
 proof that the artifact in the bundle answers right.
 

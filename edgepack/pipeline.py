@@ -276,7 +276,7 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         if loaded.task == "causal-lm" and loaded.tokenizer is not None:
             with progress.stage("quality") as stage:
                 manifest["quality"] = measure_quality(request, captured, staging, manifest, eval_text, stage, result,
-                                                      artifact_keys)
+                                                      model_key, artifact_keys)
         manifest["verdict"] = {"passed": result.passed, "failures": verdict_failures(result), "warnings": result.warnings,
                                "skipped": result.skipped}
         result.bundle = commit(staging, manifest, passed=result.passed)
@@ -352,15 +352,22 @@ def gate_cosine(request: ExportRequest, quant: QuantSpec, manifest: dict, result
 
 
 def measure_quality(request: ExportRequest, captured, staging: StagedBundle, manifest: dict, eval_text: tuple[str, str],
-                    stage, result: ExportResult, artifact_keys: dict[str, str]) -> dict:
-    """Perplexity of every artifact on the evaluation text against fp32 (or the cache's, for an
-    artifact already measured on this text), and the gates on it."""
-    loaded = captured.loaded
+                    stage, result: ExportResult, model_key: str | None, artifact_keys: dict[str, str]) -> dict:
+    """Perplexity of every artifact on the evaluation text against fp32 (fp32's and each artifact's
+    from the cache when this model, or that artifact, was measured on this text before), and the
+    gates on it."""
+    loaded, cache = captured.loaded, result.cache
     stage.step("fp32")
-    text = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t),
-                                     *eval_text, captured.llm_metadata["get_max_seq_len"])
+    text_key = digest("eval text", model_key, eval_text) if cache.enabled else None
+    kept = cache.get_json("quality", text_key, "quality fp32") if text_key else None
+    if kept is not None:
+        text = quality.EvalText.from_record(kept)
+    else:
+        text = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t),
+                                         *eval_text, captured.llm_metadata["get_max_seq_len"])
+        if text_key:
+            cache.put_json("quality", text_key, text.record())
     bound = quality.DEFAULT_MAX_INCREASE_PCT if request.max_ppl_increase is None else request.max_ppl_increase
-    cache = result.cache
     keys = {backend: digest("quality", key, text.sha256) for backend, key in artifact_keys.items()}
     measured = {a["backend"]: kept for a in manifest["artifacts"] if a["backend"] in keys
                 and (kept := cache.get_json("quality", keys[a["backend"]], f"quality {a['backend']}")) is not None}

@@ -56,6 +56,19 @@ class EvalText:
     def scored_tokens(self) -> int:
         return sum(n.size for n in self.fp32_nll)
 
+    def record(self) -> dict:
+        """Every field as JSON (the stage cache's form; floats round-trip exactly)."""
+        return {"source": self.source, "sha256": self.sha256, "prefill": self.prefill,
+                **{name: [a.tolist() for a in getattr(self, name)] for name in ("windows", "fp32_nll", "fp32_top1")}}
+
+    @classmethod
+    def from_record(cls, r: dict) -> "EvalText":
+        def arrays(name: str, dtype) -> tuple[np.ndarray, ...]:
+            return tuple(np.array(a, dtype=dtype) for a in r[name])
+
+        return cls(r["source"], r["sha256"], r["prefill"], arrays("windows", np.int64), arrays("fp32_nll", np.float64),
+                   arrays("fp32_top1", np.int64))
+
 
 def read_eval_text(path: Path | None) -> tuple[str, str]:
     """The text and where it came from; a bad file fails before any slow step."""

@@ -161,16 +161,25 @@ def coreml_llama(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
     return llama_backend_export("coreml", llama_dir, tmp_path_factory)
 
 
+def minilm_targets(config) -> str:
+    """The backends the shared MiniLM export goes to: all of them in `make test-extended`, the three
+    quickest in `make test` (CI's 45-minute budget: ExecuTorch's and CoreML's lowerings of MiniLM
+    take 4 of its 6 minutes)."""
+    return "onnx,tflite,mnn" if "not extended" in config.getoption("markexpr", "") else "all"
+
+
 @pytest.fixture(scope="session")
-def minilm_int4_export(minilm_dir, tmp_path_factory) -> tuple[int, dict, Path]:
-    """The real MiniLM-L6 at the default --quant int4 (so with its mixed-precision plan) on every
-    backend, sentence embeddings (--pooling mean): one export shared by the tests that read it."""
+def minilm_int4_export(minilm_dir, tmp_path_factory, request) -> tuple[int, dict, Path]:
+    """The real MiniLM-L6 at the default --quant int4 (so with its mixed-precision plan), sentence
+    embeddings (--pooling mean), to minilm_targets: one export shared by the tests that read it."""
+    targets = minilm_targets(request.config)
+
     def export(out: Path):
-        code, summary = export_json(str(minilm_dir), "--name", "minilm", "--target", "all", "--pooling", "mean",
+        code, summary = export_json(str(minilm_dir), "--name", "minilm", "--target", targets, "--pooling", "mean",
                                     "--out", str(out))
         return code, summary, str(out / "minilm")
 
-    code, summary, bundle = built_once(tmp_path_factory, "minilm-int4-export", export)
+    code, summary, bundle = built_once(tmp_path_factory, f"minilm-int4-export-{targets}", export)
     return code, summary, Path(bundle)
 
 

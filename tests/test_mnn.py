@@ -111,6 +111,7 @@ def test_config_names_what_an_app_feeds_and_the_file_says_who_made_it(mnn_export
     assert rows["inputs"].startswith(f"{len(config['inputs'])}: input_ids, position_ids")
 
 
+@pytest.mark.extended  # CI's 45-minute budget; the plan's int8 layers on the other backends are in make test
 def test_a_plans_int8_layers_are_stored_at_8_bits(mnn_export, llama_dir, tmp_path):
     """--bits-per-weight 5.5 buys int8 layers: the converter stores them per channel (named one by one
     in its compression parameters) and the rest in 4-bit blocks; the file grows by what those layers'
