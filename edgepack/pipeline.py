@@ -222,7 +222,11 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         captured = capture(loaded, capture_options)
         if cache.enabled:
             stage.step("cache key")
-            model_key = digest(model_digest(captured), tool_digest())
+            try:
+                model_key = digest(model_digest(captured), tool_digest())
+            except TypeError as e:  # a model part the key cannot read: run every stage rather than guess
+                cache = StageCache(None)
+                warnings.append(f"the stage cache is off for this export: {e}")
 
     grids = {b.name: options[b.name].int4_grid for b in backends}
     calibration = calibration or read_calibration(None)

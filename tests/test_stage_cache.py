@@ -141,3 +141,19 @@ def test_concurrent_exports_sharing_a_cache_never_read_a_partial_entry(tmp_path)
         assert all(pool.map(_store_and_read, [str(tmp_path)] * 4))
     assert [p.name for p in (tmp_path / "plan").iterdir()] == ["same-key"]
     assert not [p for p in (tmp_path / "tmp").iterdir()]
+
+
+def test_keys_follow_content_not_identity_and_refuse_what_they_cannot_read():
+    import numpy as np
+    import torch
+
+    from edgepack.cache import digest
+
+    weights = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert digest({"a": 1, "b": weights}) == digest({"b": weights.clone(), "a": 1})  # order and identity do not count
+    assert digest(weights) != digest(weights.to(torch.float64))  # dtype does
+    assert digest(weights) != digest(weights.reshape(3, 2))  # shape does
+    assert digest(np.zeros(3)) != digest(torch.zeros(3, dtype=torch.float64))  # array vs tensor
+    assert digest((1, "1")) != digest(("1", 1)) and digest(1) != digest(1.0) != digest(True)
+    with pytest.raises(TypeError, match="cannot key a object"):
+        digest({"x": object()})
