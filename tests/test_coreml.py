@@ -146,6 +146,7 @@ def test_offset_grid_blocks_span_each_float_blocks_range(coreml_llama, llama_dir
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # CI's 45-minute budget (the clean-clone run on an AMD EPYC host, 2026-12-02)
 def test_symmetric_grid_is_coremltools_own_quantizer(llama_dir, tmp_path):
     """--coreml-grid symmetric: coremltools' linear_symmetric int4 blocks (no offsets), decoding
     token for token like its reference (fp32 compute, as the shared export)."""
@@ -266,6 +267,7 @@ def test_mean_pooled_mixed_encoder_smokes_through_the_evaluator(coreml_mixed_ber
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # CI's 45-minute budget (the clean-clone run on an AMD EPYC host, 2026-12-02)
 def test_palettes_beside_int8_layers_replay_their_read_back_reference(bert_dir, tmp_path):
     """--coreml-compression palettize4 with int8 overrides (given here, not planned): the int4
     layers become 4-bit palettes and the int8 ones linear int8, in one program, and the reference

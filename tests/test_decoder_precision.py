@@ -126,6 +126,7 @@ def test_each_grid_is_planned_at_its_own_bits_and_a_source_on_the_offset_grid_st
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # CI's 45-minute budget (the clean-clone run on an AMD EPYC host, 2026-12-02)
 def test_export_records_the_plan_and_the_artifact_stores_it(llama_dir, tmp_path):
     code, summary = export_json(str(llama_dir), "--target", "onnx", "--bits-per-weight", "5.5", "--out", str(tmp_path / "auto"))
     assert code == 0, json.dumps(summary["failures"])
