@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -134,11 +135,11 @@ class StageCache:
     # -- JSON values (plans, perplexities) -------------------------------------------------------
 
     def get_json(self, kind: str, key: str, stage: str) -> Any | None:
-        entry = self._read(kind, key)
-        if entry is None:
+        found = self._read(kind, key)
+        if found is None:
             return None
         self.hits.append(stage)
-        return entry["value"]
+        return found[0]["value"]
 
     def put_json(self, kind: str, key: str, value: Any) -> None:
         self._write(kind, key, {"value": value}, {})
@@ -146,46 +147,44 @@ class StageCache:
     # -- artifacts ---------------------------------------------------------------------------------
 
     def get_artifact(self, key: str, stage: str) -> Artifact | None:
-        entry = self._read("artifact", key)
-        if entry is None:
+        found = self._read("artifact", key)
+        if found is None:
             return None
-        folder = self._entry("artifact", key)
-        try:
-            artifact = _artifact_from(entry["value"], folder)
-        except (OSError, KeyError, ValueError):  # pruned meanwhile by another export: make it anew
-            return None
+        entry, data = found
         self.hits.append(stage)
-        return artifact
+        return _artifact_from(entry["value"], data)
 
     def put_artifact(self, key: str, artifact: Artifact) -> None:
-        files = {f"files/{name}": data for name, data in artifact.files.items()}
         # the arrays in the record's order of cases and names ("reference"), numbered
         arrays = {f"a{i}": array for i, array in enumerate(
             a for output in artifact.reference_outputs.values() for a in output.arrays)}
-        self._write("artifact", key, {"value": _artifact_record(artifact)}, files, arrays)
+        npz = io.BytesIO()
+        np.savez(npz, **arrays)
+        files = {**{f"files/{name}": data for name, data in artifact.files.items()}, "reference.npz": npz.getvalue()}
+        self._write("artifact", key, {"value": _artifact_record(artifact)}, files)
 
     # -- the store ---------------------------------------------------------------------------------
 
-    def _read(self, kind: str, key: str) -> dict | None:
-        """The entry's record after checking every file's sha256; a damaged entry is removed."""
+    def _read(self, kind: str, key: str) -> tuple[dict, dict[str, bytes]] | None:
+        """The entry's record and its files' bytes, each file read once and checked against its
+        sha256 (what is used is what was checked); a damaged entry is removed."""
         if not self.enabled:
             return None
         folder = self._entry(kind, key)
         try:
             entry = json.loads((folder / _ENTRY).read_text(encoding="utf-8"))
-            for name, sha in entry["files"].items():
-                if hashlib.sha256((folder / name).read_bytes()).hexdigest() != sha:
-                    raise ValueError(f"{folder / name}: sha256 differs from the entry's")
-        except FileNotFoundError:
+            data = {name: (folder / name).read_bytes() for name in entry["files"]}
+            if any(hashlib.sha256(data[name]).hexdigest() != sha for name, sha in entry["files"].items()):
+                raise ValueError(f"{folder}: a file's sha256 differs from the entry's")
+            os.utime(folder / _ENTRY)  # recently used: pruned last
+        except FileNotFoundError:  # not there, or pruned meanwhile by another export
             return None
         except (OSError, ValueError, KeyError):
             _remove(folder, self.root)
             return None
-        os.utime(folder / _ENTRY)  # recently used: pruned last
-        return entry
+        return entry, data
 
-    def _write(self, kind: str, key: str, record: dict, files: dict[str, bytes],
-               arrays: dict[str, np.ndarray] | None = None) -> None:
+    def _write(self, kind: str, key: str, record: dict, files: dict[str, bytes]) -> None:
         if not self.enabled:
             return
         tmp = self.root / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
@@ -193,10 +192,6 @@ class StageCache:
             for name, data in files.items():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes(data)
-            if arrays is not None:
-                tmp.mkdir(parents=True, exist_ok=True)
-                np.savez(tmp / "reference.npz", **arrays)
-                files = {**files, "reference.npz": (tmp / "reference.npz").read_bytes()}
             tmp.mkdir(parents=True, exist_ok=True)
             shas = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
             (tmp / _ENTRY).write_text(json.dumps({**record, "files": shas, "kind": kind}, sort_keys=True), encoding="utf-8")
@@ -275,13 +270,13 @@ def _artifact_record(a: Artifact) -> dict:
             "reference": [[case, list(output.names)] for case, output in a.reference_outputs.items()]}
 
 
-def _artifact_from(r: dict, folder: Path) -> Artifact:
-    with np.load(folder / "reference.npz", allow_pickle=False) as npz:
+def _artifact_from(r: dict, data: dict[str, bytes]) -> Artifact:
+    with np.load(io.BytesIO(data["reference.npz"]), allow_pickle=False) as npz:
         arrays = iter([npz[f"a{i}"] for i in range(len(npz.files))])
         reference = {case: CaseOutput(tuple(names), tuple(next(arrays) for _ in names)) for case, names in r["reference"]}
     return Artifact(
         backend=r["backend"], platforms=tuple(r["platforms"]),
-        files={name: (folder / "files" / name).read_bytes() for name in r["files"]}, main_file=r["main_file"],
+        files={name: data[f"files/{name}"] for name in r["files"]}, main_file=r["main_file"],
         methods=tuple(MethodSpec.from_dict(m) for m in r["methods"]), quantization=r["quantization"],
         ideal_bytes=r["ideal_bytes"], reference_outputs=reference, runtime=r["runtime"], extra=r["extra"],
         tolerance=Tolerance.from_dict(r["tolerance"]) if r["tolerance"] else None, warnings=tuple(r["warnings"]),
