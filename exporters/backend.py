@@ -74,7 +74,7 @@ class CompanionCheck:
 class Backend:
     name: str
     title: str  # as users know it: help panels and tables
-    lower: str  # module exposing lower(captured, quant, options, on_step) -> Artifact
+    lower: str  # module exposing lower(captured, quant, options, on_step) -> Lowered (exporters/lowering.py)
     # "module:Options": a frozen dataclass; its fields (with `flag` metadata) become CLI flags, and
     # its int4_grid names the INT4_GRIDS entry its int4 blocks are stored on (the precision plan's),
     # or is None where the backend's own quantizer chooses each tensor's type (no plan is made for it)

@@ -139,12 +139,9 @@ def stage_contents(staging: StagedBundle, captured: CapturedModel, quantization:
         for relpath, data in sorted(art.files.items()):
             staging.write(relpath, data)
         artifact_files[art.backend] = artifact_digest(art.files, art.main_file)
-    tokenizer_files = []
     tok = captured.loaded.tokenizer
-    if tok:
-        for name in tok.files:
-            info = staging.write(f"tokenizer/{name}", (tok.directory / name).read_bytes())
-            tokenizer_files.append({"path": f"tokenizer/{name}", **info})
+    tokenizer_files = [{"path": path, **staging.write(path, data)}
+                       for path, data in (tok.file_bytes("tokenizer/") if tok else {}).items()]
     case_files = {}
     for case in captured.cases:
         for name, array in zip(case.input_names, case.inputs):

@@ -169,9 +169,9 @@ def build_manifest(captured, quantization: dict, artifacts, artifact_files: dict
                 "path": a.main_file,
                 **artifact_files[a.backend],
                 "ideal_bytes": a.ideal_bytes,
-                "quantization": a.quantization,
+                "quantization": a.quantization.as_dict(),
                 "methods": [m.as_dict() for m in a.methods],
-                "runtime": a.runtime,
+                "runtime": a.runtime.as_dict(),
                 "smoke_tolerance": (a.tolerance or captured.tolerance).as_dict(),
                 "memory": memory_record(a, captured),
             }
@@ -181,5 +181,5 @@ def build_manifest(captured, quantization: dict, artifacts, artifact_files: dict
         "toolchain": toolchain_versions(),
         "smoke": smoke_section(captured, artifacts, case_files),
         "comparisons": {"lowering_fidelity": {}, "quantization_quality": {
-            a.backend: a.extra["quality"] for a in artifacts}},
+            a.backend: a.quality for a in artifacts}},
     }

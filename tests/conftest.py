@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -64,6 +65,16 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+SAMPLE_APPS = REPO_ROOT / "sample_apps"
+APP_KEYS = json.loads((SAMPLE_APPS / "bundle_keys.json").read_text())  # the bundle keys the sample apps read
+
+
+def run_python(code: str) -> str:
+    """What `python -c code` prints, run by a fresh interpreter from the repository root."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True,
+                          capture_output=True, text=True).stdout
+
+
 def run_cli(*args: str):
     """Run the edgepack CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
@@ -98,6 +109,14 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory) -> Path:
     return Path(built_once(tmp_path_factory, "bert", lambda d: str(build_bert_dir(d / "tiny-bert"))))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_capture(bert_dir):
+    from edgepack.exporters.capture import CaptureOptions, capture
+    from edgepack.exporters.sources import load_source
+
+    return capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
 
 
 @pytest.fixture(scope="session")

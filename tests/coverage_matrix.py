@@ -1,4 +1,4 @@
-"""The coverage matrix shared by tests/test_coverage.py (which records each cell) and conftest.py
+"""The coverage matrix shared by tests/e2e/test_coverage.py (which records each cell) and conftest.py
 (which, once every worker is done, checks that README.md shows exactly what the cells produced).
 
 Cells run on both xdist workers, so each records its result as a file in one directory that the
@@ -13,7 +13,7 @@ from pathlib import Path
 from demo_model.build import DECODER_CONFIGS
 from edgepack.exporters.registry import BACKENDS
 
-FAMILIES = tuple(f for f in DECODER_CONFIGS if f != "llama")  # llama: tests/test_export_llama.py and the demo
+FAMILIES = tuple(f for f in DECODER_CONFIGS if f != "llama")  # llama: tests/e2e/test_export_llama.py and the demo
 RESULTS_ENV = "EDGEPACK_COVERAGE_RESULTS"
 MATRIX_START, MATRIX_END = "<!-- coverage-matrix:start -->", "<!-- coverage-matrix:end -->"
 

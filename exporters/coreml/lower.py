@@ -24,15 +24,16 @@ from torch import nn
 
 from edgepack import __version__
 from edgepack.errors import BackendError, InputError
-from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.coreml import BACKEND
 from edgepack.exporters.coreml.options import Options
 from edgepack.exporters.coreml.package import package_files
-from edgepack.exporters.steps import Step, run_steps
+from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.exporters.weights import OffsetGrid, Rounding, weight_only_reference
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, KvCache, MethodSpec, TensorSpec
+from edgepack.stages import CapturedModel, KvCache, MethodSpec, QuantRecord, RuntimeRecord, TensorSpec
 
-ARTIFACT_DIR = "coreml/model.mlpackage"
+ARTIFACT_DIR = BACKEND.artifact
 # Channels that share one 16-entry palette (per_grouped_channel): coremltools' suggestion for LLMs.
 PALETTE_GROUP_CHANNELS = 16
 # CoreML has no int64 tensors: integer inputs are int32 in the program, and the host adapter casts.
@@ -40,17 +41,12 @@ _COREML_DTYPE = {"int64": "int32", "int32": "int32", "float32": "float32", "floa
 
 
 @dataclass
-class _Work:
-    captured: CapturedModel
-    quant: QuantSpec
-    options: Options
+class _Work(Lowering):
     compression: str  # "int4_offset", "int4", "int8", "palettize4" or "none"
     workdir: Path
-    reference: Reference | None = None
     program: Any = None  # torch ExportedProgram
     state_names: tuple[str, ...] = ()
     converted: dict = field(default_factory=dict)  # the child's result.json
-    files: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def package(self) -> Path:
@@ -416,30 +412,25 @@ def ideal_bytes(quant: QuantSpec, module: nn.Module, precision: str, compression
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
-          on_step: Callable[[str], None] | None = None) -> Artifact:
+          on_step: Callable[[str], None] | None = None) -> Lowered:
     import coremltools as ct
 
     compression = _compression(quant, options)
     _check_target(captured, compression, options)
     steps = STEPS["palette" if compression == "palettize4" else "linear"]
     with tempfile.TemporaryDirectory(prefix="edgepack-coreml-") as tmp:
-        work = run_steps("coreml", steps, _Work(captured, quant, options, compression, Path(tmp)), on_step)
+        work = run_steps(BACKEND.name, steps, _Work(captured, quant, options, compression, Path(tmp)), on_step)
     converted, module = work.converted, captured.module
-    return Artifact(
-        backend="coreml",
-        platforms=("ios",),
+    return Lowered(
         files=work.files,
-        main_file=ARTIFACT_DIR,
         methods=_methods(work),
-        quantization={**quant.describe(), "library": f"coremltools {ct.__version__}", "compression": compression,
-                      **({"grid": options.grid} if compression in ("int4", "int4_offset") else {}),
-                      "activations": options.precision, "compressed_weight_ops": converted["compressed_ops"],
-                      "stored_weights": dict(sorted(Counter(converted["stored_weights"].values()).items()))},
+        quantization=QuantRecord(quant.describe(), f"coremltools {ct.__version__}", {
+            "compression": compression,
+            **({"grid": options.grid} if compression in ("int4", "int4_offset") else {}),
+            "activations": options.precision, "compressed_weight_ops": converted["compressed_ops"],
+            "stored_weights": dict(sorted(Counter(converted["stored_weights"].values()).items()))}),
         ideal_bytes=ideal_bytes(quant, captured.module, options.precision, compression),
-        reference_outputs=work.reference.outputs,
-        runtime={
-            "name": "coreml",
-            "version": ct.__version__,
+        runtime=RuntimeRecord("coreml", ct.__version__, {
             "specification_version": converted["specification_version"],
             "deployment_target": f"iOS{options.ios_target}",
             "compute_precision": options.precision,
@@ -450,8 +441,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
             **({"tokenizer": "tokenizer/tokenizer.json and tokenizer_config.json (e.g. swift-transformers' "
                          "AutoTokenizer); this tokenizer is not checked by edgepack"}
                if captured.loaded.tokenizer else {}),
-        },
-        extra={"quality": work.reference.quality},
-        tolerance=work.reference.tolerance,
-        kv_cache=KvCache.for_decoder(captured, "float16", "static"),
+        }),
+        reference=work.reference,
+        kv_cache=KvCache("float16", "static"),
     )

@@ -12,15 +12,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.decoder import StaticCacheLM
+from edgepack.exporters.executorch import BACKEND
 from edgepack.exporters.executorch.llm_ops import use_llm_custom_ops
 from edgepack.exporters.executorch.offset_grid import offset_embedding, offset_linear
 from edgepack.exporters.executorch.options import Options
 from edgepack.exporters.executorch.shared_input import share_inputs
-from edgepack.exporters.steps import Step, run_steps
+from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, KvCache
+from edgepack.stages import CapturedModel, KvCache, QuantRecord, RuntimeRecord
 
 # Operator namespaces left outside the delegate, and the kernel library that provides them.
 # An app must link these (and the host runtime must import them) or the .pte fails to load (0x14).
@@ -36,17 +37,12 @@ SCALE_SEARCH = "hqq_scale_only"
 
 
 @dataclass
-class _Work:
-    captured: CapturedModel
-    quant: QuantSpec
-    options: Options
+class _Work(Lowering):
     module: nn.Module | None = None
     attention: str | None = None  # decoder LMs: how attention and the KV cache are lowered
     metadata: dict = field(default_factory=dict)  # the LLM runner's constant methods
-    reference: Reference | None = None
     program: Any = None
     edge: Any = None
-    pte: bytes = b""
     kernel_libraries: list[str] = field(default_factory=list)
 
 
@@ -151,7 +147,7 @@ def to_pte(work: _Work) -> None:
     # Quant fusion rewrites torchao's dequantize + embedding into quantized_decomposed.embedding_4bit,
     # which has an out-variant kernel; without it to_executorch fails on dequantize_affine.
     program = work.edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
-    work.pte = program.buffer
+    work.files[BACKEND.artifact] = program.buffer
     namespaces = {
         str(node.target).split(".")[0].split("::")[0]
         for node in program.exported_program().graph.nodes
@@ -176,34 +172,23 @@ RUNNER_TOKENIZER = ("tokenizer/tokenizer.json through ExecuTorch's HFTokenizer (
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
-          on_step: Callable[[str], None] | None = None) -> Artifact:
-    work = run_steps("executorch", STEPS, _Work(captured, quant, options), on_step)
+          on_step: Callable[[str], None] | None = None) -> Lowered:
+    work = run_steps(BACKEND.name, STEPS, _Work(captured, quant, options), on_step)
     metadata, tok = work.metadata, captured.loaded.tokenizer
-    runtime = {
-        "name": "executorch",
-        "version": version("executorch"),
-        "kernel_libraries": work.kernel_libraries,
-        "constant_methods": dict(sorted(metadata.items())),
-    }
+    facts = {"kernel_libraries": work.kernel_libraries, "constant_methods": dict(sorted(metadata.items()))}
     if work.attention:
-        runtime["attention"] = work.attention
+        facts["attention"] = work.attention
     if metadata and tok and "tokenizer.json" in tok.files:
-        runtime["tokenizer"] = RUNNER_TOKENIZER
-    return Artifact(
-        backend="executorch",
-        platforms=("android", "ios"),
-        files={"executorch/model.pte": work.pte},
-        main_file="executorch/model.pte",
-        methods=captured.methods,
-        quantization={**quant.describe(), "library": f"torchao {version('torchao')}", "delegate": "XNNPACK",
-                      "scale_search": SCALE_SEARCH,
-                      **({"grid": options.grid} if quant.scheme == "int4" else {})},
+        facts["tokenizer"] = RUNNER_TOKENIZER
+    return Lowered(
+        files=work.files,
+        quantization=QuantRecord(quant.describe(), f"torchao {version('torchao')}",
+                                 {"delegate": "XNNPACK", "scale_search": SCALE_SEARCH,
+                                  **({"grid": options.grid} if quant.scheme == "int4" else {})}),
         # the grid's own cost, as the other backends count it; the .pte's int8 offsets and indicator rows
         # (fp32 zero points for a table) show in its ratio to this ideal
         ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: on_offset_grid(options.grid, wq)),
-        reference_outputs=work.reference.outputs,
-        runtime=runtime,
-        extra={"quality": work.reference.quality},
-        tolerance=work.reference.tolerance,
-        kv_cache=KvCache.for_decoder(captured, "float32", "static"),
+        runtime=RuntimeRecord("executorch", version("executorch"), facts),
+        reference=work.reference,
+        kv_cache=KvCache("float32", "static"),
     )

@@ -23,15 +23,16 @@ import torch
 
 from edgepack import __version__
 from edgepack.errors import InputError
-from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.gguf import BACKEND
 from edgepack.exporters.gguf import runtime as gguf_runtime
 from edgepack.exporters.gguf.options import LLAMA_CPP_MIXES, Options
 from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
-from edgepack.exporters.steps import Step, run_steps
+from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, KvCache
+from edgepack.stages import CapturedModel, KvCache, QuantRecord, RuntimeRecord
 
-MODEL_FILE = "gguf/model.gguf"
+MODEL_FILE = BACKEND.artifact
 BLOCK = 32  # every GGUF type edgepack writes quantizes blocks of 32 along a row
 
 
@@ -88,17 +89,13 @@ def _type_refusal(quant: QuantSpec, options: Options) -> str | None:
 
 
 @dataclass
-class _Work:
-    captured: CapturedModel
-    quant: QuantSpec
-    options: Options
+class _Work(Lowering):
     folder: Path  # a scratch folder for the file (and llama.cpp's quantizer's input)
     arch: Arch | None = None
     vocab: GgufVocab | None = None
     tensors: list[tuple[str, np.ndarray, str]] = field(default_factory=list)  # (gguf name, stored bytes or floats, type)
     hf_names: dict[str, str] = field(default_factory=dict)  # gguf name -> Hugging Face parameter name
     stored: dict[str, torch.Tensor] = field(default_factory=dict)  # HF parameter name -> the weight the file holds
-    reference: Reference | None = None
     path: Path | None = None  # the file written
     tokenizer_check: dict = field(default_factory=dict)
 
@@ -269,10 +266,10 @@ GRIDS = {"Q4_1": "4-bit layers Q4_1: each block of 32 on its own min..max (fp16 
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
-          on_step: Callable[[str], None] | None = None) -> Artifact:
+          on_step: Callable[[str], None] | None = None) -> Lowered:
     steps = LLAMA_CPP_STEPS if options.type in LLAMA_CPP_MIXES else PLAN_STEPS
     with tempfile.TemporaryDirectory(prefix="edgepack-gguf-") as tmp:
-        work = run_steps("gguf", steps, _Work(captured, quant, options, Path(tmp)), on_step)
+        work = run_steps(BACKEND.name, steps, _Work(captured, quant, options, Path(tmp)), on_step)
         data = work.path.read_bytes()
     counts = Counter(kind for _, _, kind in work.tensors)
     warnings = ()
@@ -281,26 +278,21 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         warnings = (f"llama.cpp's tokenizer (from the .gguf) differs from the model's on "
                     f"{len(work.tokenizer_check['mismatches'])} check(s); first: {first['what']} of {first['text'][:40]!r}",)
     if options.type in LLAMA_CPP_MIXES:
-        quantization = {"scheme": quant.scheme, "method": f"llama.cpp's quantizer ({options.type})",
-                        "library": f"llama.cpp (llama-cpp-python {gguf_runtime.runtime_version()})"}
+        scheme = {"scheme": quant.scheme, "method": f"llama.cpp's quantizer ({options.type})"}
+        library = f"llama.cpp (llama-cpp-python {gguf_runtime.runtime_version()})"
     else:
-        quantization = {**quant.describe(), "library": f"gguf {version('gguf')} (numpy quantizers)"}
-    return Artifact(
-        backend="gguf",
-        platforms=("android", "ios"),
+        scheme, library = quant.describe(), f"gguf {version('gguf')} (numpy quantizers)"
+    return Lowered(
         files={MODEL_FILE: data},
-        main_file=MODEL_FILE,
-        methods=captured.methods,
-        quantization={**quantization, "gguf_types": dict(sorted(counts.items())), "gguf_type": options.type,
-                      "grid": GRIDS[options.type],
-                      "activations": "llama.cpp quantizes activations per block of 32 (Q8_0 / Q8_1) for quantized matmuls"},
+        quantization=QuantRecord(scheme, library, {
+            "gguf_types": dict(sorted(counts.items())), "gguf_type": options.type, "grid": GRIDS[options.type],
+            "activations": "llama.cpp quantizes activations per block of 32 (Q8_0 / Q8_1) for quantized matmuls"}),
         ideal_bytes=sum(data.nbytes for _, data, _ in work.tensors),  # as their types store them, tied once
-        reference_outputs=work.reference.outputs,
-        runtime={"name": "llama.cpp", "version": gguf_runtime.runtime_version(), "architecture": work.arch.name.lower(),
-                 "tokenizer": {"embedded": f"tokenizer.ggml.* ({work.vocab.model}, pre {work.vocab.pre!r})",
-                               "check": work.tokenizer_check}},
-        extra={"quality": work.reference.quality},
-        tolerance=work.reference.tolerance,
+        runtime=RuntimeRecord("llama.cpp", gguf_runtime.runtime_version(), {
+            "architecture": work.arch.name.lower(),
+            "tokenizer": {"embedded": f"tokenizer.ggml.* ({work.vocab.model}, pre {work.vocab.pre!r})",
+                          "check": work.tokenizer_check}}),
+        reference=work.reference,
         warnings=warnings,
-        kv_cache=KvCache.for_decoder(captured, "float16", "runtime"),
+        kv_cache=KvCache("float16", "runtime"),
     )

@@ -27,7 +27,9 @@ from torch import nn
 
 from edgepack import __version__
 from edgepack.errors import InputError
-from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
+from edgepack.exporters.mnn import BACKEND
 from edgepack.exporters.mnn import runtime as mnn_runtime
 from edgepack.exporters.mnn.options import Options
 from edgepack.exporters.onnx_capture import (
@@ -39,12 +41,11 @@ from edgepack.exporters.onnx_capture import (
     onnx_signature,
     weight_nodes,
 )
-from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, KvCache
+from edgepack.stages import CapturedModel, KvCache, QuantRecord, RuntimeRecord
 
-MODEL_FILE = "mnn/model.mnn"
+MODEL_FILE = BACKEND.artifact
 CONFIG_FILE = "mnn/config.json"
 OPSET = 18  # the lowest torch.onnx's dynamo exporter writes; MNN's ONNX front end reads it
 BIZ_CODE = "edgepack"  # the model's bizCode (Module::getInfo), which says who made it
@@ -60,22 +61,17 @@ def refusal(loaded, quant: QuantSpec) -> str | None:
 
 
 @dataclass
-class _Work:
-    captured: CapturedModel
-    quant: QuantSpec
-    options: Options
+class _Work(Lowering):
     layers: dict[str, WeightQuant] = field(default_factory=dict)
     linear: WeightQuant | None = None  # the converter's flags: the linear layers' most common storage
     # layer path -> the graph outputs the converter may name its layer after: the MatMul's, and
     # with a bias the Add's it fuses
     linear_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     module: nn.Module | None = None  # the captured module holding the weights the .mnn stores
-    reference: Reference | None = None
     signature: OnnxSignature | None = None
     onnx_model: object = None  # onnx.ModelProto
     data: bytes = b""
     converter: dict = field(default_factory=dict)
-    files: dict[str, bytes] = field(default_factory=dict)
 
 
 def check_scheme(work: _Work) -> None:
@@ -304,31 +300,23 @@ GRID = ("4-bit linear layers: MNN's asymmetric blocks (each its own min..max, fp
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
-          on_step: Callable[[str], None] | None = None) -> Artifact:
-    work = run_steps("mnn", STEPS, _Work(captured, quant, options), on_step)
-    runtime = {
-        "name": "MNN",
-        "version": mnn_runtime.runtime_version(),
-        "converter": f"MNN converter {version('mnn')} ({work.converter['flags']}; "
-                     f"{work.converter['layers_set_apart']} layers stored otherwise by --compressionParamsFile) "
-                     f"from torch.onnx (dynamo) {torch.__version__}, opset {OPSET}",
-        "api": "Express Module (MNN::Express::Module::load), CPU backend",
-        "memory_mode": mnn_runtime.MEMORY_MODE,
-        "dynamic_quant_option": mnn_runtime.DYNAMIC_QUANT_OPTION,
-        "config": CONFIG_FILE,
-    }
-    return Artifact(
-        backend="mnn",
-        platforms=("android", "ios"),
+          on_step: Callable[[str], None] | None = None) -> Lowered:
+    work = run_steps(BACKEND.name, STEPS, _Work(captured, quant, options), on_step)
+    return Lowered(
         files=dict(work.files),
-        main_file=MODEL_FILE,
         methods=work.signature.methods,
-        quantization={**quant.describe(), "library": f"MNN converter {version('mnn')}",
-                      **({"grid": GRID} if quant.scheme == "int4" else {})},
+        quantization=QuantRecord(quant.describe(), f"MNN converter {version('mnn')}",
+                                 {"grid": GRID} if quant.scheme == "int4" else {}),
         ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: wq.bits == 4),
-        reference_outputs=work.reference.outputs,
-        runtime=runtime,
-        extra={"quality": work.reference.quality},
-        tolerance=work.reference.tolerance,
-        kv_cache=KvCache.for_decoder(captured, "float32", "growing"),
+        runtime=RuntimeRecord("MNN", mnn_runtime.runtime_version(), {
+            "converter": f"MNN converter {version('mnn')} ({work.converter['flags']}; "
+                         f"{work.converter['layers_set_apart']} layers stored otherwise by --compressionParamsFile) "
+                         f"from torch.onnx (dynamo) {torch.__version__}, opset {OPSET}",
+            "api": "Express Module (MNN::Express::Module::load), CPU backend",
+            "memory_mode": mnn_runtime.MEMORY_MODE,
+            "dynamic_quant_option": mnn_runtime.DYNAMIC_QUANT_OPTION,
+            "config": CONFIG_FILE,
+        }),
+        reference=work.reference,
+        kv_cache=KvCache("float32", "growing"),
     )

@@ -19,7 +19,9 @@ from torch import nn
 
 from edgepack import __version__
 from edgepack.errors import InputError
-from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
+from edgepack.exporters.onnx import BACKEND
 from edgepack.exporters.onnx import graph as onnx_graph
 from edgepack.exporters.onnx import metadata as onnx_metadata
 from edgepack.exporters.onnx.options import Options
@@ -32,12 +34,11 @@ from edgepack.exporters.onnx_capture import (
     onnx_signature,
     weight_nodes,
 )
-from edgepack.exporters.steps import Step, run_steps
 from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max, weight_only_reference
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, KvCache
+from edgepack.stages import CapturedModel, KvCache, QuantRecord, RuntimeRecord
 
-MODEL_FILE = "onnx/model.onnx"
+MODEL_FILE = BACKEND.artifact
 GENAI_CONFIG = "onnx/genai_config.json"
 OPSET = 21  # int4 tensors (GatherBlockQuantized's data) need opset 21 / IR 10
 # MatMulNBits accuracy_level 4: activations quantized to int8 per block at run time (the fast
@@ -109,12 +110,8 @@ STORED_AS_OFFSET = {
 
 
 @dataclass
-class _Work:
-    captured: CapturedModel
-    quant: QuantSpec
-    options: Options
+class _Work(Lowering):
     signature: OnnxSignature | None = None
-    reference: Reference | None = None
     model: Any = None  # onnx.ModelProto
     layers: dict[str, WeightQuant] = field(default_factory=dict)  # layer path -> how it is stored
     linear: dict[str, str] = field(default_factory=dict)  # node name -> layer path: MatMuls of linear layers
@@ -124,7 +121,6 @@ class _Work:
     float_bytes: int = 0
     counts: dict = field(default_factory=dict)
     storage: dict[str, dict[str, str]] = field(default_factory=dict)  # WeightQuant.describe() -> {kind: ops}
-    files: dict[str, bytes] = field(default_factory=dict)
 
 
 def check_scheme(work: _Work) -> None:
@@ -327,11 +323,9 @@ def _library(quant: QuantSpec, options: Options) -> str:
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
-          on_step: Callable[[str], None] | None = None) -> Artifact:
-    work = run_steps("onnx", STEPS, _Work(captured, quant, options), on_step)
-    runtime = {
-        "name": "onnxruntime",
-        "version": version("onnxruntime"),
+          on_step: Callable[[str], None] | None = None) -> Lowered:
+    work = run_steps(BACKEND.name, STEPS, _Work(captured, quant, options), on_step)
+    facts = {
         "converter": f"torch.onnx (dynamo) {torch.__version__}, onnxscript {version('onnxscript')}",
         "opset": OPSET,
         "execution_provider": "CPUExecutionProvider",
@@ -341,23 +335,18 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         "validated": "onnx.checker (full check) after export and after quantization; strict shape inference",
     }
     if captured.loaded.task == "causal-lm":
-        runtime["kv_cache"] = {"past": list(PAST), "present": list(PRESENT), "layout": "[1, kv_heads, length, head_dim]",
-                               "growth": "present = past followed by the new tokens (past_present_share_buffer false)"}
-        runtime["genai_config"] = GENAI_CONFIG
-    return Artifact(
-        backend="onnx",
-        platforms=("android", "ios"),
+        facts["kv_cache"] = {"past": list(PAST), "present": list(PRESENT), "layout": "[1, kv_heads, length, head_dim]",
+                             "growth": "present = past followed by the new tokens (past_present_share_buffer false)"}
+        facts["genai_config"] = GENAI_CONFIG
+    return Lowered(
         files=dict(work.files),
-        main_file=MODEL_FILE,
         methods=work.signature.methods,
-        quantization={**quant.describe(), "library": _library(quant, options),
-                      **({"grid": options.grid} if quant.scheme == "int4" else {}),
-                      "ops": work.storage or "none",
-                      "accuracy_level": INT8_COMPUTE if quant.dynamic_int8_activations else 0},
+        quantization=QuantRecord(quant.describe(), _library(quant, options),
+                                 {**({"grid": options.grid} if quant.scheme == "int4" else {}),
+                                  "ops": work.storage or "none",
+                                  "accuracy_level": INT8_COMPUTE if quant.dynamic_int8_activations else 0}),
         ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: on_offset_grid(options, wq)),
-        reference_outputs=work.reference.outputs,
-        runtime=runtime,
-        extra={"quality": work.reference.quality},
-        tolerance=work.reference.tolerance,
-        kv_cache=KvCache.for_decoder(captured, "float32", "growing"),
+        runtime=RuntimeRecord("onnxruntime", version("onnxruntime"), facts),
+        reference=work.reference,
+        kv_cache=KvCache("float32", "growing"),
     )

@@ -19,9 +19,10 @@ import torch
 from edgepack import __version__
 from edgepack.errors import BackendError, InputError
 from edgepack.exporters.attention import grouped_query_attention
-from edgepack.exporters.capture import Reference, quantized_reference
+from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.decoder import ExplicitCacheLM
-from edgepack.exporters.steps import Step, run_steps
+from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
+from edgepack.exporters.tflite import BACKEND
 from edgepack.exporters.tflite.metadata import ModelDoc, TensorDoc, write_metadata
 from edgepack.exporters.tflite.options import DEFAULT_PREFILL_LEN, Options
 from edgepack.exporters.tflite.weights import (
@@ -42,9 +43,9 @@ from edgepack.exporters.weights import (
     weight_only_reference,
 )
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import Artifact, CapturedModel, KvCache, MethodSpec, TensorSpec
+from edgepack.stages import CapturedModel, KvCache, MethodSpec, QuantRecord, RuntimeRecord, TensorSpec
 
-MODEL_FILE = "tflite/model.tflite"
+MODEL_FILE = BACKEND.artifact
 LITERTLM_FILE = "tflite/model.litertlm"
 # LiteRT-LM's own conversions use 128-token prefill signatures; a prompt is prefilled in chunks of
 # this length (padded), so a longer default wastes compute on short prompts and a shorter one adds
@@ -71,10 +72,7 @@ class _Signature:
 
 
 @dataclass
-class _Work:
-    captured: CapturedModel
-    quant: QuantSpec
-    options: Options
+class _Work(Lowering):
     signatures: list[_Signature] = field(default_factory=list)
     methods: tuple[MethodSpec, ...] = ()
     prefill_lens: tuple[int, ...] = ()
@@ -84,10 +82,8 @@ class _Work:
     stored: dict[str, str] = field(default_factory=dict)  # layer -> how the quantized model stores it
     folded_norms: list[str] = field(default_factory=list)  # linear layers the converter folded a norm into
     float_embeddings: list[str] = field(default_factory=list)  # embedding tables the converter left in float
-    reference: Reference | None = None
     float_model: bytes = b""
     model: bytes = b""
-    files: dict[str, bytes] = field(default_factory=dict)
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
@@ -328,9 +324,7 @@ def _facts(work: _Work) -> dict:
     return {
         "edgepack_version": __version__,
         "task": loaded.task,
-        "tokenizer": None if tok is None else {
-            "files": list(tok.files), "bos_id": tok.bos_id, "eos_ids": list(tok.eos_ids), "pad_id": tok.pad_id,
-            "add_bos": tok.add_bos, "chat_template": tok.chat_template},
+        "tokenizer": None if tok is None else tok.stop_facts(),
         "generation": {"max_seq_len": meta["get_max_seq_len"], "prefill_lens": list(work.prefill_lens)} if meta else None,
         "signatures": {m.name: m.as_dict() for m in work.methods},
     }
@@ -398,25 +392,19 @@ STEPS: tuple[Step, ...] = (
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
-          on_step: Callable[[str], None] | None = None) -> Artifact:
+          on_step: Callable[[str], None] | None = None) -> Lowered:
     if options.bundle == "litertlm" and (captured.loaded.task != "causal-lm" or captured.loaded.tokenizer is None):
         raise InputError("--tflite-bundle litertlm is for decoder LMs with a tokenizer",
                          hint=f"{captured.loaded.source} is a {captured.loaded.task}")
-    work = run_steps("tflite", STEPS, _Work(captured, quant, options), on_step)
-    return Artifact(
-        backend="tflite",
-        platforms=("android", "ios"),
+    work = run_steps(BACKEND.name, STEPS, _Work(captured, quant, options), on_step)
+    return Lowered(
         files=dict(work.files),
-        main_file=MODEL_FILE,
         methods=work.methods,
-        quantization={**quant.describe(), "library": f"ai-edge-quantizer {version('ai-edge-quantizer')}",
-                      "recipe": "dynamic range (int weights, activations quantized at run time)"
-                      if quant.linear or quant.embedding else "none"},
+        quantization=QuantRecord(quant.describe(), f"ai-edge-quantizer {version('ai-edge-quantizer')}",
+                                 {"recipe": "dynamic range (int weights, activations quantized at run time)"
+                                  if quant.linear or quant.embedding else "none"}),
         ideal_bytes=quant.ideal_bytes(captured.module),
-        reference_outputs=work.reference.outputs,
-        runtime={
-            "name": "litert",
-            "version": version("ai-edge-litert"),
+        runtime=RuntimeRecord("litert", version("ai-edge-litert"), {
             "converter": f"litert-torch {version('litert-torch')}",
             "signatures": [m.name for m in work.methods],
             "prefill_lens": list(work.prefill_lens),
@@ -430,8 +418,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
             **({"tokenizer": "the tokenizer files packed in the .tflite (associated files, also under tokenizer/); "
                          "LiteRT-LM reads the copy inside the .litertlm"}
                if captured.loaded.tokenizer else {}),
-        },
-        extra={"quality": work.reference.quality},
-        tolerance=work.reference.tolerance,
-        kv_cache=KvCache.for_decoder(captured, "float32", "static"),
+        }),
+        reference=work.reference,
+        kv_cache=KvCache("float32", "static"),
     )

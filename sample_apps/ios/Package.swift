@@ -2,7 +2,7 @@
 // The edgepack iOS sample: reads a bundle's manifest.json, runs the CoreML .mlpackage and the
 // ExecuTorch .pte, and (EdgepackSampleTests) replays the bundle's smoke cases on the iOS Simulator.
 // The ExecuTorch branch must be the release line that exported the .pte: `edgepack export` prints
-// it (edgepack/packaging/integration.py); tests/test_sample_apps.py checks this file against it.
+// it (edgepack/packaging/integration.py); tests/e2e/test_sample_apps.py checks this file against it.
 import PackageDescription
 
 // ExecuTorch's kernels and backends register themselves in static initializers: keep them all.

@@ -1,8 +1,7 @@
-"""Mixed precision: the per-layer QuantSpec, the encoder plan, and the CLI around them."""
+"""The encoder precision plan on its own (no export): overrides, the bisection, the floor, and
+calibration files."""
 
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import pytest
@@ -10,15 +9,10 @@ import torch
 from torch import nn
 
 from edgepack.cases import row_cosines
-from edgepack.exporters.capture import CaptureOptions, capture
-from edgepack.exporters.executorch.lower import quantize_module
 from edgepack.exporters.mixed_precision import INT8, _fewest, plan_mixed_precision, read_calibration
-from edgepack.exporters.sources import load_source
 from edgepack.exporters.tokenizer import encode
 from edgepack.exporters.weights import Rounding, int8_per_row, weight_only_reference
-from edgepack.packaging.manifest import read_manifest
 from edgepack.quant import QuantSpec
-from tests.conftest import run_cli
 
 
 def test_overrides_change_how_named_layers_are_stored():
@@ -47,11 +41,6 @@ def test_calibration_file_errors_are_input_errors(tmp_path):
         read_calibration(tmp_path / "missing.txt")
     texts, source = read_calibration(None)
     assert len(texts) == 40 and source.startswith("built-in")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_capture(bert_dir):
-    return capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
 
 
 def _calibration_cosines(captured, spec) -> np.ndarray:
@@ -88,48 +77,3 @@ def test_plan_keeps_int8_only_what_the_floor_needs(tiny_bert_capture):
     lenient = plan_mixed_precision(tiny_bert_capture, int4, *read_calibration(None), float(2 * all_int4 - 1) - 1e-3)
     assert not lenient.overrides and lenient.plan["int4_weight_fraction"] == 1.0
 
-
-def test_mixed_precision_is_refused_where_it_cannot_apply(llama_dir, bert_dir, tmp_path):
-    result = run_cli("export", llama_dir, "--mixed-precision", "auto", "--quant", "int8", "--out", tmp_path)
-    assert result.exit_code == 2 and "applies to models with a tokenizer at --quant int4" in result.stderr and "int8" in result.stderr
-    result = run_cli("export", bert_dir, "--quant", "int8", "--calibration", __file__, "--out", tmp_path)
-    assert result.exit_code == 2 and "--calibration applies to models with a tokenizer at --quant int4" in result.stderr
-    result = run_cli("export", bert_dir, "--bits-per-weight", "5", "--out", tmp_path)
-    assert result.exit_code == 2 and "--bits-per-weight applies to decoder LMs" in result.stderr
-    result = run_cli("export", bert_dir, "--mixed-precision", "some", "--out", tmp_path)
-    assert result.exit_code == 2 and "auto, off" in result.stderr
-    result = run_cli("export", bert_dir, "--calibration", tmp_path / "nope.txt", "--out", tmp_path)
-    assert result.exit_code == 2 and "no such file" in result.stderr
-    assert not any(tmp_path.iterdir())  # nothing written
-
-
-# make test-extended (CI's 45-minute budget): the encoder plan's artifacts on every backend are the
-# real MiniLM's shared export in make test (tests/test_encoders.py, test_coreml.py, test_onnx.py).
-@pytest.mark.extended
-def test_export_records_the_plan_and_off_turns_it_off(bert_dir, tiny_bert_capture, tmp_path):
-    """One plan for every backend: ExecuTorch (torchao, one pass per storage kind) stores each
-    layer as planned and its .pte follows its reference on the ExecuTorch runtime. On the
-    symmetric grid, whose lowering takes half the offset grid's (test_other_sources exports BERT
-    on the offset grid)."""
-    result = run_cli("export", bert_dir, "--target", "executorch,onnx", "--executorch-grid", "symmetric", "--pooling", "mean",
-                     "--min-cosine", "0.998", "--out", tmp_path / "auto")
-    assert result.exit_code == 0, result.stderr
-    manifest = read_manifest(tmp_path / "auto" / "tiny-bert")
-    quant = manifest["quantization"]
-    assert quant["overrides"] and quant["plan"]["floor"] == 0.998 and quant["plan"]["floor_met"]
-    assert "precision:" in result.stderr and "kept int8" in result.stderr
-    spec = QuantSpec.from_options("int4").with_overrides({n: INT8 for n in quant["overrides"]}, plan={})
-    module = quantize_module(copy.deepcopy(tiny_bert_capture.module), spec)
-    for name, wq in spec.layers(module).items():
-        weight = module.get_submodule(name).weight
-        assert weight.target_dtype == getattr(torch, f"int{wq.bits}"), name
-        assert weight.block_size == (1, wq.group_size or weight.shape[1]), name
-    for backend in ("executorch", "onnx"):
-        fidelity = manifest["comparisons"]["lowering_fidelity"][backend]
-        assert fidelity["passed"] and all(c["min_cosine"] >= 0.999 for c in fidelity["cases"].values()), fidelity
-    result = run_cli("export", bert_dir, "--target", "onnx", "--pooling", "mean", "--min-cosine", "0.998",
-                     "--mixed-precision", "off", "--out", tmp_path / "off")
-    assert result.exit_code == 1 and "< --min-cosine 0.998" in result.stderr  # all-int4 misses the floor
-    assert not (tmp_path / "off" / "tiny-bert").exists()  # a failed export is kept aside, never as the bundle
-    quant = read_manifest(tmp_path / "off" / "tiny-bert.failed")["quantization"]
-    assert "overrides" not in quant and "plan" not in quant

@@ -107,7 +107,7 @@ def test_pte_decodes_like_the_quantized_model_for_16_steps(llama_export):
 
 
 # make test-extended (CI's 45-minute budget): the symmetric grid's lowering and decoding are the
-# coverage matrix's ExecuTorch cells (tests/test_coverage.py), seven families in make test.
+# coverage matrix's ExecuTorch cells (tests/e2e/test_coverage.py), seven families in make test.
 @pytest.mark.extended
 def test_pte_holds_the_offset_grid_and_symmetric_is_export_llms(llama_export, llama_dir, tmp_path):
     """The shared export is on the default --executorch-grid offset (its layers: test_units'

@@ -21,10 +21,8 @@ from edgepack.exporters.tflite.app_lines import RELEASES as LITERT_RELEASES
 from edgepack.packaging.device_smoke import cases_json
 from edgepack.packaging.integration import integration_snippets
 from edgepack.packaging.manifest import schema
-from tests.conftest import REPO_ROOT
-
-APPS = REPO_ROOT / "sample_apps"
-KEYS = json.loads((APPS / "bundle_keys.json").read_text())
+from tests.conftest import APP_KEYS as KEYS
+from tests.conftest import SAMPLE_APPS as APPS
 
 
 def _resolve(value, path: list[str]) -> list:
@@ -66,10 +64,6 @@ def _in_schema(node: dict, path: list[str]) -> bool:
     return True
 
 
-def _sources(suffix: str) -> str:
-    return "\n".join(p.read_text() for p in APPS.rglob(f"*.{suffix}"))
-
-
 @pytest.mark.parametrize("key", KEYS["manifest.json"])
 def test_manifest_keys_the_apps_read_are_in_the_schema_and_a_real_export(key, llama_export):
     path = key.split(".")
@@ -98,14 +92,6 @@ def test_cases_json_of_an_encoder_carries_its_output_tensors():
     assert out["shape"] == [1, 3, 2] and np.array_equal(np.float32(out["data"]), hidden.ravel())
 
 
-def test_every_key_is_read_by_the_apps_code():
-    kotlin, swift = _sources("kt"), _sources("swift")
-    for group in KEYS.values():
-        for key in group if isinstance(group, list) else []:
-            literal = f'"{[p for p in key.split(".") if p != "*"][-1].removesuffix("[]")}"'
-            assert literal in kotlin or literal in swift, f"no app reads {key}"
-
-
 def test_apps_pin_the_runtimes_export_prints(llama_export):
     manifest = json.loads((llama_export[2] / "manifest.json").read_text())
     snippets = integration_snippets(manifest)
@@ -126,3 +112,4 @@ def test_the_key_checks_reject_a_key_that_is_not_there(llama_export):
     manifest = json.loads((llama_export[2] / "manifest.json").read_text())
     assert not _in_schema(schema(), ["tokenizer", "eos"])
     assert not _resolve(manifest, ["artifacts[]", "runtime", "maven"])
+

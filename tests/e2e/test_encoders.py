@@ -3,8 +3,6 @@ fp32 eager on real sentences."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,20 +13,7 @@ from edgepack.cases import Case, cosine
 from edgepack.exporters.decoder import EncoderOutput
 from edgepack.packaging.manifest import read_manifest
 from edgepack.packaging.smoke import host_replay
-from tests.conftest import minilm_targets, run_cli
-
-
-def test_pooling_computes_the_sentence_transformers_embedding(bert_dir):
-    model = AutoModel.from_pretrained(bert_dir).eval()
-    ids = torch.tensor([[2, 40, 41, 42, 3, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
-    with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        mean = EncoderOutput(model, "mean")(ids, mask)
-        cls = EncoderOutput(model, "cls")(ids, mask)
-        tokens = EncoderOutput(model, "none")(ids, mask)
-    assert torch.allclose(mean, hidden[:, :5].mean(1), atol=1e-6)  # padding does not count
-    assert torch.equal(cls, hidden[:, 0]) and torch.equal(tokens, hidden)
+from tests.conftest import REPO_ROOT, minilm_targets, run_cli
 
 
 def test_pooling_is_refused_for_decoder_lms(llama_dir, tmp_path):
@@ -41,7 +26,7 @@ def test_unknown_pooling_is_refused(bert_dir, tmp_path):
     assert result.exit_code == 2 and "--pooling 'max'" in result.stderr and "none, mean, cls" in result.stderr
 
 
-HELD_OUT = Path(__file__).parent / "fixtures" / "heldout_sentences.txt"
+HELD_OUT = REPO_ROOT / "tests" / "fixtures" / "heldout_sentences.txt"
 
 
 @pytest.mark.slow
@@ -80,3 +65,4 @@ def test_minilm_int4_embeddings_stay_within_0_99_of_fp32_on_held_out_sentences(m
     print("held-out min cosine vs fp32:", worst)
     assert sorted(worst) == (["coreml", "executorch", "mnn", "onnx", "tflite"] if targets == "all" else sorted(targets.split(",")))
     assert all(w >= 0.99 for w in worst.values()), worst
+

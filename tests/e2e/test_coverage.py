@@ -4,7 +4,7 @@ Each cell builds a tiny model with the family's real transformers config class (
 fitted for a few seconds so greedy choices are not near-ties), saves it, exports it through the
 CLI and requires the smoke replay, teacher-forced, to give the quantized reference's top-1 at
 every one of 16 steps (near-ties aside) within its cosine tolerance. That the wrappers answer like
-Hugging Face's own forward is checked per family in tests/test_families.py.
+Hugging Face's own forward is checked per family in tests/unit/test_families.py.
 The README's matrix is generated from these results; a cell is never marked supported unless its
 test passed in the same run."""
 

@@ -31,7 +31,7 @@ def _check(out, name, code, summary):
 @pytest.mark.extended  # CI's 45-minute budget (the clean-clone run on an AMD EPYC host, 2026-12-02)
 def test_bert_encoder_exports_with_4bit_weights(bert_dir, tmp_path):
     # The symmetric grid lowers in half the offset grid's time (CI's budget); an encoder on the
-    # offset grid is the real MiniLM's shared export (tests/test_encoders.py).
+    # offset grid is the real MiniLM's shared export (tests/e2e/test_encoders.py).
     code, summary = export_json(str(bert_dir), "--executorch-grid", "symmetric", "--out", str(tmp_path))
     manifest = _check(tmp_path, "tiny-bert", code, summary)
     assert manifest["model"]["task"] == "encoder" and manifest["generation"] is None

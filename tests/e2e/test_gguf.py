@@ -255,7 +255,7 @@ def test_a_tokenizer_llama_cpp_cannot_express_is_refused(llama_dir, tmp_path):
 
 def test_an_encoder_is_refused_by_name(bert_dir, tmp_path):
     """Named in --target, a backend that cannot take the model is bad input (exit 2, nothing
-    written); under --target all it is skipped instead (tests/test_encoders.py, the real MiniLM)."""
+    written); under --target all it is skipped instead (tests/e2e/test_encoders.py, the real MiniLM)."""
     code, summary = export_json(str(bert_dir), "--target", "gguf", "--out", str(tmp_path))
     assert code == 2 and "llama.cpp runs decoder LMs" in json.dumps(summary)
     assert not any(tmp_path.iterdir())

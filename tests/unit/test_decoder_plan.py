@@ -1,15 +1,9 @@
-"""The decoder LM precision plan: int8 where int4 costs the calibration loss most per stored bit,
-within a bits-per-weight budget; checked against the loss it claims to lower, measured by
-other code, and through the CLI into the manifest and an artifact."""
+"""The decoder LM precision plan on its own (no export): int8 where int4 costs the calibration loss
+most per stored bit, within a bits-per-weight budget, checked against the loss it claims to lower
+(measured by other code); the budget's bounds; each grid planned at its own bits."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
-import onnx
 import pytest
 import torch
 
@@ -18,11 +12,12 @@ from edgepack.exporters.decoder_precision import _chunks, plan_decoder_precision
 from edgepack.exporters.mixed_precision import INT8, read_calibration
 from edgepack.exporters.sources import load_source
 from edgepack.exporters.weights import OffsetGrid, Rounding, fake_quantize, weight_only_reference
-from edgepack.packaging.bundle import read_bundle
 from edgepack.quant import QuantSpec
-from tests.conftest import REPO_ROOT, export_json, run_cli
+from tests.conftest import REPO_ROOT
 
 INT4 = QuantSpec.from_options("int4", 32)
+
+
 # The text the tiny Llama was fitted on: its losses there mean something (on the built-in multilingual
 # calibration texts its loss is ~10.7 nats, worse than uniform over its 512 tokens, and which of two
 # roundings scores lower there is noise that changes with the CPU the model was trained on).
@@ -123,53 +118,3 @@ def test_each_grid_is_planned_at_its_own_bits_and_a_source_on_the_offset_grid_st
     on_grid = plan_decoder_precision(captured, INT4, *read_calibration(None), 8.5, ("offset", "symmetric"))
     assert not on_grid["offset"].overrides and on_grid["symmetric"].overrides
     assert on_grid["offset"].plan["estimated_loss_all_int4"] < 1e-3 * on_grid["symmetric"].plan["estimated_loss_all_int4"]
-
-
-@pytest.mark.slow
-@pytest.mark.extended  # CI's 45-minute budget (the clean-clone run on an AMD EPYC host, 2026-12-02)
-def test_export_records_the_plan_and_the_artifact_stores_it(llama_dir, tmp_path):
-    code, summary = export_json(str(llama_dir), "--target", "onnx", "--bits-per-weight", "5.5", "--out", str(tmp_path / "auto"))
-    assert code == 0, json.dumps(summary["failures"])
-    manifest = read_bundle(tmp_path / "auto" / "tiny-llama")
-    plan, overrides = manifest["quantization"]["plan"], manifest["quantization"]["overrides"]
-    assert plan["budget_bits_per_weight"] == 5.5 and plan["bits_per_weight"] <= 5.5
-    assert sorted(overrides) == plan["int8_layer_names"] and set(overrides.values()) == {"int8 per-channel sym"}
-    [artifact] = manifest["artifacts"]
-    assert artifact["quantization"]["overrides"] == overrides
-    # the graph stores as many 8-bit MatMulNBits as the plan has int8 linear layers
-    graph = onnx.load(tmp_path / "auto" / "tiny-llama" / artifact["path"]).graph
-    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
-    assert bits.count(8) == len(overrides) and bits.count(4) > 0
-    assert manifest["comparisons"]["lowering_fidelity"]["onnx"]["cases"]["greedy"]["steps_verified"] == 16
-    # the same plan and bytes from a process of its own, with another hash seed and one thread
-    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "edgepack", "export", str(llama_dir), "--target", "onnx", "--bits-per-weight", "5.5",
-                    "--out", str(tmp_path / "again")], env=env, check=True, capture_output=True)
-    again = read_bundle(tmp_path / "again" / "tiny-llama")
-    assert again["quantization"] == manifest["quantization"] and again["artifacts"][0]["sha256"] == artifact["sha256"]
-    # --mixed-precision off records no plan: tests/test_mixed_precision.py (an encoder, the same code)
-
-
-@pytest.mark.slow
-def test_backends_on_two_grids_get_a_plan_each(llama_dir, tmp_path):
-    """GGUF's Q4_1 (offset grid, 5 bits a weight) and ONNX on the symmetric grid (4.5) in one
-    export: one plan per grid from the same gradients, each artifact stores its own, the manifest
-    and the summary say which backends follow which. 4.75 bits buys the symmetric grid some int8
-    layers; the offset grid stays all int4, over the budget, and the export says so."""
-    result = run_cli("export", llama_dir, "--target", "gguf,onnx", "--onnx-grid", "symmetric", "--bits-per-weight", "4.75",
-                     "--out", tmp_path)
-    assert result.exit_code == 0, result.stderr
-    manifest = read_bundle(tmp_path / "tiny-llama")
-    quant = manifest["quantization"]
-    assert "plan" not in quant and sorted(quant["plans"]) == ["offset", "symmetric"]
-    offset, symmetric = quant["plans"]["offset"], quant["plans"]["symmetric"]
-    assert offset["backends"] == ["gguf"] and symmetric["backends"] == ["onnx"]
-    assert "overrides" not in offset and offset["plan"]["bits_per_weight"] == pytest.approx(5.0, abs=1e-4)
-    assert symmetric["overrides"] and 4.5 < symmetric["plan"]["bits_per_weight"] <= 4.75
-    assert sorted(symmetric["overrides"]) == symmetric["plan"]["int8_layer_names"]
-    arts = {a["backend"]: a["quantization"] for a in manifest["artifacts"]}
-    assert "overrides" not in arts["gguf"] and "Q8_0" not in arts["gguf"]["gguf_types"]
-    assert arts["onnx"]["overrides"] == symmetric["overrides"]
-    stderr = " ".join(result.stderr.split())
-    assert "precision: gguf: 0 of" in stderr and "precision: onnx: " in stderr
-    assert "gguf: the offset grid stores int4 at 5 bits a weight, over --bits-per-weight 4.75" in stderr

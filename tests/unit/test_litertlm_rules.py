@@ -1,0 +1,50 @@
+"""The LiteRT-LM engine check's rules on made-up answers: steps counted on the engine's text,
+near-tie excuses only within the .tflite's own noise, noise borrowed only from a passing case."""
+
+from __future__ import annotations
+
+
+def test_the_engine_is_excused_only_at_a_near_tie_within_the_tflites_noise():
+    """The engine gives no logits: where its greedy path parts from the reference's, the parting is
+    excused only if the reference preferred its token by no more than the noise the interpreter
+    measured on the same .tflite (the SmolLM2-135M case: margin 1.46 at a step whose top three
+    lie within 0.03, interpreter noise 2.91)."""
+    import numpy as np
+
+    from edgepack.cases import CaseOutput
+    from edgepack.exporters.tflite.litertlm_engine import _near_tie
+
+    logits = np.zeros((4, 10), np.float32)
+    logits[3, 7], logits[3, 2] = 26.35, 24.89
+    expected = CaseOutput(("tokens", "logits"), (np.array([[1, 1, 1, 7]]), logits[None]))
+    tie = _near_tie(expected, 3, 7, 2, noise=2.91)
+    assert tie and tie["step"] == 3 and tie["reference_margin"] == 1.46 and tie["noise"] == 2.91
+    assert _near_tie(expected, 3, 7, 2, noise=1.0) is None  # decisive beyond the file's noise: a failure
+    assert _near_tie(expected, 3, 7, 2, noise=None) is None  # no interpreter measurement: strict
+
+
+def test_the_engines_steps_are_counted_on_its_text_not_its_retokenized_tokens():
+    """The engine answers in text: a BPE tokenizer can merge two generated tokens into one when the
+    text is tokenized again ("a" + "b" -> "ab"), which is not a different answer."""
+    from edgepack.exporters.tflite.litertlm_engine import steps_matched
+
+    pieces = {1: "a", 2: "b", 3: "\xe2", 4: "\x82\xac", 5: "c"}  # 3 + 4: one character in two tokens
+
+    def detokenize(ids):
+        return "".join(pieces[i] for i in ids).encode("latin-1").decode("utf-8", errors="replace")
+
+    assert steps_matched(detokenize, [1, 2, 3, 4, 5], "ab€c") == 5
+    assert steps_matched(detokenize, [1, 2, 3, 4, 5], "ab€") == 4  # stopped early
+    assert steps_matched(detokenize, [1, 2, 5], "abd") == 2  # parted at step 2
+    assert steps_matched(detokenize, [1, 2], "") == 0
+
+
+def test_the_engine_borrows_noise_only_from_a_case_the_interpreter_passed():
+    """A failed interpreter case's deviation measures a fault in the .tflite, not noise: lending it
+    to the engine's near-tie rule would let the engine's row pass on a broken file."""
+    from edgepack.exporters.tflite.litertlm_engine import interpreter_noise
+
+    assert interpreter_noise({"max_abs_diff": 2.91, "failures": []}) == 2.91
+    assert interpreter_noise({"max_abs_diff": 40.0, "failures": ["logits max_abs_diff 40.0 > 3.0"]}) is None
+    assert interpreter_noise({}) is None  # the interpreter never ran the case
+
