@@ -2,13 +2,16 @@
 artifacts beside ExecuTorch's own `export_llm`, in one run (about 45 minutes on 2 cores).
 
 - export_llm with the flags `make bench` uses (8da4w, groups of 32, 4-bit embeddings in groups of 32);
-- edgepack at its defaults (`--target all`: each int4 grid's precision plan at 5.0 bits a weight), and
+- llama.cpp's own path: its convert_hf_to_gguf.py to F16, then its quantizer to Q4_K_M
+  (bench/llama_cpp_anchor.py);
+- edgepack at its defaults (`--target all`: each int4 grid's precision plan at 5.0 bits a weight),
   `--target executorch --executorch-grid symmetric --mixed-precision off` (every layer int4 on
-  export_llm's grid: its size class);
+  export_llm's grid: its size class), and `--target gguf --gguf-type Q4_K_M` (llama.cpp's mix through
+  edgepack);
 - per artifact: perplexity on the built-in evaluation text through its own runtime (edgepack's
   quality stage; export_llm's .pte through the same measure on the same tokens), the file's bits
   per parameter, its size, and host decode tokens/s (bench.speed; not for CoreML, which has no
-  runtime here).
+  runtime here). Anchors are measured through the same host runtimes on the same tokens.
 
 Writes bench/results/quality-smollm2.json and .png and prints the table docs/quantization.md shows."""
 
@@ -24,16 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.llama_cpp_anchor import MIX, convert_and_quantize
 from bench.models import from_hf_dir
 from bench.real_model import DEFAULT_OUT, build
 from bench.run import ROOT, edgepack_export, export_llm, git_commit, machine, speed
 
 MAX_SEQ_LEN, PROMPT_LEN, DECODE_STEPS, REPEATS = 512, 32, 64, 3
 EXPORT_LLM_ARTIFACT = {"backend": "executorch", "runtime": {"kernel_libraries": ["llm_custom_ops", "quantized"]}}
+# What llama.cpp's host adapter reads of an artifact: the context it is loaded with (as edgepack's GGUF).
+LLAMA_CPP_ARTIFACT = {"backend": "gguf", "methods": [{"dynamic_dims": {"seq_len": {"min": 1, "max": MAX_SEQ_LEN - 1}}}]}
 
 
-def export_llm_perplexity(model_dir: Path, pte: Path) -> dict:
-    """export_llm's .pte on the text edgepack's quality stage uses, tokenized the same way."""
+def anchor_perplexity(model_dir: Path, backend: str, path: Path, artifact: dict) -> dict:
+    """An anchor tool's artifact on the text edgepack's quality stage uses, tokenized the same way,
+    through the runtime edgepack's artifact of that backend runs on."""
     from edgepack.exporters.registry import BACKENDS
     from edgepack.exporters.sources import load_source
     from edgepack.exporters.tokenizer import encode
@@ -42,7 +49,7 @@ def export_llm_perplexity(model_dir: Path, pte: Path) -> dict:
     loaded = load_source(model_dir)
     text, source = quality.read_eval_text(None)
     prepared = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t), text, source, MAX_SEQ_LEN)
-    return quality.measure(BACKENDS["executorch"].host_call(pte, EXPORT_LLM_ARTIFACT), prepared)
+    return quality.measure(BACKENDS[backend].host_call(path, artifact), prepared)
 
 
 def row(label: str, backend: str, path: Path, size: int, artifact: dict, measured: dict, params: int, tokens: Path,
@@ -68,13 +75,18 @@ def run(work: Path, out_dir: Path) -> dict:
     tokens = work / "tokens.npy"
     np.save(tokens, np.random.default_rng(0).integers(3, 49152, size=PROMPT_LEN + DECODE_STEPS).astype(np.int64))
 
+    gguf = convert_and_quantize(model_dir, work / "llama.cpp")
     rows = [row("export_llm 8da4w g32, embeddings 4,32", "executorch", ref_pte, ref_pte.stat().st_size, EXPORT_LLM_ARTIFACT,
-                export_llm_perplexity(model_dir, ref_pte), model.n_params, tokens, work)]
+                anchor_perplexity(model_dir, "executorch", ref_pte, EXPORT_LLM_ARTIFACT), model.n_params, tokens, work),
+            row(f"llama.cpp convert_hf_to_gguf + quantize {MIX}", "gguf", gguf, gguf.stat().st_size, LLAMA_CPP_ARTIFACT,
+                anchor_perplexity(model_dir, "gguf", gguf, LLAMA_CPP_ARTIFACT), model.n_params, tokens, work)]
     # All-int4 loses more than the default gate allows on this model: the gate is lifted to measure it.
-    for label, targets, extra in (("edgepack, plan at 5.0 bits a weight (default)", "all", []),
-                                  ("edgepack, every layer int4 on the symmetric grid", "executorch",
-                                   ["--executorch-grid", "symmetric", "--mixed-precision", "off", "--max-ppl-increase", "1000"])):
-        out = work / ("edgepack-default" if targets == "all" else "edgepack-int4")
+    for label, folder, targets, extra in (
+            ("edgepack, plan at 5.0 bits a weight (default)", "edgepack-default", "all", []),
+            ("edgepack, every layer int4 on the symmetric grid", "edgepack-int4", "executorch",
+             ["--executorch-grid", "symmetric", "--mixed-precision", "off", "--max-ppl-increase", "1000"]),
+            (f"edgepack --gguf-type {MIX}", "edgepack-q4km", "gguf", ["--gguf-type", MIX])):
+        out = work / folder
         manifest_path = out / model.name / "manifest.json"
         if not manifest_path.is_file():
             out.mkdir(exist_ok=True)
@@ -122,8 +134,10 @@ def write_chart(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in report["rows"]:
-        anchor = r["artifact"].startswith("export_llm")
-        label = "export_llm" if anchor else f"edgepack {r['backend']}" + (", all int4" if "int4" in r["artifact"] else "")
+        anchor = not r["artifact"].startswith("edgepack")
+        label = (r["artifact"].split(" ")[0] + (f" {MIX}" if r["backend"] == "gguf" else "") if anchor
+                 else f"edgepack {r['backend']}" + (", all int4" if "int4" in r["artifact"] else "")
+                 + (f" {MIX}" if MIX in r["artifact"] else ""))
         ax.scatter(r["bits_per_parameter"], r["increase_pct"], marker="s" if anchor else "o", s=60)
         left = "int4" in r["artifact"]  # beside export_llm's point: written on the other side
         ax.annotate(label, (r["bits_per_parameter"], r["increase_pct"]), fontsize=8, ha="right" if left else "left",
