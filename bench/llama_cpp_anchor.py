@@ -55,6 +55,7 @@ def llama_cpp_tree(cache: Path) -> Path:
 
 def convert_and_quantize(hf_dir: Path, out_dir: Path) -> Path:
     """llama.cpp's Q4_K_M of the model in `hf_dir`, made in `out_dir` (kept when already there)."""
+    from edgepack.exporters.gguf.options import LLAMA_CPP_MIXES
     from edgepack.exporters.gguf.runtime import quantize
 
     out = out_dir / f"model-{MIX}.gguf"
@@ -65,7 +66,7 @@ def convert_and_quantize(hf_dir: Path, out_dir: Path) -> Path:
     # the converter puts its own gguf-py first on the path (as in a llama.cpp checkout)
     subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(hf_dir.resolve()), "--outtype", "f16",
                     "--outfile", str(f16.resolve())], cwd=tree, check=True, stdout=subprocess.DEVNULL)
-    quantize(f16, out, MIX)
+    quantize(f16, out, LLAMA_CPP_MIXES[MIX])
     f16.unlink()
     return out
 

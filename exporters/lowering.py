@@ -1,8 +1,8 @@
 """The frame every backend's lowering runs in. A backend (exporters/<name>/lower.py) names its
 steps and fills a `Lowered` with what only it knows; this module runs the steps (a failure names
-the step), and builds the Artifact: the fields every backend fills the same way (its name and
-platforms and main file from its registry record, the quantized reference's answers, quality and tolerance,
-the KV cache for decoder LMs) are set here, once."""
+the step) and builds the Artifact: what every backend fills the same way (its name, platforms and
+main file from its registry record; the quantized reference's answers, quality and tolerance; the
+KV cache for decoder LMs only) is set here, once."""
 
 from __future__ import annotations
 
