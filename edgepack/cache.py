@@ -263,8 +263,8 @@ def parse_size(text: str) -> int:
 
 def _artifact_record(a: Artifact) -> dict:
     return {"backend": a.backend, "platforms": list(a.platforms), "files": sorted(a.files), "main_file": a.main_file,
-            "methods": [m.as_dict() for m in a.methods], "quantization": a.quantization.as_dict(),
-            "ideal_bytes": a.ideal_bytes, "runtime": a.runtime.as_dict(), "quality": a.quality,
+            "methods": [m.as_dict() for m in a.methods], "quantization": dataclasses.asdict(a.quantization),
+            "ideal_bytes": a.ideal_bytes, "runtime": dataclasses.asdict(a.runtime), "quality": a.quality,
             "tolerance": a.tolerance.as_dict() if a.tolerance else None, "warnings": list(a.warnings),
             "kv_cache": dataclasses.asdict(a.kv_cache) if a.kv_cache else None,
             "reference": [[case, list(output.names)] for case, output in a.reference_outputs.items()]}
@@ -278,7 +278,7 @@ def _artifact_from(r: dict, data: dict[str, bytes]) -> Artifact:
         backend=r["backend"], platforms=tuple(r["platforms"]),
         files={name: data[f"files/{name}"] for name in r["files"]}, main_file=r["main_file"],
         methods=tuple(MethodSpec.from_dict(m) for m in r["methods"]),
-        quantization=QuantRecord.from_dict(r["quantization"]), ideal_bytes=r["ideal_bytes"], reference_outputs=reference,
-        runtime=RuntimeRecord.from_dict(r["runtime"]), quality=r["quality"],
+        quantization=QuantRecord(**r["quantization"]), ideal_bytes=r["ideal_bytes"], reference_outputs=reference,
+        runtime=RuntimeRecord(**r["runtime"]), quality=r["quality"],
         tolerance=Tolerance.from_dict(r["tolerance"]) if r["tolerance"] else None, warnings=tuple(r["warnings"]),
         kv_cache=KvCache(**r["kv_cache"]) if r["kv_cache"] else None)

@@ -155,11 +155,6 @@ class RuntimeRecord:
     def as_dict(self) -> dict:
         return {"name": self.name, "version": self.version, **self.facts}
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RuntimeRecord":
-        facts = dict(d)
-        return cls(facts.pop("name"), facts.pop("version"), facts)
-
 
 @dataclass(frozen=True)
 class QuantRecord:
@@ -173,12 +168,6 @@ class QuantRecord:
 
     def as_dict(self) -> dict:
         return {**self.scheme, "library": self.library, **self.facts}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "QuantRecord":
-        keys = list(d)
-        at = keys.index("library")
-        return cls({k: d[k] for k in keys[:at]}, d["library"], {k: d[k] for k in keys[at + 1:]})
 
 
 @dataclass(frozen=True)
