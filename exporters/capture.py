@@ -41,12 +41,16 @@ def run_cases(call: MethodCall, cases: Sequence[Case], forced: dict[str, CaseOut
 
 
 # The nudge that measures a quantized model's own numeric noise: every linear layer's input
-# multiplied by 1 ± NUDGE, alternating along its features, about what reordering a float sum does
-# (a uniform scale would not do: dynamic int8 activations are scale-invariant). With int8 dynamic
+# multiplied by 1 ± NUDGE along its features, about what reordering a float sum does (a uniform
+# scale would not do: dynamic int8 activations are scale-invariant). With int8 dynamic
 # activations a nudge this small already flips roundings, and many layers amplify the flips
-# (measured on the real SmolLM2-135M: logits cosine 0.989 between an int4 reference and itself
-# nudged), so no artifact can be held closer to its reference than the reference is to itself.
+# (measured on the real SmolLM2-135M: logits cosine 0.98..0.99 between an int4 reference and
+# itself nudged), so no artifact can be held closer to its reference than the reference is to
+# itself. One sign pattern is one draw of that noise (four patterns on that model: min cosine
+# 0.981 to 0.990), so the noise is the worst of NUDGE_PATTERNS: the signs alternating, then
+# fixed pseudo-random ones.
 NUDGE = 1e-6
+NUDGE_PATTERNS = 2
 # Below this the smoke tolerance is not lowered, whatever the nudge shows: a conversion bug
 # still fails.
 TOLERANCE_FLOOR = 0.95
@@ -61,17 +65,21 @@ class Reference:
     tolerance: Tolerance  # the smoke's bounds for the artifact
 
 
-def _nudge(_, args):
-    x = args[0]
-    signs = 1 - 2 * (torch.arange(x.shape[-1]) % 2)
-    return (x * (1 + NUDGE * signs.to(x.dtype)), *args[1:])
+def _signs(features: int, pattern: int) -> torch.Tensor:
+    if pattern == 0:
+        return 1 - 2 * (torch.arange(features) % 2)
+    return 1 - 2 * torch.randint(0, 2, (features,), generator=torch.Generator().manual_seed(pattern))
 
 
 @contextmanager
-def nudged_linear_inputs(module: torch.nn.Module):
-    """Every nn.Linear's input nudged (see NUDGE), ahead of any hook the backend's reference
-    already has (e.g. the int8 activation rounding it simulates)."""
-    handles = [m.register_forward_pre_hook(_nudge, prepend=True) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+def nudged_linear_inputs(module: torch.nn.Module, pattern: int = 0):
+    """Every nn.Linear's input nudged (see NUDGE) with sign pattern `pattern`, ahead of any hook
+    the backend's reference already has (e.g. the int8 activation rounding it simulates)."""
+    def nudge(_, args):
+        x = args[0]
+        return (x * (1 + NUDGE * _signs(x.shape[-1], pattern).to(x.dtype)), *args[1:])
+
+    handles = [m.register_forward_pre_hook(nudge, prepend=True) for m in module.modules() if isinstance(m, torch.nn.Linear)]
     try:
         yield
     finally:
@@ -82,14 +90,16 @@ def nudged_linear_inputs(module: torch.nn.Module):
 def quantized_reference(module: torch.nn.Module, captured: CapturedModel) -> Reference:
     """The reference's answers, its quality, and the smoke tolerance for its artifact: the
     captured tolerance, loosened only as far as the reference's own noise requires (twice the
-    deviation a NUDGE causes, not below TOLERANCE_FLOOR)."""
+    deviation the worst of NUDGE_PATTERNS nudges causes, not below TOLERANCE_FLOOR)."""
     call = eager_call(module)
     free = run_cases(call, captured.cases)
     forced = run_cases(call, captured.cases, captured.fp32_outputs)
     quality = {c.name: compare(captured.fp32_outputs[c.name], forced[c.name]) for c in captured.cases}
-    with nudged_linear_inputs(module):
-        nudged = run_cases(call, captured.cases, free)
-    noise = min(compare(free[c.name], nudged[c.name])["min_cosine"] for c in captured.cases)
+    noise = 1.0
+    for pattern in range(NUDGE_PATTERNS):
+        with nudged_linear_inputs(module, pattern):
+            nudged = run_cases(call, captured.cases, free)
+        noise = min(noise, *(compare(free[c.name], nudged[c.name])["min_cosine"] for c in captured.cases))
     base = captured.tolerance
     loosened = max(TOLERANCE_FLOOR, round(1 - 2 * (1 - noise), 4))
     tolerance = replace(base, min_cosine=min(base.min_cosine, loosened), nudged_cosine=noise)

@@ -16,7 +16,7 @@ from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.decoder import StaticCacheLM
 from edgepack.exporters.executorch import BACKEND
 from edgepack.exporters.executorch.llm_ops import use_llm_custom_ops
-from edgepack.exporters.executorch.offset_grid import offset_embedding, offset_linear
+from edgepack.exporters.executorch.offset_grid import XNNPACK_BLOCK_SCALE, offset_embedding, offset_linear
 from edgepack.exporters.executorch.options import Options
 from edgepack.exporters.executorch.shared_input import share_inputs
 from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
@@ -117,7 +117,19 @@ def quantize_module(module: nn.Module, spec: QuantSpec, grid: str = "symmetric",
         config = _torchao_config(wq, for_linear and spec.dynamic_int8_activations, for_linear=for_linear)
         quantize_(module, config, filter_fn=lambda m, fqn, kind=(for_linear, wq):
                   fqn in layers and (isinstance(m, nn.Linear), layers[fqn]) == kind)
+    round_block_scales_as_stored(module)
     return module
+
+
+def round_block_scales_as_stored(module: nn.Module) -> None:
+    """Every linear's 4-bit block scales rounded as XNNPACK stores them (bf16; torchao's own are
+    float32), so the eager module is the model the .pte runs. The codes stay: the .pte keeps them."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Linear) and isinstance(w, IntxUnpackedToInt8Tensor) and w.block_size[-1] < w.shape[-1]:
+            w.scale = w.scale.to(XNNPACK_BLOCK_SCALE).float()
 
 
 def record_reference(work: _Work) -> None:

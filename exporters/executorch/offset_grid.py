@@ -6,8 +6,8 @@ grid is w = scale·(q - 8) + offset per block, so a linear layer becomes three t
 
     y = x·W_symᵀ + sums(x)·Mᵀ + b
 
-W_sym the symmetric part (int4 blocks: the grid's own codes, and its fp16 scales, which XNNPACK
-keeps in bf16 as it does every block scale), sums(x) each input block's sum (an int4 linear of
+W_sym the symmetric part (int4 blocks: the grid's own codes and scales, the scales in bf16 as
+XNNPACK stores every block scale, so the reference holds the .pte's weights exactly), sums(x) each input block's sum (an int4 linear of
 0/1 indicator rows: code 4 × scale 0.25, exact), and M the per-block offsets (int8 per row). M
 has a 32nd of the weight's entries, the indicator in/32 rows of `in`. Every linear takes int8
 dynamic activations as 8da4w does. Embedding tables need no side layer:
@@ -21,6 +21,10 @@ from torch import nn
 
 from edgepack.exporters.weights import quantize_min_max
 
+# XNNPACK stores a 4-bit block's scale in bf16 (whatever torch gave it): a reference with finer
+# scales is not the model the .pte runs (measured on the real SmolLM2-135M: fp16 scales put the
+# .pte at logits cosine 0.963 from its reference, bf16 ones at 0.979, within the reference's noise).
+XNNPACK_BLOCK_SCALE = torch.bfloat16
 # An indicator row's ones as int4 code × scale, both exact in XNNPACK's bf16 block scales.
 _ONE_CODE, _ONE_SCALE = 4, 0.25
 
@@ -36,10 +40,10 @@ class OffsetLinear(nn.Module):
         return self.symmetric(x) + self.offsets(self.sums(x))
 
 
-def _blocks(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int8 codes q - 8 in -8..7 [out, in], fp16-valued scales and the blocks' minima [out, blocks]."""
+def _blocks(weight: torch.Tensor, block: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 codes q - 8 in -8..7 [out, in], `scale_dtype`-valued scales and the blocks' minima [out, blocks]."""
     rows, cols = weight.shape
-    q, scale, minimum = quantize_min_max(weight, 4, block, scale_dtype=torch.float16)
+    q, scale, minimum = quantize_min_max(weight, 4, block, scale_dtype=scale_dtype)
     return (q.reshape(rows, cols) - 8).to(torch.int8), scale.reshape(rows, -1), minimum.reshape(rows, -1)
 
 
@@ -79,7 +83,7 @@ def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_
     weight = layer.weight.detach().float()
     rows, cols = weight.shape
     blocks = cols // block
-    codes, scale, minimum = _blocks(weight, block)
+    codes, scale, minimum = _blocks(weight, block, XNNPACK_BLOCK_SCALE)
     symmetric = _frozen(nn.Linear(cols, rows, bias=False), _int4_blocks(
         codes, scale, torch.zeros_like(scale, dtype=torch.int8), block, dynamic_activations))
     sums = _block_sums(cols, block, dynamic_activations)
@@ -94,6 +98,8 @@ def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_
 
 def offset_embedding(table: nn.Embedding, block: int) -> None:
     """Store `table` on the offset grid in place: int4 codes, scales and float zero points."""
-    codes, scale, minimum = _blocks(table.weight.detach().float(), block)
+    # the table's kernel (embedding_4bit, outside XNNPACK) keeps its scales as given: fp16 ones
+    # hold a Q4_1 source's table exactly
+    codes, scale, minimum = _blocks(table.weight.detach().float(), block, torch.float16)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # a constant block: q = 0, w = minimum
     table.weight = nn.Parameter(_int4_blocks(codes, safe, -minimum / safe - 8, block, False), requires_grad=False)

@@ -171,8 +171,9 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
     """quantize_module on the offset grid (torchao tensors built from the grid's own codes, not
     torchao's rounding): a tied table and LM head, a biased linear. The embedding dequantizes to
     exactly quantize_min_max's image (its float zero points hold the minimum); a linear's
-    symmetric part and indicator rows are exact, its int8 offsets within half a step of the
-    blocks' offsets, and eager output matches the grid's float model up to the int8 activations."""
+    symmetric part (its scales in bf16, as XNNPACK stores them) and indicator rows are exact, its
+    int8 offsets within half a step of the blocks' offsets, and eager output matches the grid's
+    float model up to the int8 activations."""
     import copy
 
     import torch
@@ -183,8 +184,8 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
 
     torch.manual_seed(0)
 
-    def on_grid(w):
-        q, scale, minimum = quantize_min_max(w, 4, 32, scale_dtype=torch.float16)
+    def on_grid(w, scale_dtype=torch.bfloat16):  # a linear's scales as XNNPACK stores them; a table's fp16
+        q, scale, minimum = quantize_min_max(w.detach(), 4, 32, scale_dtype=scale_dtype)
         return (minimum + scale * q).reshape(w.shape)
 
     emb, head, mid = nn.Embedding(50, 64), nn.Linear(64, 50, bias=False), nn.Linear(64, 64)
@@ -192,11 +193,11 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
     model = nn.ModuleDict({"emb": emb, "mid": mid, "head": head})
     quantized = quantize_module(copy.deepcopy(model), QuantSpec.from_options("int4", 32), "offset")
     table = quantized["emb"].weight.dequantize()
-    assert torch.allclose(table, on_grid(emb.weight.detach()), rtol=0, atol=1e-6)
+    assert torch.allclose(table, on_grid(emb.weight, torch.float16), rtol=0, atol=1e-6)
     for name in ("mid", "head"):
         layer, w = quantized[name], model[name].weight.detach()
         assert isinstance(layer, OffsetLinear)
-        q, scale, minimum = quantize_min_max(w, 4, 32, scale_dtype=torch.float16)
+        q, scale, minimum = quantize_min_max(w, 4, 32, scale_dtype=torch.bfloat16)
         symmetric = layer.symmetric.weight.dequantize().reshape(q.shape)
         assert torch.equal(symmetric, (q - 8) * scale)
         assert torch.equal(layer.sums.weight.dequantize(), torch.eye(2).repeat_interleave(32, dim=1))
@@ -204,15 +205,36 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
         step = want.abs().amax(-1, keepdim=True) / 127
         assert ((offsets - want).abs() <= 0.51 * step + 1e-7).all()
     assert torch.equal(quantized["mid"].offsets.bias, mid.bias)
-    grid_model = copy.deepcopy(model)
-    with torch.no_grad():
-        for name in ("emb", "mid"):
-            grid_model[name].weight.copy_(on_grid(model[name].weight.detach()))
     tokens = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
         got = quantized["head"](quantized["mid"](quantized["emb"](tokens)))
-        want = grid_model["head"](grid_model["mid"](grid_model["emb"](tokens)))
+        hidden = nn.functional.linear(on_grid(emb.weight, torch.float16)[tokens], on_grid(mid.weight), mid.bias)
+        want = nn.functional.linear(hidden, on_grid(head.weight))
     assert torch.allclose(got, want, rtol=0, atol=0.02 * want.abs().max()), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("grid", ["offset", "symmetric"])
+def test_executorch_reference_holds_the_block_scales_xnnpack_stores(grid):
+    """XNNPACK keeps a 4-bit block's scale in bf16 whatever torch hands it (its serializer
+    casts them), so the eager reference's must already be bf16 values, or the reference is not
+    the model the .pte runs (on the real SmolLM2-135M fp16 scales put the .pte at logits
+    cosine 0.963 from its reference, failing its smoke). torchao's own float32 scales are rounded
+    the same way, each layer's codes kept."""
+    import copy
+
+    import torch
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    from edgepack.exporters.executorch.lower import quantize_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64))
+    quantized = quantize_module(copy.deepcopy(model), QuantSpec.from_options("int4", 32), grid)
+    blocks = [m.weight for m in quantized.modules() if isinstance(m, nn.Linear)
+              and isinstance(m.weight, IntxUnpackedToInt8Tensor) and m.weight.block_size[-1] < m.weight.shape[-1]]
+    assert len(blocks) == (4 if grid == "offset" else 2)  # offset: each layer's symmetric part and its block sums
+    for w in blocks:
+        assert w.scale.dtype == torch.float32 and torch.equal(w.scale, w.scale.to(torch.bfloat16).float())
 
 
 def test_norm_affine_is_measured_and_folds_exactly():
