@@ -3,6 +3,7 @@ eager answers to them. Backends lower `CapturedModel.module`; nothing here is ba
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -65,10 +66,15 @@ class Reference:
     tolerance: Tolerance  # the smoke's bounds for the artifact
 
 
-def _signs(features: int, pattern: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _nudge_factors(features: int, pattern: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 ± NUDGE per feature, signs alternating (pattern 0) or fixed pseudo-random. Kept: every
+    linear of a width multiplies by the same factors at every step."""
     if pattern == 0:
-        return 1 - 2 * (torch.arange(features) % 2)
-    return 1 - 2 * torch.randint(0, 2, (features,), generator=torch.Generator().manual_seed(pattern))
+        signs = 1 - 2 * (torch.arange(features) % 2)
+    else:
+        signs = 1 - 2 * torch.randint(0, 2, (features,), generator=torch.Generator().manual_seed(pattern))
+    return 1 + NUDGE * signs.to(dtype)
 
 
 @contextmanager
@@ -77,7 +83,7 @@ def nudged_linear_inputs(module: torch.nn.Module, pattern: int = 0):
     the backend's reference already has (e.g. the int8 activation rounding it simulates)."""
     def nudge(_, args):
         x = args[0]
-        return (x * (1 + NUDGE * _signs(x.shape[-1], pattern).to(x.dtype)), *args[1:])
+        return (x * _nudge_factors(x.shape[-1], pattern, x.dtype), *args[1:])
 
     handles = [m.register_forward_pre_hook(nudge, prepend=True) for m in module.modules() if isinstance(m, torch.nn.Linear)]
     try:

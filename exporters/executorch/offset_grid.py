@@ -10,8 +10,8 @@ W_sym the symmetric part (int4 blocks: the grid's own codes and scales, the scal
 XNNPACK stores every block scale, so the reference holds the .pte's weights exactly), sums(x)
 each input block's sum (an int4 linear of 0/1 indicator rows: code 4 × scale 0.25, exact), and
 M the per-block offsets (int8 per row). M has a 32nd of the weight's entries, the indicator
-in/32 rows of `in`. Every linear takes int8 dynamic activations as 8da4w does. Embedding tables need no side layer:
-ExecuTorch's embedding_4bit kernel takes a float zero point per block, so
+in/32 rows of `in`. Every linear takes int8 dynamic activations as 8da4w does. Embedding tables
+need no side layer: ExecuTorch's embedding_4bit kernel takes a float zero point per block, so
 w = scale·(q - 8 - zero_point) holds the grid itself."""
 
 from __future__ import annotations
