@@ -79,6 +79,15 @@ def quantize_min_max(weight: torch.Tensor, bits: int, group_size: int,
     return q, scale, lo
 
 
+def split_min_max(weight: torch.Tensor, block: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 4-bit offset grid split for kernels whose blocks are symmetric (XNNPACK's, LiteRT's):
+    w = scale·c + (minimum + 8·scale) per block, c = q - 8 in -8..7. Returns the codes c (int8
+    [out, in]), `scale_dtype`-valued scales and the blocks' minima ([out, blocks], float32)."""
+    rows, cols = weight.shape
+    q, scale, minimum = quantize_min_max(weight, 4, block, scale_dtype=scale_dtype)
+    return (q.reshape(rows, cols) - 8).to(torch.int8), scale.reshape(rows, -1), minimum.reshape(rows, -1)
+
+
 @dataclass(frozen=True)
 class OffsetGrid:
     """The offset grid as a format that stores w = scale·(q - offset) keeps it (CoreML's

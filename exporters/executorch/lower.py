@@ -198,7 +198,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
                                  {"delegate": "XNNPACK", "scale_search": SCALE_SEARCH,
                                   **({"grid": options.grid} if quant.scheme == "int4" else {})}),
         # the grid's own cost, as the other backends count it; the .pte's int8 offsets and indicator rows
-        # (fp32 zero points for a table) show in its ratio to this ideal
+        # (and a tied table's second copy) show in its ratio to this ideal
         ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: on_offset_grid(options.grid, wq)),
         runtime=RuntimeRecord("executorch", version("executorch"), facts),
         reference=work.reference,

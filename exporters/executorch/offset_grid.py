@@ -12,14 +12,14 @@ each input block's sum (an int4 linear of 0/1 indicator rows: code 4 × scale 0.
 M the per-block offsets (int8 per row). M has a 32nd of the weight's entries, the indicator
 in/32 rows of `in`. Every linear takes int8 dynamic activations as 8da4w does. Embedding tables
 need no side layer: ExecuTorch's embedding_4bit kernel takes a float zero point per block, so
-w = scale·(q - 8 - zero_point) holds the grid itself."""
+w = scale·(q - 8 - zero_point) holds the grid itself (in fp16, as CoreML's offsets)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from edgepack.exporters.weights import quantize_min_max
+from edgepack.exporters.weights import OffsetGrid, split_min_max
 
 # XNNPACK stores a 4-bit block's scale in bf16 (whatever torch gave it): a reference with finer
 # scales is not the model the .pte runs (measured on the real SmolLM2-135M: fp16 scales put the
@@ -40,15 +40,8 @@ class OffsetLinear(nn.Module):
         return self.symmetric(x) + self.offsets(self.sums(x))
 
 
-def _blocks(weight: torch.Tensor, block: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int8 codes q - 8 in -8..7 [out, in], `scale_dtype`-valued scales and the blocks' minima [out, blocks]."""
-    rows, cols = weight.shape
-    q, scale, minimum = quantize_min_max(weight, 4, block, scale_dtype=scale_dtype)
-    return (q.reshape(rows, cols) - 8).to(torch.int8), scale.reshape(rows, -1), minimum.reshape(rows, -1)
-
-
 def _int4_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block: int,
-                 dynamic_activations: bool):
+                 dynamic_activations: bool, dtype: torch.dtype = torch.float32):
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
@@ -56,7 +49,7 @@ def _int4_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
     return IntxUnpackedToInt8Tensor(
         qdata=codes, scale=scale, zero_point=zero_point, target_dtype=torch.int4, block_size=(1, block),
-        dtype=torch.float32,
+        dtype=dtype,
         activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN
         if dynamic_activations else None)
 
@@ -83,7 +76,7 @@ def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_
     weight = layer.weight.detach().float()
     rows, cols = weight.shape
     blocks = cols // block
-    codes, scale, minimum = _blocks(weight, block, XNNPACK_BLOCK_SCALE)
+    codes, scale, minimum = split_min_max(weight, block, XNNPACK_BLOCK_SCALE)
     symmetric = _frozen(nn.Linear(cols, rows, bias=False), _int4_blocks(
         codes, scale, torch.zeros_like(scale, dtype=torch.int8), block, dynamic_activations))
     sums = _block_sums(cols, block, dynamic_activations)
@@ -97,9 +90,17 @@ def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_
 
 
 def offset_embedding(table: nn.Embedding, block: int) -> None:
-    """Store `table` on the offset grid in place: int4 codes, scales and float zero points."""
-    # the table's kernel (embedding_4bit, outside XNNPACK) keeps its scales as given: fp16 ones
-    # hold a Q4_1 source's table exactly
-    codes, scale, minimum = _blocks(table.weight.detach().float(), block, torch.float16)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # a constant block: q = 0, w = minimum
-    table.weight = nn.Parameter(_int4_blocks(codes, safe, -minimum / safe - 8, block, False), requires_grad=False)
+    """Store `table` on the offset grid in place (weights.OffsetGrid in fp16): int4 codes, fp16
+    scales and zero points; its rows are looked up in fp16 and widened to float32 (a hook)."""
+    # The table's kernel (embedding_4bit, outside XNNPACK) keeps its scales as given and reads
+    # zero points in its output's dtype: fp16 output keeps both at 2 bytes a block (float32 made
+    # the real SmolLM2's .pte 3.5 MB larger), and holds a Q4_1 source's table exactly.
+    q, scale, offset = OffsetGrid(torch.float16).blocks(table.weight.detach().float(), block)
+    codes = (q - 8).to(torch.int8)  # the kernel's codes are signed: w = scale·(codes - zero point)
+    table.weight = nn.Parameter(_int4_blocks(codes, scale, offset - 8, block, False, torch.float16),
+                                requires_grad=False)
+    table.register_forward_hook(_widen)
+
+
+def _widen(module: nn.Module, inputs: tuple, rows: torch.Tensor) -> torch.Tensor:
+    return rows.float()

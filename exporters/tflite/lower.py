@@ -1,6 +1,7 @@
 """TFLite lowering: litert_torch conversion with LiteRT's LLM signatures (prefill_<N> / decode,
 KV cache passed in and out) or one serving_default signature, int4 blockwise weights with
-ai_edge_quantizer after conversion, and tflite-support metadata with the tokenizer packed inside."""
+ai_edge_quantizer after conversion (a decoder LM's on the offset grid: offset_grid.py), and
+tflite-support metadata with the tokenizer packed inside."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.exporters.tflite import BACKEND
 from edgepack.exporters.tflite.metadata import ModelDoc, TensorDoc, write_metadata
+from edgepack.exporters.tflite.offset_grid import Split, split_layers, store_codes
 from edgepack.exporters.tflite.options import DEFAULT_PREFILL_LEN, Options
 from edgepack.exporters.tflite.weights import (
     fold_multipliers,
@@ -84,6 +86,7 @@ class _Work(Lowering):
     float_embeddings: list[str] = field(default_factory=list)  # embedding tables the converter left in float
     float_model: bytes = b""
     model: bytes = b""
+    split: Split | None = None  # the layers on the offset grid
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
@@ -164,6 +167,26 @@ def _serving_signature(work: _Work) -> None:
     work.methods = (MethodSpec("serving_default", inputs, outputs, dynamic),)
 
 
+def split_offset_grid(work: _Work) -> None:
+    """A decoder LM's 4-bit layers go on the offset grid (--tflite-grid offset): each becomes a
+    symmetric part and int8 offsets (offset_grid.py), in place until the lowering ends; the spec
+    then names the parts, so every later step handles them as layers of their own."""
+    if work.options.grid != "offset" or work.captured.loaded.task != "causal-lm":
+        return
+    work.split = split_layers(work.captured.module, work.quant.layers(work.captured.module))
+    work.quant = work.quant.with_overrides({**work.quant.overrides, **work.split.offsets}, work.quant.plan)
+
+
+def _offsets(work: _Work) -> frozenset[str]:
+    """The offset grid's offset layers (int8 weight-only: float inputs, dequantized weights)."""
+    return frozenset(work.split.offsets) if work.split else frozenset()
+
+
+def _exact(work: _Work) -> frozenset[str]:
+    """The layers whose weights are already what the .tflite stores (the offset grid's symmetric parts)."""
+    return frozenset(work.split.codes) if work.split else frozenset()
+
+
 def build_signatures(work: _Work) -> None:
     """LMs: LiteRT's LLM signatures over an explicit-cache wrapper; others: serving_default."""
     (_lm_signatures if work.captured.loaded.task == "causal-lm" else _serving_signature)(work)
@@ -175,8 +198,9 @@ def locate_layers(work: _Work) -> None:
     spec, module = work.quant, work.captured.module
     grid_for(spec, module)  # refuse a spec the reference cannot follow before quantizing
     if spec.linear:
-        work.norm_fed = linears_fed_by_norms(module, work.captured.example_inputs,
-                                             lambda m: "Norm" in type(m).__name__ and not list(m.children()))
+        fed = linears_fed_by_norms(module, work.captured.example_inputs,
+                                   lambda m: "Norm" in type(m).__name__ and not list(m.children()))
+        work.norm_fed = {name: affine for name, affine in fed.items() if name not in _exact(work)}  # never folded: store_codes checks
     layers = dict(module.named_modules())
     quantized = {name: layers[name] for name in spec.layers(module)}
     work.layer_ops = layer_ops(work.float_model, quantized, work.norm_fed, fold_multipliers(work.captured))
@@ -185,7 +209,8 @@ def locate_layers(work: _Work) -> None:
 def record_reference(work: _Work) -> None:
     """Weights fake-quantized on ai_edge_quantizer's grid, each layer as the spec stores it; with
     the dynamic recipe each linear's input is also fake-quantized to int8 per token, as the LiteRT
-    kernels do at run time (the int4 blockwise and the int8 per-channel kernels alike). Where the
+    kernels do at run time (the int4 blockwise and the int8 per-channel kernels alike; not the
+    offset grid's weight-only offsets). Where the
     converter folded a norm's affine into a linear layer before quantizing (read back from the
     quantized model: exporters/tflite/weights.py), the reference folds it the same way; an
     embedding table the converter folded into a float constant (no EMBEDDING_LOOKUP holds it)
@@ -194,6 +219,8 @@ def record_reference(work: _Work) -> None:
     grid, layers = grid_for(spec, captured.module), dict(captured.module.named_modules())
 
     def quantized(name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in _exact(work):
+            return weight
         wq = spec.for_layer(name, layers[name])
         return fake_quantize(weight, wq, grid(wq.bits))
 
@@ -212,10 +239,11 @@ def record_reference(work: _Work) -> None:
         raise BackendError("tflite", "reference", f"{len(unplaced)} planned layer(s) hold no op of their own in the "
                            f"converted model, so their storage cannot follow the plan: {', '.join(unplaced[:5])}",
                            hint="export with --mixed-precision off, or report the model: the converter merged these layers")
-    module = weight_only_reference(captured.module, spec, grid, folded, keep_float=frozenset(work.float_embeddings))
+    module = weight_only_reference(captured.module, spec, grid, folded,
+                                   keep_float=frozenset(work.float_embeddings) | _exact(work))
     if spec.linear is not None and spec.dynamic_int8_activations:
-        for layer in module.modules():
-            if isinstance(layer, torch.nn.Linear):
+        for name, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Linear) and name not in _offsets(work):
                 layer.register_forward_pre_hook(lambda _, args: (int8_per_row(args[0]),))
     work.reference = quantized_reference(module, captured)
 
@@ -262,15 +290,22 @@ def quantize(work: _Work) -> None:
     for name, wq in spec.layers(module).items():
         op = operator_of(layers[name])
         if wq != defaults[op]:
+            # the offset grid's offsets are weight-only: their products take the block sums in float
+            add = recipe.add_weight_only_config if name in _offsets(work) else recipe.add_dynamic_config
             for scope in work.layer_ops.get(name, ()):  # a scope names one op: tensor names are unique
-                recipe.add_dynamic_config(regex=f"^{re.escape(scope)}$", operation_name=getattr(qtyping.TFLOperationName, op),
-                                          num_bits=wq.bits, granularity=_granularity(wq))
+                add(regex=f"^{re.escape(scope)}$", operation_name=getattr(qtyping.TFLOperationName, op),
+                    num_bits=wq.bits, granularity=_granularity(wq))
     if not (spec.linear or spec.embedding):
         return
     with contextlib.redirect_stdout(sys.stderr):  # it prints its size report; stdout is for --json
         result = quantizer.Quantizer(work.float_model, recipe.get_quantization_recipe()).quantize()
     work.model = nonzero_weight_scales(bytes(result.quantized_model))
     _check_stored(work)
+
+
+def store_offset_grid(work: _Work) -> None:
+    if work.split:
+        work.model = store_codes(work.model, work.layer_ops, work.split.codes)
 
 
 def _check_stored(work: _Work) -> None:
@@ -381,10 +416,12 @@ def write_litertlm(work: _Work) -> None:
 
 
 STEPS: tuple[Step, ...] = (
+    Step("offset grid", split_offset_grid),
     Step("signatures", build_signatures),
     Step("convert", convert),
     Step("locate layers", locate_layers),
     Step("quantize", quantize),
+    Step("store codes", store_offset_grid),
     Step("reference", record_reference),  # reads back what the converter did to the weights
     Step("metadata", add_metadata),
     Step("litertlm", write_litertlm),
@@ -396,14 +433,23 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
     if options.bundle == "litertlm" and (captured.loaded.task != "causal-lm" or captured.loaded.tokenizer is None):
         raise InputError("--tflite-bundle litertlm is for decoder LMs with a tokenizer",
                          hint=f"{captured.loaded.source} is a {captured.loaded.task}")
-    work = run_steps(BACKEND.name, STEPS, _Work(captured, quant, options), on_step)
+    work = _Work(captured, quant, options)
+    try:
+        run_steps(BACKEND.name, STEPS, work, on_step)
+    finally:
+        if work.split:
+            work.split.restore()  # the capture is every backend's
+    on_grid = "offset" if work.split and work.split.codes else "symmetric"
     return Lowered(
         files=dict(work.files),
         methods=work.methods,
         quantization=QuantRecord(quant.describe(), f"ai-edge-quantizer {version('ai-edge-quantizer')}",
                                  {"recipe": "dynamic range (int weights, activations quantized at run time)"
-                                  if quant.linear or quant.embedding else "none"}),
-        ideal_bytes=quant.ideal_bytes(captured.module),
+                                  if quant.linear or quant.embedding else "none",
+                                  **({"grid": on_grid} if quant.scheme == "int4" else {})}),
+        # the offset grid counted as the other backends count it (an fp16 offset a block); the .tflite stores int8
+        ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: on_grid == "offset" and wq.bits == 4
+                                      and wq.group_size is not None),
         runtime=RuntimeRecord("litert", version("ai-edge-litert"), {
             "converter": f"litert-torch {version('litert-torch')}",
             "signatures": [m.name for m in work.methods],

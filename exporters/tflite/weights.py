@@ -38,19 +38,27 @@ class StoredWeight:
 
 
 def stored_weights(model: bytes, operator: str) -> list[StoredWeight]:
-    """The constant weight of every `operator` op in every subgraph."""
+    """The constant weight of every `operator` op in every subgraph: its input 1, or a weight-only
+    quantized one's stored constant (what the DEQUANTIZE feeding it reads)."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_quantizer.utils.tfl_flatbuffer_utils import get_op_scope
 
     m = schema.ModelT.InitFromPackedBuf(model, 0)
     wanted = getattr(schema.BuiltinOperator, operator)
+
+    def code_of(op) -> int:
+        code = m.operatorCodes[op.opcodeIndex]
+        return max(code.builtinCode, code.deprecatedBuiltinCode)
+
     found = []
     for graph in m.subgraphs:
+        dequantized = {op.outputs[0]: op.inputs[0] for op in graph.operators
+                       if code_of(op) == schema.BuiltinOperator.DEQUANTIZE}
         for op in graph.operators:
-            code = m.operatorCodes[op.opcodeIndex]
-            if max(code.builtinCode, code.deprecatedBuiltinCode) != wanted:
+            if code_of(op) != wanted:
                 continue
-            read = _read(m, model, graph, graph.tensors[op.inputs[1]], schema)
+            weight = dequantized.get(op.inputs[1], op.inputs[1])
+            read = _read(m, model, graph, graph.tensors[weight], schema)
             if read is not None:
                 found.append(StoredWeight(get_op_scope(op, graph.tensors), *read))
     return found
@@ -220,14 +228,14 @@ def nonzero_weight_scales(model: bytes) -> bytes:
                 details.Init(q.Details().Bytes, q.Details().Pos)
                 holder = graph.Tensors(details.Scales())
                 dtype = np.float16 if holder.Type() == schema.TensorType.FLOAT16 else np.float32
-                scales = _writable(m, data, holder.Buffer()).view(dtype)
+                scales = writable_buffer(m, data, holder.Buffer()).view(dtype)
             elif not q.ScaleIsNone():
                 scales = q.ScaleAsNumpy()
             else:
                 continue
             zero = scales == 0
             if zero.any():
-                codes = _writable(m, data, tensor.Buffer())
+                codes = writable_buffer(m, data, tensor.Buffer())
                 if tensor.Type() == schema.TensorType.INT4:  # two codes a byte, low nibble first
                     codes = np.stack([codes & 15, codes >> 4], -1)
                 if codes.reshape(len(scales), -1)[zero].any():
@@ -236,7 +244,7 @@ def nonzero_weight_scales(model: bytes) -> bytes:
     return bytes(data)
 
 
-def _writable(m, data: bytearray, index: int) -> np.ndarray:
+def writable_buffer(m, data: bytearray, index: int) -> np.ndarray:
     """Buffer `index` of the model in `data` as a writable uint8 view: inline, or after the flatbuffer."""
     buffer = m.Buffers(index)
     if not buffer.DataIsNone() and buffer.DataLength():

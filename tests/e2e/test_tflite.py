@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgepack.cases import compare, run_case
@@ -50,12 +51,42 @@ def test_weights_are_4bit_and_near_the_ideal_size(tflite_export):
 
     [art] = read_manifest(tflite_export[2])["artifacts"]
     runtime = art["runtime"]
-    assert runtime["quantized_bytes"] * 2 < runtime["float_bytes"]
+    assert runtime["quantized_bytes"] < runtime["float_bytes"]
     model = flatbuffer_utils.read_model_from_bytearray((tflite_export[2] / art["path"]).read_bytes())
-    constants = sum(len(b.data) for b in model.buffers if b.data is not None and len(b.data) > 4096)
-    # The weights (large buffers, tied and shared across signatures stored once) are within 30% of
-    # the ideal; the rest of the file is graph structure and the packed tokenizer.
+    constants = sum(len(b.data) for b in model.buffers if b.data is not None)
+    # Every constant (4-bit weights with their scales and offsets, tied and shared across signatures
+    # stored once; norms; rotary tables) within 30% of the ideal 4-bit weights. The rest of the file
+    # is the graph of three signatures, which outweighs the weights of this tiny model.
     assert constants <= 1.3 * art["ideal_bytes"], (constants, art["ideal_bytes"])
+
+
+@pytest.mark.slow
+def test_the_offset_grid_is_stored_exactly(tflite_export, llama_dir):
+    """The default --tflite-grid offset on a decoder: each 4-bit linear's symmetric part is stored
+    as int4 blocks holding the grid's own codes and scales bit for bit (codes at -8 included,
+    which ai_edge_quantizer's rounding of the same floats could not keep), and its offsets as
+    int8 per channel within half a step of the blocks' midpoints."""
+    from safetensors.torch import load_file
+
+    from edgepack.exporters.tflite.offset_grid import _parts
+    from edgepack.exporters.tflite.weights import stored_weights
+
+    [art] = read_manifest(tflite_export[2])["artifacts"]
+    assert art["quantization"]["grid"] == "offset"
+    stored = stored_weights((tflite_export[2] / art["path"]).read_bytes(), "FULLY_CONNECTED")
+    by_shape: dict = {}
+    for w in stored:
+        by_shape.setdefault(w.values.shape, []).append(w)
+    linears = {n: w for n, w in load_file(str(llama_dir / "model.safetensors")).items() if n.endswith("proj.weight")}
+    lowest = 0
+    for name, weight in linears.items():
+        symmetric, offsets, codes, _ = _parts(weight, 32)
+        lowest = min(lowest, int(codes.min()))
+        assert any(np.array_equal(w.values, symmetric.numpy()) for w in by_shape[tuple(symmetric.shape)]), name
+        step = offsets.abs().amax(dim=1, keepdim=True).numpy() / 127
+        assert any(np.all(np.abs(w.values - offsets.numpy()) <= step / 2 + 1e-7) for w in by_shape[tuple(offsets.shape)]), name
+    assert lowest == -8
+    assert {w.storage.describe() for w in stored} == {"int4 g32 sym", "int8 per-channel sym"}
 
 
 @pytest.mark.slow
@@ -255,10 +286,13 @@ def test_the_engine_check_fails_a_litertlm_with_a_wrong_start_token(tflite_expor
 
 
 @pytest.mark.slow
-def test_an_all_zero_weight_block_still_loads_in_xnnpack(llama_dir, tmp_path):
+@pytest.mark.parametrize("grid", ["offset", "symmetric"])
+def test_an_all_zero_weight_block_still_loads_in_xnnpack(llama_dir, tmp_path, grid):
     """A weight row of zeros (a pad token's embedding, tied to the LM head) gets scale 0 from
-    ai_edge_quantizer, which XNNPACK refuses: the export writes scale 1.0 over its zero codes,
-    and the artifact loads and passes its smoke test with that row still exactly zero."""
+    ai_edge_quantizer (int4 blocks on the symmetric grid, the int8 offsets' channel on the offset
+    grid), which XNNPACK refuses: the export writes scale 1.0 over its zero codes (the offset
+    grid's own blocks never take scale 0), and the artifact loads and passes its smoke test with
+    that row still exactly zero."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -270,7 +304,7 @@ def test_an_all_zero_weight_block_still_loads_in_xnnpack(llama_dir, tmp_path):
     weights["model.embed_tokens.weight"][3] = 0.0
     save_file(weights, str(model / "model.safetensors"))
     result = run_cli("export", model, "--target", "tflite", "--mixed-precision", "off", "--prefill-len", "8",
-                     "--out", tmp_path / "out")
+                     "--tflite-grid", grid, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     tflite = (tmp_path / "out" / "zero-row" / "tflite" / "model.tflite").read_bytes()
     heads = [w for w in stored_weights(tflite, "FULLY_CONNECTED") if w.values.shape[0] == weights["model.embed_tokens.weight"].shape[0]]

@@ -169,8 +169,9 @@ def test_coreml_offset_grid_keeps_a_block_far_from_zero_finite_in_fp16():
 
 def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
     """quantize_module on the offset grid (torchao tensors built from the grid's own codes, not
-    torchao's rounding): a tied table and LM head, a biased linear. The embedding dequantizes to
-    exactly quantize_min_max's image (its float zero points hold the minimum); a linear's
+    torchao's rounding): a tied table and LM head, a biased linear. The embedding holds the offset
+    grid's fp16 image (weights.OffsetGrid: fp16 scales and zero points, rows looked up in fp16 as
+    embedding_4bit returns them, then widened to float32); a linear's
     symmetric part (its scales in bf16, as XNNPACK stores them) and indicator rows are exact, its
     int8 offsets within half a step of the blocks' offsets, and eager output matches the grid's
     float model up to the int8 activations."""
@@ -180,20 +181,21 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
 
     from edgepack.exporters.executorch.lower import quantize_module
     from edgepack.exporters.executorch.offset_grid import OffsetLinear
-    from edgepack.exporters.weights import quantize_min_max
+    from edgepack.exporters.weights import OffsetGrid, WeightQuant, quantize_min_max
 
     torch.manual_seed(0)
 
-    def on_grid(w, scale_dtype=torch.bfloat16):  # a linear's scales as XNNPACK stores them; a table's fp16
-        q, scale, minimum = quantize_min_max(w.detach(), 4, 32, scale_dtype=scale_dtype)
+    def on_grid(w):  # a linear's scales as XNNPACK stores them
+        q, scale, minimum = quantize_min_max(w.detach(), 4, 32, scale_dtype=torch.bfloat16)
         return (minimum + scale * q).reshape(w.shape)
 
     emb, head, mid = nn.Embedding(50, 64), nn.Linear(64, 50, bias=False), nn.Linear(64, 64)
     head.weight = emb.weight
     model = nn.ModuleDict({"emb": emb, "mid": mid, "head": head})
     quantized = quantize_module(copy.deepcopy(model), QuantSpec.from_options("int4", 32), "offset")
-    table = quantized["emb"].weight.dequantize()
-    assert torch.allclose(table, on_grid(emb.weight, torch.float16), rtol=0, atol=1e-6)
+    table, grid = quantized["emb"].weight.dequantize(), OffsetGrid(torch.float16).image(emb.weight.detach(), WeightQuant(4, 32))
+    assert table.dtype == torch.float16 and quantized["emb"](torch.tensor([0])).dtype == torch.float32
+    assert torch.allclose(table.float(), grid, rtol=2**-10, atol=1e-6), (table.float() - grid).abs().max()
     for name in ("mid", "head"):
         layer, w = quantized[name], model[name].weight.detach()
         assert isinstance(layer, OffsetLinear)
@@ -208,7 +210,7 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
     tokens = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
         got = quantized["head"](quantized["mid"](quantized["emb"](tokens)))
-        hidden = nn.functional.linear(on_grid(emb.weight, torch.float16)[tokens], on_grid(mid.weight), mid.bias)
+        hidden = nn.functional.linear(grid[tokens], on_grid(mid.weight), mid.bias)
         want = nn.functional.linear(hidden, on_grid(head.weight))
     assert torch.allclose(got, want, rtol=0, atol=0.02 * want.abs().max()), (got - want).abs().max()
 

@@ -1,0 +1,174 @@
+"""The offset grid (each block of a weight on its own min..max, GGUF Q4_1's grid,
+weights.quantize_min_max) on LiteRT's kernels, for decoder LMs.
+
+TFLite's int4 blocks are symmetric (no zero points), and ai_edge_quantizer takes a block's scale
+from its largest weight (max|w| / 7), so a block that reaches code -8 would be rounded again. A
+4-bit layer is therefore split before conversion, as ExecuTorch's is for XNNPACK:
+
+    linear: y = x·W_symᵀ + sums(x)·Mᵀ + b        table: lookup(W_sym) + lookup(M) spread over each block
+
+W_sym = scale·c with c in -8..7 and bf16 scales (LiteRT keeps 7 mantissa bits of a block scale),
+stored int4 blockwise: `store_codes` writes its codes and scales over ai_edge_quantizer's own, so
+the .tflite holds the grid exactly. M holds the blocks' midpoints (minimum + 8·scale), stored int8
+per channel by ai_edge_quantizer as any int8 layer (the reference rounds them the same way).
+sums(x) is each input block's sum (RESHAPE + SUM). A tied table and LM head share W_sym and M,
+which the quantizer stores once.
+
+Decoder LMs only: the converter folds an encoder's LayerNorm affine into the linears it feeds
+(exporters/tflite/weights.py), which would change W_sym after its codes were chosen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgepack.errors import BackendError
+from edgepack.exporters.tflite.weights import writable_buffer
+from edgepack.exporters.weights import split_min_max
+from edgepack.quant import WeightQuant
+
+BLOCK_SCALE = torch.bfloat16
+# LiteRT stores block scales in fp16: a bf16 scale below fp16's normal range would round again.
+SMALLEST_SCALE = 2.0 ** -14
+OFFSETS = WeightQuant(bits=8, group_size=None)  # how M is stored
+
+
+class OffsetLinear(nn.Module):
+    def __init__(self, symmetric: nn.Linear, offsets: nn.Linear, block: int):
+        super().__init__()
+        self.symmetric, self.offsets, self.block = symmetric, offsets, block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.symmetric(x) + self.offsets(x.reshape(*x.shape[:-1], -1, self.block).sum(dim=-1))
+
+
+class OffsetTable(nn.Module):
+    def __init__(self, symmetric: nn.Embedding, offsets: nn.Embedding, block: int):
+        super().__init__()
+        self.symmetric, self.offsets, self.block = symmetric, offsets, block
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.symmetric(ids) + self.offsets(ids).repeat_interleave(self.block, dim=-1)
+
+
+@dataclass
+class Split:
+    """What split_layers did: the int4 codes and scales of each symmetric part (by its layer
+    name), the offset layers (stored int8 per channel), and the layers to put back."""
+
+    codes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    offsets: dict[str, WeightQuant] = field(default_factory=dict)
+    originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        for parent, child, layer in reversed(self.originals):
+            setattr(parent, child, layer)
+
+
+def on_offset_grid(layer: nn.Module, wq: WeightQuant) -> bool:
+    # subclasses (Gemma 3's scaled table) compute more than a lookup: they keep the symmetric grid
+    return type(layer) in (nn.Linear, nn.Embedding) and wq.bits == 4 and wq.group_size is not None
+
+
+def _parts(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """W_sym [out, in] and M [out, blocks] (float32), and W_sym's int4 codes and scales."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    codes, scale, minimum = split_min_max(w, block, BLOCK_SCALE)
+    offsets = minimum + 8 * scale
+    blocks = w.reshape(rows, -1, block)
+    tiny = (scale > 0) & (scale < SMALLEST_SCALE)
+    if tiny.any():  # a wider step that fp16 keeps: codes again for it
+        scale = torch.where(tiny, torch.full_like(scale, SMALLEST_SCALE), scale)
+        codes = (torch.clamp(torch.round((blocks - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, 15) - 8)
+        codes = codes.reshape(rows, cols).to(torch.int8)
+        offsets = minimum + 8 * scale
+    constant = scale == 0  # XNNPACK refuses a zero scale: code 0 at scale 1, the value in M
+    scale = torch.where(constant, torch.ones_like(scale), scale)
+    codes = torch.where(constant.repeat_interleave(block, dim=1), torch.zeros_like(codes), codes)
+    symmetric = (codes.float().reshape(rows, -1, block) * scale.unsqueeze(-1)).reshape(rows, cols)
+    return symmetric, offsets, codes.numpy(), scale.numpy()
+
+
+def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
+    """Replace, in place, each layer of `layers` (name -> storage) that goes on the offset grid by
+    its split; `Split.restore` puts the originals back."""
+    split, made = Split(), {}
+    for name, wq in layers.items():
+        layer = module.get_submodule(name)
+        if not on_offset_grid(layer, wq):
+            continue
+        block = wq.group_size
+        if id(layer.weight) not in made:  # a tied table and LM head: one split
+            symmetric, offsets, codes, scale = _parts(layer.weight, block)
+            made[id(layer.weight)] = (nn.Parameter(symmetric, requires_grad=False),
+                                      nn.Parameter(offsets, requires_grad=False), codes, scale)
+        symmetric, offsets, codes, scale = made[id(layer.weight)]
+        rows, cols = symmetric.shape
+        if isinstance(layer, nn.Linear):
+            sym, off = nn.Linear(cols, rows, bias=False, device="meta"), nn.Linear(cols // block, rows, bias=False, device="meta")
+            off.bias = layer.bias
+            part = OffsetLinear(sym, off, block)
+        else:
+            sym, off = nn.Embedding(rows, cols, device="meta"), nn.Embedding(rows, cols // block, device="meta")
+            part = OffsetTable(sym, off, block)
+        sym.weight, off.weight = symmetric, offsets
+        parent, _, child = name.rpartition(".")
+        holder = module.get_submodule(parent)
+        split.originals.append((holder, child, layer))
+        setattr(holder, child, part)
+        split.codes[f"{name}.symmetric"] = (codes, scale)
+        split.offsets[f"{name}.offsets"] = OFFSETS
+    return split
+
+
+def _packed(codes: np.ndarray) -> bytes:
+    """int4 as TFLite stores it: two's complement nibbles, two a byte, low nibble first."""
+    nibbles = (codes.reshape(-1) & 15).astype(np.uint8)
+    if len(nibbles) % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
+def store_codes(model: bytes, ops: dict[str, list[str]], codes: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """`model` with each symmetric part's int4 codes and block scales (codes: layer -> (codes,
+    scales)) written over what ai_edge_quantizer stored in its ops (ops: layer -> scopes)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_quantizer.utils.tfl_flatbuffer_utils import get_op_scope
+
+    layer_of = {scope: name for name in codes for scope in ops.get(name, ())}
+    m = schema.ModelT.InitFromPackedBuf(model, 0)
+    writes: dict[int, bytes] = {}
+    written = set()
+    for graph in m.subgraphs:
+        for op in graph.operators:
+            name = layer_of.get(get_op_scope(op, graph.tensors))
+            if name is None:
+                continue
+            tensor, (values, scales) = graph.tensors[op.inputs[1]], codes[name]
+            q = tensor.quantization
+            if tensor.type != schema.TensorType.INT4 or q is None or not hasattr(q.details, "blockSize"):
+                raise BackendError("tflite", "store codes", f"{name}: ai_edge_quantizer did not store it as int4 blocks")
+            holder = graph.tensors[q.details.scales]
+            dtype = np.float16 if holder.type == schema.TensorType.FLOAT16 else np.float32
+            stored = scales.astype(dtype)
+            if not np.array_equal(stored.astype(np.float32), scales):
+                raise BackendError("tflite", "store codes", f"{name}: a block scale does not fit {np.dtype(dtype).name}")
+            writes[tensor.buffer], writes[holder.buffer] = _packed(values), stored.tobytes()
+            written.add(name)
+    missing = sorted(set(codes) - written)
+    if missing:
+        raise BackendError("tflite", "store codes", f"{len(missing)} offset-grid layer(s) hold no op of their own in the "
+                           f"converted model: {', '.join(missing[:5])}",
+                           hint="export with --tflite-grid symmetric, or report the model")
+    data = bytearray(model)
+    root = schema.Model.GetRootAs(data, 0)
+    for index, payload in writes.items():
+        view = writable_buffer(root, data, index)
+        if view.nbytes != len(payload):
+            raise BackendError("tflite", "store codes", f"buffer {index} holds {view.nbytes} bytes, the codes {len(payload)}")
+        view[:] = np.frombuffer(payload, np.uint8)
+    return bytes(data)
