@@ -79,13 +79,26 @@ def quantize_min_max(weight: torch.Tensor, bits: int, group_size: int,
     return q, scale, lo
 
 
-def split_min_max(weight: torch.Tensor, block: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_min_max(weight: torch.Tensor, block: int, scale_dtype: torch.dtype,
+                  smallest_scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 4-bit offset grid split for kernels whose blocks are symmetric (XNNPACK's, LiteRT's):
-    w = scale·c + (minimum + 8·scale) per block, c = q - 8 in -8..7. Returns the codes c (int8
-    [out, in]), `scale_dtype`-valued scales and the blocks' minima ([out, blocks], float32)."""
+    w = scale·c + offset per block, c = q - 8 in -8..7 and offset = minimum + 8·scale. Returns the
+    codes c (int8 [out, in]), `scale_dtype`-valued scales and the offsets ([out, blocks], float32).
+    A constant block gets code 0, scale 1 and its value as the offset (XNNPACK refuses a block
+    scale of 0); a step under `smallest_scale` (what a format's scales cannot hold) widens to it,
+    its codes rounded again."""
     rows, cols = weight.shape
     q, scale, minimum = quantize_min_max(weight, 4, block, scale_dtype=scale_dtype)
-    return (q.reshape(rows, cols) - 8).to(torch.int8), scale.reshape(rows, -1), minimum.reshape(rows, -1)
+    tiny = (scale > 0) & (scale < smallest_scale)
+    if tiny.any():
+        scale = torch.where(tiny, torch.full_like(scale, smallest_scale), scale)
+        w = weight.detach().float().reshape(q.shape)
+        q = torch.clamp(torch.round((w - minimum) / torch.where(scale == 0, 1.0, scale)), 0, 15)
+    offset = minimum + 8 * scale
+    constant = scale == 0
+    q = torch.where(constant, 8.0, q)
+    scale = torch.where(constant, 1.0, scale)
+    return (q.reshape(rows, cols) - 8).to(torch.int8), scale.reshape(rows, -1), offset.reshape(rows, -1)
 
 
 @dataclass(frozen=True)

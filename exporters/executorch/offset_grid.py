@@ -76,13 +76,13 @@ def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_
     weight = layer.weight.detach().float()
     rows, cols = weight.shape
     blocks = cols // block
-    codes, scale, minimum = split_min_max(weight, block, XNNPACK_BLOCK_SCALE)
+    codes, scale, offset = split_min_max(weight, block, XNNPACK_BLOCK_SCALE)
     symmetric = _frozen(nn.Linear(cols, rows, bias=False), _int4_blocks(
         codes, scale, torch.zeros_like(scale, dtype=torch.int8), block, dynamic_activations))
     sums = _block_sums(cols, block, dynamic_activations)
     offsets = nn.Linear(blocks, rows, bias=layer.bias is not None)
     with torch.no_grad():
-        offsets.weight.copy_(minimum + 8 * scale)
+        offsets.weight.copy_(offset)
         if layer.bias is not None:
             offsets.bias.copy_(layer.bias.detach())
     quantize_(offsets, int8_config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))

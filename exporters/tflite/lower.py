@@ -242,8 +242,9 @@ def record_reference(work: _Work) -> None:
     module = weight_only_reference(captured.module, spec, grid, folded,
                                    keep_float=frozenset(work.float_embeddings) | _exact(work))
     if spec.linear is not None and spec.dynamic_int8_activations:
+        weight_only = _offsets(work)
         for name, layer in module.named_modules():
-            if isinstance(layer, torch.nn.Linear) and name not in _offsets(work):
+            if isinstance(layer, torch.nn.Linear) and name not in weight_only:
                 layer.register_forward_pre_hook(lambda _, args: (int8_per_row(args[0]),))
     work.reference = quantized_reference(module, captured)
 

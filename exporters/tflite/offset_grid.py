@@ -75,20 +75,8 @@ def on_offset_grid(layer: nn.Module, wq: WeightQuant) -> bool:
 
 def _parts(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """W_sym [out, in] and M [out, blocks] (float32), and W_sym's int4 codes and scales."""
-    w = weight.detach().float()
-    rows, cols = w.shape
-    codes, scale, minimum = split_min_max(w, block, BLOCK_SCALE)
-    offsets = minimum + 8 * scale
-    blocks = w.reshape(rows, -1, block)
-    tiny = (scale > 0) & (scale < SMALLEST_SCALE)
-    if tiny.any():  # a wider step that fp16 keeps: codes again for it
-        scale = torch.where(tiny, torch.full_like(scale, SMALLEST_SCALE), scale)
-        codes = (torch.clamp(torch.round((blocks - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, 15) - 8)
-        codes = codes.reshape(rows, cols).to(torch.int8)
-        offsets = minimum + 8 * scale
-    constant = scale == 0  # XNNPACK refuses a zero scale: code 0 at scale 1, the value in M
-    scale = torch.where(constant, torch.ones_like(scale), scale)
-    codes = torch.where(constant.repeat_interleave(block, dim=1), torch.zeros_like(codes), codes)
+    rows, cols = weight.shape
+    codes, scale, offsets = split_min_max(weight.detach().float(), block, BLOCK_SCALE, SMALLEST_SCALE)
     symmetric = (codes.float().reshape(rows, -1, block) * scale.unsqueeze(-1)).reshape(rows, cols)
     return symmetric, offsets, codes.numpy(), scale.numpy()
 

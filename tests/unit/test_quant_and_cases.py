@@ -215,6 +215,34 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
     assert torch.allclose(got, want, rtol=0, atol=0.02 * want.abs().max()), (got - want).abs().max()
 
 
+def test_executorch_offset_grid_runs_a_constant_block_in_xnnpack():
+    """A block whose weights are all equal (an all-zero block here, as in padded rows) has a
+    min..max step of 0; XNNPACK refuses a block scale of 0 at load. The offset grid stores it as
+    code 0 at scale 1 with its value in the offset: the .pte loads and its eager reference holds
+    the block exactly."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from edgepack.exporters.executorch.lower import quantize_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16, bias=False))
+    with torch.no_grad():
+        model[0].weight[3, :32] = 0.0
+    quantized = quantize_module(model, QuantSpec.from_options("int4", 32), "offset")
+    layer = quantized[0]
+    assert torch.equal(layer.symmetric.weight.dequantize()[3, :32], torch.zeros(32))
+    assert layer.offsets.weight.dequantize()[3, 0] == 0.0
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        want = quantized(x)
+    program = to_edge_transform_and_lower(torch.export.export(quantized, (x,)), partitioner=[XnnpackPartitioner()])
+    [got] = Runtime.get().load_program(program.to_executorch().buffer).load_method("forward").execute([x])
+    assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("grid", ["offset", "symmetric"])
 def test_executorch_reference_holds_the_block_scales_xnnpack_stores(grid):
     """XNNPACK keeps a 4-bit block's scale in bf16 whatever torch hands it (its serializer
