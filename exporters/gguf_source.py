@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from edgepack.errors import InputError
+from edgepack.exporters.pretokenizers import PRE_TOKENIZERS
 
 
 def stored_types(path: Path) -> dict:
@@ -76,22 +77,49 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
                          f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
     model.eval().save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    _drop_tokens_the_file_lacks(out_dir / "tokenizer.json", _token_count(path))
+    _mend_tokenizer(path, out_dir / "tokenizer.json")
     return out_dir
 
 
-def _token_count(path: Path) -> int:
+def _mend_tokenizer(path: Path, tokenizer_json: Path) -> None:
+    """Two things transformers' GGUF loader gets wrong for some files, set right from the file:
+
+    - its GPT-2 style tokenizer adds "<|endoftext|>" when the file's vocabulary has none, as a new
+      id past the file's last one (and past the embedding rows). Nothing in the file refers to it:
+      it goes.
+    - it splits text by GPT-2's rule for every pre-tokenizer name it does not know (SmolLM2's
+      "smollm" among them), so the tokenizer would not give the ids the model was trained on. The
+      names edgepack knows get their own split; a name neither knows is refused."""
     import gguf
 
-    return len(gguf.GGUFReader(path).get_field(gguf.Keys.Tokenizer.LIST).data)
-
-
-def _drop_tokens_the_file_lacks(tokenizer_json: Path, n_tokens: int) -> None:
-    """transformers' GGUF loader builds a GPT-2 style tokenizer whose defaults add "<|endoftext|>"
-    when the file's vocabulary has no such token, as a new id past the file's last one (and past
-    the embedding rows). Nothing in the file refers to it: it goes."""
+    reader = gguf.GGUFReader(path)
     spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    kept = [t for t in spec.get("added_tokens", []) if t["id"] < n_tokens]
-    if len(kept) != len(spec.get("added_tokens", [])):
-        spec["added_tokens"] = kept
-        tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+    n_tokens = len(reader.get_field(gguf.Keys.Tokenizer.LIST).data)
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["id"] < n_tokens]
+    if _field(reader, gguf.Keys.Tokenizer.MODEL) == "gpt2":  # byte-level BPE: the only kind with a named split
+        spec["pre_tokenizer"] = _pre_tokenizer(path, _field(reader, gguf.Keys.Tokenizer.PRE), spec.get("pre_tokenizer"))
+    tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _pre_tokenizer(path: Path, name: str | None, converted: dict) -> dict:
+    """tokenizer.json's pre_tokenizer for llama.cpp's pre-tokenizer `name`."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    if name in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[name]
+    if name in GGUF_PRE_TOKENIZER_SPLITS:  # transformers wrote this name's own split
+        return converted
+    known = sorted({*PRE_TOKENIZERS, *GGUF_PRE_TOKENIZER_SPLITS})
+    if name is None:
+        raise InputError(f"{path}: the file names no pre-tokenizer (tokenizer.ggml.pre), so how its text splits "
+                         f"into tokens is unknown (llama.cpp itself warns such files tokenize wrongly)",
+                         hint="remake the .gguf with a current llama.cpp convert_hf_to_gguf.py, or export from "
+                              "the model's Hugging Face folder")
+    raise InputError(f"{path}: the file's pre-tokenizer {name!r} is not one edgepack can reproduce, so the bundled "
+                     f"tokenizer would not give the ids the model was trained on",
+                     hint=f"known: {', '.join(known)}; export from the model's Hugging Face folder instead")
+
+
+def _field(reader, key: str):
+    field = reader.get_field(key)
+    return None if field is None else field.contents()

@@ -31,7 +31,7 @@ RUNNER_CHECK_TEXTS = (
     "control\x01chars\x7f and private use \ue000\uf8ff",
     "   leading spaces, \t\ttabs,\n\n\nnewlines\r\n and trailing   ",
     "Pneumonoultramicroscopicsilicovolcanoconiosis" * 3,
-    "1234567890 3.14159 -42 1e-7 0x1F",
+    "1234567890 3.14159 -42 1e-7 0x1F\n\n1. first  2. second",  # whitespace before a digit: where digit rules part
     "def f(x):\n    return {'a': [x, x**2]}  # code",
     "",
 )

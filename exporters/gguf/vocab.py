@@ -1,7 +1,8 @@
 """The model's tokenizer written into the .gguf (tokenizer.ggml.*), so llama.cpp needs nothing
 beside the file: the byte-level BPE vocabulary and merges of tokenizer.json, each token's type,
 the special ids and the chat template, and the name of the pre-tokenizer llama.cpp must apply
-(it has its own table of them, keyed by name, not by regex).
+(it has its own table of them, keyed by name, not by regex: exporters/pretokenizers.py). A
+tokenizer outside that table is refused rather than written with a guess.
 
 What llama.cpp then makes of the file is checked against the Hugging Face tokenizer by
 runtime.check_embedded_tokenizer, on the same texts as the ExecuTorch runner's tokenizer."""
@@ -13,38 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepack.errors import InputError
+from edgepack.exporters.pretokenizers import PRE_TOKENIZERS, llama_cpp_name, splitting_steps
 from edgepack.stages import TokenizerFacts
-
-# tokenizer.json's pre-tokenizer, read as its splitting steps -> llama.cpp's pre-tokenizer name.
-# One row per splitting rule llama.cpp implements; a tokenizer outside the table is refused
-# rather than written with a guess. (trim_offsets only moves offsets, never ids: not compared.)
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+")
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
-    ("byte-level, GPT-2 regex",): "gpt-2",  # SmolLM2 as transformers writes it from its GGUF
-    ("digits one by one", "byte-level, GPT-2 regex"): "smollm",
-    (f"split {_QWEN2_REGEX}", "byte-level"): "qwen2",
-    (f"split {_LLAMA3_REGEX}", "byte-level"): "llama-bpe",
-}
-
-
-def splitting_steps(pre: dict | None) -> tuple[str, ...]:
-    """A tokenizer.json pre_tokenizer as the steps that decide where tokens may split."""
-    steps = (pre or {}).get("pretokenizers", []) if (pre or {}).get("type") == "Sequence" else [pre or {}]
-    out = []
-    for step in steps:
-        kind = step.get("type")
-        if kind == "ByteLevel" and not step.get("add_prefix_space"):
-            out.append("byte-level, GPT-2 regex" if step.get("use_regex", True) else "byte-level")
-        elif kind == "Digits" and step.get("individual_digits"):
-            out.append("digits one by one")
-        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
-            out.append(f"split {step.get('pattern', {}).get('Regex')}")
-        else:
-            out.append(f"{kind} {json.dumps(step, sort_keys=True)[:80]}")
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -66,13 +37,13 @@ def read_vocab(tok: TokenizerFacts, rows: int) -> GgufVocab:
                          hint="add tokenizer.json to the model folder, or leave gguf out of --target")
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
-    steps = splitting_steps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or steps not in PRE_TOKENIZERS:
+    pre = llama_cpp_name(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or pre is None:
         raise InputError(
             f"{path}: llama.cpp's vocabulary cannot express this tokenizer (model {model.get('type')}, "
-            f"pre-tokenizer {'; '.join(steps)[:160]})",
+            f"pre-tokenizer {'; '.join(splitting_steps(spec.get('pre_tokenizer')))[:160]})",
             hint="edgepack writes byte-level BPE tokenizers with the pre-tokenizers llama.cpp names "
-                 f"({', '.join(sorted(set(PRE_TOKENIZERS.values())))}); leave gguf out of --target")
+                 f"({', '.join(PRE_TOKENIZERS)}); leave gguf out of --target")
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     by_id = {i: t for t, i in model["vocab"].items()}
     for i, t in added.items():
@@ -91,7 +62,7 @@ def read_vocab(tok: TokenizerFacts, rows: int) -> GgufVocab:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return GgufVocab("gpt2", PRE_TOKENIZERS[steps], tokens, [int(t) for t in types], merges)
+    return GgufVocab("gpt2", pre, tokens, [int(t) for t in types], merges)
 
 
 def write_vocab(writer, vocab: GgufVocab, tok: TokenizerFacts) -> None:

