@@ -5,6 +5,9 @@ quantizers, blocks of 32), norms in F32, the architecture's hyperparameters and 
 .gguf, the file llama.cpp's Android and iOS bindings load. --gguf-type Q4_K_M writes the weights
 in F32 and hands the file to llama.cpp's own quantizer, which picks each tensor's type.
 
+What differs between families (tensors llama.cpp reads in another layout, hyperparameter keys,
+what its graph cannot follow and refusal() turns away) is one row of ARCHES.
+
 The reference is the captured model holding exactly the weights the file stores (each one
 dequantized by gguf from its stored bytes), so the smoke compares llama.cpp with what it was given."""
 
@@ -30,27 +33,94 @@ from edgepack.exporters.gguf.options import LLAMA_CPP_MIXES, Options
 from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
 from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.stages import CapturedModel, KvCache, QuantRecord, RuntimeRecord
+from edgepack.stages import CapturedModel, KvCache, ModelFacts, QuantRecord, RuntimeRecord
 
 MODEL_FILE = BACKEND.artifact
 BLOCK = 32  # every GGUF type edgepack writes quantizes blocks of 32 along a row
 
 
 @dataclass(frozen=True)
+class Relayout:
+    """Parameters llama.cpp reads in another layout or value than Hugging Face's. `to_file` runs
+    before quantizing (GGUF's blocks run along the file's rows); `back` turns values read from the
+    file into the Hugging Face module's own, which is what the reference (work.stored) holds."""
+
+    suffixes: tuple[str, ...]  # the Hugging Face parameter names it applies to, by their ending
+    to_file: Callable[[np.ndarray, str, ModelFacts], np.ndarray]
+    back: Callable[[np.ndarray, str, ModelFacts], np.ndarray]
+
+
+def _permute_rope_rows(w: np.ndarray, heads: int, *, back: bool = False) -> np.ndarray:
+    """Hugging Face's q/k rows (each head's rotary halves) in llama.cpp's order (pairs interleaved), or `back`."""
+    split = (heads, w.shape[0] // heads // 2, 2) if back else (heads, 2, w.shape[0] // heads // 2)
+    return w.reshape(*split, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_heads(name: str, facts: ModelFacts) -> int:
+    return facts.n_heads if "q_proj" in name else facts.n_kv_heads
+
+
+# llama.cpp's LLAMA rope pairs neighbouring dimensions where Hugging Face's rotates halves: q and k
+# rows are permuted, as llama.cpp's own converter does.
+INTERLEAVED_ROPE = Relayout(("self_attn.q_proj.weight", "self_attn.k_proj.weight"),
+                            lambda w, name, facts: _permute_rope_rows(w, _rope_heads(name, facts)),
+                            lambda w, name, facts: _permute_rope_rows(w, _rope_heads(name, facts), back=True))
+# Gemma's RMSNorm scales by (1 + w), llama.cpp's by the stored weight: the file holds w + 1.
+PLUS_ONE_NORMS = Relayout(("norm.weight",), lambda w, *_: w + 1, lambda w, *_: w - 1)
+# The logit soft-caps a config can set: its field -> what is capped, and the GGUFWriter method writing it.
+SOFT_CAPS = {"attn_logit_softcapping": ("attention logits", "add_attn_logit_softcapping"),
+             "final_logit_softcapping": ("final logits", "add_final_logit_softcapping")}
+
+
+def _gemma_query_scalar(layers_27b: int) -> Callable[[ModelFacts], float]:
+    """What llama.cpp's Gemma graphs scale queries by (1/sqrt of it), reading no key for it:
+    hidden/heads for the 27B model, which they recognise by its layer count, head_dim otherwise."""
+    return lambda facts: facts.hidden_size / facts.n_heads if facts.n_layers == layers_27b else facts.head_dim
+
+
+@dataclass(frozen=True)
 class Arch:
-    """A family as llama.cpp knows it: its architecture name, and whether its rotary embedding
-    pairs neighbouring dimensions (llama.cpp's LLAMA rope), so q and k rows are permuted from
-    Hugging Face's half-split layout, as llama.cpp's own converter does."""
+    """A family as llama.cpp's graph for it computes: what the file must say beyond the keys every
+    family writes, and what a model may use that the graph can follow (refusal() turns the rest away)."""
 
     name: str  # gguf.MODEL_ARCH member
-    interleaved_rope: bool
+    relayouts: tuple[Relayout, ...] = ()
+    ffn_length: Callable[[object], int] = lambda config: config.intermediate_size  # from the text config
+    layer_norm: bool = False  # LayerNorm (eps: layer_norm_epsilon) instead of RMSNorm (rms_norm_eps)
+    sliding_window: bool = False  # the graph reads a window, which layers use it, and their rope base
+    soft_caps: dict[str, bool] = field(default_factory=dict)  # SOFT_CAPS field -> capped even when the file sets none
+    query_scalar: Callable[[ModelFacts], float] | None = None  # the config's query_pre_attn_scalar must equal it
+    reads_output: bool = True  # False: the LM head is always token_embd (an untied head is refused)
 
 
+LLAMA = Arch("LLAMA", (INTERLEAVED_ROPE,))
 ARCHES = {
-    "llama": Arch("LLAMA", interleaved_rope=True),
-    "qwen2": Arch("QWEN2", interleaved_rope=False),
-    "qwen3": Arch("QWEN3", interleaved_rope=False),
+    "llama": LLAMA,
+    "mistral": LLAMA,  # as llama.cpp's converter writes it: its LLAMA graph has no sliding window
+    "qwen2": Arch("QWEN2"),
+    "qwen3": Arch("QWEN3"),
+    "phi3": Arch("PHI3"),  # fused qkv_proj and gate_up_proj: gguf's name map makes them attn_qkv and ffn_up
+    "gemma2": Arch("GEMMA2", (PLUS_ONE_NORMS,), sliding_window=True, query_scalar=_gemma_query_scalar(46),
+                   soft_caps={"attn_logit_softcapping": True, "final_logit_softcapping": True}, reads_output=False),
+    "gemma3": Arch("GEMMA3", (PLUS_ONE_NORMS,), sliding_window=True, query_scalar=_gemma_query_scalar(62),
+                   soft_caps={"final_logit_softcapping": False}),
+    # learned positions; the loader made its Conv1D layers nn.Linear, already [out, in] as the file stores them
+    "gpt2": Arch("GPT2", ffn_length=lambda config: config.n_inner or 4 * config.n_embd, layer_norm=True),
 }
+
+
+def _ropes(facts: ModelFacts) -> dict[str | None, dict]:
+    """The rope parameters by layer type where the config gives each its own (Gemma 3), else {None: them}."""
+    rope = facts.rope or {}
+    return {kind: p for kind, p in rope.items() if isinstance(p, dict)} or {None: rope}
+
+
+def _sliding_layers(facts: ModelFacts) -> list[bool]:
+    """The sliding layers as the reference takes them (their masks, Gemma 3's local rope):
+    layer_types' sliding ones, or every layer when the config has a window but no layer_types."""
+    if facts.layer_types:
+        return [kind == "sliding_attention" for kind in facts.layer_types]
+    return [facts.sliding_window is not None] * facts.n_layers
 
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
@@ -72,9 +142,26 @@ def _shape_refusal(loaded, quant: QuantSpec) -> str | None:
         return f"llama.cpp runs decoder LMs; {loaded.source} is a {loaded.task}"
     if facts.family not in ARCHES:
         return (f"edgepack writes GGUF for the {', '.join(ARCHES)} families; {loaded.source} is {facts.family}")
-    rope_type = (facts.rope or {}).get("rope_type", "default")
-    if rope_type not in ("default", None):
-        return f"rope type {rope_type!r} is not written to GGUF yet (default rope only)"
+    arch, config = ARCHES[facts.family], loaded.module.config.get_text_config()
+    for kind, rope in _ropes(facts).items():
+        if rope.get("rope_type", "default") not in ("default", None):
+            return (f"rope type {rope['rope_type']!r}{f' on {kind} layers' if kind else ''} is not written to GGUF yet "
+                    "(default rope only)")
+    window = facts.sliding_window
+    if window is not None and window < facts.max_positions and any(_sliding_layers(facts)) and not arch.sliding_window:
+        return (f"llama.cpp's {arch.name} graph has no sliding window, and this model's layers attend only to the "
+                f"last {window} of its {facts.max_positions} positions")
+    for name, (what, _) in SOFT_CAPS.items():
+        value = getattr(config, name, None)
+        if value and name not in arch.soft_caps:
+            return f"llama.cpp's {arch.name} graph has no soft-capping of {what} ({name} {value})"
+        if not value and arch.soft_caps.get(name):
+            return f"llama.cpp's {arch.name} graph always soft-caps {what}; this model's {name} is {value}"
+    if arch.query_scalar and config.query_pre_attn_scalar != (scalar := arch.query_scalar(facts)):
+        return (f"llama.cpp's {arch.name} graph scales queries by 1/sqrt({scalar:g}) and reads no query_pre_attn_scalar; "
+                f"this model's is {config.query_pre_attn_scalar}")
+    if not (facts.tied_embeddings or arch.reads_output):
+        return f"llama.cpp's {arch.name} graph reads the LM head from the token embedding; this model's head is untied"
     if quant.linear and quant.linear.bits == 4 and quant.linear.group_size != BLOCK:
         return f"GGUF's 4-bit types quantize blocks of {BLOCK}; --group-size {quant.linear.group_size} has no GGUF type"
     if loaded.tokenizer is None:
@@ -108,19 +195,18 @@ def _gguf_type(options: Options, wq: WeightQuant | None) -> str:
     return "Q8_0" if wq.bits == 8 else options.type
 
 
-def _permute_rope_rows(w: np.ndarray, heads: int, *, back: bool = False) -> np.ndarray:
-    """Hugging Face's q/k rows (each head's rotary halves) in llama.cpp's order (pairs interleaved),
-    or `back`. Works on any row-major array whose first axis is the output rows (float or packed blocks)."""
-    split = (heads, w.shape[0] // heads // 2, 2) if back else (heads, 2, w.shape[0] // heads // 2)
-    return w.reshape(*split, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _to_file(work: _Work, name: str, values: np.ndarray) -> np.ndarray:
+    for relayout in work.arch.relayouts:
+        if name.endswith(relayout.suffixes):
+            values = relayout.to_file(values, name, work.captured.loaded.facts)
+    return values
 
 
-def _rope_heads(work: _Work, name: str) -> int | None:
-    """The heads whose rows llama.cpp's rope pairs differently, for an HF q or k weight; else None."""
-    if not (work.arch.interleaved_rope and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))):
-        return None
-    facts = work.captured.loaded.facts
-    return facts.n_heads if "q_proj" in name else facts.n_kv_heads
+def _from_file(work: _Work, name: str, values: np.ndarray) -> np.ndarray:
+    for relayout in reversed(work.arch.relayouts):
+        if name.endswith(relayout.suffixes):
+            values = relayout.back(values, name, work.captured.loaded.facts)
+    return values
 
 
 def read_architecture(work: _Work) -> None:
@@ -151,17 +237,15 @@ def quantize_tensors(work: _Work) -> None:
         seen.add(id(param))
         weight = param.detach().float().numpy()
         kind = _gguf_type(work.options, layers.get(f"model.{name.rsplit('.', 1)[0]}") if weight.ndim == 2 else None)
+        data = _to_file(work, name, weight)
         if kind == "F32":
-            data = weight
             work.stored[name] = torch.from_numpy(weight)  # read only: record_reference copies it into its own model
         else:
-            if weight.shape[-1] % BLOCK:
-                raise InputError(f"gguf: {name} rows of {weight.shape[-1]} do not split into blocks of {BLOCK}")
+            if data.shape[-1] % BLOCK:
+                raise InputError(f"gguf: {name} rows of {data.shape[-1]} do not split into blocks of {BLOCK}")
             qtype = getattr(gguf.GGMLQuantizationType, kind)
-            data = gguf.quants.quantize(weight, qtype)
-            work.stored[name] = torch.from_numpy(gguf.quants.dequantize(data, qtype).astype(np.float32))
-        if heads := _rope_heads(work, name):
-            data = _permute_rope_rows(data, heads)
+            data = gguf.quants.quantize(data, qtype)
+            work.stored[name] = torch.from_numpy(_from_file(work, name, gguf.quants.dequantize(data, qtype).astype(np.float32)))
         work.tensors.append((target, np.ascontiguousarray(data), kind))
         work.hf_names[target] = name
 
@@ -179,24 +263,40 @@ def record_reference(work: _Work) -> None:
 def write_file(work: _Work) -> None:
     import gguf
 
-    loaded, facts = work.captured.loaded, work.captured.loaded.facts
+    loaded, facts, arch = work.captured.loaded, work.captured.loaded.facts, work.arch
     config = loaded.module.config.get_text_config()
     kinds = {kind for _, _, kind in work.tensors}
     work.path = work.folder / "model.gguf"
-    writer = gguf.GGUFWriter(work.path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, work.arch.name)])
-    writer.add_name(loaded.name)
+    writer = gguf.GGUFWriter(work.path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.name)])
+    if name := _general_name(loaded.name, work.vocab):
+        writer.add_name(name)
     writer.add_string("general.source.edgepack", f"edgepack {__version__} from {Path(loaded.source).name}")
     writer.add_context_length(facts.max_positions)
     writer.add_embedding_length(facts.hidden_size)
     writer.add_block_count(facts.n_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(arch.ffn_length(config))
     writer.add_head_count(facts.n_heads)
     writer.add_head_count_kv(facts.n_kv_heads)
     writer.add_key_length(facts.head_dim)
     writer.add_value_length(facts.head_dim)
-    writer.add_rope_dimension_count(facts.head_dim)
-    writer.add_rope_freq_base(float(facts.rope_theta))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    ropes = _ropes(facts)
+    if facts.rope:  # rotary families (GPT-2 learns its positions)
+        rope = ropes.get("full_attention", ropes.get(None))
+        writer.add_rope_dimension_count(int(facts.head_dim * rope.get("partial_rotary_factor", 1.0)))
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if arch.layer_norm:
+        writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if arch.sliding_window:
+        writer.add_sliding_window_pattern(_sliding_layers(facts))
+        # no window: one spanning the context, so sliding layers keep their own rope base
+        writer.add_sliding_window(facts.sliding_window or facts.max_positions)
+        if "sliding_attention" in ropes:
+            writer.add_rope_freq_base_swa(float(ropes["sliding_attention"]["rope_theta"]))
+    for name in arch.soft_caps:
+        if value := getattr(config, name, None):
+            getattr(writer, SOFT_CAPS[name][1])(float(value))
     writer.add_vocab_size(facts.vocab_size)
     writer.add_file_type(_file_type(kinds))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -208,6 +308,14 @@ def write_file(work: _Work) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _general_name(name: str, vocab: GgufVocab) -> str | None:
+    """general.name, unless llama.cpp would take it for Phi-3's: it gives a model whose name holds
+    "phi3" or "phi-3" Phi-3's special-token stripping, and fails to load one whose vocabulary lacks
+    Phi-3's special tokens (it reads general.name for nothing else)."""
+    phi3 = any(word in name.lower() for word in ("phi3", "phi-3"))
+    return None if phi3 and not {"</s>", "<unk>", "<s>", "<|endoftext|>"} <= set(vocab.tokens) else name
 
 
 def _file_type(kinds: set[str]) -> int:
@@ -222,7 +330,7 @@ def _file_type(kinds: set[str]) -> int:
 
 def quantize_with_llama_cpp(work: _Work) -> None:
     """llama.cpp's quantizer makes its mix from the F32 file; what it stored is read back (each
-    tensor dequantized by gguf, q/k rows in Hugging Face's order again) for the reference."""
+    tensor dequantized by gguf, in Hugging Face's layout again) for the reference."""
     import gguf
 
     mixed = work.folder / f"model-{work.options.type}.gguf"
@@ -231,9 +339,7 @@ def quantize_with_llama_cpp(work: _Work) -> None:
     for t in gguf.GGUFReader(mixed).tensors:
         name = work.hf_names[t.name]
         values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        values = values.reshape([int(d) for d in reversed(t.shape)])
-        if heads := _rope_heads(work, name):
-            values = _permute_rope_rows(values, heads, back=True)
+        values = _from_file(work, name, values.reshape([int(d) for d in reversed(t.shape)]))
         work.tensors.append((t.name, t.data, t.tensor_type.name))
         work.stored[name] = torch.from_numpy(values)
 

@@ -15,7 +15,7 @@ import torch
 
 from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
 from edgepack.packaging.manifest import read_manifest
-from tests.conftest import export_json, run_cli
+from tests.conftest import SHORT_EVAL_TEXT, export_json, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -259,3 +259,138 @@ def test_an_encoder_is_refused_by_name(bert_dir, tmp_path):
     code, summary = export_json(str(bert_dir), "--target", "gguf", "--out", str(tmp_path))
     assert code == 2 and "llama.cpp runs decoder LMs" in json.dumps(summary)
     assert not any(tmp_path.iterdir())
+
+
+def _on_grid(values: np.ndarray, want: np.ndarray, kind: str) -> bool:
+    """Whether `values` (a Q4_1 / Q8_0 tensor read back) is `want` rounded on its grid: within half
+    a step of each block of 32 along the stored rows."""
+    blocks = want.reshape(want.shape[0], -1, 32)
+    step = (blocks.max(-1) - blocks.min(-1)) / (15 if kind.startswith("Q4") else 127)
+    return values.shape == want.shape and bool((np.abs(values - want).reshape(blocks.shape).max(-1) <= 0.51 * step + 1e-6).all())
+
+
+def _field(reader, key: str):
+    return reader.fields[key].contents() if key in reader.fields else None
+
+
+@pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory) -> Path:
+    from demo_model.build import build_decoder_dir
+
+    return build_decoder_dir(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3", "gemma3")
+
+
+def test_gemma_norms_are_stored_plus_one_and_sliding_layers_described(gemma3_dir, tmp_path):
+    """Gemma's RMSNorm scales by (1 + w): the file holds every norm (q/k norms too) as w + 1, while
+    its 4-bit weights are the source's on their grid; llama.cpp is told which layers slide, over
+    which window and with which rope base, and answers like the stored weights."""
+    from safetensors.torch import load_file
+
+    code, summary = export_json(str(gemma3_dir), "--target", "gguf", "--max-seq-len", "64", "--eval-text", str(SHORT_EVAL_TEXT),
+                                "--out", str(tmp_path))
+    assert code == 0, json.dumps(summary)[:3000]
+    bundle = tmp_path / "tiny-gemma3"
+    greedy = read_manifest(bundle)["comparisons"]["lowering_fidelity"]["gguf"]["cases"]["greedy"]
+    assert greedy["steps_verified"] == 16 and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
+    source = load_file(str(gemma3_dir / "model.safetensors"))
+    stored = _weights(bundle / "gguf" / "model.gguf")
+    norms = {"output_norm.weight": "model.norm.weight"}
+    for i in range(2):
+        for gg, hf in (("attn_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                       ("ffn_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm"),
+                       ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")):
+            norms[f"blk.{i}.{gg}.weight"] = f"model.layers.{i}.{hf}.weight"
+    for name, hf in norms.items():
+        kind, values = stored[name]
+        assert kind == "F32" and np.array_equal(values, source[hf].float().numpy() + 1), name
+    kind, values = stored["blk.0.attn_q.weight"]  # neox rope: q rows in Hugging Face's order
+    assert kind in ("Q4_1", "Q8_0") and _on_grid(values, source["model.layers.0.self_attn.q_proj.weight"].float().numpy(), kind)
+    reader = _reader(bundle / "gguf" / "model.gguf")
+    assert _field(reader, "gemma3.attention.sliding_window") == 16
+    assert _field(reader, "gemma3.attention.sliding_window_pattern") == [True, False]  # layer_types
+    assert _field(reader, "gemma3.rope.freq_base") == 1e6 and _field(reader, "gemma3.rope.freq_base_swa") == 1e4
+    assert _field(reader, "gemma3.attn_logit_softcapping") is None and "output.weight" not in stored  # tied head
+
+
+@pytest.mark.parametrize("gguf_type", ["Q4_1", "Q4_K_M"])
+def test_the_reference_holds_the_files_values_in_hugging_faces_layout(gemma3_dir, tmp_path, gguf_type):
+    """What the smoke compares llama.cpp with (work.stored) is each tensor of the written file read
+    back, in the module's own layout and values: the file's norms are the stored ones + 1; for
+    Q4_K_M, after llama.cpp's quantizer chose the types. The plan's norms are the module's exactly."""
+    import gguf
+
+    from edgepack.exporters.capture import CaptureOptions, capture
+    from edgepack.exporters.gguf import lower
+    from edgepack.exporters.gguf.options import Options
+    from edgepack.exporters.sources import load_source
+    from edgepack.quant import QuantSpec
+
+    loaded = load_source(str(gemma3_dir))
+    work = lower._Work(capture(loaded, CaptureOptions(max_seq_len=64)), QuantSpec.from_options("int4"),
+                       Options(type=gguf_type), tmp_path)
+    steps = lower.PLAN_STEPS if gguf_type == "Q4_1" else lower.LLAMA_CPP_STEPS
+    for step in steps:
+        if step.name != "check tokenizer":
+            step.run(work)
+    params = dict(loaded.module.named_parameters())
+    file = gguf.GGUFReader(work.path)
+    assert {t.name for t in file.tensors} == set(work.hf_names) and len(work.stored) == len(file.tensors)
+    for t in file.tensors:
+        hf = work.hf_names[t.name]
+        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        want = work.stored[hf].numpy()
+        if hf.endswith("norm.weight"):
+            want = want + 1
+            if gguf_type == "Q4_1":
+                assert torch.equal(work.stored[hf], params[hf].detach()), hf
+        assert np.array_equal(values, want), (hf, t.tensor_type.name)
+    if gguf_type == "Q4_K_M":
+        assert {t.tensor_type.name for t in file.tensors} - {"F32"}, "llama.cpp's quantizer quantized nothing"
+
+
+def test_gpt2_conv1d_weights_are_stored_transposed_on_their_grid(tmp_path):
+    """GPT-2's Conv1D weights are [in, out]; llama.cpp reads [out, in] and quantizes blocks of 32
+    along those rows: every attn_qkv / attn_output / ffn_up / ffn_down tensor is the transposed
+    source on its Q4_1 grid (blocks along the input width), the learned positions are in, the keys
+    are LayerNorm's, the MLP width is 4x the embedding (n_inner unset), and llama.cpp answers
+    like the stored weights."""
+    from safetensors.torch import load_file
+
+    from demo_model.build import build_decoder_dir
+
+    model = build_decoder_dir(tmp_path / "tiny-gpt2", "gpt2")
+    code, summary = export_json(str(model), "--target", "gguf", "--max-seq-len", "64", "--mixed-precision", "off",
+                                "--out", str(tmp_path / "out"))
+    assert code == 0, json.dumps(summary)[:3000]
+    bundle = tmp_path / "out" / "tiny-gpt2"
+    greedy = read_manifest(bundle)["comparisons"]["lowering_fidelity"]["gguf"]["cases"]["greedy"]
+    assert greedy["steps_verified"] == 16 and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
+    source = load_file(str(model / "model.safetensors"))
+    stored = _weights(bundle / "gguf" / "model.gguf")
+    for i in range(2):
+        for gg, hf in (("attn_qkv", "attn.c_attn"), ("attn_output", "attn.c_proj"), ("ffn_up", "mlp.c_fc"),
+                       ("ffn_down", "mlp.c_proj")):
+            kind, values = stored[f"blk.{i}.{gg}.weight"]
+            conv1d = source[f"transformer.h.{i}.{hf}.weight"].float().numpy()
+            assert kind == "Q4_1" and _on_grid(values, conv1d.T, kind), (gg, values.shape, conv1d.shape)
+            assert np.array_equal(stored[f"blk.{i}.{gg}.bias"][1], source[f"transformer.h.{i}.{hf}.bias"].numpy())
+    assert stored["position_embd.weight"][1].shape == (512, 64)
+    reader = _reader(bundle / "gguf" / "model.gguf")
+    assert _field(reader, "gpt2.feed_forward_length") == 256 and _field(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5)
+    assert _field(reader, "gpt2.rope.freq_base") is None and _field(reader, "gpt2.attention.layer_norm_rms_epsilon") is None
+
+
+@pytest.mark.parametrize("family, edit, reason", [
+    ("mistral", {}, "llama.cpp's LLAMA graph has no sliding window, and this model's layers attend only to the last 16 of its 512 positions"),
+    ("gemma2", {"query_pre_attn_scalar": 32}, "llama.cpp's GEMMA2 graph scales queries by 1/sqrt(16) and reads no query_pre_attn_scalar; this model's is 32"),
+    ("gemma2", {"attn_logit_softcapping": None}, "llama.cpp's GEMMA2 graph always soft-caps attention logits"),
+])
+def test_what_llama_cpp_cannot_compute_is_refused(tmp_path, family, edit, reason):
+    from demo_model.build import build_decoder_dir
+
+    model = build_decoder_dir(tmp_path / f"tiny-{family}", family, max_train_steps=0)  # refused before any lowering
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | edit))
+    result = run_cli("export", model, "--target", "gguf", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and reason in " ".join(result.stderr.split()), result.stderr
+    assert not (tmp_path / "out" / model.name).exists()
