@@ -44,14 +44,30 @@ class NativeRunner:
 
 
 @dataclass(frozen=True)
+class CrossBuild:
+    """What `make arm64-env` hands a source build: the aarch64 cross toolchain as a CMake toolchain
+    file, the CMake to run, the environment the unpacked compiler needs, and the cores to use."""
+
+    cmake: Path
+    toolchain: Path
+    env: Mapping[str, str]
+    jobs: int
+
+
+@dataclass(frozen=True)
 class Arm64Runtime:
     """How an artifact runs under `smoke --on arm64-emulated`: the aarch64 wheel its runtime comes
     from (at the host venv's version), imported by the emulated Python (`imports`, the module its
-    self-test imports) or, with `runner`, linked by a native runner."""
+    self-test imports) or, with `runner`, linked by a native runner. A runtime PyPI ships only as
+    source has a `build` instead of a wheel: it compiles the package for aarch64 into the emulated
+    Python's path, and `requires` names the pure-Python distributions that package imports."""
 
     wheel: str
     imports: str | None = None
     runner: NativeRunner | None = None
+    # "module:function": (site folder, host version, CrossBuild) -> a line on what was built
+    build: str | None = None
+    requires: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

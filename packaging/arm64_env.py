@@ -5,7 +5,8 @@ or $EDGEPACK_ARM64_ENV):
 
   qemu-aarch64-static   Debian's qemu-user-static, only the aarch64 binary, not installed on the host
   sysroot/              Debian's arm64 python3.X and the libraries it needs, unpacked with dpkg -x
-  site/                 aarch64 wheels from PyPI at the host venv's versions, unzipped
+  site/                 aarch64 wheels from PyPI at the host venv's versions, unzipped, and the
+                        runtimes PyPI ships only as source, cross-compiled (llama-cpp-python)
   cpuinfo               an ARM /proc/cpuinfo (LiteRT's CPU detection crashes on the host's x86 one)
   cross/                Debian's aarch64 cross compiler (g++-aarch64-linux-gnu), unpacked, not installed
   <wheel>/              for a backend with a native runner (ExecuTorch: executorch/): the aarch64
@@ -26,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import edgepack
 from edgepack.errors import EXIT_ENVIRONMENT_MISSING, EdgepackError
-from edgepack.exporters.backend import Arm64Runtime, function
+from edgepack.exporters.backend import Arm64Runtime, CrossBuild, function
 from edgepack.exporters.registry import BACKENDS
 
 RUNTIMES = [b.arm64 for b in BACKENDS.values() if isinstance(b.arm64, Arm64Runtime)]
@@ -48,6 +50,10 @@ _CPUINFO_PART = "0xd0b"  # Cortex-A76's part number, what cpuinfo parsers read
 # runtime in the registry); only those the host venv has are set up
 WHEELS = {"numpy": "numpy", **{r.wheel: r.imports for r in RUNTIMES if r.imports}}
 REQUIRED_WHEELS = ("numpy",)
+# Runtimes built here from their sdist with the cross compiler (distribution -> its build), and
+# the pure-Python distributions their packages import (their wheels fit any platform).
+SOURCE_BUILDS = {r.wheel: r.build for r in RUNTIMES if r.build}
+PURE_WHEELS = tuple(sorted({d for r in RUNTIMES for d in r.requires}))
 # The backend runner built here (ExecuTorch's: its Python runtime needs libtorch, so the .pte runs
 # in a C++ runner) and the distribution whose aarch64 wheel's C++ libraries it links.
 [(RUNNER_DIST, RUNNER)] = [(r.wheel, r.runner) for r in RUNTIMES if r.runner]
@@ -78,7 +84,7 @@ def default_dir() -> Path:
 def host_versions() -> dict[str, str]:
     """The host venv's versions of the packages the emulated runtimes need: the one source of truth."""
     found = {}
-    for dist in (*WHEELS, RUNNER_DIST):
+    for dist in (*WHEELS, *PURE_WHEELS, RUNNER_DIST):
         try:
             found[dist] = version(dist)
         except PackageNotFoundError:
@@ -255,6 +261,8 @@ def _wheels(root: Path, wanted: dict[str, str], debs: list[str]) -> tuple[dict[s
     py = f"{sys.version_info.major}{sys.version_info.minor}"
     platforms = [arg for tag in _platforms(debs) for arg in ("--platform", tag)]
     for dist, ver in wanted.items():
+        if dist in SOURCE_BUILDS:  # no aarch64 wheel: _build_sources
+            continue
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                                "--only-binary=:all:", *platforms, "--python-version", py, "--no-deps",
                                "--dest", str(work / dist), f"{dist}=={ver}"], capture_output=True, text=True, check=False)
@@ -311,27 +319,55 @@ def _cmake() -> Path:
                           hint="make install (it pins cmake in the venv)")
 
 
+def _cross_build(root: Path, folder: Path) -> CrossBuild:
+    """The unpacked cross compiler as a CMake toolchain file written in `folder`."""
+    cross = root / "cross"
+    gxx = _cross_compiler(root)
+    toolchain = folder / "toolchain.cmake"
+    toolchain.write_text(f'set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR aarch64)\n'
+                         f'set(CMAKE_SYSROOT "{cross}")\nset(CMAKE_CXX_COMPILER "{gxx}")\n'
+                         f'set(CMAKE_C_COMPILER "{gxx.with_name("aarch64-linux-gnu-gcc")}")\n')
+    # The unpacked binutils' own libraries (libopcodes for arm64, ...) are beside them, not on the host.
+    env = {**os.environ, "LD_LIBRARY_PATH": str(cross / "usr" / "lib" / "x86_64-linux-gnu")}
+    return CrossBuild(_cmake(), toolchain, env, os.cpu_count() or 1)
+
+
 def _build_runner(root: Path) -> dict:
     """The backend's native runner, cross-compiled against the unpacked wheel: the wheel's cmake
     config supplies the libraries, compile definitions and run paths."""
-    gxx = _cross_compiler(root)
     runtime, build = root / RUNNER_DIST, root / RUNNER_DIST / "build"
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
-    toolchain = build / "toolchain.cmake"
-    toolchain.write_text(f'set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR aarch64)\n'
-                         f'set(CMAKE_SYSROOT "{root / "cross"}")\nset(CMAKE_CXX_COMPILER "{gxx}")\n')
-    # The unpacked binutils' own libraries (libopcodes for arm64, ...) are beside them, not on the host.
-    env = {**os.environ, "LD_LIBRARY_PATH": str(root / "cross" / "usr" / "lib" / "x86_64-linux-gnu")}
-    cmake = _cmake()
-    _run("runner", [str(cmake), "-S", str(RUNNER_SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                    f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", f"-D{RUNNER_DIST}_DIR={runtime / 'lib' / 'cmake' / RUNNER_DIST}",
+    cross = _cross_build(root, build)
+    cmake, env = str(cross.cmake), dict(cross.env)
+    _run("runner", [cmake, "-S", str(RUNNER_SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DCMAKE_TOOLCHAIN_FILE={cross.toolchain}", f"-D{RUNNER_DIST}_DIR={runtime / 'lib' / 'cmake' / RUNNER_DIST}",
                     f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={runtime / 'bin'}"], env=env)
-    _run("runner", [str(cmake), "--build", str(build), "-j", str(os.cpu_count() or 1)], env=env)
+    _run("runner", [cmake, "--build", str(build), "-j", str(cross.jobs)], env=env)
+    gxx = root / "cross" / "usr" / "bin" / "aarch64-linux-gnu-g++"
     compiler = _run("runner", [str(gxx), "-dumpfullversion"], env=env).strip()
     shutil.rmtree(build)
     return {"source": _runner_digest(), "wheel": (runtime / "wheel.txt").read_text().strip(),
             "compiler": f"{gxx.name} {compiler}"}
+
+
+def _build_sources(root: Path, wanted: dict[str, str], say) -> tuple[dict[str, str], dict[str, str]]:
+    """The runtimes PyPI ships only as source, built for aarch64 into site/ at the host's versions
+    (minutes each, on every core). Returns what was built and the line each build gave."""
+    built, lines = {}, {}
+    for dist, build in SOURCE_BUILDS.items():
+        if dist not in wanted:
+            continue
+        say(f"arm64-env: building {dist} {wanted[dist]} for aarch64 from its sdist (a few minutes)")
+        with tempfile.TemporaryDirectory(prefix="edgepack-cross-") as tmp:
+            try:
+                lines[dist] = function(build)(root / "site", wanted[dist], _cross_build(root, Path(tmp)))
+            except subprocess.CalledProcessError as e:
+                raise Arm64SetupError(f"{dist}: building it for aarch64 failed ({' '.join(map(str, e.cmd[:3]))} ...): "
+                                      f"{(e.stderr or e.stdout or '').strip()[-1500:]}",
+                                      hint="check the network (pip downloads the sdist) and rerun") from e
+        built[dist] = wanted[dist]
+    return built, lines
 
 
 def _cpuinfo(path: Path) -> None:
@@ -373,11 +409,13 @@ def _set_up(root: Path, say) -> Arm64Env:
     qemu = _qemu(root)
     debs = _sysroot(root)
     if recorded and recorded["host"] == wanted and (root / "site").is_dir():
-        packages, unavailable = recorded["packages"], recorded["unavailable"]
+        packages, unavailable, sources = recorded["packages"], recorded["unavailable"], recorded.get("built", {})
     else:
         (root / "env.json").unlink(missing_ok=True)
         say(f"arm64-env: fetching aarch64 wheels for {wanted}")
         packages, unavailable = _wheels(root, wanted, debs)
+        built, sources = _build_sources(root, wanted, say)
+        packages.update(built)
         recorded = None
     env = Arm64Env(root, qemu, packages, unavailable)
     runner = {}
@@ -390,7 +428,7 @@ def _set_up(root: Path, say) -> Arm64Env:
     say(f"arm64-env: self-test: {_self_test(env)}")
     (root / "env.json").write_text(json.dumps({"qemu": str(qemu), "cpu": QEMU_CPU, "python": PYTHON, "host": wanted,
                                                "packages": packages, "unavailable": unavailable, "debs": debs,
-                                               "runner": runner}, indent=2, sort_keys=True) + "\n")
+                                               "runner": runner, "built": sources}, indent=2, sort_keys=True) + "\n")
     for dist, why in unavailable.items():
         say(f"arm64-env: {dist} not set up: {why}")
     say(f"arm64-env: ready at {root} ({', '.join(f'{d} {v}' for d, v in packages.items())})")

@@ -141,6 +141,7 @@ LLAMA_BACKEND_OPTIONS = {
     "tflite": ("--mixed-precision", "off", "--prefill-len", "4", "--prefill-len", "8", "--tflite-bundle", "litertlm"),
     "coreml": ("--mixed-precision", "off", "--coreml-precision", "fp32", "--eval-text", str(SHORT_EVAL_TEXT)),
     "mnn": (),  # the default plan (every layer int4 on MNN's offset grid at the default budget)
+    "gguf": (),  # the default plan, Q4_1
 }
 
 
@@ -168,6 +169,11 @@ def onnx_export(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
 @pytest.fixture(scope="session")
 def mnn_export(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
     return llama_backend_export("mnn", llama_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def gguf_default_export(llama_dir, tmp_path_factory) -> tuple[int, dict, Path]:
+    return llama_backend_export("gguf", llama_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

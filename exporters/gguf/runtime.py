@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from importlib.metadata import version
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from edgepack.cases import MethodCall
 from edgepack.errors import RuntimeUnavailableError, SmokeFailure
-from edgepack.stages import TokenizerFacts
+
+if TYPE_CHECKING:  # stages imports torch, which the emulated arm64 Python that runs this module lacks
+    from edgepack.stages import TokenizerFacts
 
 
 def _llama_cpp():

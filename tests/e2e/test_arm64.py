@@ -1,6 +1,7 @@
-"""`edgepack smoke --on arm64-emulated`: the tiny Llama's TFLite, ONNX and ExecuTorch artifacts on
-the arm64 builds of LiteRT, ONNX Runtime and the ExecuTorch C++ runtime (edgepack's runner, linked
-against the aarch64 executorch wheel) under qemu, judged on the host with the host's comparison code.
+"""`edgepack smoke --on arm64-emulated`: the tiny Llama's TFLite, ONNX, MNN, GGUF and ExecuTorch
+artifacts on the arm64 builds of LiteRT, ONNX Runtime, MNN, llama.cpp (cross-compiled from
+llama-cpp-python's sdist) and the ExecuTorch C++ runtime (edgepack's runner, linked against the
+aarch64 executorch wheel) under qemu, judged on the host with the host's comparison code.
 
 The emulated environment is set up by the same code as `make arm64-env` (cached under build/arm64;
 a fresh machine fetches it once, ~1 min). Skipped only when this machine has no apt or no network
@@ -95,6 +96,20 @@ def test_mnn_passes_token_for_token_on_arm64(arm64_env, mnn_export):
     assert greedy["steps_verified"] == 16 and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
     assert _agrees(greedy), greedy
     assert _agrees(greedy["vs_x86"]), greedy  # MNN's ARM kernels against its x86 ones, same file
+
+
+@pytest.mark.slow
+def test_gguf_passes_token_for_token_on_arm64(arm64_env, gguf_default_export):
+    """llama.cpp built for aarch64 from the pinned llama-cpp-python sdist (make arm64-env), its
+    ARMv8.2 dotprod kernels under qemu."""
+    assert arm64_env.packages.get("llama-cpp-python"), arm64_env.unavailable
+    result, report = _smoke(gguf_default_export[2], "--backend", "gguf")
+    assert result.exit_code == 0, result.output
+    verdict = report["results"]["gguf"]
+    assert verdict["runtime"] == "gguf arm64-emulated" and verdict["passed"] and verdict["error"] is None
+    greedy = verdict["cases"]["greedy"]
+    assert greedy["steps_verified"] == 16 and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
+    assert _agrees(greedy) and _agrees(greedy["vs_x86"]), greedy  # llama.cpp's ARM kernels against its x86 ones
 
 
 @pytest.mark.slow
