@@ -11,7 +11,11 @@ inputs; one uncounted repeat warms the runtime up first; the logits of the first
 BACKEND `litertlm` is a .litertlm on the LiteRT-LM engine (what Android apps embed), through the
 engine's own Benchmark (ARTIFACT_JSON and the token values unused: the engine takes PROMPT_LEN
 prefill tokens and decodes len(TOKENS) - PROMPT_LEN, greedy, on its default CPU set-up); the
-first of its runs warms up and is not counted. It gives speeds, no logits."""
+first of its runs warms up and is not counted. It gives speeds, no logits.
+
+BACKEND `genai` is a folder with a genai_config.json (edgepack's onnx/, or onnxruntime-genai's own
+model builder's output) on onnxruntime-genai's generator, the same tokens appended teacher-forced;
+ARTIFACT_JSON unused. Speeds only."""
 
 from __future__ import annotations
 
@@ -68,10 +72,36 @@ def measure_litertlm(path: Path, prompt_len: int, steps: int, repeats: int) -> d
             "decode_tokens_per_s": [r.last_decode_tokens_per_second for r in counted]}
 
 
+def measure_genai(folder: Path, tokens: np.ndarray, prompt_len: int, repeats: int) -> dict:
+    """A folder with a genai_config.json on onnxruntime-genai's generator (what ONNX Runtime's mobile
+    LLM apps run): the prompt appended at once, then each later token appended alone, teacher-forced."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    prefill_s, decode_s = [], []
+    for repeat in range(-1, repeats):  # repeat -1 warms up and is not counted
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(tokens) + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(tokens[:prompt_len].astype(np.int32))
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for token in tokens[prompt_len:]:
+            generator.append_tokens(np.array([token], dtype=np.int32))
+        decode = time.perf_counter() - start
+        if repeat >= 0:
+            prefill_s.append(prefill)
+            decode_s.append(decode)
+    steps = len(tokens) - prompt_len
+    return {"prefill_tokens_per_s": [prompt_len / s for s in prefill_s], "decode_tokens_per_s": [steps / s for s in decode_s]}
+
+
 def main(argv: list[str]) -> None:
     backend, path, artifact_json, tokens, prompt_len, repeats, out = argv
-    if backend == "litertlm":
-        result = measure_litertlm(Path(path), int(prompt_len), len(np.load(tokens)) - int(prompt_len), int(repeats))
+    if backend in ("litertlm", "genai"):
+        result = (measure_litertlm(Path(path), int(prompt_len), len(np.load(tokens)) - int(prompt_len), int(repeats))
+                  if backend == "litertlm" else measure_genai(Path(path), np.load(tokens), int(prompt_len), int(repeats)))
         np.savez(out, **{k: np.array(v) for k, v in result.items()})
         return
     result = measure(backend, Path(path), json.loads(artifact_json), np.load(tokens), int(prompt_len), int(repeats))

@@ -1,0 +1,94 @@
+"""edgepack's ONNX beside onnxruntime-genai's own model builder, the anchor an ONNX Runtime user would
+pick (`python -m onnxruntime_genai.models.builder -p int4 -e cpu`, blocks of 32), on the real
+SmolLM2-135M-Instruct: both folders through onnxruntime-genai's generator (bench.speed genai), the
+same prompt and teacher-forced tokens, runs interleaved so the host's load falls on both; the file
+sizes beside the ideal. Writes bench/results/ort-genai-smollm2.json.
+
+  python -m bench.ort_genai_anchor [--work DIR] [--rounds N]      (~5 min on 2 cores)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from bench.real_model import DEFAULT_OUT, build
+from bench.run import ROOT, edgepack_export, git_commit, machine
+
+MAX_SEQ_LEN, PROMPT_LEN, DECODE_STEPS, REPEATS = 512, 32, 64, 3
+
+
+def builder(hf_dir: Path, out: Path) -> Path:
+    """onnxruntime-genai's builder output for `hf_dir` in `out` (kept when already there)."""
+    if not (out / "genai_config.json").is_file():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+                        "-p", "int4", "-e", "cpu", "-c", str(out.parent / "builder-cache"),
+                        "--extra_options", "int4_block_size=32"], check=True, capture_output=True, text=True)
+    return out
+
+
+def genai_speed(folder: Path, tokens: Path, work: Path) -> dict:
+    out = work / f"genai-{folder.parent.name}.npz"
+    subprocess.run([sys.executable, "-m", "bench.speed", "genai", str(folder), "{}", str(tokens), str(PROMPT_LEN),
+                    str(REPEATS), str(out)], check=True, cwd=ROOT)
+    data = np.load(out)
+    return {k: data[k].tolist() for k in data.files}
+
+
+def run(work: Path, rounds: int) -> dict:
+    hf_dir = build(ROOT / DEFAULT_OUT)
+    ours = work / "edgepack"
+    if not (ours / "smollm2" / "manifest.json").is_file():
+        ours.mkdir(parents=True, exist_ok=True)
+        measured, _, _ = edgepack_export(hf_dir, "smollm2", ours, "onnx", MAX_SEQ_LEN, PROMPT_LEN, tokenizer=True)
+        if measured.returncode:
+            raise SystemExit(f"edgepack export failed (exit {measured.returncode}); see {measured.log}")
+    [artifact] = json.loads((ours / "smollm2" / "manifest.json").read_text())["artifacts"]
+    folders = {"edgepack": ours / "smollm2" / "onnx", "builder": builder(hf_dir, work / "builder" / "model")}
+    tokens = work / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(3, 49152, size=PROMPT_LEN + DECODE_STEPS).astype(np.int64))
+    runs: dict[str, dict[str, list]] = {k: {"prefill_tokens_per_s": [], "decode_tokens_per_s": []} for k in folders}
+    for _ in range(rounds):  # interleaved: a busy moment slows both, not one
+        for name, folder in folders.items():
+            for metric, values in genai_speed(folder, tokens, work).items():
+                runs[name][metric] += values
+    sizes = {name: sum(p.stat().st_size for p in folder.glob("model.onnx*")) for name, folder in folders.items()}
+    median = {name: {m: round(float(np.median(v)), 1) for m, v in r.items()} for name, r in runs.items()}
+    report = {
+        "model": hf_dir.name, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
+        "runs": f"{rounds} interleaved rounds of {REPEATS} per folder, one warm-up each (bench.speed genai)",
+        "builder": "python -m onnxruntime_genai.models.builder -p int4 -e cpu --extra_options int4_block_size=32",
+        "edgepack": "edgepack export --target onnx (default plan: every layer int4 g32 on the offset grid)",
+        "bytes": sizes, "ideal_bytes": artifact["ideal_bytes"],
+        "size_vs_ideal": {name: round(size / artifact["ideal_bytes"], 3) for name, size in sizes.items()},
+        "median": median,
+        "ratios": {m: round(median["edgepack"][m] / median["builder"][m], 3) for m in median["edgepack"]},
+        "runs_tokens_per_s": runs,
+        "machine": machine(),
+        "versions": {"edgepack": git_commit(), **{p: version(p) for p in ("onnxruntime", "onnxruntime-genai")}},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out = ROOT / "bench" / "results" / "ort-genai-smollm2.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("bytes", "size_vs_ideal", "median", "ratios")}, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ort_genai_anchor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/edgepack-ort-genai"))
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    run(args.work, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
