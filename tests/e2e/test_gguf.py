@@ -394,3 +394,60 @@ def test_what_llama_cpp_cannot_compute_is_refused(tmp_path, family, edit, reason
     result = run_cli("export", model, "--target", "gguf", "--out", tmp_path / "out")
     assert result.exit_code == 2 and reason in " ".join(result.stderr.split()), result.stderr
     assert not (tmp_path / "out" / model.name).exists()
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory) -> Path:
+    """A SentencePiece BPE model trained on the demo corpus as Llama 2 and Mistral trained theirs
+    (byte fallback, digits split, whitespace kept, a dummy "▁" prefix), and the tokenizer.json
+    transformers converts it to: a model folder's tokenizer files as those checkpoints ship them."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from demo_model.build import CORPUS_PATH
+
+    folder = tmp_path_factory.mktemp("sentencepiece")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(CORPUS_PATH), model_prefix=str(folder / "tokenizer"), vocab_size=1024, model_type="bpe",
+        byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True, minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                              "eos_token": "</s>", "unk_token": "<unk>"}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    return folder
+
+
+def test_a_sentencepiece_model_is_written_as_llama_cpps_llama_vocabulary(sentencepiece_dir, tmp_path):
+    """tokenizer.model's pieces, scores and kinds go into the file as they are; llama.cpp reading it
+    tokenizes every check text without special tokens exactly as SentencePiece itself does (the
+    tokenizer the model was trained with). Where transformers' conversion of the same model differs
+    (runs of leading spaces, a space after a special token in text), the export's check names it."""
+    import gguf
+    import sentencepiece
+
+    from edgepack.exporters.gguf.runtime import check_embedded_tokenizer, load
+    from edgepack.exporters.tokenizer import RUNNER_CHECK_TEXTS
+    from edgepack.stages import TokenizerFacts
+
+    tok = TokenizerFacts(sentencepiece_dir, ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"), 1, (2,), None,
+                         None, True)
+    vocab = read_vocab(tok, 1030)  # six embedding rows past the tokenizer's, as models pad theirs
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_dir / "tokenizer.model"))
+    assert (vocab.model, vocab.pre, vocab.add_space_prefix) == ("llama", "default", True)
+    assert vocab.tokens[:1024] == [sp.IdToPiece(i) for i in range(1024)] and vocab.tokens[1024:] == [f"[PAD{i}]" for i in range(1024, 1030)]
+    assert vocab.scores[:1024] == [sp.GetScore(i) for i in range(1024)]
+    assert vocab.types[:4] == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.BYTE]  # <unk> <s> </s> as added tokens, then <0x00>
+    assert vocab.types.count(gguf.TokenType.BYTE) == 256 and vocab.types[1024:] == [gguf.TokenType.UNUSED] * 6
+    writer = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")
+    writer.add_block_count(1)
+    write_vocab(writer, vocab, tok)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    llm = load(tmp_path / "v.gguf", 64, vocab_only=True)
+    for text in RUNNER_CHECK_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
+    check = check_embedded_tokenizer(tmp_path / "v.gguf", tok)
+    assert not check["passed"] and {m["text"][:9] for m in check["mismatches"]} == {"   leadin", "<s> </s> "}, check
