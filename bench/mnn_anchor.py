@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.quality import MAX_SEQ_LEN, anchor_perplexity
 from bench.real_model import DEFAULT_OUT, build
-from bench.run import ROOT, edgepack_export, git_commit, machine
+from bench.run import ROOT, exported_once, git_commit, machine
 
 
 def converter_only(model_dir: Path, out: Path) -> Path:
@@ -48,14 +48,7 @@ def converter_only(model_dir: Path, out: Path) -> Path:
 
 def run(work: Path) -> dict:
     model_dir = build(ROOT / DEFAULT_OUT)
-    ours = work / "edgepack"
-    manifest_path = ours / "smollm2" / "manifest.json"
-    if not manifest_path.is_file():
-        ours.mkdir(parents=True, exist_ok=True)
-        measured, _, _ = edgepack_export(model_dir, "smollm2", ours, "mnn", MAX_SEQ_LEN, 32, tokenizer=True)
-        if measured.returncode:
-            raise SystemExit(f"edgepack export failed (exit {measured.returncode}); see {measured.log}")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = exported_once(model_dir, "smollm2", work / "edgepack", "mnn", MAX_SEQ_LEN, 32)
     [artifact] = manifest["artifacts"]
     anchor = converter_only(model_dir, work / "converter-only")
     # the same graph signature: the anchor runs through the adapter with edgepack's method description

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.real_model import DEFAULT_OUT, build
-from bench.run import ROOT, edgepack_export, git_commit, machine
+from bench.run import ROOT, exported_once, git_commit, machine
 
 MAX_SEQ_LEN, PROMPT_LEN, DECODE_STEPS, REPEATS = 512, 32, 64, 3
 
@@ -44,12 +44,7 @@ def genai_speed(folder: Path, tokens: Path, work: Path) -> dict:
 def run(work: Path, rounds: int) -> dict:
     hf_dir = build(ROOT / DEFAULT_OUT)
     ours = work / "edgepack"
-    if not (ours / "smollm2" / "manifest.json").is_file():
-        ours.mkdir(parents=True, exist_ok=True)
-        measured, _, _ = edgepack_export(hf_dir, "smollm2", ours, "onnx", MAX_SEQ_LEN, PROMPT_LEN, tokenizer=True)
-        if measured.returncode:
-            raise SystemExit(f"edgepack export failed (exit {measured.returncode}); see {measured.log}")
-    [artifact] = json.loads((ours / "smollm2" / "manifest.json").read_text())["artifacts"]
+    [artifact] = exported_once(hf_dir, "smollm2", ours, "onnx", MAX_SEQ_LEN, PROMPT_LEN)["artifacts"]
     folders = {"edgepack": ours / "smollm2" / "onnx", "builder": builder(hf_dir, work / "builder" / "model")}
     tokens = work / "tokens.npy"
     np.save(tokens, np.random.default_rng(0).integers(3, 49152, size=PROMPT_LEN + DECODE_STEPS).astype(np.int64))

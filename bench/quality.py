@@ -30,7 +30,7 @@ import numpy as np
 from bench.llama_cpp_anchor import MIX, convert_and_quantize
 from bench.models import from_hf_dir
 from bench.real_model import DEFAULT_OUT, build
-from bench.run import ROOT, edgepack_export, export_llm, git_commit, machine, speed
+from bench.run import ROOT, export_llm, exported_once, git_commit, machine, speed
 
 MAX_SEQ_LEN, PROMPT_LEN, DECODE_STEPS, REPEATS = 512, 32, 64, 3
 EXPORT_LLM_ARTIFACT = {"backend": "executorch", "runtime": {"kernel_libraries": ["llm_custom_ops", "quantized"]}}
@@ -87,14 +87,7 @@ def run(work: Path, out_dir: Path) -> dict:
              ["--executorch-grid", "symmetric", "--mixed-precision", "off", "--max-ppl-increase", "1000"]),
             (f"edgepack --gguf-type {MIX}", "edgepack-q4km", "gguf", ["--gguf-type", MIX])):
         out = work / folder
-        manifest_path = out / model.name / "manifest.json"
-        if not manifest_path.is_file():
-            out.mkdir(exist_ok=True)
-            measured, _, _ = edgepack_export(model.hf_dir, model.name, out, targets, MAX_SEQ_LEN, PROMPT_LEN, extra=extra,
-                                             tokenizer=True)
-            if measured.returncode:
-                raise SystemExit(f"edgepack export failed (exit {measured.returncode}); see {measured.log}")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = exported_once(model.hf_dir, model.name, out, targets, MAX_SEQ_LEN, PROMPT_LEN, extra=extra)
         for artifact in sorted(manifest["artifacts"], key=lambda a: a["backend"]):
             backend = artifact["backend"]
             rows.append(row(label, backend, out / model.name / artifact["path"], artifact["bytes"], artifact,

@@ -53,10 +53,12 @@ def _complete(out_dir: Path) -> bool:
     """A directory this front end made: weights, and a tokenizer that splits digits one by one as
     SmolLM2's does (a directory converted before 2026-12-03 has GPT-2's split, which tokenizes
     "\n\n1." differently)."""
+    from edgepack.exporters.pretokenizers import llama_cpp_name
+
     tokenizer = out_dir / "tokenizer.json"
     if not ((out_dir / "model.safetensors").is_file() and tokenizer.is_file()):
         return False
-    return "Digits" in json.dumps(json.loads(tokenizer.read_text(encoding="utf-8")).get("pre_tokenizer"))
+    return llama_cpp_name(json.loads(tokenizer.read_text(encoding="utf-8")).get("pre_tokenizer")) == "smollm"
 
 
 def build(out_dir: Path = DEFAULT_OUT) -> Path:

@@ -80,6 +80,7 @@ def edgepack_export(hf_dir: Path, name: str, out: Path, targets: str, max_seq_le
                     extra: list[str] | tuple = (), tokenizer: bool = False) -> tuple[Measured, dict, dict]:
     """`edgepack export` of the model in `hf_dir` as a user runs it (lowering, packaging and its own
     smoke test included), bundle `name`; without the tokenizer unless asked (the quality stage needs it)."""
+    out.mkdir(parents=True, exist_ok=True)  # its log goes there too
     cmd = [sys.executable, "-m", "edgepack", "export", str(hf_dir), "--target", targets, "--out", str(out),
            "--name", name, "--max-seq-len", str(max_seq_len), "--json", *extra]
     if not tokenizer:
@@ -91,6 +92,19 @@ def edgepack_export(hf_dir: Path, name: str, out: Path, targets: str, max_seq_le
     written = out / name / "manifest.json"  # absent when the export failed
     manifest = json.loads(written.read_text()) if written.is_file() else {}
     return measured, summary, manifest
+
+
+def exported_once(hf_dir: Path, name: str, out: Path, targets: str, max_seq_len: int, prompt_len: int, *,
+                  extra: list[str] | tuple = ()) -> dict:
+    """The manifest of a tokenizer-bearing export into `out`/`name`, exported only when it is not
+    there yet (a rerun with the same --work measures the finished export again); a failed export
+    stops the bench."""
+    manifest = out / name / "manifest.json"
+    if not manifest.is_file():
+        measured, _, _ = edgepack_export(hf_dir, name, out, targets, max_seq_len, prompt_len, extra=extra, tokenizer=True)
+        if measured.returncode:
+            raise SystemExit(f"edgepack export failed (exit {measured.returncode}); see {measured.log}")
+    return json.loads(manifest.read_text())
 
 
 def _last_json(log: Path) -> dict:
@@ -115,7 +129,6 @@ def litertlm_engine(work: Path, max_seq_len: int, prompt_len: int, repeats: int,
     bundle's engine check decodes greedily from a text prompt, which random weights cannot pass.
     Its decode speed is set beside ExecuTorch's (`executorch_decode`, S135 in this run)."""
     name, out = REAL_MODEL.name, work / "litertlm"
-    out.mkdir(exist_ok=True)
     measured, summary, manifest = edgepack_export(ROOT / REAL_MODEL, name, out, "tflite", max_seq_len, prompt_len,
                                                   tokenizer=True, extra=["--tflite-bundle", "litertlm"])
     bundle, engine_check = out / name, "pass"
@@ -263,7 +276,6 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool, engine: bo
 
     ref_dir, ep_dir = work / "export_llm", work / "edgepack"
     ref_dir.mkdir(exist_ok=True)
-    ep_dir.mkdir(exist_ok=True)
     ref_export, ref_pte = export_llm(model, ref_dir, max_seq_len)
     if ref_export.returncode:
         raise SystemExit(f"export_llm failed (exit {ref_export.returncode}); see {ref_export.log}")
@@ -292,7 +304,6 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool, engine: bo
     others = {}
     if other_backends:
         other_dir = work / "edgepack-others"
-        other_dir.mkdir(exist_ok=True)
         measured, summary, manifest = edgepack_export(model.hf_dir, model.name, other_dir, "tflite,coreml,onnx",
                                                       max_seq_len, prompt_len)
         stages = {s["name"]: s["seconds"] for s in summary.get("stages", [])}

@@ -53,12 +53,13 @@ def measure(backend: str, path: Path, artifact: dict, tokens: np.ndarray, prompt
     }
 
 
-def measure_litertlm(path: Path, prompt_len: int, steps: int, repeats: int) -> dict:
+def measure_litertlm(path: Path, tokens: np.ndarray, prompt_len: int, repeats: int) -> dict:
     import tempfile
 
     import litert_lm
     from litert_lm import interfaces
 
+    steps = len(tokens) - prompt_len
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     runs = []
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-litertlm-") as cache:  # its compiled weight cache
@@ -97,11 +98,14 @@ def measure_genai(folder: Path, tokens: np.ndarray, prompt_len: int, repeats: in
     return {"prefill_tokens_per_s": [prompt_len / s for s in prefill_s], "decode_tokens_per_s": [steps / s for s in decode_s]}
 
 
+# runtimes measured through their own loops, which give speeds and no logits
+SPEEDS_ONLY = {"litertlm": measure_litertlm, "genai": measure_genai}
+
+
 def main(argv: list[str]) -> None:
     backend, path, artifact_json, tokens, prompt_len, repeats, out = argv
-    if backend in ("litertlm", "genai"):
-        result = (measure_litertlm(Path(path), int(prompt_len), len(np.load(tokens)) - int(prompt_len), int(repeats))
-                  if backend == "litertlm" else measure_genai(Path(path), np.load(tokens), int(prompt_len), int(repeats)))
+    if backend in SPEEDS_ONLY:
+        result = SPEEDS_ONLY[backend](Path(path), np.load(tokens), int(prompt_len), int(repeats))
         np.savez(out, **{k: np.array(v) for k, v in result.items()})
         return
     result = measure(backend, Path(path), json.loads(artifact_json), np.load(tokens), int(prompt_len), int(repeats))

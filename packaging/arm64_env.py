@@ -344,7 +344,7 @@ def _build_runner(root: Path) -> dict:
                     f"-DCMAKE_TOOLCHAIN_FILE={cross.toolchain}", f"-D{RUNNER_DIST}_DIR={runtime / 'lib' / 'cmake' / RUNNER_DIST}",
                     f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={runtime / 'bin'}"], env=env)
     _run("runner", [cmake, "--build", str(build), "-j", str(cross.jobs)], env=env)
-    gxx = root / "cross" / "usr" / "bin" / "aarch64-linux-gnu-g++"
+    gxx = _cross_compiler(root)  # unpacked already: returns its path
     compiler = _run("runner", [str(gxx), "-dumpfullversion"], env=env).strip()
     shutil.rmtree(build)
     return {"source": _runner_digest(), "wheel": (runtime / "wheel.txt").read_text().strip(),

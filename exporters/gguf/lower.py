@@ -195,17 +195,11 @@ def _gguf_type(options: Options, wq: WeightQuant | None) -> str:
     return "Q8_0" if wq.bits == 8 else options.type
 
 
-def _to_file(work: _Work, name: str, values: np.ndarray) -> np.ndarray:
-    for relayout in work.arch.relayouts:
+def _relayout(work: _Work, name: str, values: np.ndarray, *, back: bool = False) -> np.ndarray:
+    """Parameter `name`'s values in the file's layout, or `back` in Hugging Face's (the steps undone in reverse)."""
+    for relayout in reversed(work.arch.relayouts) if back else work.arch.relayouts:
         if name.endswith(relayout.suffixes):
-            values = relayout.to_file(values, name, work.captured.loaded.facts)
-    return values
-
-
-def _from_file(work: _Work, name: str, values: np.ndarray) -> np.ndarray:
-    for relayout in reversed(work.arch.relayouts):
-        if name.endswith(relayout.suffixes):
-            values = relayout.back(values, name, work.captured.loaded.facts)
+            values = (relayout.back if back else relayout.to_file)(values, name, work.captured.loaded.facts)
     return values
 
 
@@ -237,7 +231,7 @@ def quantize_tensors(work: _Work) -> None:
         seen.add(id(param))
         weight = param.detach().float().numpy()
         kind = _gguf_type(work.options, layers.get(f"model.{name.rsplit('.', 1)[0]}") if weight.ndim == 2 else None)
-        data = _to_file(work, name, weight)
+        data = _relayout(work, name, weight)
         if kind == "F32":
             work.stored[name] = torch.from_numpy(weight)  # read only: record_reference copies it into its own model
         else:
@@ -245,7 +239,7 @@ def quantize_tensors(work: _Work) -> None:
                 raise InputError(f"gguf: {name} rows of {data.shape[-1]} do not split into blocks of {BLOCK}")
             qtype = getattr(gguf.GGMLQuantizationType, kind)
             data = gguf.quants.quantize(data, qtype)
-            work.stored[name] = torch.from_numpy(_from_file(work, name, gguf.quants.dequantize(data, qtype).astype(np.float32)))
+            work.stored[name] = torch.from_numpy(_relayout(work, name, gguf.quants.dequantize(data, qtype).astype(np.float32), back=True))
         work.tensors.append((target, np.ascontiguousarray(data), kind))
         work.hf_names[target] = name
 
@@ -339,7 +333,7 @@ def quantize_with_llama_cpp(work: _Work) -> None:
     for t in gguf.GGUFReader(mixed).tensors:
         name = work.hf_names[t.name]
         values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        values = _from_file(work, name, values.reshape([int(d) for d in reversed(t.shape)]))
+        values = _relayout(work, name, values.reshape([int(d) for d in reversed(t.shape)]), back=True)
         work.tensors.append((t.name, t.data, t.tensor_type.name))
         work.stored[name] = torch.from_numpy(values)
 

@@ -3,8 +3,8 @@ file, laid out as a Hugging Face directory) exported through the CLI: each artif
 teacher-forced smoke, and the summary, `inspect` and the manifest show its perplexity on the
 built-in evaluation text against fp32, measured through its own runtime.
 
-GGUF runs in `make test`, exported from the package's .gguf file itself (the GGUF front end); (7.8 minutes beside a coverage row on the other worker, measured
-2026-12-01); every backend at once (ExecuTorch's lowering alone takes 6 minutes, TFLite's about 3)
+GGUF runs in `make test`, exported from the package's .gguf file itself through the GGUF front end
+(7.8 minutes beside a coverage row on the other worker, measured 2026-12-01); every backend at once (ExecuTorch's lowering alone takes 6 minutes, TFLite's about 3)
 runs with `make test-extended`: with them in `make test`, CI ran past its 45-minute budget."""
 
 from __future__ import annotations
