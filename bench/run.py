@@ -122,12 +122,14 @@ def speed(backend: str, path: Path, artifact: dict, tokens: Path, prompt_len: in
     return {k: data[k] for k in data.files}
 
 
-def litertlm_engine(work: Path, max_seq_len: int, prompt_len: int, repeats: int, executorch_decode: float) -> dict:
+def litertlm_engine(work: Path, tokens: Path, max_seq_len: int, prompt_len: int, repeats: int,
+                    executorch_decode: float) -> dict:
     """The .litertlm on the LiteRT-LM engine (what Android apps embed), for the same shape as S135:
     the real SmolLM2-135M-Instruct (make real-model) with the default precision plan (5.0 bits a
     weight: all int4 fails the default quality gate on it, +63 %). A real model, because the
     bundle's engine check decodes greedily from a text prompt, which random weights cannot pass.
-    Its decode speed is set beside ExecuTorch's (`executorch_decode`, S135 in this run)."""
+    Its decode speed is set beside ExecuTorch's (`executorch_decode`, S135 in this run); `tokens`
+    (the run's prompt and decode tokens, .npy) sets how many it prefills and decodes."""
     name, out = REAL_MODEL.name, work / "litertlm"
     measured, summary, manifest = edgepack_export(ROOT / REAL_MODEL, name, out, "tflite", max_seq_len, prompt_len,
                                                   tokenizer=True, extra=["--tflite-bundle", "litertlm"])
@@ -146,7 +148,7 @@ def litertlm_engine(work: Path, max_seq_len: int, prompt_len: int, repeats: int,
         manifest, engine_check = json.loads((bundle / "manifest.json").read_text()), "FAIL: " + "; ".join(failures)
     [artifact] = manifest["artifacts"]
     path = bundle / artifact["runtime"]["litertlm"]
-    engine = speed("litertlm", path, {}, work / "tokens.npy", prompt_len, repeats, work)
+    engine = speed("litertlm", path, {}, tokens, prompt_len, repeats, work)
     decode = float(np.median(engine["decode_tokens_per_s"]))
     return {"model": name, "bytes": path.stat().st_size, "engine_check": engine_check,
             "prefill_tokens_per_s": float(np.median(engine["prefill_tokens_per_s"])), "decode_tokens_per_s": decode,
@@ -318,8 +320,8 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool, engine: bo
         others["export_exit_code"] = measured.returncode
         others["export_peak_rss_bytes"] = measured.peak_rss_bytes
         if engine:
-            others["tflite (LiteRT-LM engine)"] = litertlm_engine(work, max_seq_len, prompt_len, repeats,
-                                                                 results["edgepack"]["decode_tokens_per_s"])
+            others["tflite (LiteRT-LM engine)"] = litertlm_engine(work, work / "tokens.npy", max_seq_len, prompt_len,
+                                                                 repeats, results["edgepack"]["decode_tokens_per_s"])
 
     report = {
         "model": {"name": model.name, "params_tied_once": model.n_params, "embedding_params": model.embedding_params,

@@ -55,9 +55,13 @@ def test_litertlm_engine_row(tmp_path):
     """The .tflite in the engine Android apps embed (the real SmolLM2-135M with a .litertlm): its
     speed through the engine's own Benchmark, beside a given ExecuTorch decode speed, and the
     engine's own greedy check reported with it, never dropped (it can fail on this model)."""
+    import numpy as np
+
     from bench.run import litertlm_engine
 
-    engine = litertlm_engine(tmp_path, 512, 32, 3, executorch_decode=100.0)
+    tokens = tmp_path / "tokens.npy"  # a 32-token prompt and 64 decode steps, as make bench's run
+    np.save(tokens, np.random.default_rng(0).integers(3, 49152, size=96).astype(np.int64))
+    engine = litertlm_engine(tmp_path, tokens, 512, 32, 3, executorch_decode=100.0)
     assert engine["decode_tokens_per_s"] > 0 and len(engine["decode_tokens_per_s_runs"]) == 3
     assert engine["decode_vs_executorch"] == round(engine["decode_tokens_per_s"] / 100.0, 3)
     assert engine["engine_check"] == "pass" or engine["engine_check"].startswith("FAIL: the engine"), engine
