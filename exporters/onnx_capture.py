@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ class OnnxSignature:
     methods: tuple[MethodSpec, ...]
 
 
-def _decoder_signature(captured: CapturedModel, model: nn.Module) -> OnnxSignature:
+def _decoder_signature(captured: CapturedModel, model: nn.Module, decoder: type[nn.Module]) -> OnnxSignature:
     facts, max_seq_len = captured.loaded.facts, captured.llm_metadata["get_max_seq_len"]
     # The example: 3 new tokens after a past of at least 2 (torch.export specializes lengths 0 and
     # 1). With a sliding window shorter than the cache, past + 3 exceeds the window, so the trace
@@ -102,7 +102,7 @@ def _decoder_signature(captured: CapturedModel, model: nn.Module) -> OnnxSignatu
                       "total_sequence_length": (1, max_seq_len)},
     )
     return OnnxSignature(
-        PastPresentDecoder(model, facts).eval(),
+        decoder(model, facts).eval(),
         (torch.zeros(1, 3, dtype=torch.int64), torch.arange(past_len, past_len + 3).unsqueeze(0)),
         {"past": past},
         {"input_ids": {1: seq}, "position_ids": {1: seq}, "past": {k: {2: past_dim} for k in past}},
@@ -117,21 +117,23 @@ def _module_signature(captured: CapturedModel, model: nn.Module) -> OnnxSignatur
                          [t.name for t in method.inputs], [t.name for t in method.outputs], (method,))
 
 
-def onnx_signature(captured: CapturedModel, model: nn.Module | None = None) -> OnnxSignature:
+def onnx_signature(captured: CapturedModel, model: nn.Module | None = None, *,
+                   decoder: type[nn.Module] = PastPresentDecoder) -> OnnxSignature:
     """How `model` (the captured model, or a copy of it holding other weights) is exported: for
-    decoder LMs the model under `captured.loaded.module`'s architecture, wrapped in the KV-cache
-    convention above; otherwise the captured module's own signature."""
+    decoder LMs the model under `captured.loaded.module`'s architecture, wrapped by `decoder` in
+    the KV-cache convention above; otherwise the captured module's own signature."""
     if captured.loaded.task == "causal-lm":
-        return _decoder_signature(captured, captured.loaded.module if model is None else model)
+        return _decoder_signature(captured, captured.loaded.module if model is None else model, decoder)
     return _module_signature(captured, captured.module if model is None else model)
 
 
-def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: int):
+def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: int, *,
+                attention: Callable[[nn.Module], ContextManager] = grouped_query_attention):
     """torch.onnx.export (dynamo) of the signature's module: the onnx.ModelProto, its I/O named as
-    the signature says. `attention_module` is the model whose attention is written as grouped
-    query attention while it is traced."""
+    the signature says. `attention_module` is the model whose attention is written as `attention`
+    says while it is traced (by default grouped query attention in plain ops)."""
     # its progress lines go to stderr (stdout is for --json)
-    with grouped_query_attention(attention_module), contextlib.redirect_stdout(sys.stderr):
+    with attention(attention_module), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(signature.module, signature.args, kwargs=signature.kwargs or None, dynamo=True,
                                     dynamic_shapes=signature.dynamic_shapes, input_names=signature.input_names,
                                     output_names=signature.output_names, opset_version=opset, verbose=False)

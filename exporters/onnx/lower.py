@@ -19,11 +19,13 @@ from torch import nn
 
 from edgepack import __version__
 from edgepack.errors import InputError
+from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.exporters.onnx import BACKEND
 from edgepack.exporters.onnx import graph as onnx_graph
 from edgepack.exporters.onnx import metadata as onnx_metadata
+from edgepack.exporters.onnx.group_query_attention import GroupQueryAttentionDecoder, fused_attention
 from edgepack.exporters.onnx.options import Options
 from edgepack.exporters.onnx_capture import (
     PAST,
@@ -148,7 +150,7 @@ def check_scheme(work: _Work) -> None:
 
 def build_signature(work: _Work) -> None:
     check_scheme(work)
-    work.signature = onnx_signature(work.captured)
+    work.signature = onnx_signature(work.captured, decoder=GroupQueryAttentionDecoder)
 
 
 def _int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -206,7 +208,9 @@ def record_reference(work: _Work) -> None:
 def export(work: _Work) -> None:
     import onnx
 
-    model = export_onnx(work.signature, work.captured.loaded.module, OPSET)
+    # A decoder's attention is ONNX Runtime's fused GroupQueryAttention (one node a layer).
+    attention = fused_attention if work.captured.loaded.task == "causal-lm" else grouped_query_attention
+    model = export_onnx(work.signature, work.captured.loaded.module, OPSET, attention=attention)
     linear_classes = class_names(work.signature.module, nn.Linear)
     embedding_classes = class_names(work.signature.module, nn.Embedding)
     work.counts["transposes_folded"] = onnx_graph.fold_weight_transposes(model)
@@ -278,7 +282,7 @@ def quantize(work: _Work) -> None:
     work.counts["tied_tables_shared"] = shared + onnx_graph.share_tied_tables(work.model)
     counts = onnx_graph.op_counts(work.model)
     work.counts.update(matmul_nbits=counts.get("MatMulNBits", 0), gather_block_quantized=counts.get("GatherBlockQuantized", 0),
-                       bits=onnx_graph.quantized_op_bits(work.model))
+                       group_query_attention=counts.get("GroupQueryAttention", 0), bits=onnx_graph.quantized_op_bits(work.model))
     if work.counts["matmul_nbits"] != len(linear):
         raise RuntimeError(f"{len(linear)} linear MatMuls but {work.counts['matmul_nbits']} became MatMulNBits")
 

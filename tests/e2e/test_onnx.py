@@ -166,6 +166,14 @@ def test_graph_has_genai_io_and_every_linear_layer_is_matmulnbits(onnx_export, l
     assert constant and all(np.isin(c, (0, 1)).all() or c.dtype == np.float16 for c in constant)
     assert all(a["accuracy_level"] == 4 and a["bits"] == 4 and a["block_size"] == 32
                for n in model.graph.node if n.op_type == "MatMulNBits" for a in [_attrs(n)])
+    # Each layer's attention is one fused GroupQueryAttention reading its past and writing its
+    # present (no Concat of the cache, no Softmax left in the graph).
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [(n.domain, n.input[3], n.input[4], n.output[1], n.output[2]) for n in attention] == [
+        ("com.microsoft", f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key",
+         f"present.{i}.value") for i in range(2)]
+    assert "Softmax" not in ops
+    assert read_manifest(bundle)["artifacts"][0]["runtime"]["graph"]["group_query_attention"] == 2
 
 
 def _tied_table_read_once(model) -> None:

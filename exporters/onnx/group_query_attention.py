@@ -1,0 +1,214 @@
+"""A decoder's attention as ONNX Runtime's fused GroupQueryAttention (com.microsoft), the op
+onnxruntime-genai's own model builder emits: one node per layer appends the new keys and values
+to the past, applies the causal (and sliding-window) mask, the soft-cap and the softmax, and
+reads each KV head in place for its group of query heads. Written out in plain ONNX ops the same
+layer is about 15 nodes (concatenations, transposes, two matmuls, the mask), and at a decode step
+of a small model it is the per-node overhead, not the arithmetic, that costs: on the real
+SmolLM2-135M plain attention decoded at 0.6x the builder's model (bench.ort_genai_anchor).
+
+How: while the decoder is traced, transformers' attention of every layer calls
+group_query_attention, which torch.onnx.export records as the fused node
+(torch.onnx.ops.symbolic_multi_out) and which runs the same arithmetic in torch otherwise. The layer's past comes from the graph's inputs and its
+present goes to the graph's outputs through `_Step`, since transformers hands the attention
+function only the cache's return value."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from edgepack.exporters.decoder import ExplicitCacheLM
+from edgepack.stages import ModelFacts
+
+NAME = "edgepack_ort_group_query"
+NO_WINDOW = -1  # GroupQueryAttention's local_window_size when every past key is visible
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding transformers' Llama-style families apply (halves rotated, not
+    interleaved): x [1, N, T, D], cos/sin [1, T, R] with their two halves equal, rotating the
+    first R features of each head (all of them but for partial rotary)."""
+    width = cos.shape[-1]
+    part, rest, half = x[..., :width], x[..., width:], width // 2
+    turned = part * cos.unsqueeze(1) + torch.cat([-part[..., half:], part[..., :half]], dim=-1) * sin.unsqueeze(1)
+    return torch.cat([turned, rest], dim=-1)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+            past_value: torch.Tensor, scale: float, softcap: float, window: int,
+            rotary: tuple[torch.Tensor, torch.Tensor] | None):
+    """GroupQueryAttention's arithmetic in torch, for runs outside the ONNX export. query
+    [1, heads, T, D], key/value [1, kv_heads, T, D] (the new tokens), past_key/value
+    [1, kv_heads, P, D] -> (out [1, T, heads * D], present key, present value [1, kv_heads, P + T, D]).
+    The new query and key are first rotated by `rotary` (cos, sin [1, T, D]) when given. Query t
+    sits at position P + t and sees key j when j <= P + t and, with a window, P + t - j < window;
+    scores are soft-capped (softcap > 0) before the softmax."""
+    if rotary is not None:
+        query, key = rotate(query, *rotary), rotate(key, *rotary)
+    present_key, present_value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+    batch, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    scores = torch.matmul(query, present_key.repeat_interleave(groups, dim=1).transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    total = present_key.shape[2]
+    offsets = torch.arange(total - length, total).unsqueeze(1) - torch.arange(total).unsqueeze(0)
+    visible = (offsets >= 0) & (offsets < window) if window > 0 else offsets >= 0
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    out = torch.matmul(probs, present_value.repeat_interleave(groups, dim=1))
+    return out.transpose(1, 2).reshape(batch, length, heads * dim), present_key, present_value
+
+
+def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                          past_value: torch.Tensor, scale: float, softcap: float, window: int,
+                          rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """_attend's arguments and results; under torch.onnx.export one com.microsoft node, with the
+    lengths it wants from the shapes (seqlens_k: total - 1 per batch row, and the total, int32).
+    The op rotates by position ids into cos/sin tables of at least total rows: here this call's
+    own cos/sin rows (what the model's rotary module computed for these tokens, whatever its
+    scaling), padded to the total, read at 0 .. T - 1."""
+    if not torch.onnx.is_in_onnx_export():
+        return _attend(query, key, value, past_key, past_value, scale, softcap, window, rotary)
+    batch, heads, length, dim = query.shape
+    kv_heads, total = key.shape[1], past_key.shape[2] + length
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [1, N, T, D] -> [1, T, N * D]
+        return x.transpose(1, 2).reshape(batch, length, -1)
+
+    def table(x: torch.Tensor) -> torch.Tensor:  # [1, T, D] -> [P + T, D / 2]
+        return torch.cat([x[0, :, :dim // 2], x.new_zeros(past_key.shape[2], dim // 2)])
+
+    seqlens = torch.full((batch,), total - 1, dtype=torch.int32)
+    total_length = torch.full((), total, dtype=torch.int32)
+    inputs = [rows(query), rows(key), rows(value), past_key, past_value, seqlens, total_length]
+    if rotary is not None:
+        inputs += [table(rotary[0]), table(rotary[1]), torch.arange(length).unsqueeze(0)]
+    present = (batch, kv_heads, total, dim)
+    return torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::GroupQueryAttention", inputs,
+        {"num_heads": heads, "kv_num_heads": kv_heads, "scale": scale, "softcap": softcap,
+         "local_window_size": window, "do_rotary": int(rotary is not None), "rotary_interleaved": 0},
+        dtypes=(query.dtype, key.dtype, value.dtype), shapes=((batch, length, heads * dim), present, present), version=1)
+
+
+@dataclass
+class _Step:
+    """One call's caches: the past by layer (graph inputs) and the present the op returns; and
+    the rotary cos/sin a layer deferred to the op (set by _deferred_rotary, taken by _attention)."""
+
+    past: dict[str, torch.Tensor]
+    windows: list[int]
+    present: dict[str, torch.Tensor] = field(default_factory=dict)
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+_STEP: contextvars.ContextVar[_Step] = contextvars.ContextVar("edgepack_gqa_step")
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+               scaling: float | None = None, dropout: float = 0.0, softcap: float | None = None, **_):
+    """transformers' attention function: key/value are the layer's new tokens (the cache's update
+    returns them as they are); returns [1, T, heads, D] as transformers' implementations do."""
+    step, index = _STEP.get(), module.layer_idx
+    rotary, step.rotary = step.rotary, None
+    dim = query.shape[-1]
+    if rotary is not None and rotary[0].shape[-1] != dim:  # partial rotary: the op is not asked to
+        query, key, rotary = rotate(query, *rotary), rotate(key, *rotary), None
+    out, step.present[f"k_{index}"], step.present[f"v_{index}"] = group_query_attention(
+        query, key, value, step.past[f"k_{index}"], step.past[f"v_{index}"],
+        dim ** -0.5 if scaling is None else scaling, softcap or 0.0, step.windows[index], rotary)
+    return out.reshape(*out.shape[:2], -1, dim), None
+
+
+def _deferred_rotary(original):
+    """A family's apply_rotary_pos_emb(q, k, cos, sin) that leaves q and k as they are and hands
+    cos and sin to the layer's fused attention, where the rotation happens; the original where
+    the rotary covers only part of the features it is given."""
+    def apply(q, k, cos, sin, *args, **kwargs):
+        step = _STEP.get(None)
+        if step is None or cos.shape[-1] != q.shape[-1] or cos.dim() != 3 or args or kwargs:
+            return original(q, k, cos, sin, *args, **kwargs)
+        step.rotary = (cos, sin)
+        return q, k
+    return apply
+
+
+def _rotates_halves(apply_rotary_pos_emb) -> bool:
+    """Whether a family's apply_rotary_pos_emb is `rotate` (the form the op computes), tried on
+    random values: families with interleaved or partial rotary keep theirs."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 3, 8, generator=generator), torch.randn(1, 2, 3, 8, generator=generator)
+    angles = torch.randn(1, 3, 4, generator=generator).repeat(1, 1, 2)
+    try:
+        out_q, out_k = apply_rotary_pos_emb(q, k, angles.cos(), angles.sin())
+    except (TypeError, RuntimeError):
+        return False
+    return all(torch.allclose(out, rotate(x, angles.cos(), angles.sin()), atol=1e-6) for out, x in ((out_q, q), (out_k, k)))
+
+
+def layer_windows(facts: ModelFacts) -> list[int]:
+    """Each layer's window as attention_masks applies it (the sliding window on sliding layers,
+    or on every layer of a model without layer types)."""
+    window = facts.sliding_window or NO_WINDOW
+    if facts.layer_types is None:
+        return [window] * facts.n_layers
+    return [window if kind == "sliding_attention" else NO_WINDOW for kind in facts.layer_types]
+
+
+def _new_tokens(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """The cache update the attention op expects: the op appends the new tokens to the past itself."""
+    return new
+
+
+class GroupQueryAttentionDecoder(nn.Module):
+    """PastPresentDecoder's calling convention (onnx_capture) with each layer's attention and cache
+    growth done by the fused op."""
+
+    def __init__(self, model: nn.Module, facts: ModelFacts):
+        super().__init__()
+        self.model = model
+        self.facts = facts
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: dict[str, torch.Tensor]):
+        step = _Step(past, layer_windows(self.facts))
+        token = _STEP.set(step)
+        try:
+            total = past["k_0"].shape[2] + input_ids.shape[1]
+            out = ExplicitCacheLM(self.model, self.facts, total, _new_tokens)(input_ids, position_ids[0], past)
+        finally:
+            _STEP.reset(token)
+        missing = [f"{kind}_{i}" for i in range(self.facts.n_layers) for kind in "kv" if f"{kind}_{i}" not in step.present]
+        if missing:
+            raise RuntimeError(f"{type(self.model).__name__}'s layers {missing[:4]} did not call transformers' "
+                               "attention interface; their attention cannot be fused")
+        return (out["logits"], *(step.present[f"{kind}_{i}"] for i in range(self.facts.n_layers) for kind in "kv"))
+
+
+@contextlib.contextmanager
+def fused_attention(model: nn.Module) -> Iterator[None]:
+    """While inside, `model` (a transformers model) runs its attention through the fused op, which
+    also applies the rotary embedding where the family's is the halves-rotated kind."""
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, eager_mask)
+    config = model.config
+    saved = config._attn_implementation
+    families = {sys.modules[type(m).__module__] for m in model.modules() if hasattr(m, "layer_idx")}
+    deferred = {family: family.apply_rotary_pos_emb for family in families
+                if _rotates_halves(getattr(family, "apply_rotary_pos_emb", None))}
+    config._attn_implementation = NAME
+    for family, original in deferred.items():
+        family.apply_rotary_pos_emb = _deferred_rotary(original)
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+        for family, original in deferred.items():
+            family.apply_rotary_pos_emb = original
