@@ -8,9 +8,9 @@ SmolLM2-135M plain attention decoded at 0.6x the builder's model (bench.ort_gena
 
 How: while the decoder is traced, transformers' attention of every layer calls
 group_query_attention, which torch.onnx.export records as the fused node
-(torch.onnx.ops.symbolic_multi_out) and which runs the same arithmetic in torch otherwise. The layer's past comes from the graph's inputs and its
-present goes to the graph's outputs through `_Step`, since transformers hands the attention
-function only the cache's return value."""
+(torch.onnx.ops.symbolic_multi_out) and which runs the same arithmetic in torch otherwise. The
+layer's past comes from the graph's inputs and its present goes to the graph's outputs through
+`_Step`, since transformers hands the attention function only the cache's return value."""
 
 from __future__ import annotations
 
