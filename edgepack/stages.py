@@ -36,6 +36,13 @@ class ModelFacts:
     layer_types: tuple[str, ...] | None = None
     rope: dict | None = None  # the config's rope parameters as given (type, theta, scaling), None for learned positions
 
+    def sliding_layers(self) -> list[bool]:
+        """Which layers the sliding window bounds: layer_types' sliding ones, or every layer when
+        the config has a window but no layer_types."""
+        if self.layer_types:
+            return [kind == "sliding_attention" for kind in self.layer_types]
+        return [self.sliding_window is not None] * self.n_layers
+
 
 @dataclass(frozen=True)
 class TokenizerFacts:

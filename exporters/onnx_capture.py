@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,13 +127,12 @@ def onnx_signature(captured: CapturedModel, model: nn.Module | None = None, *,
     return _module_signature(captured, captured.module if model is None else model)
 
 
-def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: int, *,
-                attention: Callable[[nn.Module], ContextManager] = grouped_query_attention):
+def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: int):
     """torch.onnx.export (dynamo) of the signature's module: the onnx.ModelProto, its I/O named as
-    the signature says. `attention_module` is the model whose attention is written as `attention`
-    says while it is traced (by default grouped query attention in plain ops)."""
+    the signature says. `attention_module` is the model whose attention is written as grouped
+    query attention while it is traced (a decoder wrapper may write it otherwise for its call)."""
     # its progress lines go to stderr (stdout is for --json)
-    with attention(attention_module), contextlib.redirect_stdout(sys.stderr):
+    with grouped_query_attention(attention_module), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(signature.module, signature.args, kwargs=signature.kwargs or None, dynamo=True,
                                     dynamic_shapes=signature.dynamic_shapes, input_names=signature.input_names,
                                     output_names=signature.output_names, opset_version=opset, verbose=False)

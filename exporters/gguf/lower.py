@@ -115,14 +115,6 @@ def _ropes(facts: ModelFacts) -> dict[str | None, dict]:
     return {kind: p for kind, p in rope.items() if isinstance(p, dict)} or {None: rope}
 
 
-def _sliding_layers(facts: ModelFacts) -> list[bool]:
-    """The sliding layers as the reference takes them (their masks, Gemma 3's local rope):
-    layer_types' sliding ones, or every layer when the config has a window but no layer_types."""
-    if facts.layer_types:
-        return [kind == "sliding_attention" for kind in facts.layer_types]
-    return [facts.sliding_window is not None] * facts.n_layers
-
-
 def refusal(loaded, quant: QuantSpec) -> str | None:
     """Why this backend cannot take `loaded` at `quant`, or None."""
     reason = _shape_refusal(loaded, quant)
@@ -148,7 +140,7 @@ def _shape_refusal(loaded, quant: QuantSpec) -> str | None:
             return (f"rope type {rope['rope_type']!r}{f' on {kind} layers' if kind else ''} is not written to GGUF yet "
                     "(default rope only)")
     window = facts.sliding_window
-    if window is not None and window < facts.max_positions and any(_sliding_layers(facts)) and not arch.sliding_window:
+    if window is not None and window < facts.max_positions and any(facts.sliding_layers()) and not arch.sliding_window:
         return (f"llama.cpp's {arch.name} graph has no sliding window, and this model's layers attend only to the "
                 f"last {window} of its {facts.max_positions} positions")
     for name, (what, _) in SOFT_CAPS.items():
@@ -283,7 +275,7 @@ def write_file(work: _Work) -> None:
     else:
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     if arch.sliding_window:
-        writer.add_sliding_window_pattern(_sliding_layers(facts))
+        writer.add_sliding_window_pattern(facts.sliding_layers())
         # no window: one spanning the context, so sliding layers keep their own rope base
         writer.add_sliding_window(facts.sliding_window or facts.max_positions)
         if "sliding_attention" in ropes:

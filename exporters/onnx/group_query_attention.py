@@ -155,12 +155,8 @@ def _rotates_halves(apply_rotary_pos_emb) -> bool:
 
 
 def layer_windows(facts: ModelFacts) -> list[int]:
-    """Each layer's window as attention_masks applies it (the sliding window on sliding layers,
-    or on every layer of a model without layer types)."""
-    window = facts.sliding_window or NO_WINDOW
-    if facts.layer_types is None:
-        return [window] * facts.n_layers
-    return [window if kind == "sliding_attention" else NO_WINDOW for kind in facts.layer_types]
+    """Each layer's local_window_size: the sliding window on the layers it bounds."""
+    return [facts.sliding_window if sliding else NO_WINDOW for sliding in facts.sliding_layers()]
 
 
 def _new_tokens(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -170,19 +166,23 @@ def _new_tokens(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor)
 
 class GroupQueryAttentionDecoder(nn.Module):
     """PastPresentDecoder's calling convention (onnx_capture) with each layer's attention and cache
-    growth done by the fused op."""
+    growth done by the fused op (fused_attention is entered for the call, inside whatever
+    attention the export set up)."""
 
     def __init__(self, model: nn.Module, facts: ModelFacts):
         super().__init__()
         self.model = model
         self.facts = facts
+        # Found here, not in forward: the check runs torch ops that a trace must not see.
+        self.rotary_families = halves_rotating_families(model)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: dict[str, torch.Tensor]):
         step = _Step(past, layer_windows(self.facts))
         token = _STEP.set(step)
         try:
             total = past["k_0"].shape[2] + input_ids.shape[1]
-            out = ExplicitCacheLM(self.model, self.facts, total, _new_tokens)(input_ids, position_ids[0], past)
+            with fused_attention(self.model, self.rotary_families):
+                out = ExplicitCacheLM(self.model, self.facts, total, _new_tokens)(input_ids, position_ids[0], past)
         finally:
             _STEP.reset(token)
         missing = [f"{kind}_{i}" for i in range(self.facts.n_layers) for kind in "kv" if f"{kind}_{i}" not in step.present]
@@ -192,17 +192,22 @@ class GroupQueryAttentionDecoder(nn.Module):
         return (out["logits"], *(step.present[f"{kind}_{i}"] for i in range(self.facts.n_layers) for kind in "kv"))
 
 
+def halves_rotating_families(model: nn.Module) -> list:
+    """The modeling modules of `model`'s attention layers whose apply_rotary_pos_emb is the
+    halves-rotated kind the op computes."""
+    families = {sys.modules[type(m).__module__] for m in model.modules() if hasattr(m, "layer_idx")}
+    return [family for family in families if _rotates_halves(getattr(family, "apply_rotary_pos_emb", None))]
+
+
 @contextlib.contextmanager
-def fused_attention(model: nn.Module) -> Iterator[None]:
+def fused_attention(model: nn.Module, rotary_families: list) -> Iterator[None]:
     """While inside, `model` (a transformers model) runs its attention through the fused op, which
-    also applies the rotary embedding where the family's is the halves-rotated kind."""
+    also applies the rotary embedding of `rotary_families` (halves_rotating_families)."""
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, eager_mask)
     config = model.config
     saved = config._attn_implementation
-    families = {sys.modules[type(m).__module__] for m in model.modules() if hasattr(m, "layer_idx")}
-    deferred = {family: family.apply_rotary_pos_emb for family in families
-                if _rotates_halves(getattr(family, "apply_rotary_pos_emb", None))}
+    deferred = {family: family.apply_rotary_pos_emb for family in rotary_families}
     config._attn_implementation = NAME
     for family, original in deferred.items():
         family.apply_rotary_pos_emb = _deferred_rotary(original)

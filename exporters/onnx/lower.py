@@ -19,13 +19,12 @@ from torch import nn
 
 from edgepack import __version__
 from edgepack.errors import InputError
-from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.exporters.onnx import BACKEND
 from edgepack.exporters.onnx import graph as onnx_graph
 from edgepack.exporters.onnx import metadata as onnx_metadata
-from edgepack.exporters.onnx.group_query_attention import GroupQueryAttentionDecoder, fused_attention
+from edgepack.exporters.onnx.group_query_attention import GroupQueryAttentionDecoder
 from edgepack.exporters.onnx.options import Options
 from edgepack.exporters.onnx_capture import (
     PAST,
@@ -150,6 +149,7 @@ def check_scheme(work: _Work) -> None:
 
 def build_signature(work: _Work) -> None:
     check_scheme(work)
+    # A decoder's attention is ONNX Runtime's fused GroupQueryAttention (one node a layer).
     work.signature = onnx_signature(work.captured, decoder=GroupQueryAttentionDecoder)
 
 
@@ -208,9 +208,7 @@ def record_reference(work: _Work) -> None:
 def export(work: _Work) -> None:
     import onnx
 
-    # A decoder's attention is ONNX Runtime's fused GroupQueryAttention (one node a layer).
-    attention = fused_attention if work.captured.loaded.task == "causal-lm" else grouped_query_attention
-    model = export_onnx(work.signature, work.captured.loaded.module, OPSET, attention=attention)
+    model = export_onnx(work.signature, work.captured.loaded.module, OPSET)
     linear_classes = class_names(work.signature.module, nn.Linear)
     embedding_classes = class_names(work.signature.module, nn.Embedding)
     work.counts["transposes_folded"] = onnx_graph.fold_weight_transposes(model)
