@@ -29,6 +29,7 @@ import numpy as np
 
 from bench.models import BenchModel, build
 from bench.real_model import DEFAULT_OUT as REAL_MODEL
+from edgepack.cache import digest, tool_digest
 from edgepack.cases import CaseOutput, compare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,14 +97,19 @@ def edgepack_export(hf_dir: Path, name: str, out: Path, targets: str, max_seq_le
 
 def exported_once(hf_dir: Path, name: str, out: Path, targets: str, max_seq_len: int, prompt_len: int, *,
                   extra: list[str] | tuple = ()) -> dict:
-    """The manifest of a tokenizer-bearing export into `out`/`name`, exported only when it is not
-    there yet (a rerun with the same --work measures the finished export again); a failed export
+    """The manifest of a tokenizer-bearing export into `out`/`name`, exported unless a finished
+    export of the same model, arguments, edgepack code and library versions is there (a rerun with
+    the same --work measures it again; one made by other code is exported anew); a failed export
     stops the bench."""
-    manifest = out / name / "manifest.json"
-    if not manifest.is_file():
+    manifest, stamp = out / name / "manifest.json", out / f"{name}.key"
+    files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(hf_dir.iterdir()) if p.is_file()]
+    key = digest(str(hf_dir.resolve()), files, targets, max_seq_len, prompt_len, list(extra), tool_digest())
+    if not (manifest.is_file() and stamp.is_file() and stamp.read_text() == key):
+        stamp.unlink(missing_ok=True)
         measured, _, _ = edgepack_export(hf_dir, name, out, targets, max_seq_len, prompt_len, extra=extra, tokenizer=True)
         if measured.returncode:
             raise SystemExit(f"edgepack export failed (exit {measured.returncode}); see {measured.log}")
+        stamp.write_text(key)
     return json.loads(manifest.read_text())
 
 
