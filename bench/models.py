@@ -24,22 +24,26 @@ COMMON = dict(max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000
 class BenchModel:
     name: str
     hf_dir: Path
-    params: Path
-    checkpoint: Path
+    params: Path | None  # export_llm's files, when written
+    checkpoint: Path | None
     n_params: int  # tied weights once
     embedding_params: int
 
 
 def build(out_dir: Path, quick: bool, seed: int = 0) -> BenchModel:
+    return build_shape(out_dir, "s135-quick" if quick else "s135", QUICK if quick else S135, seed)
+
+
+def build_shape(out_dir: Path, name: str, shape: dict, seed: int = 0, *, meta: bool = True) -> BenchModel:
+    """A random-weight Llama of `shape` (S135's other settings) in `out_dir`/`name`/hf, and with
+    `meta` the params.json + checkpoint export_llm reads beside it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    name = "s135-quick" if quick else "s135"
-    shape = QUICK if quick else S135
     root = out_dir / name
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**shape, **COMMON)).eval()
     model.save_pretrained(root / "hf", safe_serialization=True)
-    return _with_meta_files(model, name, root / "hf", root)
+    return _bench_model(model, name, root / "hf", root if meta else None)
 
 
 def from_hf_dir(hf_dir: Path, out_dir: Path) -> BenchModel:
@@ -48,15 +52,17 @@ def from_hf_dir(hf_dir: Path, out_dir: Path) -> BenchModel:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    return _with_meta_files(model, hf_dir.name, hf_dir, out_dir)
+    return _bench_model(model, hf_dir.name, hf_dir, out_dir)
 
 
-def _with_meta_files(model, name: str, hf_dir: Path, meta_dir: Path) -> BenchModel:
-    """Write export_llm's params.json + checkpoint of `model` in `meta_dir`."""
-    meta_dir.mkdir(parents=True, exist_ok=True)
-    params, checkpoint = meta_dir / "params.json", meta_dir / "checkpoint.pth"
-    torch.save(meta_state_dict(model), checkpoint)
-    params.write_text(json.dumps(meta_params(model.config), indent=2))
+def _bench_model(model, name: str, hf_dir: Path, meta_dir: Path | None) -> BenchModel:
+    """`model` as the bench knows it; with `meta_dir`, export_llm's params.json + checkpoint written there."""
+    params = checkpoint = None
+    if meta_dir is not None:
+        meta_dir.mkdir(parents=True, exist_ok=True)
+        params, checkpoint = meta_dir / "params.json", meta_dir / "checkpoint.pth"
+        torch.save(meta_state_dict(model), checkpoint)
+        params.write_text(json.dumps(meta_params(model.config), indent=2))
     n_params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     return BenchModel(name, hf_dir, params, checkpoint, n_params, model.model.embed_tokens.weight.numel())
 

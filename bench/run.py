@@ -361,7 +361,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results, or build/bench for --quick)")
     parser.add_argument("--work", type=Path, default=None, help="where models and exports go (default: a temporary folder)")
     parser.add_argument("--executorch-only", action="store_true", help="skip the TFLite, CoreML and ONNX exports")
+    parser.add_argument("--scale", action="store_true",
+                        help="instead: export cost by model size, 135M to 1B-class (bench/scale.py; an hour or more)")
     args = parser.parse_args()
+    if args.scale:
+        from bench import scale
+
+        return scale.main(["--work", str(args.work)] if args.work else [])
     out = args.out or (ROOT / ("build/bench" if args.quick else "bench/results"))
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)

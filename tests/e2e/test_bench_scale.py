@@ -1,0 +1,33 @@
+"""bench.scale (`make bench BENCH_ARGS=--scale`, issue 18) on a tiny shape: the script whose full
+run takes an hour keeps working. One real export to ONNX (~1 min), so it runs in CI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.models import QUICK
+
+pytestmark = pytest.mark.slow
+
+
+def test_scale_measures_each_export(tmp_path, monkeypatch):
+    """bench.scale (`make bench BENCH_ARGS=--scale`) on a tiny shape: each export's exit code, time,
+    stages and peak RSS against its fp32 weights are recorded, and the chart is written."""
+    from bench import scale
+
+    monkeypatch.setitem(scale.SHAPES, "tiny", dict(QUICK))
+    out = tmp_path / "scale.json"
+    report = scale.run(["tiny"], ["onnx"], tmp_path / "work", with_export_llm=False, out=out)
+    assert json.loads(out.read_text()) == report
+    row = report["sizes"]["tiny"]
+    assert row["params_tied_once"] == 2048 * 128 + 2 * (128 * (128 + 64 + 64 + 128) + 3 * 128 * 256 + 2 * 128) + 128
+    export = row["exports"]["onnx"]
+    assert export["exit_code"] == 0 and export["artifact_bytes"] > 0
+    assert {"load", "capture", "lower onnx"} <= set(export["stages"])
+    # the process tree holds Python, torch and onnxruntime: far more than this model's 1.3 MB of weights
+    assert export["peak_rss_bytes"] > 200 * 2**20
+    assert export["peak_rss_vs_fp32_weights"] == round(export["peak_rss_bytes"] / row["fp32_weight_bytes"], 2)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "work" / "tiny").exists()  # the model's files freed once exported
