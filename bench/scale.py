@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--work", type=Path, default=None, help="where models and exports go (default: a temporary folder)")
     parser.add_argument("--no-export-llm", action="store_true", help="skip export_llm on the largest size")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json",
+                        help="the JSON (the chart beside it as .png)")
     args = parser.parse_args(argv)
     sizes, targets = args.sizes.split(","), args.targets.split(",")
     unknown = [s for s in sizes if s not in SHAPES] + [t for t in targets if t not in TARGETS]
@@ -139,10 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown size or target: {', '.join(unknown)}")
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-        run(sizes, targets, args.work, not args.no_export_llm)
+        run(sizes, targets, args.work, not args.no_export_llm, args.out)
     else:
         with tempfile.TemporaryDirectory(prefix="edgepack-scale-") as work:
-            run(sizes, targets, Path(work), not args.no_export_llm)
+            run(sizes, targets, Path(work), not args.no_export_llm, args.out)
 
 
 if __name__ == "__main__":
