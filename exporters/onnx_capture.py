@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from edgepack.errors import UnsupportedModelError
 from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.stages import CapturedModel, MethodSpec, TensorSpec
@@ -25,6 +26,9 @@ from edgepack.stages import CapturedModel, MethodSpec, TensorSpec
 PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
 PRESENT = ("present.%d.key", "present.%d.value")
 INPUT_IDS, POSITION_IDS, LOGITS = "input_ids", "position_ids", "logits"
+# The float graph is held as one protobuf, which cannot pass 2 GiB (ByteSize, the checker and
+# copies fail with EncodeError; measured on a Llama-3.2-1B-shaped model's 4.9 GB graph).
+PROTOBUF_LIMIT = 2**31
 # What torch.onnx records on each node: the classes and the module paths it was traced in.
 _CLASSES = "pkg.torch.onnx.class_hierarchy"
 _SCOPES = "pkg.torch.onnx.name_scopes"
@@ -127,10 +131,23 @@ def onnx_signature(captured: CapturedModel, model: nn.Module | None = None, *,
     return _module_signature(captured, captured.module if model is None else model)
 
 
+def check_fits_one_protobuf(module: nn.Module, limit: int = PROTOBUF_LIMIT) -> None:
+    """Refuse, before a trace that would fail minutes later, a model whose float32 weights alone
+    (tied ones once) pass the protobuf limit."""
+    weights = sum(p.numel() for p in module.parameters()) * 4
+    if weights >= limit:
+        raise UnsupportedModelError(
+            f"the model's float32 weights are {weights / 1e9:.2f} GB, and the ONNX export holds its float graph "
+            f"in one protobuf, which cannot pass {limit / 2**30:.0f} GiB (about {limit // 4 / 1e6:.0f}M parameters)",
+            hint="export this model to executorch, tflite, coreml or gguf (onnx and mnn, which converts from ONNX, "
+                 "have this limit)")
+
+
 def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: int):
     """torch.onnx.export (dynamo) of the signature's module: the onnx.ModelProto, its I/O named as
     the signature says. `attention_module` is the model whose attention is written as grouped
     query attention while it is traced (a decoder wrapper may write it otherwise for its call)."""
+    check_fits_one_protobuf(signature.module)
     # its progress lines go to stderr (stdout is for --json)
     with grouped_query_attention(attention_module), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(signature.module, signature.args, kwargs=signature.kwargs or None, dynamo=True,
