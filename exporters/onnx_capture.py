@@ -139,8 +139,7 @@ def check_fits_one_protobuf(module: nn.Module, limit: int = PROTOBUF_LIMIT) -> N
         raise UnsupportedModelError(
             f"the model's float32 weights are {weights / 1e9:.2f} GB, and the ONNX export holds its float graph "
             f"in one protobuf, which cannot pass {limit / 2**30:.0f} GiB (about {limit // 4 / 1e6:.0f}M parameters)",
-            hint="export this model to executorch, tflite, coreml or gguf (onnx and mnn, which converts from ONNX, "
-                 "have this limit)")
+            hint="export it with a --target that does not convert from an ONNX graph (see edgepack export --help)")
 
 
 def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: int):
