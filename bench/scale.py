@@ -39,8 +39,8 @@ def export_row(measured, summary: dict, manifest: dict, fp32_bytes: int) -> dict
         "wall_s": round(measured.wall_s, 1),
         "peak_rss_bytes": measured.peak_rss_bytes,
         "peak_rss_vs_fp32_weights": round(measured.peak_rss_bytes / fp32_bytes, 2),
-        "stages": {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s.get("peak_rss_bytes")}
-                   for s in summary.get("stages", [])},
+        "stages": {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s.get("peak_rss_bytes"),
+                               "steps": s.get("steps", {})} for s in summary.get("stages", [])},
         "artifact_bytes": sum(a["bytes"] for a in manifest.get("artifacts", [])),
         "log": measured.log,
     }
