@@ -125,10 +125,14 @@ def onnx_signature(captured: CapturedModel, model: nn.Module | None = None, *,
                    decoder: type[nn.Module] = PastPresentDecoder) -> OnnxSignature:
     """How `model` (the captured model, or a copy of it holding other weights) is exported: for
     decoder LMs the model under `captured.loaded.module`'s architecture, wrapped by `decoder` in
-    the KV-cache convention above; otherwise the captured module's own signature."""
+    the KV-cache convention above; otherwise the captured module's own signature. A model too
+    large for one protobuf is refused here, before the slow steps."""
     if captured.loaded.task == "causal-lm":
-        return _decoder_signature(captured, captured.loaded.module if model is None else model, decoder)
-    return _module_signature(captured, captured.module if model is None else model)
+        signature = _decoder_signature(captured, captured.loaded.module if model is None else model, decoder)
+    else:
+        signature = _module_signature(captured, captured.module if model is None else model)
+    check_fits_one_protobuf(signature.module)
+    return signature
 
 
 def check_fits_one_protobuf(module: nn.Module, limit: int = PROTOBUF_LIMIT) -> None:
@@ -146,7 +150,6 @@ def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: in
     """torch.onnx.export (dynamo) of the signature's module: the onnx.ModelProto, its I/O named as
     the signature says. `attention_module` is the model whose attention is written as grouped
     query attention while it is traced (a decoder wrapper may write it otherwise for its call)."""
-    check_fits_one_protobuf(signature.module)
     # its progress lines go to stderr (stdout is for --json)
     with grouped_query_attention(attention_module), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(signature.module, signature.args, kwargs=signature.kwargs or None, dynamo=True,
