@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from edgepack.errors import UnsupportedModelError
 from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.stages import CapturedModel, MethodSpec, TensorSpec
@@ -125,25 +124,21 @@ def onnx_signature(captured: CapturedModel, model: nn.Module | None = None, *,
                    decoder: type[nn.Module] = PastPresentDecoder) -> OnnxSignature:
     """How `model` (the captured model, or a copy of it holding other weights) is exported: for
     decoder LMs the model under `captured.loaded.module`'s architecture, wrapped by `decoder` in
-    the KV-cache convention above; otherwise the captured module's own signature. A model too
-    large for one protobuf is refused here, before the slow steps."""
+    the KV-cache convention above; otherwise the captured module's own signature."""
     if captured.loaded.task == "causal-lm":
-        signature = _decoder_signature(captured, captured.loaded.module if model is None else model, decoder)
-    else:
-        signature = _module_signature(captured, captured.module if model is None else model)
-    check_fits_one_protobuf(signature.module)
-    return signature
+        return _decoder_signature(captured, captured.loaded.module if model is None else model, decoder)
+    return _module_signature(captured, captured.module if model is None else model)
 
 
-def check_fits_one_protobuf(module: nn.Module, limit: int = PROTOBUF_LIMIT) -> None:
-    """Refuse, before a trace that would fail minutes later, a model whose float32 weights alone
-    (tied ones once) pass the protobuf limit."""
+def too_large_for_one_protobuf(module: nn.Module) -> str | None:
+    """Why a model whose float32 weights alone (tied ones once) pass the protobuf limit cannot be
+    exported (the backends that convert from this graph refuse it before any slow step), or None."""
     weights = sum(p.numel() for p in module.parameters()) * 4
-    if weights >= limit:
-        raise UnsupportedModelError(
-            f"the model's float32 weights are {weights / 1e9:.2f} GB, and the ONNX export holds its float graph "
-            f"in one protobuf, which cannot pass {limit / 2**30:.0f} GiB (about {limit // 4 / 1e6:.0f}M parameters)",
-            hint="export it with a --target that does not convert from an ONNX graph (see edgepack export --help)")
+    if weights < PROTOBUF_LIMIT:
+        return None
+    return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and the ONNX export holds its float graph in "
+            f"one protobuf, which cannot pass {PROTOBUF_LIMIT / 2**30:.0f} GiB (about {PROTOBUF_LIMIT // 4 / 1e6:.0f}M "
+            "parameters)")
 
 
 def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: int):

@@ -39,6 +39,7 @@ from edgepack.exporters.onnx_capture import (
     class_names,
     export_onnx,
     onnx_signature,
+    too_large_for_one_protobuf,
     weight_nodes,
 )
 from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max
@@ -54,10 +55,10 @@ INT8 = Rounding(-127, 127, 127.0)  # MNN's symmetric 8-bit weights: scale = max|
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
     """MNN's converter quantizes blocks of a multiple of 16 weights; other group sizes it would
-    silently store per channel."""
+    silently store per channel. It reads the ONNX graph, which has a size limit."""
     if quant.scheme == "int4" and quant.linear.group_size % 16:
         return f"MNN's converter stores 4-bit blocks of 16, 32, 64 ... weights, not {quant.linear.group_size}"
-    return None
+    return too_large_for_one_protobuf(loaded.module)
 
 
 @dataclass

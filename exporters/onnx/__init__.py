@@ -11,4 +11,5 @@ BACKEND = Backend(
     host_runtime="edgepack.exporters.onnx.runtime:onnx_host",
     arm64=Arm64Runtime("onnxruntime", imports="onnxruntime"),
     apps=(), app_lines="edgepack.exporters.backend:unverified_release",
+    refusal="edgepack.exporters.onnx.lower:refusal",
 )

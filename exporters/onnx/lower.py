@@ -33,6 +33,7 @@ from edgepack.exporters.onnx_capture import (
     class_names,
     export_onnx,
     onnx_signature,
+    too_large_for_one_protobuf,
     weight_nodes,
 )
 from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max, weight_only_reference
@@ -122,6 +123,11 @@ class _Work(Lowering):
     float_bytes: int = 0
     counts: dict = field(default_factory=dict)
     storage: dict[str, dict[str, str]] = field(default_factory=dict)  # WeightQuant.describe() -> {kind: ops}
+
+
+def refusal(loaded, quant: QuantSpec) -> str | None:
+    """Why ONNX cannot take `loaded` (a float graph too large for one protobuf), or None."""
+    return too_large_for_one_protobuf(loaded.module)
 
 
 def check_scheme(work: _Work) -> None:
