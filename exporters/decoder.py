@@ -77,6 +77,14 @@ class StaticCacheLM(nn.Module):
         return keys, values
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The last position's logits [1, vocab], as the runner reads them."""
+        return self._run(tokens, input_pos, logits_to_keep=1)[:, -1, :]
+
+    def position_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Every position's logits [length, vocab]: a teacher-forced decode in one pass (eager only)."""
+        return self._run(tokens, input_pos, logits_to_keep=0)[0]
+
+    def _run(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
         length = tokens.shape[1]
         start = input_pos[0].item()
         torch._check(start >= 0)
@@ -84,9 +92,9 @@ class StaticCacheLM(nn.Module):
         self.current_start = start
         positions = (torch.arange(length, dtype=torch.int64) + input_pos[0]).unsqueeze(0)
         out = self.model(input_ids=tokens, attention_mask=attention_masks(positions[0], self.max_seq_len, self.facts),
-                         position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                         **self.attention_kwargs(start))
-        return out.logits[:, -1, :]
+                         position_ids=positions, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=logits_to_keep, **self.attention_kwargs(start))
+        return out.logits
 
 
 def attention_masks(positions: torch.Tensor, max_seq_len: int, facts: ModelFacts):

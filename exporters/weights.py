@@ -79,6 +79,20 @@ def quantize_min_max(weight: torch.Tensor, bits: int, group_size: int,
     return q, scale, lo
 
 
+# Rows of a weight quantized at once by the row-wise grids below: their float temporaries stay
+# near 64 MB each (a 128k-row vocabulary table's would be gigabytes apiece).
+SLICE_ELEMENTS = 1 << 24
+
+
+def by_row_slices(blocks: Callable[..., tuple[torch.Tensor, ...]], weight: torch.Tensor, *args) -> tuple[torch.Tensor, ...]:
+    """`blocks(weight, *args)` for a function whose results are row-wise ([out, ...] each, each row
+    from its own row of `weight`), computed on slices of rows and joined."""
+    rows = max(1, SLICE_ELEMENTS // weight.shape[1])
+    if weight.shape[0] <= rows:
+        return blocks(weight, *args)
+    return tuple(torch.cat(parts) for parts in zip(*(blocks(part, *args) for part in weight.split(rows))))
+
+
 def split_min_max(weight: torch.Tensor, block: int, scale_dtype: torch.dtype,
                   smallest_scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 4-bit offset grid split for kernels whose blocks are symmetric (XNNPACK's, LiteRT's):
@@ -87,6 +101,11 @@ def split_min_max(weight: torch.Tensor, block: int, scale_dtype: torch.dtype,
     A constant block gets code 0, scale 1 and its value as the offset (XNNPACK refuses a block
     scale of 0); a step under `smallest_scale` (what a format's scales cannot hold) widens to it,
     its codes rounded again."""
+    return by_row_slices(_split_min_max, weight, block, scale_dtype, smallest_scale)
+
+
+def _split_min_max(weight: torch.Tensor, block: int, scale_dtype: torch.dtype,
+                   smallest_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, cols = weight.shape
     q, scale, minimum = quantize_min_max(weight, 4, block, scale_dtype=scale_dtype)
     tiny = (scale > 0) & (scale < smallest_scale)
@@ -114,12 +133,15 @@ class OffsetGrid:
         (scale 0) gets scale 1 and offset -value, so it still comes back exactly. A block far from
         zero for its spread (|minimum| over 2^(mantissa bits - 1) steps) gets a wider step, so its
         offset stays finite and rounds by at most half a step (fp16: at most 512 steps)."""
+        return by_row_slices(self._blocks, weight, group_size)
+
+    def _blocks(self, weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, scale, minimum = quantize_min_max(weight.to(self.dtype), 4, group_size, scale_dtype=self.dtype)
         floor = (minimum.abs() * 2 * torch.finfo(self.dtype).eps).to(self.dtype).float()  # |offset| <= 1 / (2 eps)
         if (scale < floor).any():
             scale = torch.maximum(scale, floor)
             w = weight.to(self.dtype).float().reshape(q.shape)
-            q = torch.clamp(torch.round((w - minimum) / scale), 0, 15)
+            q = torch.clamp(torch.round((w - minimum) / torch.where(scale == 0, 1.0, scale)), 0, 15)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         offset = (-minimum / scale).to(self.dtype)
         return q.reshape(weight.shape), scale.squeeze(-1).to(self.dtype), offset.squeeze(-1)
@@ -219,10 +241,17 @@ class NormAffine:
         linear.register_forward_pre_hook(lambda _, args: (((args[0] - self.shift) / safe),))
 
 
+def copy_sharing_weights(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose parameters are the original's own tensors, not copies (its
+    buffers, e.g. KV caches, are copied): for work that runs the copy or replaces its weights but
+    never writes into them. A 1B model's float weights are 5 GB: a full copy is a second 5 GB."""
+    return copy.deepcopy(module, {id(p): p for p in module.parameters()})
+
+
 def run_copy_with_hooks(module: nn.Module, example_inputs: tuple, install: Callable[[nn.Module], list]) -> nn.Module:
     """Run a copy of `module` once (the forward pass may write caches) with the hooks that
     `install(copy)` registers, removed after; returns the copy."""
-    probe = copy.deepcopy(module)
+    probe = copy_sharing_weights(module)
     hooks = install(probe)
     try:
         with torch.no_grad():

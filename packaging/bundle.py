@@ -159,14 +159,16 @@ def stage_contents(staging: StagedBundle, captured: CapturedModel, quantization:
 
 def write_archive(root: Path, archive: Path, prefix: str) -> None:
     """Sorted entries under `prefix/`, fixed timestamps and permissions (0755 for the smoke scripts,
-    0644 for the rest): the same files give the same bytes."""
+    0644 for the rest): the same files give the same bytes. Each file is streamed in (a 1B
+    model's .pte read whole, then compressed whole, held two copies: 1.8 GB)."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
         for path in files:
             info = zipfile.ZipInfo(f"{prefix}/{path.relative_to(root).as_posix()}", date_time=_ZIP_TIME)
             info.external_attr = (0o755 if path.stat().st_mode & 0o100 else 0o644) << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, path.read_bytes(), compresslevel=6)
+            info.compress_type, info.file_size = zipfile.ZIP_DEFLATED, path.stat().st_size  # the size decides zip64
+            with path.open("rb") as src, zf.open(info, "w") as dest:
+                shutil.copyfileobj(src, dest, 1 << 20)
 
 
 def commit(staging: StagedBundle, manifest: dict, *, passed: bool) -> Bundle:

@@ -4,7 +4,6 @@ metadata as constant methods."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, Callable
@@ -20,6 +19,7 @@ from edgepack.exporters.executorch.offset_grid import XNNPACK_BLOCK_SCALE, offse
 from edgepack.exporters.executorch.options import Options
 from edgepack.exporters.executorch.shared_input import share_inputs
 from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
+from edgepack.exporters.weights import copy_sharing_weights
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import CapturedModel, KvCache, QuantRecord, RuntimeRecord
 
@@ -63,9 +63,10 @@ def _torchao_config(wq: WeightQuant, dynamic_activations: bool, for_linear: bool
 
 
 def take_llm_fast_path(work: _Work) -> None:
-    """Work on a copy (the fp32 capture stays for other backends); a decoder LM's cache and
-    attention move to ExecuTorch's LLM kernels where the model allows it."""
-    work.module = copy.deepcopy(work.captured.module)
+    """Work on a copy (the fp32 capture stays for other backends; the copy's weights are replaced,
+    never written into, so it shares them); a decoder LM's cache and attention move to
+    ExecuTorch's LLM kernels where the model allows it."""
+    work.module = copy_sharing_weights(work.captured.module)
     work.metadata = dict(work.captured.llm_metadata)
     if isinstance(work.module, StaticCacheLM):
         work.module, reason = use_llm_custom_ops(work.module)
@@ -86,9 +87,9 @@ def quantize_module(module: nn.Module, spec: QuantSpec, grid: str = "symmetric",
     """torchao rewrites the module's linear and embedding weights in place, as the .pte stores
     them (eager, the result is the quantized model the .pte must reproduce). One pass per storage
     kind: mixed precision (spec.overrides) is just more than one kind. On the offset grid, 4-bit
-    layers are built by exporters/executorch/offset_grid.py first, from the float weights (so a
-    tied table is read before either of its users is replaced). With `example_inputs`, linears
-    that read one input and are stored alike become one (shared_input.py)."""
+    layers are built by exporters/executorch/offset_grid.py first, from the float weights (a
+    tied table's users are replaced, never written into: each reads the float table). With
+    `example_inputs`, linears that read one input and are stored alike become one (shared_input.py)."""
     from torchao.quantization import quantize_
 
     for m in module.modules():
@@ -103,14 +104,15 @@ def quantize_module(module: nn.Module, spec: QuantSpec, grid: str = "symmetric",
     if offset:
         int8_rows = _torchao_config(WeightQuant(bits=8, group_size=None), spec.dynamic_int8_activations, for_linear=True)
         modules = dict(module.named_modules())
-        built = {name: offset_linear(modules[name], wq.group_size, spec.dynamic_int8_activations, int8_rows)
-                 for name, wq in offset.items() if isinstance(modules[name], nn.Linear)}
+        # One layer at a time, each float weight let go once its replacement is built: the
+        # transient memory is one layer's, not the model's.
         for name, wq in offset.items():
             if isinstance(modules[name], nn.Embedding):
                 offset_embedding(modules[name], wq.group_size)
-        for name, layer in built.items():
-            parent, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent), child, layer)
+            else:
+                parent, _, child = name.rpartition(".")
+                setattr(module.get_submodule(parent), child,
+                        offset_linear(modules.pop(name), wq.group_size, spec.dynamic_int8_activations, int8_rows))
         layers = {name: wq for name, wq in layers.items() if name not in offset}
     kinds = {(isinstance(m, nn.Linear), layers[name]) for name, m in module.named_modules() if name in layers}
     for for_linear, wq in sorted(kinds, key=lambda k: (k[0], k[1].bits)):  # embeddings first, as before

@@ -86,11 +86,12 @@ def share_inputs(module: nn.Module, example_inputs: tuple, layers: dict[str, Wei
 
 def _share(module: nn.Module, names: list[str], members: list[nn.Linear]) -> str:
     """Put one SharedInput in place of `members`; returns the wide layer's name in `module`."""
-    wide = nn.Linear(members[0].in_features, sum(m.out_features for m in members), bias=members[0].bias is not None)
+    wide = nn.Linear(members[0].in_features, sum(m.out_features for m in members), bias=members[0].bias is not None,
+                     device="meta")  # no initial weights to fill and overwrite
     with torch.no_grad():
-        wide.weight.copy_(torch.cat([m.weight for m in members]))
+        wide.weight = nn.Parameter(torch.cat([m.weight for m in members]), requires_grad=False)
         if wide.bias is not None:
-            wide.bias.copy_(torch.cat([m.bias for m in members]))
+            wide.bias = nn.Parameter(torch.cat([m.bias for m in members]), requires_grad=False)
     shared = SharedInput(wide, [m.out_features for m in members])
     for index, name in enumerate(names):
         parent, _, child = name.rpartition(".")

@@ -148,3 +148,26 @@ def test_onnx_decoder_answers_like_hugging_face(family):
     want = _reference(model, tokens)
     with _traced_attention(model, facts):
         _check("PastPresentDecoder", _stepwise(call, tokens), want)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("path", ["captured", "executorch fast path"])
+def test_teacher_forced_pass_answers_like_stepwise_decoding(family, path):
+    """The quantized references run teacher-forced cases in one prefill (capture.run_forced): past
+    every test config's sliding window, each step's logits are those of decoding step by step."""
+    from edgepack.cases import Case, CaseOutput
+    from edgepack.exporters.capture import eager_call, run_cases, run_forced
+    from edgepack.exporters.executorch.llm_ops import use_llm_custom_ops
+
+    model, facts = _model(family)
+    module = StaticCacheLM(model, facts, MAX_SEQ_LEN).eval()
+    if path != "captured":
+        module, _ = use_llm_custom_ops(module)
+    case = Case("greedy", "greedy", "forward", (_prompt(facts.vocab_size)[:, :PREFILL].numpy(),), ("tokens",), steps=24)
+    fed = torch.randint(4, facts.vocab_size, (24,), generator=torch.Generator().manual_seed(2)).numpy()
+    forced = {"greedy": CaseOutput(("tokens", "logits"), (fed, np.zeros((24, facts.vocab_size), np.float32)))}
+    stepwise = run_cases(eager_call(module), (case,), forced)["greedy"]
+    one_pass = run_forced(module, (case,), forced)["greedy"]
+    assert one_pass.get("logits").shape == (24, facts.vocab_size)
+    _check(f"{path}, one pass", one_pass.get("logits"), stepwise.get("logits"))
+    np.testing.assert_array_equal(one_pass.get("tokens"), stepwise.get("tokens"))

@@ -360,3 +360,26 @@ def test_executorch_linears_reading_one_input_become_one_and_compute_the_same(gr
             want, got = apart(x), shared(x)
             assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max()), (got - want).abs().max()
             assert torch.equal(shared(x), got)  # computed afresh for each input, never stale
+
+
+def test_offset_grids_are_the_same_computed_on_slices_of_rows(monkeypatch):
+    """A vocabulary table's grid is computed a slice of rows at a time (weights.by_row_slices, to
+    bound the float temporaries): the codes, scales and offsets are those of the whole table,
+    blocks that need a wider step or are constant (zero or not) included."""
+    import torch
+
+    from edgepack.exporters import weights
+    from edgepack.exporters.weights import OffsetGrid, split_min_max
+
+    w = torch.randn(37, 64, generator=torch.Generator().manual_seed(0))
+    w[3, :32] = 0.0  # constant blocks: zero, and far from zero (fp16 widens the step of its neighbour)
+    w[5, 32:] = 7.0
+    w[5, :32] = 3000.0 + torch.linspace(0, 0.01, 32)
+    w[9, :32] = 1e-9 * torch.arange(32)  # a step under the smallest scale
+    cases = {"split": lambda: split_min_max(w, 32, torch.bfloat16, 1e-6),
+             "fp16": lambda: OffsetGrid(torch.float16).blocks(w, 32)}
+    whole = {name: make() for name, make in cases.items()}
+    monkeypatch.setattr(weights, "SLICE_ELEMENTS", 5 * 64)  # 5 rows a slice: 37 rows in 8 slices
+    for name, make in cases.items():
+        for got, want in zip(make(), whole[name], strict=True):
+            assert got.shape == want.shape and torch.equal(got, want), name
