@@ -68,6 +68,7 @@ def run(sizes: list[str], targets: list[str], work: Path, with_export_llm: bool,
     report = {
         "what": "edgepack export (default options, --no-tokenizer, --max-seq-len 512, smoke test included) per "
                 "backend in its own process; wall time and the process tree's peak RSS (wait4)",
+        "ran": {"sizes": sizes, "targets": targets, "export_llm": with_export_llm},  # a partial run says so
         "rss_bound_vs_fp32_weights": RSS_BOUND,
         "shapes": {size: SHAPES[size] for size in sizes},
         "sizes": rows,
