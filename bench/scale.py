@@ -130,13 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}, smallest first")
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--targets", default=",".join(TARGETS), help="'' for export_llm alone")
     parser.add_argument("--work", type=Path, default=None, help="where models and exports go (default: a temporary folder)")
     parser.add_argument("--no-export-llm", action="store_true", help="skip export_llm on the largest size")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json",
                         help="the JSON (the chart beside it as .png)")
     args = parser.parse_args(argv)
-    sizes, targets = args.sizes.split(","), args.targets.split(",")
+    sizes, targets = args.sizes.split(","), [t for t in args.targets.split(",") if t]  # '' : export_llm alone
     unknown = [s for s in sizes if s not in SHAPES] + [t for t in targets if t not in TARGETS]
     if unknown:
         parser.error(f"unknown size or target: {', '.join(unknown)}")

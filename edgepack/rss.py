@@ -1,9 +1,11 @@
 """The process's resident memory: its peak over the whole run, and a block's own peak (what the
-smoke measures while a runtime loads and runs an artifact). Standard library only: the emulated
+smoke measures while a runtime loads and runs an artifact); and the memory the machine grants it.
+Standard library only: the emulated
 arm64 Python imports the smoke's code through this module."""
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
@@ -16,6 +18,17 @@ _EARLIER_PEAK = 0  # the process's peak before measure_rss reset the kernel's (w
 def peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return max(_EARLIER_PEAK, peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+def machine_memory_bytes() -> int:
+    """The physical memory, or the container's limit where one is set lower (cgroup v2's
+    memory.max; a CI runner's is often below the host's)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
 
 
 def _status_bytes(field_name: str) -> int:

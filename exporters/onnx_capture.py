@@ -20,6 +20,7 @@ from torch.export import Dim
 
 from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.decoder import ExplicitCacheLM
+from edgepack.exporters.weights import float32_weight_bytes
 from edgepack.stages import CapturedModel, MethodSpec, TensorSpec
 
 PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
@@ -133,7 +134,7 @@ def onnx_signature(captured: CapturedModel, model: nn.Module | None = None, *,
 def too_large_for_one_protobuf(module: nn.Module) -> str | None:
     """Why a model whose float32 weights alone (tied ones once) pass the protobuf limit cannot be
     exported (the backends that convert from this graph refuse it before any slow step), or None."""
-    weights = sum(p.numel() for p in module.parameters()) * 4
+    weights = float32_weight_bytes(module)
     if weights < PROTOBUF_LIMIT:
         return None
     return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and the ONNX export holds its float graph in "

@@ -241,6 +241,11 @@ class NormAffine:
         linear.register_forward_pre_hook(lambda _, args: (((args[0] - self.shift) / safe),))
 
 
+def float32_weight_bytes(module: nn.Module) -> int:
+    """The module's weights in float32, tied ones counted once (what a float graph stores)."""
+    return sum(p.numel() for p in module.parameters()) * 4
+
+
 def copy_sharing_weights(module: nn.Module) -> nn.Module:
     """A deep copy of `module` whose parameters are the original's own tensors, not copies (its
     buffers, e.g. KV caches, are copied): for work that runs the copy or replaces its weights but

@@ -13,6 +13,7 @@ BACKEND = Backend(
     arm64=Arm64Runtime("ai-edge-litert", imports="ai_edge_litert.interpreter"),
     apps=("android",), app_lines="edgepack.exporters.tflite.app_lines:app_lines",
     metadata_reader="edgepack.exporters.tflite.metadata:describe_file",
+    refusal="edgepack.exporters.tflite.lower:refusal",
     companions=(CompanionCheck(
         name="litertlm", runtime="LiteRT-LM engine (host)", label=".litertlm on LiteRT-LM", file_key="litertlm",
         run="edgepack.exporters.tflite.litertlm_engine:check_on_engine",

@@ -40,19 +40,37 @@ from edgepack.exporters.tflite.weights import (
 from edgepack.exporters.weights import (
     NormAffine,
     fake_quantize,
+    float32_weight_bytes,
     int8_per_row,
     linears_fed_by_norms,
     weight_only_reference,
 )
 from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.rss import machine_memory_bytes
 from edgepack.stages import CapturedModel, KvCache, MethodSpec, QuantRecord, RuntimeRecord, TensorSpec
 
 MODEL_FILE = BACKEND.artifact
 LITERTLM_FILE = "tflite/model.litertlm"
-# LiteRT-LM's own conversions use 128-token prefill signatures; a prompt is prefilled in chunks of
-# this length (padded), so a longer default wastes compute on short prompts and a shorter one adds
-# calls on long ones. It must leave room for one decode step: at most max_seq_len - 1.
 BLOCK_SIZES = (32, 64, 128, 256)  # ai_edge_quantizer's blockwise granularities
+# The export's peak memory per byte of the model's float32 weights: litert-torch's conversion holds
+# the float graph several times over (each signature's lowered program, the flatbuffer and its
+# bytes). Measured by bench.scale (2026-12-03, random Llamas, default options): 8.4x at SmolLM2-135M's
+# shape, 7.2x at 360M's (its fixed part, about 1 GB, weighs less as models grow); a
+# Llama-3.2-1B-shaped model (4.9 GB) was killed at 23.4 GB on a 24 GiB machine.
+CONVERSION_MEMORY_PER_WEIGHT_BYTE = 7.0
+
+
+def refusal(loaded, quant: QuantSpec) -> str | None:
+    """Why this machine cannot convert `loaded` (the conversion would need more memory than it
+    has: the kernel kills it mid-way, with no message), or None."""
+    weights = float32_weight_bytes(loaded.module)
+    need, have = CONVERSION_MEMORY_PER_WEIGHT_BYTE * weights, machine_memory_bytes()
+    if need <= have:
+        return None
+    return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and the TFLite conversion holds about "
+            f"{CONVERSION_MEMORY_PER_WEIGHT_BYTE:g}x that ({need / 1e9:.0f} GB) while this machine grants "
+            f"{have / 1e9:.0f} GB of memory: it would be killed mid-conversion (a machine with {need / 1e9:.0f} GB "
+            "or more can take it)")
 
 
 def _dynamic_update_slice(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

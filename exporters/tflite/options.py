@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from edgepack.errors import InputError
 from edgepack.exporters.backend import INT4_GRIDS, flag
 
+# LiteRT-LM's own conversions use 128-token prefill signatures; a prompt is prefilled in chunks of
+# this length (padded), so a longer default wastes compute on short prompts and a shorter one adds
+# calls on long ones. It must leave room for one decode step: at most max_seq_len - 1.
 DEFAULT_PREFILL_LEN = 128
 BUNDLES = ("litertlm",)
 
