@@ -52,11 +52,11 @@ from edgepack.stages import CapturedModel, KvCache, MethodSpec, QuantRecord, Run
 MODEL_FILE = BACKEND.artifact
 LITERTLM_FILE = "tflite/model.litertlm"
 BLOCK_SIZES = (32, 64, 128, 256)  # ai_edge_quantizer's blockwise granularities
-# The export's peak memory per byte of the model's float32 weights: litert-torch's conversion holds
-# the float graph several times over (each signature's lowered program, the flatbuffer and its
-# bytes). Measured by bench.scale (2026-12-03, random Llamas, default options): 8.4x at SmolLM2-135M's
-# shape, 7.2x at 360M's (its fixed part, about 1 GB, weighs less as models grow); a
-# Llama-3.2-1B-shaped model (4.9 GB) was killed at 23.4 GB on a 24 GiB machine.
+# The export's peak memory per byte of the model's float32 weights, reached in the lowering (litert-
+# torch's conversion, then ai_edge_quantizer; not profiled step by step). Measured by bench.scale
+# (2026-12-03, random Llamas, default options): 8.4x at SmolLM2-135M's shape, 7.2x at 360M's (a
+# fixed part, about 1 GB, weighs less as models grow); a Llama-3.2-1B-shaped model (4.9 GB) was
+# killed in the lowering at 23.4 GB on a 24 GiB machine.
 CONVERSION_MEMORY_PER_WEIGHT_BYTE = 7.0
 
 

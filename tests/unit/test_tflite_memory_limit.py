@@ -1,7 +1,7 @@
 """TFLite refuses a model whose conversion would need more memory than the machine grants, as any
 backend refuses a model, before capture: named in --target, an input error; under --target all,
 left out and said so. A Llama-3.2-1B-shaped model was otherwise killed by the kernel, with no
-message, 8 minutes into the conversion at a 23.4 GB peak on this 24 GiB machine (bench.scale,
+message, in the lowering, 8 minutes into the export at a 23.4 GB peak on this 24 GiB machine (bench.scale,
 2026-12-03)."""
 
 from types import SimpleNamespace
