@@ -31,6 +31,7 @@ from bench.models import BenchModel, build
 from bench.real_model import DEFAULT_OUT as REAL_MODEL
 from edgepack.cache import digest, tool_digest
 from edgepack.cases import CaseOutput, compare
+from edgepack.rss import machine_memory_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 BITS_PER_WEIGHT = 4.5  # int4 plus one 16-bit scale per group of 32
@@ -208,8 +209,7 @@ def runtime_numbers(result: dict, fp32: np.ndarray) -> dict:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "system": platform.platform(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(machine_memory_bytes() / 2**30, 1), "system": platform.platform(),
             "python": platform.python_version()}
 
 

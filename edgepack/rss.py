@@ -1,7 +1,6 @@
 """The process's resident memory: its peak over the whole run, and a block's own peak (what the
 smoke measures while a runtime loads and runs an artifact); and the memory the machine grants it.
-Standard library only: the emulated
-arm64 Python imports the smoke's code through this module."""
+Standard library only: the emulated arm64 Python imports the smoke's code through this module."""
 
 from __future__ import annotations
 
