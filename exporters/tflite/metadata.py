@@ -74,6 +74,7 @@ def write_metadata(model: bytes, doc: ModelDoc) -> bytes:
     ai_edge_quantizer writes (the interpreter then fails: "Blockwise quantization parameters
     ... missing"). The model is re-serialized with ai_edge_litert's current schema instead."""
     import flatbuffers
+    import numpy as np
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -95,7 +96,13 @@ def write_metadata(model: bytes, doc: ModelDoc) -> bytes:
     builder = flatbuffers.Builder(0)
     builder.Finish(meta.Pack(builder), metadata.MetadataPopulator.METADATA_FILE_IDENTIFIER)
 
-    tflite = flatbuffer_utils.read_model_from_bytearray(model)
+    tflite = flatbuffer_utils.read_model_from_bytearray(memoryview(model))
+    for stored in tflite.buffers:
+        # ai_edge_quantizer writes large buffers past the flatbuffer, by offset; read back they are
+        # byte views, which the object API packs one Python call per byte (minutes for a 135M model).
+        # As arrays they pack in one copy, into the same bytes.
+        if stored.data is not None and not isinstance(stored.data, np.ndarray):
+            stored.data = np.frombuffer(stored.data, dtype=np.uint8)
     graph = tflite.subgraphs[0]
     if (len(graph.inputs), len(graph.outputs)) != (len(doc.inputs), len(doc.outputs)):
         raise ValueError(f"tensor metadata for {len(doc.inputs)} inputs / {len(doc.outputs)} outputs, but subgraph 0 "

@@ -1,0 +1,58 @@
+"""write_metadata on a model whose weights are stored past the flatbuffer, by offset, as
+ai_edge_quantizer writes every buffer of 1 KB or more: the weights come back byte for byte, and
+the re-serialization takes one copy per buffer, not one Python call per byte (that took 117 s of
+a 135M model's 6.7-minute TFLite export)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edgepack.exporters.tflite.metadata import ModelDoc, TensorDoc, read_metadata, write_metadata
+
+WEIGHT_BYTES = 16 << 20  # 16 MB: about 20 s through the per-byte path on this host, 0.1 s as one copy
+
+
+def _model_with_offset_buffer(weights: bytes) -> bytes:
+    """A one-tensor-in, one-tensor-out model whose buffer 1 lies past the flatbuffer, by offset."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    def tensor(name: str, buffer: int, shape: list[int]):
+        t = schema.TensorT()
+        t.name, t.buffer, t.shape, t.type = name.encode(), buffer, shape, schema.TensorType.UINT8
+        return t
+
+    graph = schema.SubGraphT()
+    graph.tensors = [tensor("x", 0, [1]), tensor("y", 0, [1]), tensor("w", 1, [len(weights)])]
+    graph.inputs, graph.outputs, graph.operators = [0], [1], []
+    model = schema.ModelT()
+    model.version, model.subgraphs, model.operatorCodes = 3, [graph], []
+    placeholder = schema.BufferT()
+    placeholder.offset = placeholder.size = 1  # non-default, so the fields exist to be patched
+    model.buffers = [schema.BufferT(), placeholder]
+    packed = bytearray(flatbuffer_utils.convert_object_to_bytearray(model))
+    offset = (len(packed) + 15) & ~15
+    packed += bytes(offset - len(packed)) + weights
+    flatbuffer_utils.update_packed_buffer(schema.Model.GetRootAs(packed).Buffers(1), offset=offset, size=len(weights))
+    return bytes(packed)
+
+
+def test_weights_stored_by_offset_come_back_unchanged_in_one_copy():
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    weights = np.random.default_rng(0).integers(0, 256, WEIGHT_BYTES, dtype=np.uint8).tobytes()
+    doc = ModelDoc(name="m", version="1", description="d", author="a", license="l",
+                   inputs=(TensorDoc("x", "in"),), outputs=(TensorDoc("y", "out"),), facts={"k": 1},
+                   files={"tokenizer.json": b"{}"})
+    start = time.perf_counter()
+    written = write_metadata(_model_with_offset_buffer(weights), doc)
+    seconds = time.perf_counter() - start
+
+    assert seconds < 5, f"write_metadata took {seconds:.1f} s for {WEIGHT_BYTES >> 20} MB of weights"
+    model = flatbuffer_utils.read_model_from_bytearray(written)
+    assert bytes(model.buffers[1].data) == weights
+    read = read_metadata(written)
+    assert read["metadata"]["name"] == "m" and read["facts"] == {"k": 1}
+    assert read["files"]["tokenizer.json"] == b"{}"
