@@ -81,10 +81,12 @@ def export_llm(model: BenchModel, out: Path, max_seq_len: int) -> tuple[Measured
 def edgepack_export(hf_dir: Path, name: str, out: Path, targets: str, max_seq_len: int, prompt_len: int, *,
                     extra: list[str] | tuple = (), tokenizer: bool = False) -> tuple[Measured, dict, dict]:
     """`edgepack export` of the model in `hf_dir` as a user runs it (lowering, packaging and its own
-    smoke test included), bundle `name`; without the tokenizer unless asked (the quality stage needs it)."""
+    smoke test included), bundle `name`; without the tokenizer unless asked (the quality stage needs it).
+    Every stage runs: a measured export never takes a stage from the stage cache (a rerun at the same
+    commit, with the bench's seeded models, would otherwise time a cache read)."""
     out.mkdir(parents=True, exist_ok=True)  # its log goes there too
     cmd = [sys.executable, "-m", "edgepack", "export", str(hf_dir), "--target", targets, "--out", str(out),
-           "--name", name, "--max-seq-len", str(max_seq_len), "--json", *extra]
+           "--name", name, "--max-seq-len", str(max_seq_len), "--json", "--no-cache", *extra]
     if not tokenizer:
         cmd.append("--no-tokenizer")
     if "tflite" in targets:

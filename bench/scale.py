@@ -6,7 +6,8 @@ ExecuTorch's export_llm on the largest as the reference. Writes bench/results/sc
 scale.png.
 
   python -m bench.scale [--sizes s135,s360,l1b] [--targets executorch,onnx,tflite] [--work DIR]
-                        [--no-export-llm]
+                        [--no-export-llm] [--out FILE]
+  python -m bench.scale --merge REPORT... [--out FILE]   (partial runs' reports as one, with its chart)
   make bench BENCH_ARGS=--scale         (all of it: an hour or more on 2 cores; not in CI)"""
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def export_row(measured, summary: dict, manifest: dict, fp32_bytes: int) -> dict
         "peak_rss_bytes": measured.peak_rss_bytes,
         "peak_rss_vs_fp32_weights": round(measured.peak_rss_bytes / fp32_bytes, 2),
         "stages": {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s.get("peak_rss_bytes"),
-                               "steps": s.get("steps", {})} for s in summary.get("stages", [])},
+                               "steps": s.get("steps", {}), "step_peak_rss_bytes": s.get("step_peak_rss_bytes", {})}
+                   for s in summary.get("stages", [])},
         "artifact_bytes": sum(a["bytes"] for a in manifest.get("artifacts", [])),
         "log": measured.log,
     }
@@ -84,6 +86,33 @@ def run(sizes: list[str], targets: list[str], work: Path, with_export_llm: bool,
     return report
 
 
+def merge(paths: list[Path], out: Path) -> dict:
+    """One report, and one chart, from the reports of partial runs (each size and backend as its
+    latest given report measured it; each export row names the report it came from)."""
+    reports = [(path, json.loads(path.read_text())) for path in paths]
+    sizes: dict[str, dict] = {}
+    for path, report in reports:
+        for size, row in report["sizes"].items():
+            merged = sizes.setdefault(size, {**row, "exports": {}})
+            merged["exports"].update({t: {**e, "report": path.name} for t, e in row["exports"].items()})
+    order = [s for s in SHAPES if s in sizes]
+    latest = max(reports, key=lambda r: r[1]["date"])[1]
+    report = {
+        "what": latest["what"],
+        "merged_from": [{"report": path.name, "ran": r.get("ran"), "date": r["date"],
+                         "edgepack": r["versions"]["edgepack"]} for path, r in reports],
+        "rss_bound_vs_fp32_weights": RSS_BOUND,
+        "shapes": {size: SHAPES[size] for size in order},
+        "sizes": {size: sizes[size] for size in order},
+        "machine": latest["machine"],
+        "date": latest["date"],
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_chart(report, out.with_suffix(".png"))
+    print(markdown(report))
+    return report
+
+
 def _free(model_dir: Path) -> None:
     """The random model's files (gigabytes for l1b) go once its exports are done."""
     import shutil
@@ -109,9 +138,11 @@ def write_chart(report: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     backends = sorted({t for row in report["sizes"].values() for t in row["exports"]})
-    for backend in backends:
+    for backend in backends:  # an export that failed or was refused is no point on a cost curve
         points = [(row["params_tied_once"] / 1e6, row["exports"][backend]) for row in report["sizes"].values()
-                  if backend in row["exports"]]
+                  if row["exports"].get(backend, {}).get("exit_code") == 0]
+        if not points:
+            continue
         x = [p for p, _ in points]
         left.plot(x, [e["wall_s"] / 60 for _, e in points], marker="o", label=backend)
         right.plot(x, [e["peak_rss_bytes"] / 2**30 for _, e in points], marker="o", label=backend)
@@ -135,7 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-export-llm", action="store_true", help="skip export_llm on the largest size")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json",
                         help="the JSON (the chart beside it as .png)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="REPORT",
+                        help="instead of measuring: join these reports of partial runs into --out and its chart")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     sizes, targets = args.sizes.split(","), [t for t in args.targets.split(",") if t]  # '' : export_llm alone
     unknown = [s for s in sizes if s not in SHAPES] + [t for t in targets if t not in TARGETS]
     if unknown:

@@ -15,7 +15,7 @@ import re
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.text import Text
 
 from edgepack.errors import EdgepackError, InputError
-from edgepack.rss import peak_rss_bytes
+from edgepack.rss import peak_rss_bytes, peak_window
 
 TAIL_LINES = 25
 _TAIL_BYTES = 256 * 1024  # enough for the last lines of even a very chatty converter
@@ -35,11 +35,13 @@ class StageTiming:
     name: str
     seconds: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int = 0  # the process's, up to the stage's end
+    step_peak_rss_bytes: dict[str, int] = field(default_factory=dict)  # each step's own (Linux)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "seconds": round(self.seconds, 3),
-                "steps": {k: round(v, 3) for k, v in self.steps.items()}, "peak_rss_bytes": self.peak_rss_bytes}
+                "steps": {k: round(v, 3) for k, v in self.steps.items()}, "peak_rss_bytes": self.peak_rss_bytes,
+                "step_peak_rss_bytes": dict(self.step_peak_rss_bytes)}
 
 
 class _Stage:
@@ -47,6 +49,7 @@ class _Stage:
         self.timing, self._status = timing, status
         self._step: str | None = None
         self._step_start = 0.0
+        self._step_window = ExitStack()  # holds the open step's peak_window
         self.failed = False
         self.notes: list[str] = []
 
@@ -58,6 +61,7 @@ class _Stage:
         """Mark the start of a named step inside the stage (closing the previous one)."""
         self._close_step()
         self._step, self._step_start = name, time.perf_counter()
+        self._window = self._step_window.enter_context(peak_window())
         if self._status is not None:
             self._status.update(f"[bold]{self.timing.name}[/] › {name}…")
 
@@ -69,6 +73,9 @@ class _Stage:
     def _close_step(self) -> None:
         if self._step is not None:
             self.timing.steps[self._step] = time.perf_counter() - self._step_start
+            self._step_window.close()
+            if self._window.peak_bytes:
+                self.timing.step_peak_rss_bytes[self._step] = self._window.peak_bytes
             self._step = None
 
 

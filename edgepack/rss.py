@@ -11,7 +11,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-_EARLIER_PEAK = 0  # the process's peak before measure_rss reset the kernel's (which getrusage reads)
+_EARLIER_PEAK = 0  # the process's peak before a window reset the kernel's (which getrusage reads)
+_OPEN_WINDOWS: list["PeakWindow"] = []  # one kernel high-water mark: before each reset, every open window reads it
 
 
 def peak_rss_bytes() -> int:
@@ -34,19 +35,50 @@ def _status_bytes(field_name: str) -> int:
     return int(re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) * 1024
 
 
+class PeakWindow:
+    """The peak resident set over a block, nested blocks included: `peak_bytes` once it closes."""
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+
+    def _seen(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, _status_bytes("VmHWM"))
+
+
 @contextmanager
-def measure_rss():
-    """Measures the block: the process's resident set before it and its peak during it, filled into
-    the yielded dict on exit. Linux only (the kernel's high-water mark, reset on entry through
-    /proc/self/clear_refs; peak_rss_bytes keeps the earlier peak); elsewhere the dict stays empty."""
+def peak_window():
+    """A PeakWindow over the block. Linux only (the kernel's high-water mark, reset on entry through
+    /proc/self/clear_refs, each open window and peak_rss_bytes keeping what they had seen); elsewhere
+    its peak stays 0."""
     global _EARLIER_PEAK
-    record: dict[str, int] = {}
+    window = PeakWindow()
     try:
-        before = _status_bytes("VmRSS")
+        for open_window in _OPEN_WINDOWS:
+            open_window._seen()
         _EARLIER_PEAK = peak_rss_bytes()
         Path("/proc/self/clear_refs").write_text("5")
     except (OSError, TypeError):  # not Linux, or /proc not readable or writable here
+        yield window
+        return
+    _OPEN_WINDOWS.append(window)
+    try:
+        yield window
+    finally:
+        _OPEN_WINDOWS.remove(window)
+        window._seen()
+
+
+@contextmanager
+def measure_rss():
+    """Measures the block: the process's resident set before it and its peak during it, filled into
+    the yielded dict on exit (Linux only; elsewhere the dict stays empty)."""
+    record: dict[str, int] = {}
+    try:
+        before = _status_bytes("VmRSS")
+    except (OSError, TypeError):
         yield record
         return
-    yield record
-    record.update(rss_before_bytes=before, peak_rss_bytes=_status_bytes("VmHWM"))
+    with peak_window() as window:
+        yield record
+    if window.peak_bytes:
+        record.update(rss_before_bytes=before, peak_rss_bytes=window.peak_bytes)

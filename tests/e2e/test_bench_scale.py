@@ -4,6 +4,7 @@ run takes an hour keeps working. One real export to ONNX (~1 min), so it runs in
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_scale_measures_each_export(tmp_path, monkeypatch):
     """bench.scale (`make bench BENCH_ARGS=--scale`) on a tiny shape: each export's exit code, time,
     stages and peak RSS against its fp32 weights are recorded, and the chart is written."""
-    from bench import scale
+    from bench import run, scale
 
     monkeypatch.setitem(scale.SHAPES, "tiny", dict(QUICK))
     out = tmp_path / "scale.json"
@@ -26,6 +27,9 @@ def test_scale_measures_each_export(tmp_path, monkeypatch):
     export = row["exports"]["onnx"]
     assert export["exit_code"] == 0 and export["artifact_bytes"] > 0
     assert {"load", "capture", "lower onnx"} <= set(export["stages"])
+    assert run._last_json(Path(export["log"]))["cache"] is None  # every stage ran: none read from the stage cache
+    lowering = export["stages"]["lower onnx"]
+    assert set(lowering["step_peak_rss_bytes"]) == set(lowering["steps"])  # where in the lowering the memory went
     # the process tree holds Python, torch and onnxruntime: far more than this model's 1.3 MB of weights
     assert export["peak_rss_bytes"] > 200 * 2**20
     assert export["peak_rss_vs_fp32_weights"] == round(export["peak_rss_bytes"] / row["fp32_weight_bytes"], 2)

@@ -1,0 +1,43 @@
+"""Peak RSS windows (edgepack.rss): the kernel keeps one high-water mark per process, which each
+window resets on entry; a window that encloses another still sees the inner block's peak, and each
+step of a stage reports its own peak (what the scale bench reads to say where memory goes)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from rich.console import Console
+
+from edgepack.progress import Progress
+from edgepack.rss import peak_rss_bytes, peak_window
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the kernel's high-water mark is read on Linux")
+BLOCK = 256 << 20
+
+
+def _hold_block() -> None:
+    block = bytearray(b"\x01") * BLOCK  # written, so its pages are resident
+    del block
+
+
+def test_an_enclosing_window_keeps_the_peak_a_nested_one_reset():
+    with peak_window() as outer:
+        with peak_window() as inner:
+            _hold_block()
+        with peak_window() as after:
+            pass
+    assert inner.peak_bytes > after.peak_bytes + BLOCK * 0.9
+    assert outer.peak_bytes >= inner.peak_bytes
+    assert peak_rss_bytes() >= inner.peak_bytes  # the process's peak survives every reset
+
+
+def test_each_step_of_a_stage_records_its_own_peak():
+    with Progress(Console(file=open("/dev/null", "w")), quiet=True).stage("lower demo") as stage:
+        stage.step("allocate")
+        _hold_block()
+        stage.step("idle")
+    peaks = stage.timing.step_peak_rss_bytes
+    assert set(peaks) == {"allocate", "idle"}
+    assert peaks["allocate"] > peaks["idle"] + BLOCK * 0.9
+    assert stage.timing.as_dict()["step_peak_rss_bytes"] == peaks
