@@ -266,7 +266,7 @@ def quantize(work: _Work) -> None:
         stored[node] = spec.linear if node in linear else spec.embedding
     accuracy_level = INT8_COMPUTE if spec.dynamic_int8_activations else 0
     by_storage: dict[WeightQuant, list[str]] = {}
-    shared = 0  # tied tables the offset grid stored once
+    shared = fused = 0  # tied tables the offset grid stored once; its MatMuls fused into a sibling
     for node, wq in stored.items():
         by_storage.setdefault(wq, []).append(node)
     for wq, group in sorted(by_storage.items(), key=lambda item: item[0].describe()):
@@ -275,8 +275,9 @@ def quantize(work: _Work) -> None:
             kind: (STORED_AS_OFFSET[kind] if offset_grid else STORED_AS[wq.bits, kind]).format(block=wq.group_size)
             for kind, names in (("linear", linear), ("embedding", embedding)) if any(n in names for n in group)}
         if offset_grid:
-            shared += onnx_graph.store_int4_with_offsets(
+            tables, matmuls = onnx_graph.store_int4_with_offsets(
                 work.model, set(group), lambda w, block=wq.group_size: offset_blocks(w, block), wq.group_size, accuracy_level)
+            shared, fused = shared + tables, fused + matmuls
             continue
         if wq.group_size is None:
             onnx_graph.store_int8_per_channel(work.model, set(group), _int8_rows, accuracy_level)
@@ -284,11 +285,13 @@ def quantize(work: _Work) -> None:
         exclude = work.other_matmuls + work.other_gathers + [n for n in nodes if n not in group]
         work.model = _blockwise_pass(work.model, group, exclude, wq, accuracy_level, any(n in embedding for n in group))
     work.counts["tied_tables_shared"] = shared + onnx_graph.share_tied_tables(work.model)
+    work.counts["linear_matmuls_fused"] = fused
     counts = onnx_graph.op_counts(work.model)
     work.counts.update(matmul_nbits=counts.get("MatMulNBits", 0), gather_block_quantized=counts.get("GatherBlockQuantized", 0),
                        group_query_attention=counts.get("GroupQueryAttention", 0), bits=onnx_graph.quantized_op_bits(work.model))
-    if work.counts["matmul_nbits"] != len(linear):
-        raise RuntimeError(f"{len(linear)} linear MatMuls but {work.counts['matmul_nbits']} became MatMulNBits")
+    if work.counts["matmul_nbits"] != len(linear) - fused:
+        raise RuntimeError(f"{len(linear)} linear MatMuls ({fused} fused into others) but {work.counts['matmul_nbits']} "
+                           "became MatMulNBits")
 
 
 def finish(work: _Work) -> None:

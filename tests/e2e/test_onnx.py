@@ -112,6 +112,13 @@ def _stored(model) -> list[tuple[str, int, int, np.ndarray, np.ndarray]]:
     return stored
 
 
+def _holds_rows(stored: np.ndarray, weight: np.ndarray) -> bool:
+    """Whether `weight` is a run of `stored`'s rows (layers that read one input are stored as one)."""
+    rows = weight.shape[0]
+    return stored.shape[1] == weight.shape[1] and any(
+        np.array_equal(stored[i:i + rows], weight) for i in range(stored.shape[0] - rows + 1))
+
+
 def _dequantized(model) -> list[np.ndarray]:
     return [weight for *_, weight in _stored(model)]
 
@@ -157,7 +164,10 @@ def test_graph_has_genai_io_and_every_linear_layer_is_matmulnbits(onnx_export, l
     ops = [n.op_type for n in model.graph.node]
     linears = sum(isinstance(m, torch.nn.Linear) for m in load_source(str(llama_dir)).module.modules())
     assert linears == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
-    assert ops.count("MatMulNBits") == linears and ops.count("GatherBlockQuantized") == 1
+    # q, k and v read one input, as gate and up do: one MatMulNBits each, split after the offset term
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("Split") == 2 * 2 and ops.count("GatherBlockQuantized") == 1
+    graph = read_manifest(bundle)["artifacts"][0]["runtime"]["graph"]
+    assert (graph["linear_matmuls"], graph["linear_matmuls_fused"], graph["matmul_nbits"]) == (linears, 2 * 3, 2 * 4 + 1)
     # No float weight is left: the only constant operands of plain MatMuls and Gathers are the
     # offset grid's 0/1 block indicators and its fp16 per-block offsets (1/32 of a weight).
     weights = _initializers(model)
@@ -197,9 +207,14 @@ def test_offset_grid_weights_span_each_blocks_range_and_are_the_references(onnx_
     [art] = read_manifest(bundle)["artifacts"]
     assert art["quantization"]["grid"] == "offset"
     model = _model(bundle / art["path"])
-    weights = [p.detach() for p in load_source(str(llama_dir)).module.parameters() if p.ndim == 2]
+    module = load_source(str(llama_dir)).module
+    weights = [p.detach() for p in module.parameters() if p.ndim == 2]
+    for layer in module.model.layers:  # the layers that read one input are stored as one, rows stacked
+        attention, mlp = layer.self_attn, layer.mlp
+        weights += [torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]).detach(),
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()]
     found = _stored(model)
-    assert len(found) == 15  # the linear layers; the embedding is tied to the LM head and stored once
+    assert len(found) == 2 * 4 + 1  # qkv, o, gate-up and down a layer, the LM head; the tied embedding stored once
     for op, bits, block, scales, w in found:
         matches = [f for f in weights if f.shape == w.shape
                    and np.abs(f.numpy() - w).max() <= scales.max() / 2 + 1e-3 * np.abs(f.numpy()).max()]
@@ -343,7 +358,7 @@ def test_mixed_precision_stores_each_layer_as_planned_and_matches_its_reference(
         if wq.bits == 4:  # the default offset grid
             symmetric, offsets = offset_parts(floats[name].weight, wq.group_size)
             weight = (symmetric + offsets.repeat_interleave(wq.group_size, dim=1)).numpy()
-        found = [s for s in stored if s[4].shape == weight.shape and np.array_equal(s[4], weight)]
+        found = [s for s in stored if _holds_rows(s[4], weight)]
         if name == "model.pooler.dense":  # mean pooling: the pooler is not in the graph
             assert not found
             continue
@@ -351,13 +366,15 @@ def test_mixed_precision_stores_each_layer_as_planned_and_matches_its_reference(
         assert op == ("MatMulNBits" if isinstance(reference[name], torch.nn.Linear) else "GatherBlockQuantized")
         assert bits == wq.bits == (8 if name in MIXED_INT8 else 4), name
         if wq.group_size:
-            assert block == wq.group_size and scales.shape == (weight.shape[0], weight.shape[1] // block), name
+            assert block == wq.group_size and scales.shape[1] == weight.shape[1] // block, name
         else:  # one scale per output channel (repeated over a linear row's blocks)
             assert (scales == scales[:, :1]).all() and (op == "MatMulNBits" or scales.shape[1] == 1), name
         placed += 1
-    assert placed == len(stored) == 15
+    # layer 0's q and k (its v is int8) are one MatMulNBits, and layer 1's q, k and v another
+    assert placed == 15 and len(stored) == 15 - 3
     runtime = artifact.runtime.as_dict()
-    assert runtime["graph"]["bits"] == {"GatherBlockQuantized": {"4": 1, "8": 2}, "MatMulNBits": {"4": 9, "8": 3}}
+    assert runtime["graph"]["linear_matmuls_fused"] == 3
+    assert runtime["graph"]["bits"] == {"GatherBlockQuantized": {"4": 1, "8": 2}, "MatMulNBits": {"4": 9 - 3, "8": 3}}
     quant = artifact.quantization.as_dict()
     assert set(quant["overrides"]) == set(MIXED_INT8) and set(quant["ops"]) == {"int4 g32 sym", "int8 per-channel sym"}
     assert "offset" in quant["ops"]["int4 g32 sym"]["linear"] and quant["grid"] == "offset"
@@ -438,8 +455,11 @@ def test_minilm_int4_plan_is_faithful_to_its_reference_and_within_0_99_of_fp32(m
     graph = art["runtime"]["graph"]
     # 6 layers x (q, k, v, attention out, intermediate, out); the pooler is a 37th linear the
     # sentence-embedding graph does not use. Word, position and token-type tables: 3 embeddings.
-    assert graph["matmul_nbits"] == graph["linear_matmuls"] == 36 and graph["linear_layers"] == 37
-    assert graph["bits"]["MatMulNBits"] == {"4": 36 - (len(overrides) - tables), "8": len(overrides) - tables}
+    assert graph["linear_matmuls"] == 36 and graph["linear_layers"] == 37
+    # int4 layers that read one input (q, k, v where the plan keeps them all int4) are one MatMulNBits
+    fused = graph["linear_matmuls_fused"]
+    assert graph["matmul_nbits"] == 36 - fused
+    assert graph["bits"]["MatMulNBits"] == {"4": 36 - (len(overrides) - tables) - fused, "8": len(overrides) - tables}
     assert sum(graph["bits"]["GatherBlockQuantized"].values()) == 3 and graph["bits"]["GatherBlockQuantized"].get("8", 0) == tables
     assert art["bytes"] < 1.15 * art["ideal_bytes"], (art["bytes"], art["ideal_bytes"])
     fidelity = manifest["comparisons"]["lowering_fidelity"]["onnx"]
