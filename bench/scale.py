@@ -100,7 +100,7 @@ def merge(paths: list[Path], out: Path) -> dict:
     report = {
         "what": latest["what"],
         "merged_from": [{"report": path.name, "ran": r.get("ran"), "date": r["date"],
-                         "edgepack": r["versions"]["edgepack"]} for path, r in reports],
+                         "edgepack": r["versions"]["edgepack"], "machine": r["machine"]} for path, r in reports],
         "rss_bound_vs_fp32_weights": RSS_BOUND,
         "shapes": {size: SHAPES[size] for size in order},
         "sizes": {size: sizes[size] for size in order},

@@ -38,4 +38,5 @@ def test_merge_joins_sizes_and_backends_the_later_report_winning(tmp_path):
     assert s135["executorch"]["report"] == "a.json"
     assert report["sizes"]["l1b"]["exports"]["onnx"]["exit_code"] == 2  # kept in the table, not on the curves
     assert [m["edgepack"] for m in report["merged_from"]] == ["aaa", "bbb"] and report["date"] == "2026-12-03"
+    assert [m["machine"] for m in report["merged_from"]] == [{"cores": 2}, {"cores": 2}]  # each run's own host
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
