@@ -2,9 +2,12 @@
 pick (`python -m onnxruntime_genai.models.builder -p int4 -e cpu`, blocks of 32), on the real
 SmolLM2-135M-Instruct: both folders through onnxruntime-genai's generator (bench.speed genai), the
 same prompt and teacher-forced tokens, runs interleaved so the host's load falls on both; the file
-sizes beside the ideal. Writes bench/results/ort-genai-smollm2.json.
+sizes beside the ideal; each graph's node count; and the perplexity of each on edgepack's built-in
+evaluation text through ONNX Runtime, by packaging.quality.measure (edgepack's own export measured
+it; the builder's model is driven here with its attention mask and past). Writes
+bench/results/ort-genai-smollm2.json.
 
-  python -m bench.ort_genai_anchor [--work DIR] [--rounds N]      (~5 min on 2 cores)"""
+  python -m bench.ort_genai_anchor [--work DIR] [--rounds N]      (~8 min on 2 cores)"""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.real_model import DEFAULT_OUT, build
 from bench.run import ROOT, exported_once, git_commit, machine
@@ -41,6 +45,46 @@ def genai_speed(folder: Path, tokens: Path, work: Path) -> dict:
     return {k: data[k].tolist() for k in data.files}
 
 
+def builder_call(model: Path):
+    """The builder's model behind quality.measure's forward(tokens [1, T], input_pos [1]) ->
+    logits [1, vocab]: its attention mask over every position so far, its past growing (plain ONNX
+    Runtime, so the past and present are separate buffers), a new cache at position 0."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    outputs = [o.name for o in session.get_outputs()]
+    cache: dict[str, np.ndarray] = {}
+
+    def forward(_: str, args: list[np.ndarray]) -> list[np.ndarray]:
+        tokens, position = args[0], int(args[1][0])
+        if position == 0:
+            cache.update({p.name: np.zeros((1, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts})
+        feed = {"input_ids": tokens, "attention_mask": np.ones((1, position + tokens.shape[1]), np.int64), **cache}
+        result = dict(zip(outputs, session.run(outputs, feed)))
+        cache.update({p.name: result[p.name.replace("past_key_values.", "present.")] for p in pasts})
+        return [result["logits"][:, -1]]
+    return forward
+
+
+def builder_perplexity(hf_dir: Path, model: Path) -> dict:
+    """quality.measure of the builder's model on the text and tokens edgepack's export scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.packaging import quality
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    fp32 = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    text = quality.prepare_eval_text(fp32, lambda t: tokenizer(t)["input_ids"], *quality.read_eval_text(None), MAX_SEQ_LEN)
+    return quality.measure(builder_call(model), text)
+
+
+def node_count(model: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(model), load_external_data=False).graph.node)
+
+
 def run(work: Path, rounds: int) -> dict:
     hf_dir = build(ROOT / DEFAULT_OUT)
     ours = work / "edgepack"
@@ -54,6 +98,10 @@ def run(work: Path, rounds: int) -> dict:
             for metric, values in genai_speed(folder, tokens, work).items():
                 runs[name][metric] += values
     sizes = {name: sum(p.stat().st_size for p in folder.glob("model.onnx*")) for name, folder in folders.items()}
+    keys = ("perplexity", "perplexity_fp32", "increase_pct", "top1_agreement", "scored_tokens", "text_sha256")
+    ours = json.loads((work / "edgepack" / "smollm2" / "manifest.json").read_text())["quality"]["artifacts"]["onnx"]
+    quality = {"edgepack": {k: ours[k] for k in keys},
+               "builder": {k: v for k, v in builder_perplexity(hf_dir, folders["builder"] / "model.onnx").items() if k in keys}}
     median = {name: {m: round(float(np.median(v)), 1) for m, v in r.items()} for name, r in runs.items()}
     report = {
         "model": hf_dir.name, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
@@ -62,6 +110,8 @@ def run(work: Path, rounds: int) -> dict:
         "edgepack": "edgepack export --target onnx (default plan: every layer int4 g32 on the offset grid)",
         "bytes": sizes, "ideal_bytes": artifact["ideal_bytes"],
         "size_vs_ideal": {name: round(size / artifact["ideal_bytes"], 3) for name, size in sizes.items()},
+        "nodes": {name: node_count(folder / "model.onnx") for name, folder in folders.items()},
+        "quality": quality,
         "median": median,
         "ratios": {m: round(median["edgepack"][m] / median["builder"][m], 3) for m in median["edgepack"]},
         "runs_tokens_per_s": runs,
@@ -71,7 +121,7 @@ def run(work: Path, rounds: int) -> dict:
     }
     out = ROOT / "bench" / "results" / "ort-genai-smollm2.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("bytes", "size_vs_ideal", "median", "ratios")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("bytes", "size_vs_ideal", "nodes", "quality", "median", "ratios")}, indent=2))
     return report
 
 

@@ -133,11 +133,11 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
     (q uint8 [out, in] in 0..15, scales float16 [out, blocks], offsets float16 [out, blocks])`.
 
     MatMulNBits computes the symmetric part (zero point 8 implied, so its fast kernels run); the
-    offsets add Σ_b (Σ_{k in b} x_k)·offset[n, b]: x times a 0/1 block-indicator matrix E [K,
-    blocks] gives the block sums, times offsets^T [blocks, N] the term (about 1/blocksize of the
-    main product's work). A Gather becomes GatherBlockQuantized on the same packed layout plus its
-    rows' offsets spread over their blocks (offsets[ids] · E^T). A tied table (the embedding and
-    the LM head) is stored once: the Gather reads the MatMul's codes, scales and offsets.
+    offsets add Σ_b (Σ_{k in b} x_k)·offset[n, b]: the block sums (x reshaped into its blocks and
+    summed), times offsets^T [blocks, N], the term (about 1/blocksize of the main product's work). A Gather becomes GatherBlockQuantized on the same packed layout plus its
+    rows' offsets spread over their blocks (offsets[ids] · E^T, E the 0/1 block-indicator matrix
+    [K, blocks]). A tied table (the embedding and the LM head) is stored once: the Gather reads the
+    MatMul's codes, scales and offsets.
     Scales and offsets are stored fp16 (the file's 4.5 -> 5 bits a weight instead of 5.5 with
     fp32 scales); the Casts, Transposes and Reshapes of these constants come first in the graph
     and onnxruntime folds them when it loads the model, before MatMulNBits packs its weights.
@@ -169,6 +169,19 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
 
     def indicator(k: int) -> str:
         return const(f"block_indicator_{k}x{block}", np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)))
+
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input)
+             if v.type.tensor_type.HasField("shape")}
+
+    def block_sums(x: str, k: int, tag: str) -> list:
+        """Each input block's sum: x reshaped to [..., blocks, block] and summed, two cheap nodes
+        (a MatMul by the indicator where x's rank is unknown)."""
+        if x not in ranks:
+            return [helper.make_node("MatMul", [x, indicator(k)], [f"{tag}_block_sums"], name=f"{tag}_block_sums")]
+        shape = const(f"blocks_shape_{ranks[x]}d_{k}x{block}", np.array([0] * (ranks[x] - 1) + [k // block, block], np.int64))
+        return [helper.make_node("Reshape", [x, shape], [f"{tag}_blocks"], name=f"{tag}_blocks"),
+                helper.make_node("ReduceSum", [f"{tag}_blocks", const("last_axis", np.array([-1], np.int64))],
+                                 [f"{tag}_block_sums"], name=f"{tag}_block_sums", keepdims=0)]
 
     def store(table: np.ndarray, name: str) -> tuple[str, bool]:
         for known, stored_name in tables:
@@ -211,7 +224,7 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
             nodes = [
                 helper.make_node("MatMulNBits", [node.input[0], codes, scales], [f"{tag}_sym"], name=f"{tag}_Q4",
                                  domain="com.microsoft", **attrs),
-                helper.make_node("MatMul", [node.input[0], indicator(cols)], [f"{tag}_block_sums"], name=f"{tag}_block_sums"),
+                *block_sums(node.input[0], cols, tag),
                 helper.make_node("MatMul", [f"{tag}_block_sums", offsets_t], [f"{tag}_offset_term"], name=f"{tag}_offset_term"),
             ]
         else:

@@ -22,6 +22,7 @@ from edgepack.errors import InputError
 from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.exporters.onnx import BACKEND
+from edgepack.exporters.onnx import fusions as onnx_fusions
 from edgepack.exporters.onnx import graph as onnx_graph
 from edgepack.exporters.onnx import metadata as onnx_metadata
 from edgepack.exporters.onnx.group_query_attention import GroupQueryAttentionDecoder
@@ -294,6 +295,12 @@ def quantize(work: _Work) -> None:
                            "became MatMulNBits")
 
 
+def fuse(work: _Work) -> None:
+    """Norms and reshapes into the fused shapes onnxruntime runs fastest (fusions.py)."""
+    work.model, counts = onnx_fusions.fuse_for_onnxruntime(work.model)
+    work.counts.update(counts, nodes=len(work.model.graph.node))
+
+
 def finish(work: _Work) -> None:
     """Shape inference and the checker on the final graph, metadata, and the files."""
     import onnx
@@ -323,6 +330,7 @@ STEPS: tuple[Step, ...] = (
     Step("reference", record_reference),
     Step("export", export),
     Step("quantize", quantize),
+    Step("fuse", fuse),
     Step("finish", finish),
 )
 

@@ -183,7 +183,13 @@ def test_graph_has_genai_io_and_every_linear_layer_is_matmulnbits(onnx_export, l
         ("com.microsoft", f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key",
          f"present.{i}.value") for i in range(2)]
     assert "Softmax" not in ops
-    assert read_manifest(bundle)["artifacts"][0]["runtime"]["graph"]["group_query_attention"] == 2
+    assert graph["group_query_attention"] == 2
+    # Each residual Add and the RMSNorm after it are one SkipSimplifiedLayerNormalization (every
+    # norm but layer 0's, which reads the embedding); q, k and v reach the attention without the
+    # Reshapes into heads and back; the offset term's block sums are a Reshape and a ReduceSum.
+    assert ops.count("SkipSimplifiedLayerNormalization") == graph["skip_rms_norms_fused"] == 2 * 2 and ops.count("Pow") == 1
+    assert ops.count("ReduceSum") == 2 * 4 + 1 and ops.count("Reshape") == 2 * 4 + 1 + 1  # + the tied table's rows
+    assert graph["nodes"] == len(ops)
 
 
 def _tied_table_read_once(model) -> None:

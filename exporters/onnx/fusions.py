@@ -1,0 +1,79 @@
+"""Rewrites of the quantized graph into the shapes onnxruntime runs in fewer kernels: at a decode
+step of a small model each node costs a kernel launch, so the node count, not the arithmetic,
+sets much of the speed (onnxruntime-genai's own builder writes these ops directly).
+
+- a residual Add followed by RMSNorm written as plain ops (Pow, ReduceMean, Add, Sqrt,
+  Reciprocal, Mul, Mul) becomes one SkipSimplifiedLayerNormalization (com.microsoft), which
+  returns both the sum and its norm: onnxscript's own fusion rules, kept to norms that read an
+  Add, since a lone SimplifiedLayerNormalization is an onnxruntime op in the ONNX domain that
+  onnx.checker rejects;
+- Reshape(Reshape(x)) becomes one Reshape (onnxscript's rule), and a Reshape to the shape its
+  input already has (attention's q, k, v split into heads and joined again) goes.
+
+Every rewrite is exact but for float rounding inside the fused norm."""
+
+from __future__ import annotations
+
+
+def _residual_rms_rules():
+    from onnxscript.rewriter import pattern
+    from onnxscript.rewriter.ort_fusions.rms_normalization import RmsNormFusion
+    from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
+
+    class ResidualRmsNorm(RmsNormFusion):
+        """onnxscript's RMSNorm fusion, only where the norm reads an Add of two values of known
+        shape (what the Skip fusion takes)."""
+
+        def check(self, op, x, *args, **kwargs):
+            producer = x.producer()
+            if (producer is None or producer.op_type != "Add" or producer.domain not in ("", "ai.onnx")
+                    or any(value is None or value.shape is None for value in producer.inputs)):
+                return pattern.MatchResult().fail("the norm does not read an Add of known shapes", x)
+            return super().check(op, x, *args, **kwargs)
+
+    rms = pattern.RewriteRuleSet([ResidualRmsNorm.rule(f"ResidualRmsNorm{i}", _mul_order=order)
+                                  for i, order in enumerate((False, True))])
+    return rms, skip_rms_normalization_ruleset
+
+
+def _drop_identity_reshapes(model) -> int:
+    """Reshapes whose constant target is the shape their input already has (by the exporter's
+    recorded shapes: equal where static, -1 at the one symbolic dimension)."""
+    dropped = 0
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        data, shape = node.inputs[0], node.inputs[1]
+        if shape is None or shape.const_value is None or data.shape is None or node.outputs[0].is_graph_output():
+            continue
+        target = shape.const_value.numpy().tolist()
+        dims = list(data.shape)
+        symbolic = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+        if len(target) != len(dims) or len(symbolic) > 1 or 0 in target:
+            continue
+        if all(t == d if isinstance(d, int) else t == -1 for t, d in zip(target, dims)) and target.count(-1) <= 1:
+            node.outputs[0].replace_all_uses_with(data)
+            dropped += 1
+    return dropped
+
+
+def fuse_for_onnxruntime(model) -> tuple[object, dict[str, int]]:
+    """(the rewritten onnx.ModelProto, how many of each rewrite). A norm left unfused by the Skip
+    rule would be an op onnx.checker rejects: then the norms are left as they were."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.rewriter import pattern
+    from onnxscript.rewriter.rules.common import reshape_reshape_rule
+
+    graph = ir.serde.deserialize_model(model)
+    counts = {"reshape_pairs_folded": pattern.RewriteRuleSet([reshape_reshape_rule]).apply_to_model(graph)}
+    counts["identity_reshapes_dropped"] = _drop_identity_reshapes(graph)
+    common_passes.RemoveUnusedNodesPass()(graph)
+    unfused = ir.serde.serialize_model(graph)
+    rms, skip = _residual_rms_rules()
+    norms = rms.apply_to_model(graph)
+    fused = skip.apply_to_model(graph) if norms else 0
+    if fused != norms:
+        return unfused, {**counts, "skip_rms_norms_fused": 0}
+    common_passes.RemoveUnusedNodesPass()(graph)
+    return ir.serde.serialize_model(graph), {**counts, "skip_rms_norms_fused": fused}
