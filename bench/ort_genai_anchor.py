@@ -52,17 +52,19 @@ def builder_call(model: Path):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    pasts = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    decoder = json.loads((model.parent / "genai_config.json").read_text())["model"]["decoder"]
+    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
     outputs = [o.name for o in session.get_outputs()]
     cache: dict[str, np.ndarray] = {}
 
     def forward(_: str, args: list[np.ndarray]) -> list[np.ndarray]:
         tokens, position = args[0], int(args[1][0])
         if position == 0:
-            cache.update({p.name: np.zeros((1, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts})
+            cache.update(dict.fromkeys(pasts, empty))
         feed = {"input_ids": tokens, "attention_mask": np.ones((1, position + tokens.shape[1]), np.int64), **cache}
         result = dict(zip(outputs, session.run(outputs, feed)))
-        cache.update({p.name: result[p.name.replace("past_key_values.", "present.")] for p in pasts})
+        cache.update({p: result[p.replace("past_key_values.", "present.")] for p in pasts})
         return [result["logits"][:, -1]]
     return forward
 
