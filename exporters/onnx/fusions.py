@@ -8,7 +8,9 @@ sets much of the speed (onnxruntime-genai's own builder writes these ops directl
   Add, since a lone SimplifiedLayerNormalization is an onnxruntime op in the ONNX domain that
   onnx.checker rejects;
 - Reshape(Reshape(x)) becomes one Reshape (onnxscript's rule), and a Reshape to the shape its
-  input already has (attention's q, k, v split into heads and joined again) goes.
+  input already has (attention's q, k, v split into heads and joined again) goes;
+- a GroupQueryAttention whose query, key and value are the three parts of one Split (the fused
+  q/k/v projection) reads the packed projection itself, as the op allows and the builder does.
 
 Every rewrite is exact but for float rounding inside the fused norm."""
 
@@ -57,6 +59,32 @@ def _drop_identity_reshapes(model) -> int:
     return dropped
 
 
+def _pack_attention_inputs(model) -> int:
+    """GroupQueryAttention(q, k, v, ...) where q, k, v = Split(x) along the features with widths
+    heads·D, kv_heads·D, kv_heads·D and read by nothing else -> GroupQueryAttention(x, "", "", ...)."""
+    packed = 0
+    for node in list(model.graph):
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+            continue
+        split = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if split is None or split.op_type != "Split" or list(node.inputs[:3]) != list(split.outputs):
+            continue
+        widths = split.inputs[1].const_value if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        axis, shape = split.attributes.get_int("axis", 0), split.inputs[0].shape
+        last = axis == -1 or (shape is not None and axis == shape.rank() - 1)
+        if widths is None or not last or any(len(v.uses()) != 1 for v in split.outputs):
+            continue
+        heads, kv_heads = node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")
+        width = widths.numpy().tolist()
+        if width[0] * kv_heads != width[1] * heads or width[1] != width[2]:
+            continue
+        node.replace_input_with(0, split.inputs[0])
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        packed += 1
+    return packed
+
+
 def fuse_for_onnxruntime(model) -> tuple[object, dict[str, int]]:
     """(the rewritten onnx.ModelProto, how many of each rewrite). A norm left unfused by the Skip
     rule would be an op onnx.checker rejects: then the norms are left as they were."""
@@ -68,6 +96,8 @@ def fuse_for_onnxruntime(model) -> tuple[object, dict[str, int]]:
     graph = ir.serde.deserialize_model(model)
     counts = {"reshape_pairs_folded": pattern.RewriteRuleSet([reshape_reshape_rule]).apply_to_model(graph)}
     counts["identity_reshapes_dropped"] = _drop_identity_reshapes(graph)
+    common_passes.RemoveUnusedNodesPass()(graph)  # the dropped Reshapes still read the q, k, v parts
+    counts["attention_inputs_packed"] = _pack_attention_inputs(graph)
     common_passes.RemoveUnusedNodesPass()(graph)
     unfused = ir.serde.serialize_model(graph)
     rms, skip = _residual_rms_rules()

@@ -164,8 +164,9 @@ def test_graph_has_genai_io_and_every_linear_layer_is_matmulnbits(onnx_export, l
     ops = [n.op_type for n in model.graph.node]
     linears = sum(isinstance(m, torch.nn.Linear) for m in load_source(str(llama_dir)).module.modules())
     assert linears == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
-    # q, k and v read one input, as gate and up do: one MatMulNBits each, split after the offset term
-    assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("Split") == 2 * 2 and ops.count("GatherBlockQuantized") == 1
+    # q, k and v read one input, as gate and up do: one MatMulNBits each; gate and up are split
+    # after the offset term, q, k and v go packed into the attention
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("Split") == 2 and ops.count("GatherBlockQuantized") == 1
     graph = read_manifest(bundle)["artifacts"][0]["runtime"]["graph"]
     assert (graph["linear_matmuls"], graph["linear_matmuls_fused"], graph["matmul_nbits"]) == (linears, 2 * 3, 2 * 4 + 1)
     # No float weight is left: the only constant operands of plain MatMuls and Gathers are the
@@ -182,8 +183,8 @@ def test_graph_has_genai_io_and_every_linear_layer_is_matmulnbits(onnx_export, l
     assert [(n.domain, n.input[3], n.input[4], n.output[1], n.output[2]) for n in attention] == [
         ("com.microsoft", f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key",
          f"present.{i}.value") for i in range(2)]
-    assert "Softmax" not in ops
-    assert graph["group_query_attention"] == 2
+    assert "Softmax" not in ops and all(n.input[1] == n.input[2] == "" for n in attention)
+    assert graph["group_query_attention"] == graph["attention_inputs_packed"] == 2
     # Each residual Add and the RMSNorm after it are one SkipSimplifiedLayerNormalization (every
     # norm but layer 0's, which reads the embedding); q, k and v reach the attention without the
     # Reshapes into heads and back; the offset term's block sums are a Reshape and a ReduceSum.

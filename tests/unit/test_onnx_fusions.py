@@ -63,7 +63,8 @@ def test_residual_norms_and_reshapes_fuse_with_the_same_outputs():
     model = _model()
     fused, counts = fuse_for_onnxruntime(model)
     onnx.checker.check_model(fused, full_check=True)
-    assert counts == {"reshape_pairs_folded": 2, "identity_reshapes_dropped": 1, "skip_rms_norms_fused": 1}
+    assert counts == {"reshape_pairs_folded": 2, "identity_reshapes_dropped": 1, "attention_inputs_packed": 0,
+                      "skip_rms_norms_fused": 1}
     ops = [n.op_type for n in fused.graph.node]
     # the Add-fed norm is one node; the norm of the input keeps its 7 plain ops; no Reshape is left
     assert ops.count("SkipSimplifiedLayerNormalization") == 1 and ops.count("Pow") == 1 and "Reshape" not in ops
@@ -83,5 +84,56 @@ def test_a_graph_with_nothing_to_fuse_is_returned_as_it_was():
     del model.graph.node[:]
     model.graph.node.extend(keep)
     fused, counts = fuse_for_onnxruntime(model)
-    assert counts == {"reshape_pairs_folded": 0, "identity_reshapes_dropped": 0, "skip_rms_norms_fused": 0}
+    assert counts == {"reshape_pairs_folded": 0, "identity_reshapes_dropped": 0, "attention_inputs_packed": 0,
+                      "skip_rms_norms_fused": 0}
     assert [n.op_type for n in fused.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def _attention_model(widths: list[int]) -> onnx.ModelProto:
+    """qkv [1, t, 96] split into q, k, v (`widths`) for a GroupQueryAttention of 4 query and 1 KV
+    heads of 16 features, rotary on, as the ONNX export writes a decoder layer's attention."""
+    heads, kv_heads, dim = 4, 1, 16
+    f = TensorProto.FLOAT
+    split = helper.make_node("Split", ["qkv", "widths"], ["q", "k", "v"], axis=-1)
+    attention = helper.make_node(
+        "GroupQueryAttention", ["q", "k", "v", "past_k", "past_v", "seqlens", "total", "cos", "sin", "positions"],
+        ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+        scale=dim ** -0.5, softcap=0.0, local_window_size=-1, do_rotary=1, rotary_interleaved=0)
+    inputs = [helper.make_tensor_value_info("qkv", f, [1, "t", (heads + 2 * kv_heads) * dim]),
+              helper.make_tensor_value_info("past_k", f, [1, kv_heads, "p", dim]),
+              helper.make_tensor_value_info("past_v", f, [1, kv_heads, "p", dim]),
+              helper.make_tensor_value_info("seqlens", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, []),
+              helper.make_tensor_value_info("cos", f, ["r", dim // 2]), helper.make_tensor_value_info("sin", f, ["r", dim // 2]),
+              helper.make_tensor_value_info("positions", TensorProto.INT64, [1, "t"])]
+    graph = helper.make_graph([split, attention], "attention", inputs,
+                              [helper.make_tensor_value_info(n, f, None) for n in attention.output],
+                              [numpy_helper.from_array(np.array(widths, np.int64), "widths")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=10)
+
+
+def test_attention_reads_the_packed_projection_with_the_same_outputs():
+    model = _attention_model([64, 16, 16])
+    packed, counts = fuse_for_onnxruntime(model)
+    assert counts["attention_inputs_packed"] == 1
+    [attention] = packed.graph.node  # the Split is gone
+    assert list(attention.input[:3]) == ["qkv", "", ""]
+    rng = np.random.default_rng(0)
+    past, new = 5, 3
+    angles = np.arange(past + new)[:, None] / 10 ** np.linspace(0, 3, 8)
+    feed = {"qkv": rng.standard_normal((1, new, 96)).astype(np.float32),
+            **{name: rng.standard_normal((1, 1, past, 16)).astype(np.float32) for name in ("past_k", "past_v")},
+            "seqlens": np.array([past + new - 1], np.int32), "total": np.array(past + new, np.int32),
+            "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32),
+            "positions": np.arange(past, past + new)[None]}
+    for before, after in zip(_run(model, feed), _run(packed, feed)):
+        np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_inputs_of_other_widths_stay_split():
+    """Widths that are not heads·D, kv_heads·D, kv_heads·D (here 48 query features of 4 heads'
+    64): not q, k and v of this attention, so the graph keeps its Split."""
+    model = _attention_model([48, 24, 24])
+    packed, counts = fuse_for_onnxruntime(model)
+    assert counts["attention_inputs_packed"] == 0 and [n.op_type for n in packed.graph.node] == ["Split", "GroupQueryAttention"]
