@@ -1,13 +1,14 @@
 """edgepack's ONNX beside onnxruntime-genai's own model builder, the anchor an ONNX Runtime user would
 pick (`python -m onnxruntime_genai.models.builder -p int4 -e cpu`, blocks of 32), on the real
-SmolLM2-135M-Instruct: both folders through onnxruntime-genai's generator (bench.speed genai), the
-same prompt and teacher-forced tokens, runs interleaved so the host's load falls on both; the file
+SmolLM2-135M-Instruct, edgepack's both by default (the offset grid) and on the builder's own
+symmetric grid: every folder through onnxruntime-genai's generator (bench.speed genai), the same
+prompt and teacher-forced tokens, runs interleaved so the host's load falls on all; the file
 sizes beside the ideal; each graph's node count; and the perplexity of each on edgepack's built-in
 evaluation text through ONNX Runtime, by packaging.quality.measure (edgepack's own export measured
 it; the builder's model is driven here with its attention mask and past). Writes
 bench/results/ort-genai-smollm2.json.
 
-  python -m bench.ort_genai_anchor [--work DIR] [--rounds N]      (~8 min on 2 cores)"""
+  python -m bench.ort_genai_anchor [--work DIR] [--rounds N]      (~12 min on 2 cores)"""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from bench.real_model import DEFAULT_OUT, build
 from bench.run import ROOT, exported_once, git_commit, machine
 
 MAX_SEQ_LEN, PROMPT_LEN, DECODE_STEPS, REPEATS = 512, 32, 64, 3
+# edgepack's folders: the default (the offset grid) and the builder's own grid (symmetric blocks)
+EDGEPACK = {"edgepack": [], "edgepack_symmetric": ["--onnx-grid", "symmetric"]}
 
 
 def builder(hf_dir: Path, out: Path) -> Path:
@@ -89,9 +92,11 @@ def node_count(model: Path) -> int:
 
 def run(work: Path, rounds: int) -> dict:
     hf_dir = build(ROOT / DEFAULT_OUT)
-    ours = work / "edgepack"
-    [artifact] = exported_once(hf_dir, "smollm2", ours, "onnx", MAX_SEQ_LEN, PROMPT_LEN)["artifacts"]
-    folders = {"edgepack": ours / "smollm2" / "onnx", "builder": builder(hf_dir, work / "builder" / "model")}
+    manifests = {name: exported_once(hf_dir, "smollm2", work / name, "onnx", MAX_SEQ_LEN, PROMPT_LEN, extra=extra)
+                 for name, extra in EDGEPACK.items()}
+    [artifact] = manifests["edgepack"]["artifacts"]
+    folders = {**{name: work / name / "smollm2" / "onnx" for name in EDGEPACK},
+               "builder": builder(hf_dir, work / "builder" / "model")}
     tokens = work / "tokens.npy"
     np.save(tokens, np.random.default_rng(0).integers(3, 49152, size=PROMPT_LEN + DECODE_STEPS).astype(np.int64))
     runs: dict[str, dict[str, list]] = {k: {"prefill_tokens_per_s": [], "decode_tokens_per_s": []} for k in folders}
@@ -101,21 +106,20 @@ def run(work: Path, rounds: int) -> dict:
                 runs[name][metric] += values
     sizes = {name: sum(p.stat().st_size for p in folder.glob("model.onnx*")) for name, folder in folders.items()}
     keys = ("perplexity", "perplexity_fp32", "increase_pct", "top1_agreement", "scored_tokens", "text_sha256")
-    ours = json.loads((work / "edgepack" / "smollm2" / "manifest.json").read_text())["quality"]["artifacts"]["onnx"]
-    quality = {"edgepack": {k: ours[k] for k in keys},
+    quality = {**{name: {k: m["quality"]["artifacts"]["onnx"][k] for k in keys} for name, m in manifests.items()},
                "builder": {k: v for k, v in builder_perplexity(hf_dir, folders["builder"] / "model.onnx").items() if k in keys}}
     median = {name: {m: round(float(np.median(v)), 1) for m, v in r.items()} for name, r in runs.items()}
     report = {
         "model": hf_dir.name, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
         "runs": f"{rounds} interleaved rounds of {REPEATS} per folder, one warm-up each (bench.speed genai)",
         "builder": "python -m onnxruntime_genai.models.builder -p int4 -e cpu --extra_options int4_block_size=32",
-        "edgepack": "edgepack export --target onnx (default plan: every layer int4 g32 on the offset grid)",
+        "edgepack": {name: " ".join(["edgepack export --target onnx", *extra]) for name, extra in EDGEPACK.items()},
         "bytes": sizes, "ideal_bytes": artifact["ideal_bytes"],
         "size_vs_ideal": {name: round(size / artifact["ideal_bytes"], 3) for name, size in sizes.items()},
         "nodes": {name: node_count(folder / "model.onnx") for name, folder in folders.items()},
         "quality": quality,
         "median": median,
-        "ratios": {m: round(median["edgepack"][m] / median["builder"][m], 3) for m in median["edgepack"]},
+        "ratios": {name: {m: round(median[name][m] / median["builder"][m], 3) for m in median[name]} for name in EDGEPACK},
         "runs_tokens_per_s": runs,
         "machine": machine(),
         "versions": {"edgepack": git_commit(), **{p: version(p) for p in ("onnxruntime", "onnxruntime-genai")}},
