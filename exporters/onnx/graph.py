@@ -134,10 +134,11 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
 
     MatMulNBits computes the symmetric part (zero point 8 implied, so its fast kernels run); the
     offsets add Σ_b (Σ_{k in b} x_k)·offset[n, b]: the block sums (x reshaped into its blocks and
-    summed), times offsets^T [blocks, N], the term (about 1/blocksize of the main product's work). A Gather becomes GatherBlockQuantized on the same packed layout plus its
-    rows' offsets spread over their blocks (offsets[ids] · E^T, E the 0/1 block-indicator matrix
-    [K, blocks]). A tied table (the embedding and the LM head) is stored once: the Gather reads the
-    MatMul's codes, scales and offsets.
+    summed) times offsets^T [blocks, N] (about 1/blocksize of the main product's work). A Gather
+    becomes GatherBlockQuantized on the same packed layout plus its rows' offsets spread over
+    their blocks (offsets[ids] · E^T, E the 0/1 block-indicator matrix [K, blocks]). A tied table
+    (the embedding and the LM head) is stored once: the Gather reads the MatMul's codes, scales
+    and offsets.
     Scales and offsets are stored fp16 (the file's 4.5 -> 5 bits a weight instead of 5.5 with
     fp32 scales); the Casts, Transposes and Reshapes of these constants come first in the graph
     and onnxruntime folds them when it loads the model, before MatMulNBits packs its weights.
