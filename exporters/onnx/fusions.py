@@ -53,7 +53,7 @@ def _drop_identity_reshapes(model) -> int:
         symbolic = [i for i, d in enumerate(dims) if not isinstance(d, int)]
         if len(target) != len(dims) or len(symbolic) > 1 or 0 in target:
             continue
-        if all(t == d if isinstance(d, int) else t == -1 for t, d in zip(target, dims)) and target.count(-1) <= 1:
+        if all(t == d if isinstance(d, int) else t == -1 for t, d in zip(target, dims)):  # -1 only at the symbolic one
             node.outputs[0].replace_all_uses_with(data)
             dropped += 1
     return dropped
@@ -85,9 +85,8 @@ def _pack_attention_inputs(model) -> int:
     return packed
 
 
-def fuse_for_onnxruntime(model) -> tuple[object, dict[str, int]]:
-    """(the rewritten onnx.ModelProto, how many of each rewrite). A norm left unfused by the Skip
-    rule would be an op onnx.checker rejects: then the norms are left as they were."""
+def _rewrite(model, fuse_norms: bool):
+    """(the ir model rewritten, how many of each rewrite, how many norms the RMS rule matched)."""
     import onnx_ir as ir
     import onnx_ir.passes.common as common_passes
     from onnxscript.rewriter import pattern
@@ -98,12 +97,22 @@ def fuse_for_onnxruntime(model) -> tuple[object, dict[str, int]]:
     counts["identity_reshapes_dropped"] = _drop_identity_reshapes(graph)
     common_passes.RemoveUnusedNodesPass()(graph)  # the dropped Reshapes still read the q, k, v parts
     counts["attention_inputs_packed"] = _pack_attention_inputs(graph)
+    norms = fused = 0
+    if fuse_norms:
+        rms, skip = _residual_rms_rules()
+        norms = rms.apply_to_model(graph)
+        fused = skip.apply_to_model(graph) if norms else 0
     common_passes.RemoveUnusedNodesPass()(graph)
-    unfused = ir.serde.serialize_model(graph)
-    rms, skip = _residual_rms_rules()
-    norms = rms.apply_to_model(graph)
-    fused = skip.apply_to_model(graph) if norms else 0
-    if fused != norms:
-        return unfused, {**counts, "skip_rms_norms_fused": 0}
-    common_passes.RemoveUnusedNodesPass()(graph)
-    return ir.serde.serialize_model(graph), {**counts, "skip_rms_norms_fused": fused}
+    return graph, {**counts, "skip_rms_norms_fused": fused}, norms
+
+
+def fuse_for_onnxruntime(model) -> tuple[object, dict[str, int]]:
+    """(the rewritten onnx.ModelProto, how many of each rewrite). A norm left unfused by the Skip
+    rule would be an op onnx.checker rejects: then the rewrite is made again without the norms
+    (`model` itself is never changed)."""
+    import onnx_ir as ir
+
+    graph, counts, norms = _rewrite(model, fuse_norms=True)
+    if counts["skip_rms_norms_fused"] != norms:
+        graph, counts, _ = _rewrite(model, fuse_norms=False)
+    return ir.serde.serialize_model(graph), counts

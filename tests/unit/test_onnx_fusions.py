@@ -137,3 +137,21 @@ def test_attention_inputs_of_other_widths_stay_split():
     model = _attention_model([48, 24, 24])
     packed, counts = fuse_for_onnxruntime(model)
     assert counts["attention_inputs_packed"] == 0 and [n.op_type for n in packed.graph.node] == ["Split", "GroupQueryAttention"]
+
+
+def test_a_norm_the_skip_rule_cannot_take_leaves_every_norm_plain():
+    """An Add-fed norm on 2-D rows [S, 8]: the RMS rule matches it, the Skip rule (3-D inputs
+    only) does not, so no lone SimplifiedLayerNormalization (an op onnx.checker rejects) is left:
+    the graph keeps its plain norm and stays valid."""
+    rows = ["S", HIDDEN]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, rows)  # noqa: E731
+    nodes = [helper.make_node("Add", ["a", "b"], ["h"]), *_rms_norm("h", "gamma", "n")]
+    constants = {"two": np.array(2.0, np.float32), "last_axis": np.array([-1], np.int64),
+                 "eps": np.array(1e-5, np.float32), "gamma": np.linspace(0.5, 1.5, HIDDEN, dtype=np.float32)}
+    graph = helper.make_graph(nodes, "rows_norm", [value("a"), value("b")], [value("n_out")],
+                              [numpy_helper.from_array(v, k) for k, v in constants.items()], value_info=[value("h")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    fused, counts = fuse_for_onnxruntime(model)
+    onnx.checker.check_model(fused, full_check=True)
+    assert counts["skip_rms_norms_fused"] == 0
+    assert [n.op_type for n in fused.graph.node] == [n.op_type for n in model.graph.node]
