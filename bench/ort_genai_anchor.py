@@ -21,12 +21,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from bench.quality import DECODE_STEPS, MAX_SEQ_LEN, PROMPT_LEN, REPEATS, eval_text
 from bench.real_model import DEFAULT_OUT, build
 from bench.run import ROOT, exported_once, git_commit, machine
 
-MAX_SEQ_LEN, PROMPT_LEN, DECODE_STEPS, REPEATS = 512, 32, 64, 3
 # edgepack's folders: the default (the offset grid) and the builder's own grid (symmetric blocks)
 EDGEPACK = {"edgepack": [], "edgepack_symmetric": ["--onnx-grid", "symmetric"]}
 
@@ -74,14 +73,9 @@ def builder_call(model: Path):
 
 def builder_perplexity(hf_dir: Path, model: Path) -> dict:
     """quality.measure of the builder's model on the text and tokens edgepack's export scores."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgepack.packaging import quality
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    fp32 = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    text = quality.prepare_eval_text(fp32, lambda t: tokenizer(t)["input_ids"], *quality.read_eval_text(None), MAX_SEQ_LEN)
-    return quality.measure(builder_call(model), text)
+    return quality.measure(builder_call(model), eval_text(hf_dir))
 
 
 def node_count(model: Path) -> int:

@@ -38,18 +38,24 @@ EXPORT_LLM_ARTIFACT = {"backend": "executorch", "runtime": {"kernel_libraries": 
 LLAMA_CPP_ARTIFACT = {"backend": "gguf", "methods": [{"dynamic_dims": {"seq_len": {"min": 1, "max": MAX_SEQ_LEN - 1}}}]}
 
 
-def anchor_perplexity(model_dir: Path, backend: str, path: Path, artifact: dict) -> dict:
-    """An anchor tool's artifact on the text edgepack's quality stage uses, tokenized the same way,
-    through the runtime edgepack's artifact of that backend runs on."""
-    from edgepack.exporters.registry import BACKENDS
+def eval_text(model_dir: Path):
+    """The text edgepack's quality stage scores, tokenized the same way, with fp32's answers."""
     from edgepack.exporters.sources import load_source
     from edgepack.exporters.tokenizer import encode
     from edgepack.packaging import quality
 
     loaded = load_source(model_dir)
     text, source = quality.read_eval_text(None)
-    prepared = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t), text, source, MAX_SEQ_LEN)
-    return quality.measure(BACKENDS[backend].host_call(path, artifact), prepared)
+    return quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t), text, source, MAX_SEQ_LEN)
+
+
+def anchor_perplexity(model_dir: Path, backend: str, path: Path, artifact: dict) -> dict:
+    """An anchor tool's artifact on eval_text, through the runtime edgepack's artifact of that
+    backend runs on."""
+    from edgepack.exporters.registry import BACKENDS
+    from edgepack.packaging import quality
+
+    return quality.measure(BACKENDS[backend].host_call(path, artifact), eval_text(model_dir))
 
 
 def row(label: str, backend: str, path: Path, size: int, artifact: dict, measured: dict, params: int, tokens: Path,
