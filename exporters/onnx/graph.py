@@ -75,6 +75,40 @@ def linear_gemms_to_matmuls(model, linear_classes: set[str]) -> int:
     return rewritten
 
 
+def stack_shared_input_matmuls(model, stored: dict[str, object]) -> dict[str, list[str]]:
+    """MatMuls of `stored` (node name -> how its weight is stored) that read one input and are
+    stored alike (attention's q, k and v; an MLP's gate and up) become one MatMul on their weights
+    side by side, named as the first, and a Split gives each its output. Every quantizer here
+    rounds each output column on its own, and the int8 activations are per input block, so the
+    values are the same, in one kernel call (and on the offset grid one offset term) instead of
+    one each. Returns {stacked node: the nodes it stands for, in order} for the stacks made."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    groups: dict[tuple, list] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.name in stored and node.input[1] in values:
+            groups.setdefault((node.input[0], stored[node.name]), []).append(node)
+    stacks = {}
+    for group in (g for g in groups.values() if len(g) > 1):
+        first = group[0]
+        weights = [numpy_helper.to_array(values[n.input[1]]) for n in group]
+        stacked, widths = f"{first.input[1]}_stacked", f"{first.name}_widths"
+        graph.initializer.extend([numpy_helper.from_array(np.concatenate(weights, axis=1), stacked),
+                                  numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), widths)])
+        outputs = [n.output[0] for n in group]
+        for node in group[1:]:
+            graph.node.remove(node)
+        index = list(graph.node).index(first)
+        first.input[1], first.output[0] = stacked, f"{first.name}_stacked"
+        graph.node.insert(index + 1, helper.make_node("Split", [first.output[0], widths], outputs,
+                                                      name=f"{first.name}_split", axis=-1))
+        stacks[first.name] = [n.name for n in group]
+    _drop_unused_initializers(graph)
+    return stacks
+
+
 def _drop_unused_initializers(graph) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for t in [t for t in graph.initializer if t.name not in used]:
@@ -142,11 +176,7 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
     Scales and offsets are stored fp16 (the file's 4.5 -> 5 bits a weight instead of 5.5 with
     fp32 scales); the Casts, Transposes and Reshapes of these constants come first in the graph
     and onnxruntime folds them when it loads the model, before MatMulNBits packs its weights.
-    MatMuls that read one input (attention's q, k and v; an MLP's gate and up) become one, their
-    rows stacked, and a Split gives each its output: rows are quantized independently and the
-    int8 activations are per input block, so the values are the same, in one kernel call and one
-    offset term instead of one each.
-    Returns (tables shared, MatMuls fused into another)."""
+    Returns how many tables were stored once for two nodes."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -200,23 +230,14 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
     shared = 0
     order = sorted(((i, n) for i, n in enumerate(graph.node) if n.name in node_names),
                    key=lambda item: item[1].op_type != "MatMul")  # MatMuls first: a tied Gather reuses the head's table
-    readers: dict[str, list[tuple[int, object]]] = {}  # the MatMuls of one input, fused below
-    for index, node in order:
-        if node.op_type == "MatMul":
-            readers.setdefault(node.input[0], []).append((index, node))
     for index, node in order:
         is_matmul = node.op_type == "MatMul"
-        group = readers[node.input[0]] if is_matmul else [(index, node)]
-        if is_matmul and group[0][1] is not node:
-            rewritten.append((index, []))  # computed by the group's first MatMul
-            continue
-        weights = [numpy_helper.to_array(values[n.input[1 if is_matmul else 0]]).astype(np.float32) for _, n in group]
-        table = np.ascontiguousarray(np.concatenate([w.T for w in weights])) if is_matmul else weights[0]
-        name, reused = store(table, node.input[1 if is_matmul else 0] + ("_fused" if len(group) > 1 else ""))
+        weight = numpy_helper.to_array(values[node.input[1 if is_matmul else 0]]).astype(np.float32)
+        name, reused = store(np.ascontiguousarray(weight.T) if is_matmul else weight, node.input[1 if is_matmul else 0])
         shared += reused and not is_matmul
-        rows, cols = table.shape
+        rows, cols = weight.shape[::-1] if is_matmul else weight.shape
         codes, scales, offsets = f"{name}_Q4", as_float(f"{name}_scales"), f"{name}_offsets"
-        out, tag = node.output[0] if len(group) == 1 else f"{node.name}_fused", node.name
+        out, tag = node.output[0], node.name
         if is_matmul:
             attrs = {"K": cols, "N": rows, "bits": 4, "block_size": block}
             if accuracy_level:
@@ -240,10 +261,6 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
                 helper.make_node("MatMul", [f"{tag}_row_offsets", spread], [f"{tag}_offset_term"], name=f"{tag}_offset_term"),
             ]
         nodes.append(helper.make_node("Add", [f"{tag}_sym", f"{tag}_offset_term"], [out], name=f"{tag}_add_offsets"))
-        if len(group) > 1:
-            widths = const(f"{tag}_widths", np.array([w.shape[1] for w in weights], np.int64))
-            nodes.append(helper.make_node("Split", [out, widths], [n.output[0] for _, n in group], name=f"{tag}_split",
-                                          axis=-1))
         rewritten.append((index, nodes))
     for index, nodes in sorted(rewritten, key=lambda item: item[0], reverse=True):
         del graph.node[index]
@@ -253,7 +270,7 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
         graph.node.insert(offset, node)
     graph.initializer.extend(added.values())
     _finish_contrib_rewrite(model, bool(node_names))
-    return shared, sum(len(group) - 1 for group in readers.values())
+    return shared
 
 
 def _finish_contrib_rewrite(model, rewrote: bool) -> None:

@@ -249,10 +249,12 @@ def _blockwise_pass(model, nodes: list[str], exclude: list[str], wq: WeightQuant
 
 
 def quantize(work: _Work) -> None:
-    """Each linear-layer MatMul and embedding Gather stored as spec.for_layer says: int4 blocks by
-    onnxruntime's MatMulNBitsQuantizer, one pass per block size with every other weight node
-    excluded; int8 per channel by store_int8_per_channel. A constant-weight MatMul or Gather from
-    elsewhere stays fp32, as in the reference."""
+    """Each linear-layer MatMul and embedding Gather stored as spec.for_layer says: int4 blocks on
+    the offset grid by store_int4_with_offsets, or by onnxruntime's MatMulNBitsQuantizer, one pass
+    per block size with every other weight node excluded; int8 per channel by
+    store_int8_per_channel. MatMuls that read one input and are stored alike are stacked into one
+    first, on every grid. A constant-weight MatMul or Gather from elsewhere stays fp32, as in the
+    reference."""
     spec, linear, embedding = work.quant, work.linear, work.embedding
     n_linear = sum(isinstance(m, nn.Linear) for m in work.captured.loaded.module.modules())
     work.counts.update(linear_layers=n_linear, linear_matmuls=len(linear), embedding_gathers=len(embedding))
@@ -266,8 +268,13 @@ def quantize(work: _Work) -> None:
     for node in unnamed:  # a uniform spec stores every layer of a kind alike
         stored[node] = spec.linear if node in linear else spec.embedding
     accuracy_level = INT8_COMPUTE if spec.dynamic_int8_activations else 0
+    stacks = onnx_graph.stack_shared_input_matmuls(work.model, {n: wq for n, wq in stored.items() if n in linear})
+    for members in stacks.values():
+        for member in members[1:]:
+            del stored[member]
+    fused = sum(len(members) - 1 for members in stacks.values())
     by_storage: dict[WeightQuant, list[str]] = {}
-    shared = fused = 0  # tied tables the offset grid stored once; its MatMuls fused into a sibling
+    shared = 0  # tied tables the offset grid stored once
     for node, wq in stored.items():
         by_storage.setdefault(wq, []).append(node)
     for wq, group in sorted(by_storage.items(), key=lambda item: item[0].describe()):
@@ -276,14 +283,13 @@ def quantize(work: _Work) -> None:
             kind: (STORED_AS_OFFSET[kind] if offset_grid else STORED_AS[wq.bits, kind]).format(block=wq.group_size)
             for kind, names in (("linear", linear), ("embedding", embedding)) if any(n in names for n in group)}
         if offset_grid:
-            tables, matmuls = onnx_graph.store_int4_with_offsets(
+            shared += onnx_graph.store_int4_with_offsets(
                 work.model, set(group), lambda w, block=wq.group_size: offset_blocks(w, block), wq.group_size, accuracy_level)
-            shared, fused = shared + tables, fused + matmuls
             continue
         if wq.group_size is None:
             onnx_graph.store_int8_per_channel(work.model, set(group), _int8_rows, accuracy_level)
             continue
-        exclude = work.other_matmuls + work.other_gathers + [n for n in nodes if n not in group]
+        exclude = work.other_matmuls + work.other_gathers + [n for n in stored if n not in group]
         work.model = _blockwise_pass(work.model, group, exclude, wq, accuracy_level, any(n in embedding for n in group))
     work.counts["tied_tables_shared"] = shared + onnx_graph.share_tied_tables(work.model)
     work.counts["linear_matmuls_fused"] = fused

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,10 +27,12 @@ def test_export_records_the_plan_and_the_artifact_stores_it(llama_dir, tmp_path)
     assert sorted(overrides) == plan["int8_layer_names"] and set(overrides.values()) == {"int8 per-channel sym"}
     [artifact] = manifest["artifacts"]
     assert artifact["quantization"]["overrides"] == overrides
-    # the graph stores as many 8-bit MatMulNBits as the plan has int8 linear layers
+    # the graph stores an 8-bit MatMulNBits for each input the plan's int8 linear layers read (q, k
+    # and v, or gate and up, at one precision are stacked into one)
     graph = onnx.load(tmp_path / "auto" / "tiny-llama" / artifact["path"]).graph
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
-    assert bits.count(8) == len(overrides) and bits.count(4) > 0
+    inputs = {re.sub(r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", name)) for name in overrides}
+    assert bits.count(8) == len(inputs) and bits.count(4) > 0
     assert manifest["comparisons"]["lowering_fidelity"]["onnx"]["cases"]["greedy"]["steps_verified"] == 16
     # the same plan and bytes from a process of its own, with another hash seed and one thread
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
