@@ -103,6 +103,10 @@ def run(work: Path, rounds: int) -> dict:
     quality = {**{name: {k: m["quality"]["artifacts"]["onnx"][k] for k in keys} for name, m in manifests.items()},
                "builder": {k: v for k, v in builder_perplexity(hf_dir, folders["builder"] / "model.onnx").items() if k in keys}}
     median = {name: {m: round(float(np.median(v)), 1) for m, v in r.items()} for name, r in runs.items()}
+    # Each round's own ratio (its runs' median over the builder's in the same round): how far the
+    # host's load moves the ratio within one run.
+    by_round = {name: {m: [round(float(np.median(v[i:i + REPEATS]) / np.median(runs["builder"][m][i:i + REPEATS])), 3)
+                           for i in range(0, len(v), REPEATS)] for m, v in runs[name].items()} for name in EDGEPACK}
     report = {
         "model": hf_dir.name, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
         "runs": f"{rounds} interleaved rounds of {REPEATS} per folder, one warm-up each (bench.speed genai)",
@@ -114,6 +118,7 @@ def run(work: Path, rounds: int) -> dict:
         "quality": quality,
         "median": median,
         "ratios": {name: {m: round(median[name][m] / median["builder"][m], 3) for m in median[name]} for name in EDGEPACK},
+        "ratios_by_round": by_round,
         "runs_tokens_per_s": runs,
         "machine": machine(),
         "versions": {"edgepack": git_commit(), **{p: version(p) for p in ("onnxruntime", "onnxruntime-genai")}},
@@ -121,7 +126,8 @@ def run(work: Path, rounds: int) -> dict:
     }
     out = ROOT / "bench" / "results" / "ort-genai-smollm2.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("bytes", "size_vs_ideal", "nodes", "quality", "median", "ratios")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("bytes", "size_vs_ideal", "nodes", "quality", "median", "ratios", "ratios_by_round")},
+                     indent=2))
     return report
 
 
