@@ -233,9 +233,10 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
     for index, node in order:
         is_matmul = node.op_type == "MatMul"
         weight = numpy_helper.to_array(values[node.input[1 if is_matmul else 0]]).astype(np.float32)
-        name, reused = store(np.ascontiguousarray(weight.T) if is_matmul else weight, node.input[1 if is_matmul else 0])
+        table = np.ascontiguousarray(weight.T) if is_matmul else weight  # [rows, K]
+        name, reused = store(table, node.input[1 if is_matmul else 0])
         shared += reused and not is_matmul
-        rows, cols = weight.shape[::-1] if is_matmul else weight.shape
+        rows, cols = table.shape
         codes, scales, offsets = f"{name}_Q4", as_float(f"{name}_scales"), f"{name}_offsets"
         out, tag = node.output[0], node.name
         if is_matmul:
