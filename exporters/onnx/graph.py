@@ -232,9 +232,10 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
                    key=lambda item: item[1].op_type != "MatMul")  # MatMuls first: a tied Gather reuses the head's table
     for index, node in order:
         is_matmul = node.op_type == "MatMul"
-        weight = numpy_helper.to_array(values[node.input[1 if is_matmul else 0]]).astype(np.float32)
+        weight_name = node.input[1 if is_matmul else 0]
+        weight = numpy_helper.to_array(values[weight_name]).astype(np.float32)
         table = np.ascontiguousarray(weight.T) if is_matmul else weight  # [rows, K]
-        name, reused = store(table, node.input[1 if is_matmul else 0])
+        name, reused = store(table, weight_name)
         shared += reused and not is_matmul
         rows, cols = table.shape
         codes, scales, offsets = f"{name}_Q4", as_float(f"{name}_scales"), f"{name}_offsets"
