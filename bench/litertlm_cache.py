@@ -22,26 +22,27 @@ from bench.run import ROOT, exported_once, git_commit, machine
 PROMPT, DECODE = 32, 64
 
 
-def engine_rounds(paths: dict[int, Path], rounds: int) -> dict[int, dict[str, list[float]]]:
-    """{length: {"prefill"/"decode": tokens/s per counted round}}, the lengths run in turn within each
-    round so that the host's drift falls on all of them alike; round 0 warms up and is not counted."""
+def engine_rounds(paths: dict, rounds: int) -> dict:
+    """{key: {"prefill"/"decode": tokens/s per counted round}} for {key: .litertlm path}, the files run
+    in turn within each round so that the host's drift falls on all alike; round 0 warms up and is
+    not counted."""
     import litert_lm
     from litert_lm import interfaces
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
-    runs = {length: {"prefill": [], "decode": []} for length in paths}
+    runs = {key: {"prefill": [], "decode": []} for key in paths}
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-litertlm-cache-") as caches:
         for round_ in range(rounds + 1):
-            for length, path in paths.items():
-                cache = Path(caches) / str(length)  # each model's compiled weight cache
+            for key, path in paths.items():
+                cache = Path(caches) / str(key)  # each model's compiled weight cache
                 cache.mkdir(exist_ok=True)
                 result = litert_lm.Benchmark(str(path), interfaces.Backend.CPU(), prefill_tokens=PROMPT,
                                              decode_tokens=DECODE, cache_dir=str(cache)).run()
                 if (result.last_prefill_token_count, result.last_decode_token_count) != (PROMPT, DECODE):
                     raise SystemExit(f"the LiteRT-LM engine ran other token counts than asked: {result}")
                 if round_:
-                    runs[length]["prefill"].append(round(result.last_prefill_tokens_per_second, 1))
-                    runs[length]["decode"].append(round(result.last_decode_tokens_per_second, 1))
+                    runs[key]["prefill"].append(round(result.last_prefill_tokens_per_second, 1))
+                    runs[key]["decode"].append(round(result.last_decode_tokens_per_second, 1))
     return runs
 
 
