@@ -33,7 +33,10 @@ from bench.real_model import DEFAULT_OUT, build
 from bench.run import ROOT, exported_once, git_commit, machine
 
 MAX_SEQ_LEN = 512
-EDGEPACK = {"edgepack": [], "edgepack_symmetric_int4": ["--tflite-grid", "symmetric", "--mixed-precision", "off"]}
+# edgepack's exports: the default, and litert-torch's precision, which its quality gate refuses on
+# this model at the default 50 % (+62.8 % perplexity): the bench lets it through to time it
+EDGEPACK = {"edgepack": [],
+            "edgepack_symmetric_int4": ["--tflite-grid", "symmetric", "--mixed-precision", "off", "--max-ppl-increase", "100"]}
 
 
 def _schema_for_litert_torch() -> None:
@@ -74,12 +77,14 @@ def litert_torch_export(model_dir: Path, out: Path) -> Path:
 
 def run(rounds: int, work: Path) -> dict:
     model_dir = build(ROOT / DEFAULT_OUT)
-    paths = {}
+    paths, perplexity = {}, {}
     for name, extra in EDGEPACK.items():
         manifest = exported_once(model_dir, "smollm2", work / name, "tflite", MAX_SEQ_LEN, PROMPT,
                                  extra=["--tflite-bundle", "litertlm", *extra])
         [artifact] = manifest["artifacts"]
         paths[name] = work / name / "smollm2" / artifact["runtime"]["litertlm"]
+        quality = manifest["quality"]["artifacts"]["tflite"]
+        perplexity[name] = {k: quality[k] for k in ("perplexity", "perplexity_fp32", "increase_pct")}
     paths["litert-torch"] = litert_torch_export(model_dir, work / "litert-torch")
     runs = engine_rounds(paths, rounds)
     anchor = statistics.median(runs["litert-torch"]["decode"])
@@ -90,7 +95,8 @@ def run(rounds: int, work: Path) -> dict:
                       "prefill_tokens_per_s": statistics.median(runs[name]["prefill"]),
                       "decode_tokens_per_s": decode, "decode_vs_litert_torch": round(decode / anchor, 3),
                       "runs": runs[name]}
-    rows["edgepack"]["flags"], rows["edgepack_symmetric_int4"]["flags"] = EDGEPACK["edgepack"], EDGEPACK["edgepack_symmetric_int4"]
+    for name, extra in EDGEPACK.items():
+        rows[name].update(flags=extra, **perplexity[name])  # the LiteRT interpreter's, on the built-in text
     rows["litert-torch"]["flags"] = ["dynamic_int4_block32", "kvcache_layout=KV_LAYOUT_TRANSPOSED"]
     report = {"model": model_dir.name, "max_seq_len": MAX_SEQ_LEN, "prompt_tokens": PROMPT,
               "rounds": f"{rounds} interleaved after a warm-up round", "rows": rows, "machine": machine(),
