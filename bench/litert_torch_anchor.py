@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import json
-import statistics
 import sys
 import time
 import types
 from importlib.metadata import version
 from pathlib import Path
 
-from bench.litertlm_cache import PROMPT, engine_rounds
+from bench.litertlm_cache import PROMPT, engine_rows, exported_litertlm
 from bench.real_model import DEFAULT_OUT, build
-from bench.run import ROOT, exported_once, git_commit, machine
+from bench.run import ROOT, git_commit, machine
 
 MAX_SEQ_LEN = 512
 # edgepack's exports: the default, and litert-torch's precision, which its quality gate refuses on
@@ -79,22 +78,11 @@ def run(rounds: int, work: Path) -> dict:
     model_dir = build(ROOT / DEFAULT_OUT)
     paths, perplexity = {}, {}
     for name, extra in EDGEPACK.items():
-        manifest = exported_once(model_dir, "smollm2", work / name, "tflite", MAX_SEQ_LEN, PROMPT,
-                                 extra=["--tflite-bundle", "litertlm", *extra])
-        [artifact] = manifest["artifacts"]
-        paths[name] = work / name / "smollm2" / artifact["runtime"]["litertlm"]
+        paths[name], manifest = exported_litertlm(model_dir, work / name, MAX_SEQ_LEN, extra)
         quality = manifest["quality"]["artifacts"]["tflite"]
         perplexity[name] = {k: quality[k] for k in ("perplexity", "perplexity_fp32", "increase_pct")}
     paths["litert-torch"] = litert_torch_export(model_dir, work / "litert-torch")
-    runs = engine_rounds(paths, rounds)
-    anchor = statistics.median(runs["litert-torch"]["decode"])
-    rows = {}
-    for name, path in paths.items():
-        decode = statistics.median(runs[name]["decode"])
-        rows[name] = {"litertlm_bytes": path.stat().st_size,
-                      "prefill_tokens_per_s": statistics.median(runs[name]["prefill"]),
-                      "decode_tokens_per_s": decode, "decode_vs_litert_torch": round(decode / anchor, 3),
-                      "runs": runs[name]}
+    rows = engine_rows(paths, rounds, reference="litert-torch", ratio="decode_vs_litert_torch")
     for name, extra in EDGEPACK.items():
         rows[name].update(flags=extra, **perplexity[name])  # the LiteRT interpreter's, on the built-in text
     rows["litert-torch"]["flags"] = ["dynamic_int4_block32", "kvcache_layout=KV_LAYOUT_TRANSPOSED"]

@@ -46,28 +46,34 @@ def engine_rounds(paths: dict, rounds: int) -> dict:
     return runs
 
 
+def engine_rows(paths: dict, rounds: int, reference, ratio: str) -> dict:
+    """{key: size, median prefill and decode tokens/s, decode against `reference`'s (as `ratio`), and
+    every counted round} for {key: .litertlm path}, measured by engine_rounds."""
+    runs = engine_rounds(paths, rounds)
+    rows = {key: {"litertlm_bytes": path.stat().st_size,
+                  "prefill_tokens_per_s": statistics.median(runs[key]["prefill"]),
+                  "decode_tokens_per_s": statistics.median(runs[key]["decode"]), "runs": runs[key]}
+            for key, path in paths.items()}
+    for row in rows.values():
+        row[ratio] = round(row["decode_tokens_per_s"] / rows[reference]["decode_tokens_per_s"], 3)
+    return rows
+
+
+def exported_litertlm(model_dir: Path, out: Path, max_seq_len: int, extra: list[str] | tuple = ()) -> tuple[Path, dict]:
+    """(the .litertlm, the manifest) of edgepack's export of `model_dir` into `out` (bench.run.exported_once)."""
+    manifest = exported_once(model_dir, "smollm2", out, "tflite", max_seq_len, PROMPT,
+                             extra=["--tflite-bundle", "litertlm", *extra])
+    [artifact] = manifest["artifacts"]
+    return out / "smollm2" / artifact["runtime"]["litertlm"], manifest
+
+
 def run(lengths: list[int], rounds: int, work: Path) -> dict:
     model_dir = build(ROOT / DEFAULT_OUT)
-    paths, files = {}, {}
+    paths = {}
     for length in lengths:
         print(f"edgepack export --target tflite --tflite-bundle litertlm --max-seq-len {length}", flush=True)
-        manifest = exported_once(model_dir, "smollm2", work / f"len{length}", "tflite", length, PROMPT,
-                                 extra=["--tflite-bundle", "litertlm"])
-        [artifact] = manifest["artifacts"]
-        paths[length] = work / f"len{length}" / "smollm2" / artifact["runtime"]["litertlm"]
-        files[length] = paths[length].stat().st_size
-    runs = engine_rounds(paths, rounds)
-    shortest = min(lengths)
-    rows = {}
-    for length in lengths:
-        decode = statistics.median(runs[length]["decode"])
-        rows[str(length)] = {
-            "litertlm_bytes": files[length],
-            "prefill_tokens_per_s": statistics.median(runs[length]["prefill"]),
-            "decode_tokens_per_s": decode,
-            "decode_vs_shortest": round(decode / statistics.median(runs[shortest]["decode"]), 3),
-            "runs": runs[length],
-        }
+        paths[length], _ = exported_litertlm(model_dir, work / f"len{length}", length)
+    rows = engine_rows(paths, rounds, reference=min(lengths), ratio="decode_vs_shortest")
     report = {"model": model_dir.name, "prompt_tokens": PROMPT, "decode_tokens": DECODE,
               "rounds": f"{rounds} interleaved after a warm-up round", "rows": rows, "machine": machine(),
               "versions": {"edgepack": git_commit(), "litert-lm-api": version("litert-lm-api"),
