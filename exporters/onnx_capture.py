@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +27,9 @@ from edgepack.stages import CapturedModel, MethodSpec, TensorSpec
 PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
 PRESENT = ("present.%d.key", "present.%d.value")
 INPUT_IDS, POSITION_IDS, LOGITS = "input_ids", "position_ids", "logits"
-# The float graph is held as one protobuf, which cannot pass 2 GiB (ByteSize, the checker and
-# copies fail with EncodeError; measured on a Llama-3.2-1B-shaped model's 4.9 GB graph).
+# A float graph held as one protobuf cannot pass 2 GiB (ByteSize, the checker and copies fail
+# with EncodeError; measured on a Llama-3.2-1B-shaped model's 4.9 GB graph); export_onnx's
+# weights_dir keeps the weights out of it.
 PROTOBUF_LIMIT = 2**31
 # What torch.onnx records on each node: the classes and the module paths it was traced in.
 _CLASSES = "pkg.torch.onnx.class_hierarchy"
@@ -131,27 +133,41 @@ def onnx_signature(captured: CapturedModel, model: nn.Module | None = None, *,
     return _module_signature(captured, captured.module if model is None else model)
 
 
-def too_large_for_one_protobuf(module: nn.Module) -> str | None:
-    """Why a model whose float32 weights alone (tied ones once) pass the protobuf limit cannot be
-    exported (the backends that convert from this graph refuse it before any slow step), or None."""
+def too_large_for_one_protobuf(module: nn.Module, what: str) -> str | None:
+    """Why `what`, which holds the float graph in one protobuf, cannot take a model whose float32
+    weights alone (tied ones once) pass the protobuf limit, or None."""
     weights = float32_weight_bytes(module)
     if weights < PROTOBUF_LIMIT:
         return None
-    return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and the ONNX export holds its float graph in "
-            f"one protobuf, which cannot pass {PROTOBUF_LIMIT / 2**30:.0f} GiB (about {PROTOBUF_LIMIT // 4 / 1e6:.0f}M "
+    return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and {what} holds the float graph in one "
+            f"protobuf, which cannot pass {PROTOBUF_LIMIT / 2**30:.0f} GiB (about {PROTOBUF_LIMIT // 4 / 1e6:.0f}M "
             "parameters)")
 
 
-def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: int):
+def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: int, *, weights_dir: Path | None = None):
     """torch.onnx.export (dynamo) of the signature's module: the onnx.ModelProto, its I/O named as
     the signature says. `attention_module` is the model whose attention is written as grouped
-    query attention while it is traced (a decoder wrapper may write it otherwise for its call)."""
+    query attention while it is traced (a decoder wrapper may write it otherwise for its call).
+    With `weights_dir` the weights are written there, one tensor at a time, and the protobuf
+    refers to them (read them with graph.weight_array): it then holds no weight bytes, so a model
+    past 2 GiB can be rewritten; without, the protobuf holds them."""
     # its progress lines go to stderr (stdout is for --json)
     with grouped_query_attention(attention_module), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(signature.module, signature.args, kwargs=signature.kwargs or None, dynamo=True,
                                     dynamic_shapes=signature.dynamic_shapes, input_names=signature.input_names,
                                     output_names=signature.output_names, opset_version=opset, verbose=False)
-    model = program.model_proto
+    if weights_dir is None:
+        model = program.model_proto
+    else:
+        import onnx
+
+        path = weights_dir / "exported.graph"
+        program.save(path, external_data=True)
+        del program  # the exporter's own folded copies of the weights go with it
+        model = onnx.load(path, load_external_data=False)
+        for tensor in model.graph.initializer:  # the small ones are inline: written as the protobuf would hold them
+            if tensor.data_location == onnx.TensorProto.DEFAULT:
+                tensor.ClearField("data_location")
     names = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
     if names != (signature.input_names, signature.output_names):
         raise RuntimeError(f"exported I/O names {names} differ from {signature.input_names}, {signature.output_names}")

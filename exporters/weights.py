@@ -185,8 +185,13 @@ def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
     fake_quantize(W·γ), bias b + W·β, and takes the normalized input (x - β) / γ.
 
     keep_float: layer names the artifact stores unquantized although the spec covers them (a
-    converter that constant-folds a lookup whose indices are fixed never hands it to the quantizer)."""
-    copied = copy.deepcopy(module)
+    converter that constant-folds a lookup whose indices are fixed never hands it to the quantizer),
+    or that the caller replaces itself; their float weights are shared with `module`, not copied,
+    unless a quantized layer also holds them (a tied table)."""
+    layers = dict(module.named_modules())
+    rewritten = {id(m.weight) for name, m in layers.items() if name not in keep_float and spec.for_layer(name, m)}
+    shared = {id(p): p for name in keep_float for p in [layers[name].weight] if id(p) not in rewritten}
+    copied = copy.deepcopy(module, shared)
     folded_norms = folded_norms or {}
     done: dict[int, torch.Tensor] = {}
     with torch.no_grad():
@@ -244,6 +249,19 @@ class NormAffine:
 def float32_weight_bytes(module: nn.Module) -> int:
     """The module's weights in float32, tied ones counted once (what a float graph stores)."""
     return sum(p.numel() for p in module.parameters()) * 4
+
+
+def too_large_for_memory(module: nn.Module, per_weight_byte: float, what: str, have: int) -> str | None:
+    """Why a machine granting `have` bytes cannot export `module` when `what` holds about
+    `per_weight_byte` times its float32 weights (the kernel would kill the export mid-way, with
+    no message), or None."""
+    weights = float32_weight_bytes(module)
+    need = per_weight_byte * weights
+    if need <= have:
+        return None
+    return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and {what} holds about {per_weight_byte:g}x that "
+            f"({need / 1e9:.0f} GB) while this machine grants {have / 1e9:.0f} GB of memory: it would be killed mid-way "
+            f"(a machine with {need / 1e9:.0f} GB or more can take it)")
 
 
 def copy_sharing_weights(module: nn.Module) -> nn.Module:

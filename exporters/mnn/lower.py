@@ -58,7 +58,7 @@ def refusal(loaded, quant: QuantSpec) -> str | None:
     silently store per channel. It reads the ONNX graph, which has a size limit."""
     if quant.scheme == "int4" and quant.linear.group_size % 16:
         return f"MNN's converter stores 4-bit blocks of 16, 32, 64 ... weights, not {quant.linear.group_size}"
-    return too_large_for_one_protobuf(loaded.module)
+    return too_large_for_one_protobuf(loaded.module, "MNN's conversion (from the ONNX graph)")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +20,85 @@ from edgepack.exporters.onnx_capture import module_class
 
 # ONNX protobufs cannot exceed 2 GiB; above this the weights go to one external data file.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+# While a graph is rewritten its float weights stay in files (the `folder` of the functions below)
+# rather than in the protobuf: a 1B-parameter model's 5 GB would not fit one, and each read takes
+# one weight into memory at a time. Smaller new tensors (codes, scales, shapes) are kept inline.
+EXTERNAL_MIN_BYTES = 1 << 20
 
 
-def fold_weight_transposes(model) -> int:
+def weight_array(tensor, folder: Path | None) -> np.ndarray:
+    """An initializer's values, read from its file under `folder` when the graph keeps it there."""
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor, os.fspath(folder) if folder is not None else "")
+
+
+def add_weight(graph, array: np.ndarray, name: str, folder: Path | None) -> None:
+    """A new initializer: in a file of its own under `folder` when the graph keeps its weights
+    there and the array is large, otherwise in the protobuf."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if folder is None or array.nbytes < EXTERNAL_MIN_BYTES:
+        graph.initializer.append(numpy_helper.from_array(array, name))
+        return
+    file = f"{uuid.uuid4().hex}.bin"
+    np.ascontiguousarray(array).tofile(folder / file)  # little-endian raw data, as ONNX stores it
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                         data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", file), ("offset", "0"), ("length", str(array.nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    graph.initializer.append(tensor)
+
+
+def has_external_weights(model) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def inline_weights(model, folder: Path | None) -> None:
+    """Read the weights kept in files under `folder` into the protobuf (for code that reads the
+    graph's weights itself: onnxruntime's quantizer, the final file)."""
+    if has_external_weights(model):
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, os.fspath(folder))
+
+
+def graph_bytes(model) -> int:
+    """The graph's size with its weights, wherever they are kept."""
+    external = sum(int(e.value) for t in model.graph.initializer for e in t.external_data if e.key == "length")
+    return model.ByteSize() + external
+
+
+def check_graph(model, folder: Path | None) -> None:
+    """onnx.checker's full check; a graph whose weights are in files under `folder` is checked from
+    there (the checker reads a protobuf past 2 GiB only from a path)."""
+    import onnx
+
+    if not has_external_weights(model):
+        onnx.checker.check_model(model, full_check=True)
+        return
+    path = folder / f"check-{uuid.uuid4().hex}.onnx"
+    onnx.save_model(model, os.fspath(path))  # the weights stay where they are
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    finally:
+        path.unlink()
+
+
+def fold_weight_transposes(model, folder: Path | None = None) -> int:
     """Replace Transpose(initializer) by the transposed initializer. The exporter folds these
     itself except where the initializer has other users (a tied LM head shares the embedding's
     table), and the quantizer only quantizes a MatMul whose weight is an initializer."""
-    from onnx import numpy_helper
-
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     folded = []
     for node in graph.node:
         if node.op_type == "Transpose" and node.input[0] in initializers:
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            array = np.transpose(numpy_helper.to_array(initializers[node.input[0]]), perm)
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), node.output[0]))
+            array = np.transpose(weight_array(initializers[node.input[0]], folder), perm)
+            add_weight(graph, np.ascontiguousarray(array), node.output[0], folder)
             folded.append(node)
     for node in folded:
         graph.node.remove(node)
@@ -42,10 +106,10 @@ def fold_weight_transposes(model) -> int:
     return len(folded)
 
 
-def linear_gemms_to_matmuls(model, linear_classes: set[str]) -> int:
+def linear_gemms_to_matmuls(model, linear_classes: set[str], folder: Path | None = None) -> int:
     """A linear layer on a 2-D input is exported as Gemm(x, W, b, transB=1), which the quantizer
     leaves alone: rewrite it as MatMul(x, W^T) (+ Add b), keeping the node's trace records."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -55,11 +119,11 @@ def linear_gemms_to_matmuls(model, linear_classes: set[str]) -> int:
         if (node.op_type != "Gemm" or module_class(node) not in linear_classes or node.input[1] not in initializers
                 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             continue
-        weight = numpy_helper.to_array(initializers[node.input[1]])
+        weight = weight_array(initializers[node.input[1]], folder)
         if attrs.get("transB", 0):
             weight = np.ascontiguousarray(weight.T)
         weight_name = f"{node.input[1]}_matmul"
-        graph.initializer.append(numpy_helper.from_array(weight, weight_name))
+        add_weight(graph, weight, weight_name, folder)
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
         replacement = [helper.make_node("MatMul", [node.input[0], weight_name], [product], name=f"{node.name}_matmul")]
@@ -75,7 +139,7 @@ def linear_gemms_to_matmuls(model, linear_classes: set[str]) -> int:
     return rewritten
 
 
-def stack_shared_input_matmuls(model, stored: dict[str, object]) -> dict[str, list[str]]:
+def stack_shared_input_matmuls(model, stored: dict[str, object], folder: Path | None = None) -> dict[str, list[str]]:
     """MatMuls of `stored` (node name -> how its weight is stored) that read one input and are
     stored alike (attention's q, k and v; an MLP's gate and up) become one MatMul on their weights
     side by side, named as the first, and a Split gives each its output. Every quantizer here
@@ -93,10 +157,11 @@ def stack_shared_input_matmuls(model, stored: dict[str, object]) -> dict[str, li
     stacks = {}
     for group in (g for g in groups.values() if len(g) > 1):
         first = group[0]
-        weights = [numpy_helper.to_array(values[n.input[1]]) for n in group]
+        weights = [weight_array(values[n.input[1]], folder) for n in group]
         stacked, widths = f"{first.input[1]}_stacked", f"{first.name}_widths"
-        graph.initializer.extend([numpy_helper.from_array(np.concatenate(weights, axis=1), stacked),
-                                  numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), widths)])
+        add_weight(graph, np.concatenate(weights, axis=1), stacked, folder)
+        graph.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), widths))
+        del weights
         outputs = [n.output[0] for n in group]
         for node in group[1:]:
             graph.node.remove(node)
@@ -115,7 +180,8 @@ def _drop_unused_initializers(graph) -> None:
         graph.initializer.remove(t)
 
 
-def store_int8_per_channel(model, node_names: set[str], quantize_rows, accuracy_level: int) -> dict[str, int]:
+def store_int8_per_channel(model, node_names: set[str], quantize_rows, accuracy_level: int,
+                           folder: Path | None = None) -> dict[str, int]:
     """Rewrite the named MatMul / Gather nodes to hold int8 weights with one scale per output
     channel (per table row for Gather), quantized by `quantize_rows(weight [out, in] float32) ->
     (q int8 [out, in], scales float32 [out])`. MatMul -> MatMulNBits bits 8 (q + 128 in uint8, its
@@ -132,7 +198,7 @@ def store_int8_per_channel(model, node_names: set[str], quantize_rows, accuracy_
         if node.name not in node_names:
             continue
         is_matmul = node.op_type == "MatMul"
-        weight = numpy_helper.to_array(values[node.input[1 if is_matmul else 0]]).astype(np.float32)
+        weight = weight_array(values[node.input[1 if is_matmul else 0]], folder).astype(np.float32)
         q, scales = quantize_rows(np.ascontiguousarray(weight.T) if is_matmul else weight)
         rows, cols = q.shape
         codes = (q.astype(np.int16) + 128).astype(np.uint8)
@@ -161,7 +227,8 @@ def store_int8_per_channel(model, node_names: set[str], quantize_rows, accuracy_
     return blocks
 
 
-def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block: int, accuracy_level: int) -> int:
+def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block: int, accuracy_level: int,
+                            folder: Path | None = None) -> int:
     """Rewrite the named MatMul / Gather nodes to hold 4-bit blocks on a grid with a float offset
     per block: w = scale·(q - 8) + offset, from `quantize_blocks(weight [out, in] float32) ->
     (q uint8 [out, in] in 0..15, scales float16 [out, blocks], offsets float16 [out, blocks])`.
@@ -214,6 +281,9 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
                 helper.make_node("ReduceSum", [f"{tag}_blocks", const("last_axis", np.array([-1], np.int64))],
                                  [f"{tag}_block_sums"], name=f"{tag}_block_sums", keepdims=0)]
 
+    # Only a table an embedding could share is kept for the comparison (a 1B model's others are gigabytes).
+    gather_shapes = {tuple(values[n.input[0]].dims) for n in graph.node if n.name in node_names and n.op_type == "Gather"}
+
     def store(table: np.ndarray, name: str) -> tuple[str, bool]:
         for known, stored_name in tables:
             if known.shape == table.shape and np.array_equal(known, table):
@@ -223,7 +293,8 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
         const(f"{name}_Q4", (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(rows, cols // block, block // 2))
         const(f"{name}_scales", scales.astype(np.float16))
         const(f"{name}_offsets", offsets.astype(np.float16))
-        tables.append((table, name))
+        if table.shape in gather_shapes:
+            tables.append((table, name))
         return name, False
 
     rewritten: list[tuple[int, list]] = []
@@ -233,7 +304,7 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
     for index, node in order:
         is_matmul = node.op_type == "MatMul"
         weight_name = node.input[1 if is_matmul else 0]
-        weight = numpy_helper.to_array(values[weight_name]).astype(np.float32)
+        weight = weight_array(values[weight_name], folder).astype(np.float32)
         table = np.ascontiguousarray(weight.T) if is_matmul else weight  # [rows, K]
         name, reused = store(table, weight_name)
         shared += reused and not is_matmul
@@ -361,12 +432,13 @@ def quantized_op_bits(model) -> dict[str, dict[str, int]]:
     return {op: dict(sorted(b.items())) for op, b in sorted(counts.items())}
 
 
-def serialize(model, file_name: str) -> dict[str, bytes]:
+def serialize(model, file_name: str, folder: Path | None = None) -> dict[str, bytes]:
     """The model as files keyed by name: `file_name` alone, or with `<file_name>.data` holding the
     weights when the protobuf would pass 2 GiB (the external data location is relative, so the two
-    files must stay side by side)."""
+    files must stay side by side). Weights kept in files under `folder` are read in first."""
     import onnx
 
+    inline_weights(model, folder)
     if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
         return {file_name: model.SerializeToString(deterministic=True)}
     copy = onnx.ModelProto()

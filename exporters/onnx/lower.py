@@ -9,8 +9,10 @@ onnxruntime-genai's names plus a genai_config.json beside the model."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -37,13 +39,25 @@ from edgepack.exporters.onnx_capture import (
     too_large_for_one_protobuf,
     weight_nodes,
 )
-from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max, weight_only_reference
+from edgepack.exporters.weights import (
+    Rounding,
+    by_row_slices,
+    quantize_groups,
+    quantize_min_max,
+    too_large_for_memory,
+    weight_only_reference,
+)
 from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.rss import machine_memory_bytes
 from edgepack.stages import CapturedModel, KvCache, QuantRecord, RuntimeRecord
 
 MODEL_FILE = BACKEND.artifact
 GENAI_CONFIG = "onnx/genai_config.json"
 OPSET = 21  # int4 tensors (GatherBlockQuantized's data) need opset 21 / IR 10
+# The export's peak memory per byte of the model's float32 weights: 2.28x on a Llama-3.2-1B-shaped
+# model (bench.scale, 2026-12-04; the float weights stay in files while the graph is rewritten),
+# rounded up. Smaller models add a fixed ~1.5 GB of Python, torch and onnxruntime.
+EXPORT_MEMORY_PER_WEIGHT_BYTE = 2.5
 # MatMulNBits accuracy_level 4: activations quantized to int8 per block at run time (the fast
 # path on ARM and x86 CPUs); 0: fp32 compute on the int4 weights.
 INT8_COMPUTE = 4
@@ -71,21 +85,42 @@ def offset_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarra
     """The offset grid (weights.quantize_min_max, 4 bits, scales in fp16) as
     graph.store_int4_with_offsets stores it: codes q in 0..15, fp16 scales, and fp16 offsets
     minimum + 8·scale, so that w = scale·(q - 8) + offset with MatMulNBits' implied zero point 8."""
-    q, scale, minimum = quantize_min_max(torch.from_numpy(weight), 4, block, scale_dtype=torch.float16)
+    q, scale, minimum = by_row_slices(quantize_min_max, torch.from_numpy(weight), 4, block, torch.float16)
     offset = (minimum + 8 * scale).to(torch.float16)
     rows, cols = weight.shape
     return (q.reshape(rows, cols).to(torch.uint8).numpy(), scale.reshape(rows, -1).to(torch.float16).numpy(),
             offset.reshape(rows, -1).numpy())
 
 
+@dataclass(frozen=True)
+class OffsetWeight:
+    """A weight on the offset grid as the artifact stores it: codes q - 8 [out, in] (int8, q in
+    0..15), and per block fp16 scales and offsets [out, blocks] (as float32)."""
+
+    centered: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    block: int
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, block: int) -> "OffsetWeight":
+        q, scale, offset = offset_blocks(weight.detach().float().numpy(), block)
+        return cls(torch.from_numpy(q.astype(np.int8) - 8), torch.from_numpy(scale).float(), torch.from_numpy(offset).float(),
+                   block)
+
+    def symmetric(self) -> torch.Tensor:
+        """scale·(q - 8) [out, in]: MatMulNBits' dequantized weight (one float temporary, scaled in place)."""
+        rows, cols = self.centered.shape
+        weight = self.centered.float()
+        weight.view(rows, -1, self.block).mul_(self.scales.unsqueeze(-1))
+        return weight
+
+
 def offset_parts(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What the artifact computes with for a weight on the offset grid: the symmetric part
-    scale·(q - 8) [out, in] (MatMulNBits' dequantized weight) and the offsets [out, blocks] (fp16
-    values, as float32)."""
-    q, scale, offset = offset_blocks(weight.detach().float().numpy(), block)
-    rows, cols = q.shape
-    symmetric = (torch.from_numpy(q).float() - 8).reshape(rows, -1, block) * torch.from_numpy(scale).float().unsqueeze(-1)
-    return symmetric.reshape(rows, cols), torch.from_numpy(offset).float()
+    [out, in] and the offsets [out, blocks]."""
+    stored = OffsetWeight.of(weight, block)
+    return stored.symmetric(), stored.offsets
 
 
 def _int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +151,7 @@ STORED_AS_OFFSET = {
 class _Work(Lowering):
     signature: OnnxSignature | None = None
     model: Any = None  # onnx.ModelProto
+    folder: Path | None = None  # where the graph's float weights are kept while it is rewritten (graph.weight_array)
     layers: dict[str, WeightQuant] = field(default_factory=dict)  # layer path -> how it is stored
     linear: dict[str, str] = field(default_factory=dict)  # node name -> layer path: MatMuls of linear layers
     embedding: dict[str, str] = field(default_factory=dict)  # Gathers of embedding tables
@@ -127,8 +163,8 @@ class _Work(Lowering):
 
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
-    """Why ONNX cannot take `loaded` (a float graph too large for one protobuf), or None."""
-    return too_large_for_one_protobuf(loaded.module)
+    """Why this machine cannot export `loaded` to ONNX (it would need more memory than it grants), or None."""
+    return too_large_for_memory(loaded.module, EXPORT_MEMORY_PER_WEIGHT_BYTE, "the ONNX export", machine_memory_bytes())
 
 
 def check_scheme(work: _Work) -> None:
@@ -138,6 +174,9 @@ def check_scheme(work: _Work) -> None:
     module = work.captured.module
     work.layers = work.quant.layers(module)
     modules = dict(module.named_modules())
+    if any(wq.group_size for wq in work.layers.values()) and work.options.grid == "symmetric":
+        if why := too_large_for_one_protobuf(module, "onnxruntime's quantizer (--onnx-grid symmetric)"):
+            raise InputError(f"--onnx-grid symmetric: {why}", hint="use the default --onnx-grid offset for this model")
     for name, wq in work.layers.items():
         layer = modules[name]
         kind = "linear" if isinstance(layer, nn.Linear) else "embedding"
@@ -180,13 +219,17 @@ def on_offset_grid(options: Options, wq: WeightQuant) -> bool:
     return options.grid == "offset" and wq.bits == 4 and wq.group_size is not None
 
 
-def _offset_linear(layer: nn.Linear, symmetric: torch.Tensor, offsets: torch.Tensor, block: int, int8_inputs: bool):
+def _offset_linear(layer: nn.Linear, stored: OffsetWeight, int8_inputs: bool):
     """The layer as the artifact computes it: MatMulNBits on the symmetric part (its input in int8
-    blocks at accuracy_level 4) plus the block sums of the float input times the offsets."""
+    blocks at accuracy_level 4) plus the block sums of the float input times the offsets. It holds
+    the 4-bit codes and dequantizes them at each call: a float copy of every weight would double a
+    large model's memory."""
+    block = stored.block
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         sums = x.reshape(*x.shape[:-1], -1, block).sum(dim=-1)
-        y = nn.functional.linear(_int8_blocks(x, block) if int8_inputs else x, symmetric, layer.bias)
-        return y + sums @ offsets.T
+        y = nn.functional.linear(_int8_blocks(x, block) if int8_inputs else x, stored.symmetric(), layer.bias)
+        return y + sums @ stored.offsets.T
     layer.forward = forward
 
 
@@ -197,13 +240,14 @@ def record_reference(work: _Work) -> None:
                                    keep_float=frozenset(offset))
     layers = dict(module.named_modules())
     # All parts from the float weights first: a tied embedding and LM head share one Parameter.
-    parts = {name: offset_parts(layers[name].weight, wq.group_size) for name, wq in offset.items()}
-    for name, (symmetric, offsets) in parts.items():
-        layer, block = layers[name], offset[name].group_size
+    parts = {name: OffsetWeight.of(layers[name].weight, wq.group_size) for name, wq in offset.items()}
+    for name, stored in parts.items():
+        layer = layers[name]
         if isinstance(layer, nn.Linear):
-            _offset_linear(layer, symmetric, offsets, block, spec.dynamic_int8_activations)
+            _offset_linear(layer, stored, spec.dynamic_int8_activations)
         else:
-            layer.weight = nn.Parameter(symmetric + offsets.repeat_interleave(block, dim=1), requires_grad=False)
+            layer.weight = nn.Parameter(stored.symmetric() + stored.offsets.repeat_interleave(stored.block, dim=1),
+                                        requires_grad=False)
     if spec.dynamic_int8_activations:
         for name, layer in module.named_modules():
             if isinstance(layer, nn.Linear) and name in work.layers and name not in offset:
@@ -213,19 +257,18 @@ def record_reference(work: _Work) -> None:
 
 
 def export(work: _Work) -> None:
-    import onnx
-
-    model = export_onnx(work.signature, work.captured.loaded.module, OPSET)
+    folder = work.folder
+    model = export_onnx(work.signature, work.captured.loaded.module, OPSET, weights_dir=folder)
     linear_classes = class_names(work.signature.module, nn.Linear)
     embedding_classes = class_names(work.signature.module, nn.Embedding)
-    work.counts["transposes_folded"] = onnx_graph.fold_weight_transposes(model)
-    work.counts["gemms_rewritten"] = onnx_graph.linear_gemms_to_matmuls(model, linear_classes)
+    work.counts["transposes_folded"] = onnx_graph.fold_weight_transposes(model, folder)
+    work.counts["gemms_rewritten"] = onnx_graph.linear_gemms_to_matmuls(model, linear_classes, folder)
     # Which nodes are the model's linear and embedding layers is known only from the trace records.
     work.linear, work.other_matmuls = weight_nodes(model, "MatMul", linear_classes)
     work.embedding, work.other_gathers = weight_nodes(model, "Gather", embedding_classes)
     onnx_graph.strip_trace_records(model)
-    onnx.checker.check_model(model, full_check=True)
-    work.model, work.float_bytes = model, model.ByteSize()
+    onnx_graph.check_graph(model, folder)
+    work.model, work.float_bytes = model, onnx_graph.graph_bytes(model)
 
 
 def _blockwise_pass(model, nodes: list[str], exclude: list[str], wq: WeightQuant, accuracy_level: int, with_gathers: bool):
@@ -268,7 +311,7 @@ def quantize(work: _Work) -> None:
     for node in unnamed:  # a uniform spec stores every layer of a kind alike
         stored[node] = spec.linear if node in linear else spec.embedding
     accuracy_level = INT8_COMPUTE if spec.dynamic_int8_activations else 0
-    stacks = onnx_graph.stack_shared_input_matmuls(work.model, {n: wq for n, wq in stored.items() if n in linear})
+    stacks = onnx_graph.stack_shared_input_matmuls(work.model, {n: wq for n, wq in stored.items() if n in linear}, work.folder)
     for members in stacks.values():
         for member in members[1:]:
             del stored[member]
@@ -284,12 +327,14 @@ def quantize(work: _Work) -> None:
             for kind, names in (("linear", linear), ("embedding", embedding)) if any(n in names for n in group)}
         if offset_grid:
             shared += onnx_graph.store_int4_with_offsets(
-                work.model, set(group), lambda w, block=wq.group_size: offset_blocks(w, block), wq.group_size, accuracy_level)
+                work.model, set(group), lambda w, block=wq.group_size: offset_blocks(w, block), wq.group_size, accuracy_level,
+                work.folder)
             continue
         if wq.group_size is None:
-            onnx_graph.store_int8_per_channel(work.model, set(group), _int8_rows, accuracy_level)
+            onnx_graph.store_int8_per_channel(work.model, set(group), _int8_rows, accuracy_level, work.folder)
             continue
         exclude = work.other_matmuls + work.other_gathers + [n for n in stored if n not in group]
+        onnx_graph.inline_weights(work.model, work.folder)  # the quantizer reads them from the protobuf
         work.model = _blockwise_pass(work.model, group, exclude, wq, accuracy_level, any(n in embedding for n in group))
     work.counts["tied_tables_shared"] = shared + onnx_graph.share_tied_tables(work.model)
     work.counts["linear_matmuls_fused"] = fused
@@ -317,14 +362,14 @@ def finish(work: _Work) -> None:
     model = work.model
     # A check only: the inferred value_info is not kept (ONNX Runtime infers its own; it would grow the file).
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    onnx.checker.check_model(model, full_check=True)
+    onnx_graph.check_graph(model, work.folder)
     model.producer_name, model.producer_version = "edgepack", __version__
     model.doc_string = f"{loaded.task} model {loaded.name}, exported by edgepack {__version__}"
     generation = {"max_seq_len": meta["get_max_seq_len"], "genai_config": GENAI_CONFIG.split("/")[-1]} if meta else None
     props = onnx_metadata.metadata_props(loaded, work.quant, generation)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
-    work.files = {f"onnx/{name}": data for name, data in onnx_graph.serialize(model, MODEL_FILE.split("/")[-1]).items()}
+    work.files = {f"onnx/{name}": data for name, data in onnx_graph.serialize(model, MODEL_FILE.split("/")[-1], work.folder).items()}
     if loaded.task == "causal-lm":
         config = onnx_metadata.genai_config(loaded.facts, loaded.tokenizer, meta["get_max_seq_len"], MODEL_FILE.split("/")[-1])
         work.files[GENAI_CONFIG] = onnx_metadata.dumps(config)
@@ -350,7 +395,8 @@ def _library(quant: QuantSpec, options: Options) -> str:
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
           on_step: Callable[[str], None] | None = None) -> Lowered:
-    work = run_steps(BACKEND.name, STEPS, _Work(captured, quant, options), on_step)
+    with tempfile.TemporaryDirectory(prefix="edgepack-onnx-weights-") as folder:
+        work = run_steps(BACKEND.name, STEPS, _Work(captured, quant, options, folder=Path(folder)), on_step)
     facts = {
         "converter": f"torch.onnx (dynamo) {torch.__version__}, onnxscript {version('onnxscript')}",
         "opset": OPSET,

@@ -40,9 +40,9 @@ from edgepack.exporters.tflite.weights import (
 from edgepack.exporters.weights import (
     NormAffine,
     fake_quantize,
-    float32_weight_bytes,
     int8_per_row,
     linears_fed_by_norms,
+    too_large_for_memory,
     weight_only_reference,
 )
 from edgepack.quant import QuantSpec, WeightQuant
@@ -61,16 +61,9 @@ CONVERSION_MEMORY_PER_WEIGHT_BYTE = 7.0
 
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
-    """Why this machine cannot convert `loaded` (the conversion would need more memory than it
-    has: the kernel kills it mid-way, with no message), or None."""
-    weights = float32_weight_bytes(loaded.module)
-    need, have = CONVERSION_MEMORY_PER_WEIGHT_BYTE * weights, machine_memory_bytes()
-    if need <= have:
-        return None
-    return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and the TFLite conversion holds about "
-            f"{CONVERSION_MEMORY_PER_WEIGHT_BYTE:g}x that ({need / 1e9:.0f} GB) while this machine grants "
-            f"{have / 1e9:.0f} GB of memory: it would be killed mid-conversion (a machine with {need / 1e9:.0f} GB "
-            "or more can take it)")
+    """Why this machine cannot convert `loaded` (it would need more memory than it has), or None."""
+    return too_large_for_memory(loaded.module, CONVERSION_MEMORY_PER_WEIGHT_BYTE, "the TFLite conversion",
+                                machine_memory_bytes())
 
 
 def _dynamic_update_slice(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""The ONNX lowering keeps a graph's float weights in files while it rewrites the graph (so a model
+past protobuf's 2 GiB can be exported): the rewrites read and write them there and must write the
+same artifact, byte for byte, as on a graph that holds its weights in the protobuf. Checked on a
+small graph with every rewrite that reads or makes a float weight: a tied table (Gather and LM
+head), two MatMuls on one input stacked into one, the offset grid's storage."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgepack.exporters.onnx import graph as onnx_graph
+from edgepack.exporters.onnx.lower import offset_blocks, offset_parts
+from edgepack.exporters.onnx.runtime import session
+
+BLOCK = 32
+
+
+def small_graph() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((100, 64)).astype(np.float32)
+    weights = {"table": table, "table_t": np.ascontiguousarray(table.T),
+               "wq": rng.standard_normal((64, 64)).astype(np.float32), "wk": rng.standard_normal((64, 32)).astype(np.float32)}
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("Add", ["x", "e"], ["h"], name="residual"),
+             helper.make_node("MatMul", ["h", "wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["h", "wk"], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64]), helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, w]) for n, w in (("q", 64), ("k", 32), ("logits", 100))],
+        [numpy_helper.from_array(a, n) for n, a in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def rewritten(model: onnx.ModelProto, folder) -> dict[str, bytes]:
+    stacks = onnx_graph.stack_shared_input_matmuls(model, {"q_proj": "int4", "k_proj": "int4", "lm_head": "int4, the head"}, folder)
+    assert stacks == {"q_proj": ["q_proj", "k_proj"]}
+    onnx_graph.check_graph(model, folder)
+    shared = onnx_graph.store_int4_with_offsets(model, {"q_proj", "lm_head", "embed"}, lambda w: offset_blocks(w, BLOCK),
+                                                BLOCK, 0, folder)  # fp32 compute: exact to compare
+    assert shared == 1  # the Gather reads the LM head's table
+    onnx_graph.check_graph(model, folder)
+    return onnx_graph.serialize(model, "model.onnx", folder)
+
+
+def test_weights_in_files_write_the_same_artifact_as_weights_in_the_protobuf(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_MIN_BYTES", 0)  # every new float weight to a file, as a 1B model's are
+    in_protobuf = rewritten(small_graph(), None)
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    onnx.save_model(small_graph(), folder / "exported.onnx", save_as_external_data=True, location="exported.onnx.data",
+                    size_threshold=0)
+    model = onnx.load(folder / "exported.onnx", load_external_data=False)
+    assert onnx_graph.has_external_weights(model) and model.ByteSize() < 1000
+    assert onnx_graph.graph_bytes(model) > (100 * 64 * 2 + 64 * 96) * 4  # the weights count, wherever they are
+    in_files = rewritten(model, folder)
+    assert len(list(folder.glob("*.bin"))) == 1  # the stacked q/k weight went to a file of its own
+
+    assert in_files == in_protobuf and list(in_files) == ["model.onnx"]
+    (tmp_path / "model.onnx").write_bytes(in_files["model.onnx"])
+    x, ids = np.ones((1, 3, 64), np.float32), np.array([[0, 5, 99]], np.int64)
+    q, logits = session(tmp_path / "model.onnx").run(["q", "logits"], {"x": x, "ids": ids})
+    def stored(weight: np.ndarray) -> np.ndarray:  # [in, out] as the offset grid holds it
+        symmetric, offsets = offset_parts(torch.from_numpy(np.ascontiguousarray(weight.T)), BLOCK)
+        return (symmetric + offsets.repeat_interleave(BLOCK, dim=1)).numpy().T
+
+    w = {t.name: numpy_helper.to_array(t) for t in small_graph().graph.initializer}
+    h = x + stored(w["table_t"]).T[ids]
+    np.testing.assert_allclose(q, h @ stored(w["wq"]), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(logits, h @ stored(w["table_t"]), rtol=1e-5, atol=1e-4)
+
+
+def test_the_checker_reads_a_graph_whose_weights_are_in_files(tmp_path):
+    onnx.save_model(small_graph(), tmp_path / "exported.onnx", save_as_external_data=True, location="exported.onnx.data",
+                    size_threshold=0)
+    model = onnx.load(tmp_path / "exported.onnx", load_external_data=False)
+    onnx_graph.check_graph(model, tmp_path)
+    model.graph.node[2].input[1] = "missing"
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx_graph.check_graph(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported.onnx", "exported.onnx.data"]  # no check file left
