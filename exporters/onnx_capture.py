@@ -165,9 +165,6 @@ def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: in
         program.save(path, external_data=True)
         del program  # the exporter's own folded copies of the weights go with it
         model = onnx.load(path, load_external_data=False)
-        for tensor in model.graph.initializer:  # the small ones are inline: written as the protobuf would hold them
-            if tensor.data_location == onnx.TensorProto.DEFAULT:
-                tensor.ClearField("data_location")
     names = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
     if names != (signature.input_names, signature.output_names):
         raise RuntimeError(f"exported I/O names {names} differ from {signature.input_names}, {signature.output_names}")

@@ -63,6 +63,8 @@ def inline_weights(model, folder: Path | None) -> None:
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(model, os.fspath(folder))
+        for tensor in model.graph.initializer:  # as a tensor made in memory is written
+            tensor.ClearField("data_location")
 
 
 def graph_bytes(model) -> int:
