@@ -4,7 +4,9 @@ the offset grid (each block its own min..max, the symmetric codes plus a per-blo
 the default) or with onnxruntime's own MatMulNBitsQuantizer (symmetric, --onnx-grid symmetric),
 int8 per-channel weights (mixed precision's overrides, or --quant int8) as the same two ops with
 bits 8, metadata_props, and for decoder LMs the KV cache as inputs and outputs with
-onnxruntime-genai's names plus a genai_config.json beside the model."""
+onnxruntime-genai's names plus a genai_config.json beside the model. The exported graph's float
+weights stay in a temporary folder (`_Work.folder`) until they are quantized, so a model past
+protobuf's 2 GiB exports as a small one does."""
 
 from __future__ import annotations
 
