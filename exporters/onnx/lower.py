@@ -11,6 +11,7 @@ protobuf's 2 GiB exports as a small one does."""
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -44,6 +45,7 @@ from edgepack.exporters.onnx_capture import (
 from edgepack.exporters.weights import (
     Rounding,
     by_row_slices,
+    float32_weight_bytes,
     quantize_groups,
     quantize_min_max,
     too_large_for_memory,
@@ -60,6 +62,9 @@ OPSET = 21  # int4 tensors (GatherBlockQuantized's data) need opset 21 / IR 10
 # model (bench.scale, 2026-12-04; the float weights stay in files while the graph is rewritten),
 # rounded up. Smaller models add a fixed ~1.5 GB of Python, torch and onnxruntime.
 EXPORT_MEMORY_PER_WEIGHT_BYTE = 2.5
+# The weights folder's size per byte of float32 weights: the exported weights, the stacked q/k/v
+# and gate/up copies, and a tied table's transpose: 1.73x on the Llama-3.2-1B shape (7.95 GiB).
+WEIGHTS_FOLDER_PER_WEIGHT_BYTE = 2.0
 # MatMulNBits accuracy_level 4: activations quantized to int8 per block at run time (the fast
 # path on ARM and x86 CPUs); 0: fp32 compute on the int4 weights.
 INT8_COMPUTE = 4
@@ -165,8 +170,21 @@ class _Work(Lowering):
 
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
-    """Why this machine cannot export `loaded` to ONNX (it would need more memory than it grants), or None."""
-    return too_large_for_memory(loaded.module, EXPORT_MEMORY_PER_WEIGHT_BYTE, "the ONNX export", machine_memory_bytes())
+    """Why this machine cannot export `loaded` to ONNX (it would need more memory than it grants,
+    or more free disk for the weights folder than TMPDIR has), or None."""
+    return (too_large_for_memory(loaded.module, EXPORT_MEMORY_PER_WEIGHT_BYTE, "the ONNX export", machine_memory_bytes())
+            or _too_large_for_weights_folder(loaded.module))
+
+
+def _too_large_for_weights_folder(module: nn.Module) -> str | None:
+    weights = float32_weight_bytes(module)
+    folder = tempfile.gettempdir()
+    need, free = WEIGHTS_FOLDER_PER_WEIGHT_BYTE * weights, shutil.disk_usage(folder).free
+    if need <= free:
+        return None
+    return (f"the ONNX export keeps the model's float32 weights ({weights / 1e9:.2f} GB) in a folder under {folder} "
+            f"while it rewrites the graph, up to {WEIGHTS_FOLDER_PER_WEIGHT_BYTE:g}x that ({need / 1e9:.1f} GB), and "
+            f"{folder} has {free / 1e9:.1f} GB free: set TMPDIR to a folder with {need / 1e9:.1f} GB free")
 
 
 def check_scheme(work: _Work) -> None:

@@ -82,3 +82,22 @@ def test_named_in_target_it_is_an_input_error_under_all_it_is_left_out(loaded):
     kept, skipped = backends_for([BACKENDS["onnx"], BACKENDS["mnn"], BACKENDS["executorch"]], loaded, quant, "all")
     assert [b.name for b in kept] == ["onnx", "executorch"]
     assert [s.split(":")[0] for s in skipped] == ["mnn"]
+
+
+def test_onnx_refuses_a_model_whose_weights_folder_would_not_fit_in_tmpdir(loaded, monkeypatch, tmp_path):
+    """The weights stay in a folder under TMPDIR while the graph is rewritten (8 GB for a 1B model):
+    a disk that cannot hold them is said before capture, with the fix, not minutes in."""
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setattr(onnx_lower.tempfile, "tempdir", str(tmp_path))
+    need = onnx_lower.WEIGHTS_FOLDER_PER_WEIGHT_BYTE * WEIGHTS
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(onnx_lower.shutil, "disk_usage",
+                        lambda path: usage(1, 0, int(need) - 1) if path == str(tmp_path) else real(path))
+    reason = BACKENDS["onnx"].refuses(loaded, QuantSpec.from_options("int4"))
+    assert reason.startswith(f"the ONNX export keeps the model's float32 weights (0.00 GB) in a folder under {tmp_path}")
+    assert reason.endswith("set TMPDIR to a folder with 0.0 GB free")
+    monkeypatch.setattr(onnx_lower.shutil, "disk_usage", lambda path: usage(1, 0, int(need)))
+    assert BACKENDS["onnx"].refuses(loaded, QuantSpec.from_options("int4")) is None
