@@ -5,7 +5,7 @@ wall time, each stage's time and the process tree's peak RSS against the model's
 ExecuTorch's export_llm on the largest as the reference. Writes bench/results/scale.json and
 scale.png.
 
-  python -m bench.scale [--sizes s135,s360,l1b] [--targets executorch,onnx,tflite] [--work DIR]
+  python -m bench.scale [--sizes s135,s360,l1b] [--targets executorch,onnx,tflite,mnn] [--work DIR]
                         [--no-export-llm] [--out FILE]
   python -m bench.scale --merge REPORT... [--out FILE]   (partial runs' reports as one, with its chart)
   make bench BENCH_ARGS=--scale         (all of it: an hour or more on 2 cores; not in CI)"""
@@ -29,7 +29,7 @@ SHAPES = {
     "l1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8),  # Llama-3.2-1B
 }
-TARGETS = ("executorch", "onnx", "tflite")
+TARGETS = ("executorch", "onnx", "tflite", "mnn")
 MAX_SEQ_LEN = 512
 RSS_BOUND = 2.5  # issue 18: peak RSS at most 2.5x the fp32 weight bytes
 

@@ -29,13 +29,19 @@ def sha256_bytes(data: bytes) -> str:
 
 def artifact_digest(files: dict[str, bytes], main_file: str) -> dict:
     """sha256 and size of an artifact. A file: its bytes. A directory (e.g. CoreML's .mlpackage,
-    whose files are keyed `main_file/...`): sha256 over the UTF-8 lines "<path relative to the
-    directory>\t<sha256 of the file>\n" in sorted path order, and the summed size of its files."""
-    if main_file in files:
+    whose files are keyed `main_file/...`), or a file with the weights its runtime reads beside it
+    (`<file>.data`, ONNX past 2 GiB; `<file>.weight`, MNN's converter on a large model): sha256 over
+    the UTF-8 lines "<path relative to the directory, or the file's name>\t<sha256 of the file>\n"
+    in sorted path order, and the summed size of its files."""
+    beside = sorted(rel for rel in files if rel.startswith(main_file + "."))
+    if main_file in files and not beside:
         data = files[main_file]
         return {"sha256": sha256_bytes(data), "bytes": len(data)}
-    prefix = main_file.rstrip("/") + "/"
-    members = sorted((rel[len(prefix):], data) for rel, data in files.items() if rel.startswith(prefix))
+    if main_file in files:
+        members = sorted((rel.rsplit("/", 1)[-1], files[rel]) for rel in [main_file, *beside])
+    else:
+        prefix = main_file.rstrip("/") + "/"
+        members = sorted((rel[len(prefix):], data) for rel, data in files.items() if rel.startswith(prefix))
     if not members:
         raise ValueError(f"artifact {main_file} has no files")
     lines = "".join(f"{rel}\t{sha256_bytes(data)}\n" for rel, data in members)

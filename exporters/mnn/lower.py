@@ -17,7 +17,7 @@ import copy
 import json
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
@@ -39,15 +39,23 @@ from edgepack.exporters.onnx_capture import (
     class_names,
     export_onnx,
     onnx_signature,
-    too_large_for_one_protobuf,
+    too_large_for_weights_folder,
     weight_nodes,
 )
-from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max
+from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max, too_large_for_memory
 from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.rss import machine_memory_bytes
 from edgepack.stages import CapturedModel, KvCache, QuantRecord, RuntimeRecord
 
 MODEL_FILE = BACKEND.artifact
 CONFIG_FILE = "mnn/config.json"
+# Past about 2 GB MNN's converter writes the weights beside the model, where MNN's loader reads them.
+WEIGHTS_FILE = f"{MODEL_FILE}.weight"
+# The export's peak memory per byte of the model's float32 weights: 2.89x on a Llama-3.2-1B-shaped
+# model (2026-12-04: the captured model and its copy rounded onto the grid; the converter, a child,
+# peaked near 0.8 GB), rounded up; and its working folder's size (the exported weights, the .mnn).
+EXPORT_MEMORY_PER_WEIGHT_BYTE = 3.0
+WEIGHTS_FOLDER_PER_WEIGHT_BYTE = 1.5
 OPSET = 18  # the lowest torch.onnx's dynamo exporter writes; MNN's ONNX front end reads it
 BIZ_CODE = "edgepack"  # the model's bizCode (Module::getInfo), which says who made it
 INT8 = Rounding(-127, 127, 127.0)  # MNN's symmetric 8-bit weights: scale = max|w| / 127, per channel
@@ -55,10 +63,12 @@ INT8 = Rounding(-127, 127, 127.0)  # MNN's symmetric 8-bit weights: scale = max|
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
     """MNN's converter quantizes blocks of a multiple of 16 weights; other group sizes it would
-    silently store per channel. It reads the ONNX graph, which has a size limit."""
+    silently store per channel. A model needing more memory, or more free disk for the working
+    folder, than this machine has is refused with the numbers."""
     if quant.scheme == "int4" and quant.linear.group_size % 16:
         return f"MNN's converter stores 4-bit blocks of 16, 32, 64 ... weights, not {quant.linear.group_size}"
-    return too_large_for_one_protobuf(loaded.module, "MNN's conversion (from the ONNX graph)")
+    return (too_large_for_memory(loaded.module, EXPORT_MEMORY_PER_WEIGHT_BYTE, "the MNN export", machine_memory_bytes())
+            or too_large_for_weights_folder(loaded.module, WEIGHTS_FOLDER_PER_WEIGHT_BYTE, "the MNN export"))
 
 
 @dataclass
@@ -70,8 +80,10 @@ class _Work(Lowering):
     linear_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     module: nn.Module | None = None  # the captured module holding the weights the .mnn stores
     signature: OnnxSignature | None = None
-    onnx_model: object = None  # onnx.ModelProto
+    onnx_model: object = None  # onnx.ModelProto, its float weights in files under `folder`
+    folder: Path | None = None  # the converter's working folder: the graph, its weights, the .mnn
     data: bytes = b""
+    weights: bytes | None = None  # the converter's weights file, for a large model
     converter: dict = field(default_factory=dict)
 
 
@@ -168,8 +180,10 @@ def export(work: _Work) -> None:
         # eager attention is the same product (this copy only: the reference ran before)
         transformers_model.config._attn_implementation = "eager"
     work.signature = onnx_signature(work.captured, transformers_model if task == "causal-lm" else module)
-    work.onnx_model = export_onnx(work.signature, transformers_model, OPSET)
+    work.onnx_model = export_onnx(work.signature, transformers_model, OPSET, weights_dir=work.folder)
     nodes, _ = weight_nodes(work.onnx_model, "MatMul", class_names(work.signature.module, nn.Linear))
+    # The graph's files hold the rounded weights now: the rounded copy goes (5 GB for a 1B model).
+    work.module, work.signature = None, replace(work.signature, module=None)
     graph = work.onnx_model.graph
     outputs = {node.name: node.output[0] for node in graph.node}
     consumers: dict[str, list] = {}
@@ -194,12 +208,23 @@ def converter_flags(linear: WeightQuant | None) -> list[str]:
 
 
 def save_for_converter(model, path: Path) -> None:
-    """The graph with its fp32 weights in a file beside it (a graph over 2 GB cannot be one file).
-    Other tables stay inside: the converter reads external uint8 and fp16 tensors wrongly (the
-    model it writes then fails to load)."""
+    """The graph with its fp32 weights in files beside it (a graph over 2 GB cannot be one file;
+    those export_onnx wrote in the same folder stay where they are). Other tables stay inside: the
+    converter reads external uint8 and fp16 tensors wrongly (the model it writes then fails to load)."""
     import onnx
-    from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+    from onnx.external_data_helper import (
+        convert_model_to_external_data,
+        load_external_data_for_tensor,
+        uses_external_data,
+        write_external_data_tensors,
+    )
 
+    for tensor in model.graph.initializer:  # as if the graph had come whole: only large float tensors stay out
+        length = int(next((e.value for e in tensor.external_data if e.key == "length"), 0))
+        if uses_external_data(tensor) and (tensor.data_type != onnx.TensorProto.FLOAT or length < 1024):
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     convert_model_to_external_data(model, all_tensors_to_one_file=True, location=f"{path.name}.data", size_threshold=1024)
     for tensor in model.graph.initializer:
         if tensor.data_type != onnx.TensorProto.FLOAT and tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -242,19 +267,21 @@ def convert(work: _Work) -> None:
     # The exporter's value_info is only a hint, and MNN's converter misreads it (the model it
     # writes then fails to load: "Alloc memory for const tensor error"); it infers its own.
     del work.onnx_model.graph.value_info[:]
-    with tempfile.TemporaryDirectory(prefix="edgepack-mnn-") as tmp:
-        source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.mnn"
-        save_for_converter(work.onnx_model, source)
-        work.onnx_model = None  # its weights can be large; the file has them now
-        run = [*flags, "--bizCode", BIZ_CODE]
-        if apart:
-            listing, settings = Path(tmp) / "layers.json", Path(tmp) / "settings.json"
-            mnn_runtime.convert(source, target, [*run, "--compressionParamsFile", str(listing)])
-            settings.write_text(json.dumps(_layer_settings(json.loads(listing.read_text()), apart, work.linear_outputs)))
-            run += ["--compressionParamsFile", str(settings)]
-        mnn_runtime.convert(source, target, run)
-        mnn_runtime.stable_model_id(target)
-        work.data = target.read_bytes()
+    tmp = work.folder
+    source, target = tmp / "model.onnx", tmp / "model.mnn"
+    save_for_converter(work.onnx_model, source)
+    work.onnx_model = None  # its weights can be large; the file has them now
+    run = [*flags, "--bizCode", BIZ_CODE]
+    if apart:
+        listing, settings = tmp / "layers.json", tmp / "settings.json"
+        mnn_runtime.convert(source, target, [*run, "--compressionParamsFile", str(listing)])
+        settings.write_text(json.dumps(_layer_settings(json.loads(listing.read_text()), apart, work.linear_outputs)))
+        run += ["--compressionParamsFile", str(settings)]
+    mnn_runtime.convert(source, target, run)
+    mnn_runtime.stable_model_id(target)
+    work.data = target.read_bytes()
+    beside = target.with_name(f"{target.name}.weight")
+    work.weights = beside.read_bytes() if beside.exists() else None
     work.converter = {"flags": " ".join(flags) or "(weights fp32)", "layers_set_apart": len(apart)}
 
 
@@ -284,7 +311,7 @@ def finish(work: _Work) -> None:
             "cache_growth": "present = past followed by the new tokens; the first call passes past length 0"}
     if tok is not None:
         config["tokenizer"] = tok.stop_facts()
-    work.files = {MODEL_FILE: work.data, CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+    work.files = {MODEL_FILE: work.data, **({WEIGHTS_FILE: work.weights} if work.weights else {}), CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
                   **(tok.file_bytes("mnn/") if tok else {})}
 
 
@@ -302,7 +329,8 @@ GRID = ("4-bit linear layers: MNN's asymmetric blocks (each its own min..max, fp
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
           on_step: Callable[[str], None] | None = None) -> Lowered:
-    work = run_steps(BACKEND.name, STEPS, _Work(captured, quant, options), on_step)
+    with tempfile.TemporaryDirectory(prefix="edgepack-mnn-") as folder:
+        work = run_steps(BACKEND.name, STEPS, _Work(captured, quant, options, folder=Path(folder)), on_step)
     return Lowered(
         files=dict(work.files),
         methods=work.signature.methods,

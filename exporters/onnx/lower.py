@@ -11,7 +11,6 @@ protobuf's 2 GiB exports as a small one does."""
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -40,12 +39,12 @@ from edgepack.exporters.onnx_capture import (
     export_onnx,
     onnx_signature,
     too_large_for_one_protobuf,
+    too_large_for_weights_folder,
     weight_nodes,
 )
 from edgepack.exporters.weights import (
     Rounding,
     by_row_slices,
-    float32_weight_bytes,
     quantize_groups,
     quantize_min_max,
     too_large_for_memory,
@@ -173,18 +172,7 @@ def refusal(loaded, quant: QuantSpec) -> str | None:
     """Why this machine cannot export `loaded` to ONNX (it would need more memory than it grants,
     or more free disk for the weights folder than TMPDIR has), or None."""
     return (too_large_for_memory(loaded.module, EXPORT_MEMORY_PER_WEIGHT_BYTE, "the ONNX export", machine_memory_bytes())
-            or _too_large_for_weights_folder(loaded.module))
-
-
-def _too_large_for_weights_folder(module: nn.Module) -> str | None:
-    weights = float32_weight_bytes(module)
-    folder = tempfile.gettempdir()
-    need, free = WEIGHTS_FOLDER_PER_WEIGHT_BYTE * weights, shutil.disk_usage(folder).free
-    if need <= free:
-        return None
-    return (f"the ONNX export keeps the model's float32 weights ({weights / 1e9:.2f} GB) in a folder under {folder} "
-            f"while it rewrites the graph, up to {WEIGHTS_FOLDER_PER_WEIGHT_BYTE:g}x that ({need / 1e9:.1f} GB), and "
-            f"{folder} has {free / 1e9:.1f} GB free: set TMPDIR to a folder with {need / 1e9:.1f} GB free")
+            or too_large_for_weights_folder(loaded.module, WEIGHTS_FOLDER_PER_WEIGHT_BYTE, "the ONNX export"))
 
 
 def check_scheme(work: _Work) -> None:
