@@ -42,7 +42,14 @@ from edgepack.exporters.onnx_capture import (
     too_large_for_weights_folder,
     weight_nodes,
 )
-from edgepack.exporters.weights import Rounding, quantize_groups, quantize_min_max, too_large_for_memory
+from edgepack.exporters.weights import (
+    SLICE_ELEMENTS,
+    Rounding,
+    by_row_slices,
+    quantize_groups,
+    quantize_min_max,
+    too_large_for_memory,
+)
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.rss import machine_memory_bytes
 from edgepack.stages import CapturedModel, KvCache, QuantRecord, RuntimeRecord
@@ -111,10 +118,15 @@ def grid_image(weight: torch.Tensor, wq: WeightQuant) -> tuple[torch.Tensor, tor
     if wq.bits == 4:
         # fp16 weights, scales and minimums: the converter (--weightQuantScaleBit 16) recomputes
         # each block's min..max from these values and stores exactly this grid again.
-        q, scale, minimum = quantize_min_max(weight.detach().to(torch.float16), 4, wq.group_size, scale_dtype=torch.float16)
+        q, scale, minimum = by_row_slices(_fp16_min_max, weight.detach(), wq.group_size)
         return q.reshape(rows, cols), scale.reshape(rows, -1), minimum.reshape(rows, -1)
     q, scale = quantize_groups(weight.detach().float(), wq, INT8)
     return q.reshape(rows, cols), scale.reshape(rows, -1), None
+
+
+def _fp16_min_max(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, scale, minimum = quantize_min_max(weight.to(torch.float16), 4, group_size, scale_dtype=torch.float16)
+    return q.to(torch.uint8), scale, minimum  # codes 0..15: a byte each, not four
 
 
 def _image(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
@@ -163,7 +175,10 @@ def round_weights(work: _Work) -> None:
             q, scale, minimum = grid_image(layer.weight, wq)
             if id(layer.weight) not in done:
                 done.add(id(layer.weight))
-                layer.weight.copy_(_image(q.float(), scale, minimum))
+                step = max(1, SLICE_ELEMENTS // q.shape[1])  # float temporaries of one slice of rows
+                for start in range(0, q.shape[0], step):
+                    rows = slice(start, start + step)
+                    layer.weight[rows].copy_(_image(q[rows].float(), scale[rows], None if minimum is None else minimum[rows]))
             if isinstance(layer, nn.Embedding):
                 _stored_lookup(layer, q, scale, minimum)
     work.module = module
