@@ -164,8 +164,8 @@ def export_onnx(signature: OnnxSignature, attention_module: nn.Module, opset: in
     the signature says. `attention_module` is the model whose attention is written as grouped
     query attention while it is traced (a decoder wrapper may write it otherwise for its call).
     With `weights_dir` the weights are written there, one tensor at a time, and the protobuf
-    refers to them (read them with graph.weight_array): it then holds no weight bytes, so a model
-    past 2 GiB can be rewritten; without, the protobuf holds them."""
+    refers to them (onnx's numpy_helper.to_array reads one with the folder as base_dir): it then
+    holds no weight bytes, so a model past 2 GiB can be rewritten; without, the protobuf holds them."""
     # its progress lines go to stderr (stdout is for --json)
     with grouped_query_attention(attention_module), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(signature.module, signature.args, kwargs=signature.kwargs or None, dynamo=True,

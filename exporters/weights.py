@@ -84,13 +84,19 @@ def quantize_min_max(weight: torch.Tensor, bits: int, group_size: int,
 SLICE_ELEMENTS = 1 << 24
 
 
+def row_slices(rows: int, cols: int) -> list[slice]:
+    """The slices of a [rows, cols] weight's rows worked on at once (SLICE_ELEMENTS values each)."""
+    step = max(1, SLICE_ELEMENTS // cols)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
 def by_row_slices(blocks: Callable[..., tuple[torch.Tensor, ...]], weight: torch.Tensor, *args) -> tuple[torch.Tensor, ...]:
     """`blocks(weight, *args)` for a function whose results are row-wise ([out, ...] each, each row
     from its own row of `weight`), computed on slices of rows and joined."""
-    rows = max(1, SLICE_ELEMENTS // weight.shape[1])
-    if weight.shape[0] <= rows:
+    slices = row_slices(*weight.shape)
+    if len(slices) == 1:
         return blocks(weight, *args)
-    return tuple(torch.cat(parts) for parts in zip(*(blocks(part, *args) for part in weight.split(rows))))
+    return tuple(torch.cat(parts) for parts in zip(*(blocks(weight[rows], *args) for rows in slices)))
 
 
 def split_min_max(weight: torch.Tensor, block: int, scale_dtype: torch.dtype,

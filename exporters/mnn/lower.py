@@ -43,11 +43,11 @@ from edgepack.exporters.onnx_capture import (
     weight_nodes,
 )
 from edgepack.exporters.weights import (
-    SLICE_ELEMENTS,
     Rounding,
     by_row_slices,
     quantize_groups,
     quantize_min_max,
+    row_slices,
     too_large_for_memory,
 )
 from edgepack.quant import QuantSpec, WeightQuant
@@ -176,9 +176,7 @@ def round_weights(work: _Work) -> None:
             q, scale, minimum = grid_image(layer.weight, wq)
             if id(layer.weight) not in done:
                 done.add(id(layer.weight))
-                step = max(1, SLICE_ELEMENTS // q.shape[1])  # float temporaries of one slice of rows
-                for start in range(0, q.shape[0], step):
-                    rows = slice(start, start + step)
+                for rows in row_slices(*q.shape):  # float temporaries of one slice of rows at a time
                     layer.weight[rows].copy_(_image(q[rows].float(), scale[rows], None if minimum is None else minimum[rows]))
             if isinstance(layer, nn.Embedding):
                 _stored_lookup(layer, q, scale, minimum)
