@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
 import traceback
 import typing
@@ -439,4 +441,21 @@ def _version(version: bool = typer.Option(False, "--version", help="Print the ve
 
 
 def main() -> None:
-    app()
+    # A terminated export (a CI job's timeout sends SIGTERM) unwinds as Ctrl-C does, so its
+    # temporary folders (a 1B model's weights are gigabytes) and half-written bundle are removed;
+    # then the process ends by the same signal, as it would have without this handler.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        app()
+    finally:
+        if _TERMINATED:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+_TERMINATED: list[int] = []
+
+
+def _interrupt(signum: int, frame) -> None:
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt

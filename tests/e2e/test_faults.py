@@ -234,3 +234,30 @@ def test_a_unicode_bundle_name_works(llama_dir, tmp_path):
     assert (tmp_path / "mödel ü 1" / "manifest.json").is_file()
     assert (tmp_path / "mödel ü 1" / "mödel ü 1.edgepack.zip").is_file()
     assert run_cli("smoke", tmp_path / "mödel ü 1").exit_code == 0
+
+
+def test_a_terminated_export_leaves_no_bundle_and_no_temporary_weights(llama_dir, tmp_path):
+    """SIGTERM (a CI job's timeout) while ONNX holds the float weights in its folder under TMPDIR
+    (gigabytes for a 1B model): the export removes that folder and its staged bundle, then ends by
+    the signal as it would have without the cleanup."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    child = subprocess.Popen([sys.executable, "-m", "edgepack", "export", str(llama_dir), "--target", "onnx", "--out", str(out),
+                              "--no-cache"], env={**os.environ, "TMPDIR": str(tmp)}, cwd=REPO_ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp.glob("edgepack-onnx-weights-*/exported.graph")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child.poll() is None, "the export ended before it could be terminated mid-way"
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=120) == -signal.SIGTERM  # ended by the signal, as without the cleanup
+    assert not list(tmp.glob("edgepack-onnx-weights-*"))
+    assert not out.exists() or not any(out.iterdir())
