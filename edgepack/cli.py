@@ -6,11 +6,13 @@ Exit codes: 0 all produced and smoke-tested, 1 a backend or a check failed, 2 ba
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import signal
 import sys
+import tempfile
 import traceback
 import typing
 from inspect import Parameter, Signature, signature
@@ -22,9 +24,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from edgepack import __version__
-from edgepack.errors import EXIT_FAILED, EdgepackError, InputError
+from edgepack.errors import EXIT_BAD_INPUT, EXIT_FAILED, EdgepackError, InputError
 from edgepack.exporters.registry import BACKENDS, DEFAULT_TARGET
 from edgepack.packaging.quality import DEFAULT_BITS_PER_WEIGHT, DEFAULT_MAX_INCREASE_PCT, WARN_INCREASE_PCT
+from edgepack.scratch import run_folder
 
 app = typer.Typer(
     add_completion=False,
@@ -446,7 +449,8 @@ def main() -> None:
     # then the process ends by the same signal, as it would have without this handler.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        app()
+        with _run_folder():
+            app()
     finally:
         if _TERMINATED:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -454,6 +458,26 @@ def main() -> None:
 
 
 _TERMINATED: list[int] = []
+
+
+@contextlib.contextmanager
+def _run_folder():
+    """Every temporary file of the run in one folder under TMPDIR (edgepack/scratch.py), after
+    removing those that killed runs left there."""
+    stack = contextlib.ExitStack()
+    try:
+        removed = stack.enter_context(run_folder())
+    except OSError as e:
+        err.print(f"[bold red]error:[/] cannot make a temporary folder in {escape(tempfile.gettempdir())}: "
+                  f"{escape(e.strerror or str(e))}", highlight=False, soft_wrap=True)
+        err.print("  [dim]hint:[/] set TMPDIR to a writable folder with free space", highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
+    with stack:
+        if removed:
+            err.print(f"[dim]removed {len(removed)} temporary folder(s) that killed edgepack runs left in "
+                      f"{escape(str(removed[0].folder.parent))} ({sum(r.bytes for r in removed) / 1e9:.2f} GB)[/]",
+                      highlight=False, soft_wrap=True)
+        yield
 
 
 def _interrupt(signum: int, frame) -> None:

@@ -270,6 +270,9 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         return result
 
     with StagedBundle(request.out_dir, loaded.name) as staging:
+        for left in staging.removed:
+            progress.console.print(f"[dim]removed {left.folder}, a bundle a killed export left half-written "
+                                   f"({left.bytes / 1e9:.2f} GB)[/]", soft_wrap=True)
         with progress.stage("package"):
             manifest = stage_contents(staging, captured, quantization_record(quant, {a.backend: specs[a.backend] for a in artifacts}, grids), artifacts, failures)
         with progress.stage("smoke") as stage:

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from edgepack.errors import EdgepackError, InputError
 from edgepack.rss import peak_rss_bytes, peak_window
+from edgepack.scratch import lasting_temp_dir
 
 TAIL_LINES = 25
 _TAIL_BYTES = 256 * 1024  # enough for the last lines of even a very chatty converter
@@ -217,7 +218,7 @@ class Progress:
             yield None
             return
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.log_label}-{name}")
-        fd, path = tempfile.mkstemp(prefix=f"edgepack-{slug}-", suffix=".log")
+        fd, path = tempfile.mkstemp(prefix=f"edgepack-{slug}-", suffix=".log", dir=lasting_temp_dir())
         log = _Log(Path(path))
         try:
             with _console_kept_visible(self.console), _output_to(fd):

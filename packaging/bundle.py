@@ -9,7 +9,6 @@ import hashlib
 import io
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from edgepack.errors import BundleIntegrityError, InputError
 from edgepack.packaging.device_smoke import device_files
 from edgepack.packaging.manifest import build_manifest, read_manifest, write_manifest
+from edgepack.scratch import hold_new_folder, remove_abandoned
 from edgepack.stages import Artifact, Bundle, CapturedModel
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -109,7 +109,9 @@ class StagedBundle:
         self.final = out_dir / name
         out_dir.mkdir(parents=True, exist_ok=True)
         self.umask = _umask()
-        self.root = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
+        # a staged bundle a killed export left (gigabytes for a 1B model) goes before this one starts
+        self.removed = remove_abandoned(out_dir, f".{name}.partial-")
+        self.root, self._hold = hold_new_folder(out_dir, f".{name}.partial-")
         self.root.chmod(0o777 & ~self.umask)
         self.index: dict[str, dict] = {}
 
@@ -119,6 +121,7 @@ class StagedBundle:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
+        os.close(self._hold)
 
     def write(self, relpath: str, data: bytes, executable: bool = False) -> dict:
         path = self.root / relpath
@@ -187,12 +190,9 @@ def commit(staging: StagedBundle, manifest: dict, *, passed: bool) -> Bundle:
     name = staging.final.name
     final = staging.final if passed else staging.final.with_name(name + FAILED_SUFFIX)
     archive_name = f"{name}{ARCHIVE_SUFFIX}"
-    tmp_archive = staging.root.parent / f".{archive_name}.partial-{os.getpid()}"
-    try:
-        write_archive(staging.root, tmp_archive, prefix=name)
-        os.replace(tmp_archive, staging.root / archive_name)
-    finally:
-        tmp_archive.unlink(missing_ok=True)
+    tmp_archive = staging.root / f".{archive_name}.partial"  # inside the held folder: a killed export's goes with it
+    write_archive(staging.root, tmp_archive, prefix=name)
+    os.replace(tmp_archive, staging.root / archive_name)
     if final.exists() or final.is_symlink():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)

@@ -254,10 +254,49 @@ def test_a_terminated_export_leaves_no_bundle_and_no_temporary_weights(llama_dir
                               "--no-cache"], env={**os.environ, "TMPDIR": str(tmp)}, cwd=REPO_ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not list(tmp.glob("edgepack-onnx-weights-*/exported.graph")) and child.poll() is None and time.monotonic() < deadline:
+    while not list(tmp.glob("edgepack-run-*/edgepack-onnx-weights-*/exported.graph")) and child.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
     assert child.poll() is None, "the export ended before it could be terminated mid-way"
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=120) == -signal.SIGTERM  # ended by the signal, as without the cleanup
-    assert not list(tmp.glob("edgepack-onnx-weights-*"))
+    assert not list(tmp.iterdir())
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_what_a_killed_export_leaves_goes_with_the_next_run(llama_dir, tmp_path):
+    """SIGKILL (the out-of-memory killer) gives an export no chance to clean up: its temporary
+    folder under TMPDIR and its half-written bundle stay. The next export with the same TMPDIR and
+    --out removes both, says so, and writes its own bundle; an earlier good bundle is untouched."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    command = [sys.executable, "-m", "edgepack", "export", str(llama_dir), "--target", "onnx", "--out", str(out),
+               "--no-cache"]
+    assert subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True).returncode == 0
+    good = (out / llama_dir.name / "manifest.json").read_bytes()
+    child = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(f".{llama_dir.name}.partial-*/onnx/model.onnx")) and child.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)  # the staged bundle is written at packaging, then smoke-tested and measured
+    assert child.poll() is None, "the export ended before it could be killed mid-way"
+    child.kill()
+    child.wait(timeout=60)
+    [staged] = out.glob(f".{llama_dir.name}.partial-*")
+    [left] = tmp.glob("edgepack-run-*")
+    assert (out / llama_dir.name / "manifest.json").read_bytes() == good
+
+    again = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "removed 1 temporary folder(s) that killed edgepack runs left in" in again.stderr
+    assert f"removed {staged}, a bundle a killed export left half-written" in again.stderr
+    assert not staged.exists() and not left.exists() and not list(tmp.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == [llama_dir.name]

@@ -153,3 +153,17 @@ def test_fds_and_streams_are_restored_after_an_interrupt(capfd, logs_dir):
     print("visible")
     assert "visible" in capfd.readouterr().out
 
+
+
+def test_a_failed_stage_log_outlives_the_run_folder(capfd, logs_dir, monkeypatch):
+    """A CLI run's temporary files go in its run folder (edgepack/scratch.py), removed at the end;
+    the log a failure's hint names goes beside it, in the temp dir, so the user can still read it."""
+    from edgepack.scratch import run_folder
+
+    monkeypatch.setenv("TMPDIR", str(logs_dir))
+    with run_folder(), pytest.raises(BackendError) as raised:
+        with Progress(_fd2_console()).captured("check"):
+            os.write(2, b"converter trace\n")
+            raise BackendError("coreml", "import", "no module named coremltools")
+    [log] = logs_dir.iterdir()
+    assert raised.value.hint == f"full converter output in {log}" and log.read_text() == "converter trace\n"
