@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torch.export import Dim
 from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.weights import float32_weight_bytes
+from edgepack.scratch import lasting_temp_dir
 from edgepack.stages import CapturedModel, MethodSpec, TensorSpec
 
 PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
@@ -150,7 +150,7 @@ def too_large_for_weights_folder(module: nn.Module, per_weight_byte: float, what
     """Why `what`, which keeps up to `per_weight_byte` times the model's float32 weights in a
     temporary folder (export_onnx's weights_dir), cannot run where TMPDIR has less free, or None."""
     weights = float32_weight_bytes(module)
-    folder = tempfile.gettempdir()
+    folder = lasting_temp_dir()  # TMPDIR as the user set it (the run's own folder is inside it)
     need, free = per_weight_byte * weights, shutil.disk_usage(folder).free
     if need <= free:
         return None
