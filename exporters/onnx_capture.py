@@ -165,7 +165,7 @@ def _let_go_of_weights(graph) -> None:
     SimplePatternMatcher._graph), and onnx-ir keeps the inputs the exporter turned into initializers
     in the inputs' reference counter at a count of zero, each still holding its tensor: for MNN's
     rounded copy of a 1B model, 4.6 GiB held through the smoke."""
-    for value in (*graph.initializers.values(), *graph.inputs._ref_counter):
+    for value in (*graph.initializers.values(), *getattr(graph.inputs, "_ref_counter", ())):
         value.const_value = None
 
 
