@@ -167,6 +167,14 @@ class _Log:
     failed: bool = False
     kept: bool = False
 
+    def keep(self) -> None:
+        """Move the log out of the run's temporary folder, which goes with the run, into the
+        temporary directory itself. Until then a killed run's log goes with its folder."""
+        lasting = Path(lasting_temp_dir()) / self.path.name
+        if self.path != lasting:
+            os.replace(self.path, lasting)
+            self.path = lasting
+
 
 class Progress:
     def __init__(self, console: Console | None = None, quiet: bool = False, verbose: bool = False,
@@ -218,7 +226,7 @@ class Progress:
             yield None
             return
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.log_label}-{name}")
-        fd, path = tempfile.mkstemp(prefix=f"edgepack-{slug}-", suffix=".log", dir=lasting_temp_dir())
+        fd, path = tempfile.mkstemp(prefix=f"edgepack-{slug}-", suffix=".log")
         log = _Log(Path(path))
         try:
             with _console_kept_visible(self.console), _output_to(fd):
@@ -228,6 +236,7 @@ class Progress:
                 raise
             log.failed = True
             if _has_output(log.path):
+                log.keep()
                 where = f"full converter output in {log.path}"
                 if isinstance(e, EdgepackError):
                     e.hint = f"{e.hint}; {where}" if e.hint else where
@@ -237,7 +246,9 @@ class Progress:
         finally:
             os.close(fd)
             log.kept = log.failed and _has_output(log.path)
-            if not log.kept:
+            if log.kept:
+                log.keep()
+            else:
                 log.path.unlink(missing_ok=True)
 
 

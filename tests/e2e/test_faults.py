@@ -260,7 +260,8 @@ def test_a_terminated_export_leaves_no_bundle_and_no_temporary_weights(llama_dir
     assert child.poll() is None, "the export ended before it could be terminated mid-way"
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=120) == -signal.SIGTERM  # ended by the signal, as without the cleanup
-    assert not list(tmp.iterdir())
+    # nothing left but the log of the stage it stopped, kept as any unfinished stage's is
+    assert [p.name for p in tmp.iterdir() if not (p.name.startswith("edgepack-tiny-llama-") and p.suffix == ".log")] == []
     assert not out.exists() or not any(out.iterdir())
 
 
