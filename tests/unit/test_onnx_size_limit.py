@@ -96,6 +96,16 @@ def test_the_symmetric_grid_past_the_limit_is_an_input_error_before_any_slow_ste
         assert error.value.hint == "use the default --onnx-grid offset for this model"
 
 
+def test_unquantized_past_the_limit_is_an_input_error_before_any_slow_step(loaded):
+    """--quant none writes the float graph as one protobuf (a 1B model failed there after 2.2 min)."""
+    work = onnx_lower._Work(SimpleNamespace(module=loaded.module), QuantSpec.from_options("none"), Options())
+    with pytest.raises(InputError) as error:
+        onnx_lower.check_scheme(work)
+    assert str(error.value).startswith("--quant none: the model's float32 weights are 0.00 GB, and the unquantized "
+                                       ".onnx holds the float graph in one protobuf")
+    assert "--quant int4" in error.value.hint
+
+
 def test_named_in_target_it_is_an_input_error_under_all_it_is_left_out(loaded, monkeypatch):
     quant = QuantSpec.from_options("int4")
     monkeypatch.setattr(mnn_lower, "machine_memory_bytes", lambda: 1)
