@@ -46,16 +46,6 @@ def hold_new_folder(parent: Path, prefix: str) -> tuple[Path, int]:
     return folder, fd
 
 
-def _bytes(folder: Path) -> int:
-    total = 0
-    for path in folder.rglob("*"):
-        try:
-            total += path.lstat().st_size if path.is_file() or path.is_symlink() else 0
-        except OSError:
-            pass
-    return total
-
-
 def remove_abandoned(parent: Path, prefix: str) -> list[Removed]:
     """Remove the folders `parent/<prefix>*` that no live run holds (their lock can be taken)."""
     removed = []
@@ -70,7 +60,7 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Removed]:
             os.close(fd)  # a live run's
             continue
         try:
-            size = _bytes(folder)
+            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())  # held: nothing else changes it
             shutil.rmtree(folder, ignore_errors=True)
             if not folder.exists():
                 removed.append(Removed(folder, size))

@@ -110,8 +110,9 @@ class StagedBundle:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.umask = _umask()
         # a staged bundle a killed export left (gigabytes for a 1B model) goes before this one starts
-        self.removed = remove_abandoned(out_dir, f".{name}.partial-")
-        self.root, self._hold = hold_new_folder(out_dir, f".{name}.partial-")
+        partial = f".{name}.partial-"
+        self.removed = remove_abandoned(out_dir, partial)
+        self.root, self._hold = hold_new_folder(out_dir, partial)
         self.root.chmod(0o777 & ~self.umask)
         self.index: dict[str, dict] = {}
 
