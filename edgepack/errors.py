@@ -23,9 +23,11 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class EdgepackError(Exception):
-    """An error the user can act on. `hint` says what to do about it."""
+    """An error the user can act on. `hint` says what to do about it; `step` names the backend
+    lowering step it was raised in, when it was raised in one (lowering.run_steps sets it)."""
 
     exit_code = EXIT_FAILED
+    step: str | None = None
 
     def __init__(self, message: str, *, hint: str | None = None):
         super().__init__(message)

@@ -104,7 +104,7 @@ class ExportResult:
 
 
 def _failure(error: EdgepackError, backend: str) -> dict:
-    return {"backend": backend, "step": getattr(error, "step", None), "message": str(error)}
+    return {"backend": backend, "step": error.step, "message": str(error)}
 
 
 def tokenizer_warnings(loaded, *, strict: bool) -> list[str]:

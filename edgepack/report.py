@@ -174,7 +174,8 @@ def print_export_summary(console: Console, summary: dict) -> None:
         whom = f"{', '.join(p['backends'])}: " if p["backends"] else ""
         console.print(f"precision: {whom}{describe_plan(p['plan'])}", soft_wrap=True)
     for f in summary["failures"]:
-        console.print(f"[red]{f['backend']} FAILED[/] at step {f['step']}: {f['message']}", soft_wrap=True)
+        where = f" at step {f['step']}" if f["step"] else ""
+        console.print(f"[red]{f['backend']} FAILED[/]{where}: {f['message']}", soft_wrap=True)
     times = ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in summary["stages"])
     console.print(f"time: {times}; peak RSS {_mb(summary['peak_rss_bytes'])}", soft_wrap=True)
     if summary["cache"] and summary["cache"]["reused"]:

@@ -57,7 +57,8 @@ def run_steps(backend: str, steps: tuple[Step, ...], work: Any,
             on_step(step.name)
         try:
             step.run(work)
-        except EdgepackError:
+        except EdgepackError as e:
+            e.step = e.step or step.name  # an input refused mid-lowering still says where
             raise
         except Exception as e:  # a converter's own exception: keep it, name the step
             raise BackendError(backend, step.name, f"{type(e).__name__}: {e}",

@@ -95,7 +95,8 @@ class _Work(Lowering):
     stored: dict[str, str] = field(default_factory=dict)  # layer -> how the quantized model stores it
     folded_norms: list[str] = field(default_factory=list)  # linear layers the converter folded a norm into
     float_embeddings: list[str] = field(default_factory=list)  # embedding tables the converter left in float
-    float_model: bytes = b""
+    float_model: bytes = b""  # the converter's, until it is quantized
+    float_bytes: int = 0
     model: bytes = b""
     split: Split | None = None  # the layers on the offset grid
 
@@ -194,7 +195,8 @@ def _offsets(work: _Work) -> frozenset[str]:
 
 
 def _exact(work: _Work) -> frozenset[str]:
-    """The layers whose weights are already what the .tflite stores (the offset grid's symmetric parts)."""
+    """The offset grid's symmetric parts: from the store on (Split.hold_grid) their weights are what
+    the .tflite stores."""
     return frozenset(work.split.codes) if work.split else frozenset()
 
 
@@ -269,7 +271,7 @@ def convert(work: _Work) -> None:
     # its progress log goes to stderr (stdout is for --json)
     with grouped_query_attention(work.captured.loaded.module), contextlib.redirect_stdout(sys.stderr):
         work.float_model = bytes(converter.convert().model_content())
-    work.model = work.float_model
+    work.model, work.float_bytes = work.float_model, len(work.float_model)
 
 
 def _granularity(wq: WeightQuant):
@@ -311,6 +313,7 @@ def quantize(work: _Work) -> None:
         return
     with contextlib.redirect_stdout(sys.stderr):  # it prints its size report; stdout is for --json
         result = quantizer.Quantizer(work.float_model, recipe.get_quantization_recipe()).quantize()
+    work.float_model = b""  # no later step reads it: the model's size in float32 held through the reference
     work.model = nonzero_weight_scales(bytes(result.quantized_model))
     _check_stored(work)
 
@@ -318,6 +321,7 @@ def quantize(work: _Work) -> None:
 def store_offset_grid(work: _Work) -> None:
     if work.split:
         work.model = store_codes(work.model, work.layer_ops, work.split.codes)
+        work.split.hold_grid()  # the eager parts as the .tflite now stores them, for the reference
 
 
 def _check_stored(work: _Work) -> None:
@@ -467,7 +471,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
             "signatures": [m.name for m in work.methods],
             "prefill_lens": list(work.prefill_lens),
             "fixed_dims": work.fixed_dims,
-            "float_bytes": len(work.float_model),
+            "float_bytes": work.float_bytes,
             "quantized_bytes": len(work.model),
             "folded_norms": work.folded_norms,
             "float_embeddings": work.float_embeddings,

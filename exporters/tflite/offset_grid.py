@@ -9,7 +9,10 @@ from its largest weight (max|w| / 7), so a block that reaches code -8 would be r
 
 W_sym = scale·c with c in -8..7 and bf16 scales (LiteRT keeps 7 mantissa bits of a block scale),
 stored int4 blockwise: `store_codes` writes its codes and scales over ai_edge_quantizer's own, so
-the .tflite holds the grid exactly. M holds the blocks' midpoints (minimum + 8·scale), stored int8
+the .tflite holds the grid exactly. What the converter and the quantizer make of a symmetric part's
+float weight is only the op's layout, so until the codes are stored the part holds the layer's own
+weight (no second float copy of the model at the conversion's peak); `Split.hold_grid` then gives
+it W_sym for the eager reference. M holds the blocks' midpoints (minimum + 8·scale), stored int8
 per channel by ai_edge_quantizer as any int8 layer (the reference rounds them the same way).
 sums(x) is each input block's sum (RESHAPE + SUM). A tied table and LM head share W_sym and M,
 which the quantizer stores once.
@@ -62,6 +65,17 @@ class Split:
     codes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     offsets: dict[str, WeightQuant] = field(default_factory=dict)
     originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    symmetric: dict[str, nn.Module] = field(default_factory=dict)  # the symmetric parts, by layer name
+
+    def hold_grid(self) -> None:
+        """Each symmetric part's weight becomes W_sym (its codes times its scales), what the .tflite
+        holds once `store_codes` ran; a tied table and LM head share one."""
+        made: dict[int, nn.Parameter] = {}
+        for name, part in self.symmetric.items():
+            codes, scale = self.codes[name]
+            if id(codes) not in made:
+                made[id(codes)] = nn.Parameter(_image(codes, scale), requires_grad=False)
+            part.weight = made[id(codes)]
 
     def restore(self) -> None:
         for parent, child, layer in reversed(self.originals):
@@ -73,12 +87,17 @@ def on_offset_grid(layer: nn.Module, wq: WeightQuant) -> bool:
     return type(layer) in (nn.Linear, nn.Embedding) and wq.bits == 4 and wq.group_size is not None
 
 
-def _parts(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
-    """W_sym [out, in] and M [out, blocks] (float32), and W_sym's int4 codes and scales."""
-    rows, cols = weight.shape
+def _parts(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """M [out, blocks] (float32), and W_sym's int4 codes [out, in] and block scales [out, blocks]."""
     codes, scale, offsets = split_min_max(weight.detach().float(), block, BLOCK_SCALE, SMALLEST_SCALE)
-    symmetric = (codes.float().reshape(rows, -1, block) * scale.unsqueeze(-1)).reshape(rows, cols)
-    return symmetric, offsets, codes.numpy(), scale.numpy()
+    return offsets, codes.numpy(), scale.numpy()
+
+
+def _image(codes: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    """W_sym [out, in] in float32: each block's codes times its scale."""
+    rows, cols = codes.shape
+    blocks = torch.from_numpy(codes).float().reshape(rows, scale.shape[1], -1)
+    return (blocks * torch.from_numpy(scale).unsqueeze(-1)).reshape(rows, cols)
 
 
 def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
@@ -91,11 +110,10 @@ def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
             continue
         block = wq.group_size
         if id(layer.weight) not in made:  # a tied table and LM head: one split
-            symmetric, offsets, codes, scale = _parts(layer.weight, block)
-            made[id(layer.weight)] = (nn.Parameter(symmetric, requires_grad=False),
-                                      nn.Parameter(offsets, requires_grad=False), codes, scale)
-        symmetric, offsets, codes, scale = made[id(layer.weight)]
-        rows, cols = symmetric.shape
+            offsets, codes, scale = _parts(layer.weight, block)
+            made[id(layer.weight)] = (nn.Parameter(offsets, requires_grad=False), codes, scale)
+        offsets, codes, scale = made[id(layer.weight)]
+        rows, cols = codes.shape
         if isinstance(layer, nn.Linear):
             sym, off = nn.Linear(cols, rows, bias=False, device="meta"), nn.Linear(cols // block, rows, bias=False, device="meta")
             off.bias = layer.bias
@@ -103,12 +121,13 @@ def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
         else:
             sym, off = nn.Embedding(rows, cols, device="meta"), nn.Embedding(rows, cols // block, device="meta")
             part = OffsetTable(sym, off, block)
-        sym.weight, off.weight = symmetric, offsets
+        sym.weight, off.weight = layer.weight, offsets  # the layer's own weight until hold_grid
         parent, _, child = name.rpartition(".")
         holder = module.get_submodule(parent)
         split.originals.append((holder, child, layer))
         setattr(holder, child, part)
         split.codes[f"{name}.symmetric"] = (codes, scale)
+        split.symmetric[f"{name}.symmetric"] = sym
         split.offsets[f"{name}.offsets"] = OFFSETS
     return split
 

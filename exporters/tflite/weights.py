@@ -64,21 +64,23 @@ def stored_weights(model: bytes, operator: str) -> list[StoredWeight]:
     return found
 
 
-def _buffer(m, model: bytes, index: int) -> bytes | None:
-    """A buffer's bytes: inline, or (larger models) after the flatbuffer at offset/size."""
+def _buffer(m, model: bytes, index: int) -> np.ndarray | None:
+    """A buffer's bytes as a read-only uint8 view of `model`, not a copy (a float model's weights
+    are all read at once: a copy was 1.4 GB more at SmolLM2-360M's shape): inline, or (larger
+    models) after the flatbuffer at offset/size."""
     buffer = m.buffers[index]
     if buffer.data is not None and len(buffer.data):
-        return bytes(buffer.data)
+        return np.asarray(buffer.data, np.uint8)  # the object API's view of `model`
     if buffer.offset > 1 and buffer.size:
-        return model[buffer.offset:buffer.offset + buffer.size]
+        return np.frombuffer(model, np.uint8, count=buffer.size, offset=buffer.offset)
     return None
 
 
 def _read(m, model: bytes, graph, tensor, schema) -> tuple[np.ndarray, WeightQuant | None] | None:
-    data = _buffer(m, model, tensor.buffer)
-    if data is None:  # not a stored constant (e.g. an activation)
+    raw = _buffer(m, model, tensor.buffer)
+    if raw is None:  # not a stored constant (e.g. an activation)
         return None
-    rows, raw, q = int(tensor.shape[0]), np.frombuffer(data, np.uint8), tensor.quantization
+    rows, q = int(tensor.shape[0]), tensor.quantization
     if tensor.type == schema.TensorType.FLOAT32:
         return raw.view(np.float32).reshape(rows, -1), None
     if tensor.type == schema.TensorType.INT4:  # two values per byte, low nibble first
@@ -92,7 +94,7 @@ def _read(m, model: bytes, graph, tensor, schema) -> tuple[np.ndarray, WeightQua
     if q is not None and q.details is not None and hasattr(q.details, "blockSize"):
         scales_tensor = graph.tensors[q.details.scales]
         dtype = np.float16 if scales_tensor.type == schema.TensorType.FLOAT16 else np.float32
-        scales = np.frombuffer(_buffer(m, model, scales_tensor.buffer), dtype).astype(np.float32).reshape(rows, -1)
+        scales = _buffer(m, model, scales_tensor.buffer).view(dtype).astype(np.float32).reshape(rows, -1)
         values = (values.reshape(rows, scales.shape[1], -1) * scales[..., None]).reshape(rows, -1)
         return values, WeightQuant(bits, q.details.blockSize)
     if q is not None and q.scale is not None and len(q.scale):

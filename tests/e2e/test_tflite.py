@@ -68,7 +68,7 @@ def test_the_offset_grid_is_stored_exactly(tflite_export, llama_dir):
     int8 per channel within half a step of the blocks' midpoints."""
     from safetensors.torch import load_file
 
-    from edgepack.exporters.tflite.offset_grid import _parts
+    from edgepack.exporters.tflite.offset_grid import _image, _parts
     from edgepack.exporters.tflite.weights import stored_weights
 
     [art] = read_manifest(tflite_export[2])["artifacts"]
@@ -80,7 +80,8 @@ def test_the_offset_grid_is_stored_exactly(tflite_export, llama_dir):
     linears = {n: w for n, w in load_file(str(llama_dir / "model.safetensors")).items() if n.endswith("proj.weight")}
     lowest = 0
     for name, weight in linears.items():
-        symmetric, offsets, codes, _ = _parts(weight, 32)
+        offsets, codes, scale = _parts(weight, 32)
+        symmetric = _image(codes, scale)
         lowest = min(lowest, int(codes.min()))
         assert any(np.array_equal(w.values, symmetric.numpy()) for w in by_shape[tuple(symmetric.shape)]), name
         step = offsets.abs().amax(dim=1, keepdim=True).numpy() / 127

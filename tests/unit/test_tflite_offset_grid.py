@@ -12,6 +12,7 @@ from edgepack.exporters.tflite.offset_grid import (
     SMALLEST_SCALE,
     OffsetLinear,
     OffsetTable,
+    _image,
     _packed,
     _parts,
     split_layers,
@@ -32,7 +33,8 @@ def _on_grid(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 
 def test_a_source_on_the_grid_is_split_back_exactly():
     weight = _on_grid(24, 128)
-    symmetric, offsets, codes, scale = _parts(weight, 32)
+    offsets, codes, scale = _parts(weight, 32)
+    symmetric = _image(codes, scale)
     assert codes.min() == -8 and codes.max() == 7  # all 16 levels: -8 is what ai_edge_quantizer's own rounding loses
     rebuilt = symmetric + offsets.repeat_interleave(32, dim=1)
     torch.testing.assert_close(rebuilt, weight, rtol=0, atol=1e-6)
@@ -44,7 +46,8 @@ def test_constant_and_tiny_blocks_stay_loadable():
     weight = _on_grid(2, 64)
     weight[0, :32] = 0.25  # a constant block: XNNPACK refuses its scale 0
     weight[1, 32:] = torch.linspace(0, 1e-4, 32)  # a step under fp16's normal range
-    symmetric, offsets, codes, scale = _parts(weight, 32)
+    offsets, codes, scale = _parts(weight, 32)
+    symmetric = _image(codes, scale)
     assert scale[0, 0] == 1 and not codes[0, :32].any() and offsets[0, 0] == 0.25
     assert scale[1, 1] == SMALLEST_SCALE
     rebuilt = symmetric + offsets.repeat_interleave(32, dim=1)
@@ -58,14 +61,19 @@ def test_int4_codes_pack_low_nibble_first_in_twos_complement():
 
 def test_split_layers_compute_the_grid_and_put_the_originals_back():
     """A tied table and LM head split once (one W_sym and one M shared), the linear's bias kept in
-    the offsets part, each split layer computing x·Wᵀ + b with W the grid's image of its weight."""
+    the offsets part, each split layer computing x·Wᵀ + b with W the grid's image of its weight once
+    it holds the grid. Until then each symmetric part holds its layer's own weight, not a copy: the
+    converter reads it only for the op's layout, and a float copy of a 1B model is 5 GB."""
     model = nn.Module()
     model.embed, model.head, model.proj = nn.Embedding(10, 64), nn.Linear(64, 10, bias=False), nn.Linear(64, 8)
     model.head.weight = model.embed.weight
     four = WeightQuant(4, 32)
     originals = dict(model.named_children())
+    weights = {name: layer.weight.detach().clone() for name, layer in originals.items()}
     split = split_layers(model, {"embed": four, "head": four, "proj": four})
     assert isinstance(model.embed, OffsetTable) and isinstance(model.head, OffsetLinear) and isinstance(model.proj, OffsetLinear)
+    assert all(getattr(model, name).symmetric.weight is layer.weight for name, layer in originals.items())
+    split.hold_grid()
     assert model.embed.symmetric.weight is model.head.symmetric.weight and model.embed.offsets.weight is model.head.offsets.weight
     assert model.proj.offsets.bias is originals["proj"].bias
     assert sorted(split.offsets) == ["embed.offsets", "head.offsets", "proj.offsets"]
@@ -79,3 +87,4 @@ def test_split_layers_compute_the_grid_and_put_the_originals_back():
             torch.testing.assert_close(getattr(model, name)(x), nn.functional.linear(x, image, layer.bias), rtol=1e-5, atol=1e-5)
     split.restore()
     assert dict(model.named_children()) == originals
+    assert all(torch.equal(layer.weight, weights[name]) for name, layer in originals.items())  # every backend's capture
