@@ -20,10 +20,10 @@ from torch import nn
 
 from edgepack.errors import InputError
 from edgepack.exporters import onnx_capture
+from edgepack.exporters.lowering import run_steps
 from edgepack.exporters.mnn import lower as mnn_lower
 from edgepack.exporters.onnx import lower as onnx_lower
 from edgepack.exporters.onnx.options import Options
-from edgepack.exporters.lowering import run_steps
 from edgepack.exporters.registry import BACKENDS
 from edgepack.pipeline import backends_for
 from edgepack.quant import QuantSpec
