@@ -58,7 +58,7 @@ BLOCK_SIZES = (32, 64, 128, 256)  # ai_edge_quantizer's blockwise granularities
 # shape, 6.2x at 360M's (a fixed part, about 1 GB, weighs less as models grow); 8.4x and 7.2x before
 # the offset grid stopped holding a float copy of the weights. A Llama-3.2-1B-shaped model (4.9 GB)
 # was killed in the lowering at 23.4 GB on a 24 GiB machine (2026-12-03).
-CONVERSION_MEMORY_PER_WEIGHT_BYTE = 6.2
+CONVERSION_MEMORY_PER_WEIGHT_BYTE = 4.5  # provisional: set from the bench.scale run below
 
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
@@ -269,9 +269,15 @@ def convert(work: _Work) -> None:
     converter = litert_torch.Converter()
     for sig in work.signatures:
         converter.signature(sig.name, sig.module, sample_kwargs=sig.sample, dynamic_shapes=sig.dynamic_shapes)
+    # A decoder LM's weights reach the converter by reference (litert-torch's lightweight
+    # conversion): its MLIR then holds no two more copies of them, 2.7 GiB at SmolLM2-360M's shape
+    # (sampled). The graph is the same: on SmolLM2-135M's shape every op, shape, constant and
+    # option matched, only tensor names differ (2026-12-05). Encoders keep the default, whose
+    # converter folds fixed-length lookups into constants (exporters/tflite/weights.py).
+    lightweight = work.captured.loaded.task == "causal-lm"
     # its progress log goes to stderr (stdout is for --json)
     with grouped_query_attention(work.captured.loaded.module), contextlib.redirect_stdout(sys.stderr):
-        work.float_model = bytes(converter.convert().model_content())
+        work.float_model = bytes(converter.convert(lightweight_conversion=lightweight).model_content())
     work.model, work.float_bytes = work.float_model, len(work.float_model)
 
 

@@ -11,8 +11,8 @@ W_sym = scale·c with c in -8..7 and bf16 scales (LiteRT keeps 7 mantissa bits o
 stored int4 blockwise: `store_codes` writes its codes and scales over ai_edge_quantizer's own, so
 the .tflite holds the grid exactly. What the converter and the quantizer make of a symmetric part's
 float weight is only the op's layout, so until the codes are stored the part holds the layer's own
-weight (no second float copy of the model at the conversion's peak); `Split.hold_grid` then gives
-it W_sym for the eager reference. M holds the blocks' midpoints (minimum + 8·scale), stored int8
+weight (no second float copy of the model at the conversion's peak), unless a layer off the grid
+holds it too; `Split.hold_grid` then gives it W_sym for the eager reference. M holds the blocks' midpoints (minimum + 8·scale), stored int8
 per channel by ai_edge_quantizer as any int8 layer (the reference rounds them the same way).
 sums(x) is each input block's sum (RESHAPE + SUM). A tied table and LM head share W_sym and M,
 which the quantizer stores once.
@@ -104,15 +104,20 @@ def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
     """Replace, in place, each layer of `layers` (name -> storage) that goes on the offset grid by
     its split; `Split.restore` puts the originals back."""
     split, made = Split(), {}
-    for name, wq in layers.items():
-        layer = module.get_submodule(name)
-        if not on_offset_grid(layer, wq):
-            continue
-        block = wq.group_size
+    splits = {name for name, wq in layers.items() if on_offset_grid(module.get_submodule(name), wq)}
+    # A weight a layer off the grid also holds (Gemma's scaled table, tied to its split LM head)
+    # cannot be the symmetric part's: the quantizer would store the two as one, then the codes
+    # would be written over the table's.
+    unsplit = {id(m.weight) for name, m in module.named_modules()
+               if name not in splits and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    for name in splits:
+        layer, block = module.get_submodule(name), layers[name].group_size
         if id(layer.weight) not in made:  # a tied table and LM head: one split
             offsets, codes, scale = _parts(layer.weight, block)
-            made[id(layer.weight)] = (nn.Parameter(offsets, requires_grad=False), codes, scale)
-        offsets, codes, scale = made[id(layer.weight)]
+            symmetric = (nn.Parameter(_image(codes, scale), requires_grad=False) if id(layer.weight) in unsplit
+                         else layer.weight)  # the layer's own weight until hold_grid
+            made[id(layer.weight)] = (symmetric, nn.Parameter(offsets, requires_grad=False), codes, scale)
+        symmetric, offsets, codes, scale = made[id(layer.weight)]
         rows, cols = codes.shape
         if isinstance(layer, nn.Linear):
             sym, off = nn.Linear(cols, rows, bias=False, device="meta"), nn.Linear(cols // block, rows, bias=False, device="meta")
@@ -121,7 +126,7 @@ def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
         else:
             sym, off = nn.Embedding(rows, cols, device="meta"), nn.Embedding(rows, cols // block, device="meta")
             part = OffsetTable(sym, off, block)
-        sym.weight, off.weight = layer.weight, offsets  # the layer's own weight until hold_grid
+        sym.weight, off.weight = symmetric, offsets
         parent, _, child = name.rpartition(".")
         holder = module.get_submodule(parent)
         split.originals.append((holder, child, layer))

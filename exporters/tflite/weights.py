@@ -16,7 +16,8 @@ at all."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -30,11 +31,20 @@ from edgepack.stages import CapturedModel
 
 @dataclass(frozen=True)
 class StoredWeight:
-    """One op's constant weight (FULLY_CONNECTED: input 1; EMBEDDING_LOOKUP: input 1, the table)."""
+    """One op's constant weight (FULLY_CONNECTED: input 1; EMBEDDING_LOOKUP: input 1, the table).
+    Its values are read when first asked for: a quantized model's weights all dequantized at once
+    are the model's size in float32 (1.4 GB at SmolLM2-360M's shape), and most callers need only
+    the storage or the weights of one shape."""
 
     scope: str  # the op's scope as ai_edge_quantizer names it (its outputs' names): what a recipe regex matches
-    values: np.ndarray  # float32; dequantized exactly when stored quantized
+    shape: tuple[int, int]  # [rows, the rest]
     storage: WeightQuant | None  # None: stored float
+    read: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    @cached_property
+    def values(self) -> np.ndarray:
+        """float32; dequantized exactly when stored quantized (a view of the model when stored float)."""
+        return self.read()
 
 
 def stored_weights(model: bytes, operator: str) -> list[StoredWeight]:
@@ -76,29 +86,34 @@ def _buffer(m, model: bytes, index: int) -> np.ndarray | None:
     return None
 
 
-def _read(m, model: bytes, graph, tensor, schema) -> tuple[np.ndarray, WeightQuant | None] | None:
+def _read(m, model: bytes, graph, tensor, schema) -> tuple[tuple[int, int], WeightQuant | None, Callable] | None:
+    """A constant weight's shape, storage and reader of its float32 values, or None."""
     raw = _buffer(m, model, tensor.buffer)
     if raw is None:  # not a stored constant (e.g. an activation)
         return None
     rows, q = int(tensor.shape[0]), tensor.quantization
+    shape = (rows, int(np.prod(tensor.shape[1:])))
     if tensor.type == schema.TensorType.FLOAT32:
-        return raw.view(np.float32).reshape(rows, -1), None
-    if tensor.type == schema.TensorType.INT4:  # two values per byte, low nibble first
-        values = np.stack([raw & 15, raw >> 4], -1).reshape(-1)[: rows * int(tensor.shape[1])].astype(np.int8)
-        values, bits = np.where(values > 7, values - 16, values), 4
-    elif tensor.type == schema.TensorType.INT8:
-        values, bits = raw.view(np.int8), 8
-    else:
+        return shape, None, lambda: raw.view(np.float32).reshape(shape)
+    bits = {schema.TensorType.INT4: 4, schema.TensorType.INT8: 8}.get(tensor.type)
+    if bits is None or q is None:
         return None
-    values = values.reshape(rows, -1).astype(np.float32)
-    if q is not None and q.details is not None and hasattr(q.details, "blockSize"):
+
+    def codes() -> np.ndarray:
+        if bits == 8:
+            return raw.view(np.int8).reshape(shape).astype(np.float32)
+        nibbles = np.stack([raw & 15, raw >> 4], -1).reshape(-1)[: shape[0] * shape[1]].astype(np.int8)
+        return np.where(nibbles > 7, nibbles - 16, nibbles).reshape(shape).astype(np.float32)  # low nibble first
+
+    if q.details is not None and hasattr(q.details, "blockSize"):
         scales_tensor = graph.tensors[q.details.scales]
         dtype = np.float16 if scales_tensor.type == schema.TensorType.FLOAT16 else np.float32
-        scales = _buffer(m, model, scales_tensor.buffer).view(dtype).astype(np.float32).reshape(rows, -1)
-        values = (values.reshape(rows, scales.shape[1], -1) * scales[..., None]).reshape(rows, -1)
-        return values, WeightQuant(bits, q.details.blockSize)
-    if q is not None and q.scale is not None and len(q.scale):
-        return values * np.asarray(q.scale, np.float32).reshape(-1, 1), WeightQuant(bits, None)
+        scales = _buffer(m, model, scales_tensor.buffer).view(dtype).reshape(rows, -1)
+        return shape, WeightQuant(bits, q.details.blockSize), lambda: (
+            codes().reshape(rows, scales.shape[1], -1) * scales.astype(np.float32)[..., None]).reshape(shape)
+    if q.scale is not None and len(q.scale):
+        scale = np.asarray(q.scale, np.float32).reshape(-1, 1)
+        return shape, WeightQuant(bits, None), lambda: codes() * scale
     return None
 
 
@@ -165,6 +180,8 @@ def folded_layers(model: bytes, candidates: dict, weights: dict[str, torch.Tenso
     attention's 1/sqrt(head_dim), split between q and k, into their weights, after γ: (W·γ)·m,
     which can round a bfloat16 scale differently from W·(γ·m)), returned with that multiplier.
     Compared to 1e-6: γ is measured (NormAffine) to ~1e-7."""
+    if not candidates:  # nothing to look for (a decoder's linears on the offset grid): read nothing
+        return {}
     stored = _by_shape(_quantized(model, "FULLY_CONNECTED"))
     folded = {}
     for name, affine in candidates.items():
@@ -194,7 +211,7 @@ def _by_shape(weights: list[StoredWeight]) -> dict[tuple, list[StoredWeight]]:
     """Stored weights grouped by shape: only those of the same shape are worth comparing."""
     grouped: dict[tuple, list[StoredWeight]] = {}
     for w in weights:
-        grouped.setdefault(w.values.shape, []).append(w)
+        grouped.setdefault(w.shape, []).append(w)
     return grouped
 
 

@@ -88,3 +88,22 @@ def test_split_layers_compute_the_grid_and_put_the_originals_back():
     split.restore()
     assert dict(model.named_children()) == originals
     assert all(torch.equal(layer.weight, weights[name]) for name, layer in originals.items())  # every backend's capture
+
+
+def test_a_weight_a_layer_off_the_grid_holds_too_gets_its_own_symmetric_part():
+    """Gemma's scaled table stays on the symmetric grid while its tied LM head is split: sharing
+    the table's weight would make the quantizer store the two as one, and the head's codes would
+    then be written over the table (Gemma 2 and 3 failed their TFLite smoke that way)."""
+
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    model = nn.Module()
+    model.embed, model.head = ScaledEmbedding(10, 64), nn.Linear(64, 10, bias=False)
+    model.head.weight = model.embed.weight
+    table = model.embed.weight
+    split_layers(model, {"embed": WeightQuant(4, 32), "head": WeightQuant(4, 32)})
+    assert isinstance(model.head, OffsetLinear) and model.embed.weight is table
+    offsets, codes, scale = _parts(table, 32)
+    assert model.head.symmetric.weight is not table and torch.equal(model.head.symmetric.weight, _image(codes, scale))
