@@ -52,13 +52,12 @@ from edgepack.stages import CapturedModel, KvCache, MethodSpec, QuantRecord, Run
 MODEL_FILE = BACKEND.artifact
 LITERTLM_FILE = "tflite/model.litertlm"
 BLOCK_SIZES = (32, 64, 128, 256)  # ai_edge_quantizer's blockwise granularities
-# The export's peak memory per byte of the model's float32 weights, reached in litert-torch's
-# conversion (its MLIR constants, its passes' copy and the flatbuffer, over the weights themselves).
-# Measured by bench.scale (2026-12-05, random Llamas, default options): 7.4x at SmolLM2-135M's
-# shape, 6.2x at 360M's (a fixed part, about 1 GB, weighs less as models grow); 8.4x and 7.2x before
-# the offset grid stopped holding a float copy of the weights. A Llama-3.2-1B-shaped model (4.9 GB)
-# was killed in the lowering at 23.4 GB on a 24 GiB machine (2026-12-03).
-CONVERSION_MEMORY_PER_WEIGHT_BYTE = 4.5  # provisional: set from the bench.scale run below
+# The export's peak memory per byte of the model's float32 weights. Measured by bench.scale
+# (2026-12-05, random Llamas, default options): 5.6x at SmolLM2-135M's shape, 4.5x at 360M's, 3.6x
+# at Llama-3.2-1B's (a fixed part, about 1 GB, weighs less as models grow; the 1B peak is spread
+# over the conversion, the quantizer and the reference, each within 1.9 GiB of it). Until then it
+# was 8.4x and 7.2x, and a 1B-shaped model was killed in the lowering at 23.4 GB on 24 GiB.
+CONVERSION_MEMORY_PER_WEIGHT_BYTE = 4.5
 
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
