@@ -12,8 +12,9 @@ stored int4 blockwise: `store_codes` writes its codes and scales over ai_edge_qu
 the .tflite holds the grid exactly. What the converter and the quantizer make of a symmetric part's
 float weight is only the op's layout, so until the codes are stored the part holds the layer's own
 weight (no second float copy of the model at the conversion's peak), unless a layer off the grid
-holds it too; `Split.hold_grid` then gives it W_sym for the eager reference. M holds the blocks' midpoints (minimum + 8·scale), stored int8
-per channel by ai_edge_quantizer as any int8 layer (the reference rounds them the same way).
+holds it too; `Split.hold_grid` then gives it W_sym for the eager reference. M holds the blocks'
+midpoints (minimum + 8·scale), stored int8 per channel by ai_edge_quantizer as any int8 layer (the
+reference rounds them the same way).
 sums(x) is each input block's sum (RESHAPE + SUM). A tied table and LM head share W_sym and M,
 which the quantizer stores once.
 
@@ -104,7 +105,7 @@ def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
     """Replace, in place, each layer of `layers` (name -> storage) that goes on the offset grid by
     its split; `Split.restore` puts the originals back."""
     split, made = Split(), {}
-    splits = {name for name, wq in layers.items() if on_offset_grid(module.get_submodule(name), wq)}
+    splits = [name for name, wq in layers.items() if on_offset_grid(module.get_submodule(name), wq)]
     # A weight a layer off the grid also holds (Gemma's scaled table, tied to its split LM head)
     # cannot be the symmetric part's: the quantizer would store the two as one, then the codes
     # would be written over the table's.
