@@ -220,7 +220,8 @@ def machine() -> dict:
 
 
 def git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    """The commit measured, "-dirty" when tracked files had changes not yet committed (as git describe says)."""
+    proc = subprocess.run(["git", "describe", "--always", "--abbrev=7", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     return proc.stdout.strip() or "unknown"
 
 

@@ -4,10 +4,12 @@ Standard library only: the emulated arm64 Python imports the smoke's code throug
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import resource
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,3 +84,29 @@ def measure_rss():
         yield record
     if window.peak_bytes:
         record.update(rss_before_bytes=before, peak_rss_bytes=window.peak_bytes)
+
+
+@contextmanager
+def released_pages(mapped: mmap.mmap, every_s: float = 0.25):
+    """Let go of `mapped`'s resident pages every `every_s` seconds while the block reads it (and
+    once after). The mapping is a file's, read-only: a page let go is read again from the page
+    cache when next touched, so what the block sees is unchanged, and a file the block reads
+    through once (a float model the quantizer rounds) is not all resident in this process at the
+    end of it."""
+    if not hasattr(mapped, "madvise"):  # Windows: the pages stay until the mapping goes
+        yield
+        return
+    stop = threading.Event()
+
+    def release() -> None:
+        while not stop.wait(every_s):
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+    thread = threading.Thread(target=release, name="released-pages", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        mapped.madvise(mmap.MADV_DONTNEED)

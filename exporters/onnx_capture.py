@@ -10,7 +10,6 @@ keep the captured signature."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ from torch.export import Dim
 from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.decoder import ExplicitCacheLM
 from edgepack.exporters.weights import float32_weight_bytes
-from edgepack.scratch import lasting_temp_dir
 from edgepack.stages import CapturedModel, MethodSpec, TensorSpec
 
 PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
@@ -144,19 +142,6 @@ def too_large_for_one_protobuf(module: nn.Module, what: str) -> str | None:
     return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and {what} holds the float graph in one "
             f"protobuf, which cannot pass {PROTOBUF_LIMIT / 2**30:.0f} GiB (about {PROTOBUF_LIMIT // 4 / 1e6:.0f}M "
             "parameters)")
-
-
-def too_large_for_weights_folder(module: nn.Module, per_weight_byte: float, what: str) -> str | None:
-    """Why `what`, which keeps up to `per_weight_byte` times the model's float32 weights in a
-    temporary folder (export_onnx's weights_dir), cannot run where TMPDIR has less free, or None."""
-    weights = float32_weight_bytes(module)
-    folder = lasting_temp_dir()  # TMPDIR as the user set it (the run's own folder is inside it)
-    need, free = per_weight_byte * weights, shutil.disk_usage(folder).free
-    if need <= free:
-        return None
-    return (f"{what} keeps the model's float32 weights ({weights / 1e9:.2f} GB) in a folder under {folder} while it "
-            f"works, up to {per_weight_byte:g}x that ({need / 1e9:.1f} GB), and {folder} has {free / 1e9:.1f} GB free: "
-            f"set TMPDIR to a folder with {need / 1e9:.1f} GB free")
 
 
 def _let_go_of_weights(graph) -> None:

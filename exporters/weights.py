@@ -7,6 +7,7 @@ norm's affine folded into the linear layers it feeds), the reference performs th
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from edgepack.quant import QuantSpec, WeightQuant
+from edgepack.scratch import lasting_temp_dir
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,19 @@ def too_large_for_memory(module: nn.Module, per_weight_byte: float, what: str, h
     return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and {what} holds about {per_weight_byte:g}x that "
             f"({need / 1e9:.0f} GB) while this machine grants {have / 1e9:.0f} GB of memory: it would be killed mid-way "
             f"(a machine with {need / 1e9:.0f} GB or more can take it)")
+
+
+def too_large_for_weights_folder(module: nn.Module, per_weight_byte: float, what: str) -> str | None:
+    """Why `what`, which keeps up to `per_weight_byte` times the model's float32 weights in a
+    temporary folder (e.g. export_onnx's weights_dir), cannot run where TMPDIR has less free, or None."""
+    weights = float32_weight_bytes(module)
+    folder = lasting_temp_dir()  # TMPDIR as the user set it (the run's own folder is inside it)
+    need, free = per_weight_byte * weights, shutil.disk_usage(folder).free
+    if need <= free:
+        return None
+    return (f"{what} keeps the model's float32 weights ({weights / 1e9:.2f} GB) in a folder under {folder} while it "
+            f"works, up to {per_weight_byte:g}x that ({need / 1e9:.1f} GB), and {folder} has {free / 1e9:.1f} GB free: "
+            f"set TMPDIR to a folder with {need / 1e9:.1f} GB free")
 
 
 def copy_sharing_weights(module: nn.Module) -> nn.Module:

@@ -39,7 +39,6 @@ from edgepack.exporters.onnx_capture import (
     class_names,
     export_onnx,
     onnx_signature,
-    too_large_for_weights_folder,
     weight_nodes,
 )
 from edgepack.exporters.weights import (
@@ -49,6 +48,7 @@ from edgepack.exporters.weights import (
     quantize_min_max,
     row_slices,
     too_large_for_memory,
+    too_large_for_weights_folder,
 )
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.rss import machine_memory_bytes

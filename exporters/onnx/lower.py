@@ -39,7 +39,6 @@ from edgepack.exporters.onnx_capture import (
     export_onnx,
     onnx_signature,
     too_large_for_one_protobuf,
-    too_large_for_weights_folder,
     weight_nodes,
 )
 from edgepack.exporters.weights import (
@@ -48,6 +47,7 @@ from edgepack.exporters.weights import (
     quantize_groups,
     quantize_min_max,
     too_large_for_memory,
+    too_large_for_weights_folder,
     weight_only_reference,
 )
 from edgepack.quant import QuantSpec, WeightQuant

@@ -8,8 +8,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import mmap
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -40,30 +43,41 @@ from edgepack.exporters.tflite.weights import (
 from edgepack.exporters.weights import (
     NormAffine,
     fake_quantize,
+    float32_weight_bytes,
     int8_per_row,
     linears_fed_by_norms,
     too_large_for_memory,
+    too_large_for_weights_folder,
     weight_only_reference,
 )
 from edgepack.quant import QuantSpec, WeightQuant
-from edgepack.rss import machine_memory_bytes
+from edgepack.rss import machine_memory_bytes, released_pages
 from edgepack.stages import CapturedModel, KvCache, MethodSpec, QuantRecord, RuntimeRecord, TensorSpec
 
 MODEL_FILE = BACKEND.artifact
 LITERTLM_FILE = "tflite/model.litertlm"
+FLOAT_FILE = "float.tflite"  # the converter's, in the lowering's folder until quantized
+# The lowering's folder at its largest per byte of float32 weights: the converter's float .tflite
+# (1.03x at Llama-3.2-1B's shape), deleted before the offset grid's saved weights (at most 1x) are written.
+WEIGHTS_FOLDER_PER_WEIGHT_BYTE = 1.1
 BLOCK_SIZES = (32, 64, 128, 256)  # ai_edge_quantizer's blockwise granularities
-# The export's peak memory per byte of the model's float32 weights. Measured by bench.scale
-# (2026-12-05, random Llamas, default options): 5.6x at SmolLM2-135M's shape, 4.5x at 360M's, 3.6x
-# at Llama-3.2-1B's (a fixed part, about 1 GB, weighs less as models grow; the 1B peak is spread
-# over the conversion, the quantizer and the reference, each within 1.9 GiB of it). Until then it
-# was 8.4x and 7.2x, and a 1B-shaped model was killed in the lowering at 23.4 GB on 24 GiB.
-CONVERSION_MEMORY_PER_WEIGHT_BYTE = 4.5
+# The export's peak memory per byte of the model's float32 weights, measured by bench.scale
+# (2026-12-05, random Llamas, default options). Under a flatbuffer's 2 GiB the converter builds
+# the float model in memory, growing it as it goes: 4.57x at SmolLM2-135M's shape, 3.85x at 360M's.
+# Past it the weights go to the file as they are written: 2.11x at Llama-3.2-1B's, the peak in
+# storing the offset grid's codes (it was 3.62x when the converter returned the model as bytes,
+# 7x before that, and the model was killed at 23.4 GB on 24 GiB).
+FLATBUFFER_LIMIT = 2 ** 31
+CONVERSION_MEMORY_PER_WEIGHT_BYTE = {"in memory": 4.6, "written as it goes": 2.5}
 
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
-    """Why this machine cannot convert `loaded` (it would need more memory than it has), or None."""
-    return too_large_for_memory(loaded.module, CONVERSION_MEMORY_PER_WEIGHT_BYTE, "the TFLite conversion",
-                                machine_memory_bytes())
+    """Why this machine cannot convert `loaded` (it would need more memory than it grants, or more
+    free disk for the lowering's folder than TMPDIR has), or None."""
+    in_memory = float32_weight_bytes(loaded.module) < FLATBUFFER_LIMIT
+    per_weight_byte = CONVERSION_MEMORY_PER_WEIGHT_BYTE["in memory" if in_memory else "written as it goes"]
+    return (too_large_for_memory(loaded.module, per_weight_byte, "the TFLite conversion", machine_memory_bytes())
+            or too_large_for_weights_folder(loaded.module, WEIGHTS_FOLDER_PER_WEIGHT_BYTE, "the TFLite conversion"))
 
 
 def _dynamic_update_slice(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -95,7 +109,8 @@ class _Work(Lowering):
     stored: dict[str, str] = field(default_factory=dict)  # layer -> how the quantized model stores it
     folded_norms: list[str] = field(default_factory=list)  # linear layers the converter folded a norm into
     float_embeddings: list[str] = field(default_factory=list)  # embedding tables the converter left in float
-    float_model: bytes = b""  # the converter's, until it is quantized
+    float_model: bytes | mmap.mmap = b""  # the converter's (mapped from its file), until it is quantized
+    scratch: Path | None = None  # the lowering's folder: the converter's file, the weights hold_grid wrote over
     float_bytes: int = 0
     model: bytes = b""
     split: Split | None = None  # the layers on the offset grid
@@ -197,7 +212,7 @@ def _offsets(work: _Work) -> frozenset[str]:
 def _exact(work: _Work) -> frozenset[str]:
     """The offset grid's symmetric parts: from the store on (Split.hold_grid) their weights are what
     the .tflite stores."""
-    return frozenset(work.split.codes) if work.split else frozenset()
+    return frozenset(work.split.sources) if work.split else frozenset()
 
 
 def build_signatures(work: _Work) -> None:
@@ -216,7 +231,8 @@ def locate_layers(work: _Work) -> None:
         work.norm_fed = {name: affine for name, affine in fed.items() if name not in _exact(work)}  # never folded: store_codes checks
     layers = dict(module.named_modules())
     quantized = {name: layers[name] for name in spec.layers(module)}
-    work.layer_ops = layer_ops(work.float_model, quantized, work.norm_fed, fold_multipliers(work.captured))
+    with released_pages(work.float_model):
+        work.layer_ops = layer_ops(work.float_model, quantized, work.norm_fed, fold_multipliers(work.captured))
 
 
 def record_reference(work: _Work) -> None:
@@ -274,10 +290,16 @@ def convert(work: _Work) -> None:
     # option matched, only tensor names differ (2026-12-05). Encoders keep the default, whose
     # converter folds fixed-length lookups into constants (exporters/tflite/weights.py).
     lightweight = work.captured.loaded.task == "causal-lm"
+    # Written to a file and mapped, not returned as bytes: the converter's flatbuffer and its copy
+    # into Python were two float copies of the model at once (16.5 GiB at Llama-3.2-1B's shape).
+    work.scratch = Path(tempfile.mkdtemp(prefix="edgepack-tflite-"))  # in the run's folder (scratch.py)
+    path = work.scratch / FLOAT_FILE
     # its progress log goes to stderr (stdout is for --json)
     with grouped_query_attention(work.captured.loaded.module), contextlib.redirect_stdout(sys.stderr):
-        work.float_model = bytes(converter.convert(lightweight_conversion=lightweight).model_content())
-    work.model, work.float_bytes = work.float_model, len(work.float_model)
+        converter.convert(lightweight_conversion=lightweight).export(str(path))
+    with path.open("rb") as f:
+        work.float_model = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    work.float_bytes = len(work.float_model)
 
 
 def _granularity(wq: WeightQuant):
@@ -316,18 +338,21 @@ def quantize(work: _Work) -> None:
                 add(regex=f"^{re.escape(scope)}$", operation_name=getattr(qtyping.TFLOperationName, op),
                     num_bits=wq.bits, granularity=_granularity(wq))
     if not (spec.linear or spec.embedding):
+        work.model, work.float_model = bytes(work.float_model), b""
         return
-    with contextlib.redirect_stdout(sys.stderr):  # it prints its size report; stdout is for --json
+    # it prints its size report; stdout is for --json
+    with released_pages(work.float_model), contextlib.redirect_stdout(sys.stderr):
         result = quantizer.Quantizer(work.float_model, recipe.get_quantization_recipe()).quantize()
-    work.float_model = b""  # no later step reads it: the model's size in float32 held through the reference
-    work.model = nonzero_weight_scales(bytes(result.quantized_model))
+    work.float_model = b""  # no later step reads it
+    (work.scratch / FLOAT_FILE).unlink()
+    work.model = nonzero_weight_scales(result.quantized_model)
     _check_stored(work)
 
 
 def store_offset_grid(work: _Work) -> None:
     if work.split:
-        work.model = store_codes(work.model, work.layer_ops, work.split.codes)
-        work.split.hold_grid()  # the eager parts as the .tflite now stores them, for the reference
+        # the eager parts become what the .tflite stores, for the reference
+        work.model = store_codes(work.model, work.layer_ops, work.split.hold_grid(work.scratch))
 
 
 def _check_stored(work: _Work) -> None:
@@ -461,7 +486,10 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
     finally:
         if work.split:
             work.split.restore()  # the capture is every backend's
-    on_grid = "offset" if work.split and work.split.codes else "symmetric"
+        work.float_model = b""
+        if work.scratch:
+            shutil.rmtree(work.scratch, ignore_errors=True)
+    on_grid = "offset" if work.split and work.split.sources else "symmetric"
     return Lowered(
         files=dict(work.files),
         methods=work.methods,

@@ -12,7 +12,9 @@ stored int4 blockwise: `store_codes` writes its codes and scales over ai_edge_qu
 the .tflite holds the grid exactly. What the converter and the quantizer make of a symmetric part's
 float weight is only the op's layout, so until the codes are stored the part holds the layer's own
 weight (no second float copy of the model at the conversion's peak), unless a layer off the grid
-holds it too; `Split.hold_grid` then gives it W_sym for the eager reference. M holds the blocks'
+holds it too. `store_codes` then writes the codes, one layer at a time, as `Split.hold_grid` gives
+them and writes W_sym over that weight for the eager reference; `Split.restore` puts the weight
+back from a file. M holds the blocks'
 midpoints (minimum + 8·scale), stored int8 per channel by ai_edge_quantizer as any int8 layer (the
 reference rounds them the same way).
 sums(x) is each input block's sum (RESHAPE + SUM). A tied table and LM head share W_sym and M,
@@ -24,6 +26,8 @@ Decoder LMs only: the converter folds an encoder's LayerNorm affine into the lin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -60,27 +64,46 @@ class OffsetTable(nn.Module):
 
 @dataclass
 class Split:
-    """What split_layers did: the int4 codes and scales of each symmetric part (by its layer
-    name), the offset layers (stored int8 per channel), and the layers to put back."""
+    """What split_layers did: each symmetric part's split layer (by the part's name) and the
+    weight and block its grid is computed from, the offset layers (stored int8 per channel), and
+    what `restore` puts back: the layers, and the weights `hold_grid` wrote over (each saved in
+    a file)."""
 
-    codes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    layers: dict[str, OffsetLinear | OffsetTable] = field(default_factory=dict)
+    sources: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     offsets: dict[str, WeightQuant] = field(default_factory=dict)
     originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
-    symmetric: dict[str, nn.Module] = field(default_factory=dict)  # the symmetric parts, by layer name
+    saved: list[tuple[torch.Tensor, Path]] = field(default_factory=list)
 
-    def hold_grid(self) -> None:
-        """Each symmetric part's weight becomes W_sym (its codes times its scales), what the .tflite
-        holds once `store_codes` ran; a tied table and LM head share one."""
-        made: dict[int, nn.Parameter] = {}
-        for name, part in self.symmetric.items():
-            codes, scale = self.codes[name]
-            if id(codes) not in made:
-                made[id(codes)] = nn.Parameter(_image(codes, scale), requires_grad=False)
-            part.weight = made[id(codes)]
+    def hold_grid(self, folder: Path) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+        """The int4 codes and block scales of each weight on the grid, one weight at a time, with
+        the symmetric parts that hold it (a tied table and LM head: two); each part's weight
+        becomes W_sym (its codes times its scales) as it is given, what the .tflite holds once
+        `store_codes` wrote them. A part holding its layer's own weight has it written over in
+        place, the weight saved in `folder` until `restore`: a second float copy of a 1B model
+        beside the first is 4.6 GiB. The codes are computed here again rather than kept since the
+        split (1 byte a weight)."""
+        parts: dict[int, list[str]] = {}
+        for name, (weight, _) in self.sources.items():
+            parts.setdefault(id(weight), []).append(name)
+        for names in parts.values():
+            (source, block), held = self.sources[names[0]], self.layers[names[0]].symmetric.weight
+            _, codes, scale = _parts(source, block)
+            yield names, codes, scale
+            if held is source:
+                path = folder / f"weight-{len(self.saved)}.raw"
+                source.detach().numpy().tofile(path)
+                self.saved.append((source, path))
+            with torch.no_grad():
+                held.copy_(_image(codes, scale))
 
     def restore(self) -> None:
         for parent, child, layer in reversed(self.originals):
             setattr(parent, child, layer)
+        with torch.no_grad():
+            for weight, path in self.saved:
+                weight.copy_(torch.from_numpy(np.fromfile(path, weight.detach().numpy().dtype)).reshape(weight.shape))
+        self.saved.clear()
 
 
 def on_offset_grid(layer: nn.Module, wq: WeightQuant) -> bool:
@@ -117,9 +140,9 @@ def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
             offsets, codes, scale = _parts(layer.weight, block)
             symmetric = (nn.Parameter(_image(codes, scale), requires_grad=False) if id(layer.weight) in unsplit
                          else layer.weight)  # the layer's own weight until hold_grid
-            made[id(layer.weight)] = (symmetric, nn.Parameter(offsets, requires_grad=False), codes, scale)
-        symmetric, offsets, codes, scale = made[id(layer.weight)]
-        rows, cols = codes.shape
+            made[id(layer.weight)] = (symmetric, nn.Parameter(offsets, requires_grad=False))
+        symmetric, offsets = made[id(layer.weight)]
+        rows, cols = layer.weight.shape
         if isinstance(layer, nn.Linear):
             sym, off = nn.Linear(cols, rows, bias=False, device="meta"), nn.Linear(cols // block, rows, bias=False, device="meta")
             off.bias = layer.bias
@@ -132,56 +155,65 @@ def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
         holder = module.get_submodule(parent)
         split.originals.append((holder, child, layer))
         setattr(holder, child, part)
-        split.codes[f"{name}.symmetric"] = (codes, scale)
-        split.symmetric[f"{name}.symmetric"] = sym
+        split.layers[f"{name}.symmetric"], split.sources[f"{name}.symmetric"] = part, (layer.weight, block)
         split.offsets[f"{name}.offsets"] = OFFSETS
     return split
 
 
-def _packed(codes: np.ndarray) -> bytes:
+def _packed(codes: np.ndarray) -> np.ndarray:
     """int4 as TFLite stores it: two's complement nibbles, two a byte, low nibble first."""
     nibbles = (codes.reshape(-1) & 15).astype(np.uint8)
     if len(nibbles) % 2:
         nibbles = np.append(nibbles, np.uint8(0))
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+    return nibbles[0::2] | (nibbles[1::2] << 4)
 
 
-def store_codes(model: bytes, ops: dict[str, list[str]], codes: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
-    """`model` with each symmetric part's int4 codes and block scales (codes: layer -> (codes,
-    scales)) written over what ai_edge_quantizer stored in its ops (ops: layer -> scopes)."""
+def store_codes(model: bytes, ops: dict[str, list[str]],
+                grids: Iterable[tuple[list[str], np.ndarray, np.ndarray]]) -> bytes:
+    """`model` with each symmetric part's int4 codes and block scales (grids: (parts, codes,
+    scales), one weight at a time) written over what ai_edge_quantizer stored in its ops (ops:
+    layer -> scopes)."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_quantizer.utils.tfl_flatbuffer_utils import get_op_scope
 
-    layer_of = {scope: name for name in codes for scope in ops.get(name, ())}
+    layer_of = {scope: name for name, scopes in ops.items() for scope in scopes}
     m = schema.ModelT.InitFromPackedBuf(model, 0)
-    writes: dict[int, bytes] = {}
-    written = set()
+    targets: dict[str, set[tuple[int, int, type]]] = {}  # layer -> (codes buffer, scales buffer, scale dtype)
+    not_blocks = set()  # layers with an op not stored int4 blockwise: refused if on the grid
     for graph in m.subgraphs:
         for op in graph.operators:
             name = layer_of.get(get_op_scope(op, graph.tensors))
             if name is None:
                 continue
-            tensor, (values, scales) = graph.tensors[op.inputs[1]], codes[name]
+            tensor = graph.tensors[op.inputs[1]]
             q = tensor.quantization
             if tensor.type != schema.TensorType.INT4 or q is None or not hasattr(q.details, "blockSize"):
-                raise BackendError("tflite", "store codes", f"{name}: ai_edge_quantizer did not store it as int4 blocks")
+                not_blocks.add(name)
+                continue
             holder = graph.tensors[q.details.scales]
             dtype = np.float16 if holder.type == schema.TensorType.FLOAT16 else np.float32
-            stored = scales.astype(dtype)
-            if not np.array_equal(stored.astype(np.float32), scales):
-                raise BackendError("tflite", "store codes", f"{name}: a block scale does not fit {np.dtype(dtype).name}")
-            writes[tensor.buffer], writes[holder.buffer] = _packed(values), stored.tobytes()
-            written.add(name)
-    missing = sorted(set(codes) - written)
-    if missing:
-        raise BackendError("tflite", "store codes", f"{len(missing)} offset-grid layer(s) hold no op of their own in the "
-                           f"converted model: {', '.join(missing[:5])}",
-                           hint="export with --tflite-grid symmetric, or report the model")
+            targets.setdefault(name, set()).add((tensor.buffer, holder.buffer, dtype))
     data = bytearray(model)
     root = schema.Model.GetRootAs(data, 0)
-    for index, payload in writes.items():
+
+    def write(index: int, payload: np.ndarray, name: str) -> None:
         view = writable_buffer(root, data, index)
-        if view.nbytes != len(payload):
-            raise BackendError("tflite", "store codes", f"buffer {index} holds {view.nbytes} bytes, the codes {len(payload)}")
-        view[:] = np.frombuffer(payload, np.uint8)
+        if view.nbytes != payload.nbytes:
+            raise BackendError("tflite", "store codes", f"{name}: buffer {index} holds {view.nbytes} bytes, the codes {payload.nbytes}")
+        view[:] = payload.view(np.uint8).reshape(-1)
+
+    for names, codes, scales in grids:
+        packed = _packed(codes)
+        for name in names:
+            if name in not_blocks:
+                raise BackendError("tflite", "store codes", f"{name}: ai_edge_quantizer did not store it as int4 blocks")
+            if name not in targets:
+                raise BackendError("tflite", "store codes", f"{name} holds no op of its own in the converted model",
+                                   hint="export with --tflite-grid symmetric, or report the model")
+            for codes_buffer, scales_buffer, dtype in targets[name]:
+                stored = scales.astype(dtype)
+                if not np.array_equal(stored.astype(np.float32), scales):
+                    raise BackendError("tflite", "store codes", f"{name}: a block scale does not fit {np.dtype(dtype).name}")
+                write(codes_buffer, packed, name)
+                write(scales_buffer, stored, name)
     return bytes(data)

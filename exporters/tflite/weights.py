@@ -17,7 +17,6 @@ at all."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -32,19 +31,19 @@ from edgepack.stages import CapturedModel
 @dataclass(frozen=True)
 class StoredWeight:
     """One op's constant weight (FULLY_CONNECTED: input 1; EMBEDDING_LOOKUP: input 1, the table).
-    Its values are read when first asked for: a quantized model's weights all dequantized at once
-    are the model's size in float32 (1.4 GB at SmolLM2-360M's shape), and most callers need only
-    the storage or the weights of one shape."""
+    Its values are read when asked for, by rows: a quantized model's weights all dequantized at
+    once are the model's size in float32 (4.6 GiB at Llama-3.2-1B's shape), and most callers need
+    only the storage, or compare a weight a slice of rows at a time."""
 
     scope: str  # the op's scope as ai_edge_quantizer names it (its outputs' names): what a recipe regex matches
     shape: tuple[int, int]  # [rows, the rest]
     storage: WeightQuant | None  # None: stored float
-    read: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    rows: Callable[[slice], np.ndarray] = field(repr=False, compare=False)
 
-    @cached_property
+    @property
     def values(self) -> np.ndarray:
         """float32; dequantized exactly when stored quantized (a view of the model when stored float)."""
-        return self.read()
+        return self.rows(slice(None))
 
 
 def stored_weights(model: bytes, operator: str) -> list[StoredWeight]:
@@ -87,33 +86,40 @@ def _buffer(m, model: bytes, index: int) -> np.ndarray | None:
 
 
 def _read(m, model: bytes, graph, tensor, schema) -> tuple[tuple[int, int], WeightQuant | None, Callable] | None:
-    """A constant weight's shape, storage and reader of its float32 values, or None."""
+    """A constant weight's shape, storage and reader of its float32 values by rows, or None."""
     raw = _buffer(m, model, tensor.buffer)
     if raw is None:  # not a stored constant (e.g. an activation)
         return None
     rows, q = int(tensor.shape[0]), tensor.quantization
     shape = (rows, int(np.prod(tensor.shape[1:])))
     if tensor.type == schema.TensorType.FLOAT32:
-        return shape, None, lambda: raw.view(np.float32).reshape(shape)
+        return shape, None, lambda part: raw.view(np.float32).reshape(shape)[part]
     bits = {schema.TensorType.INT4: 4, schema.TensorType.INT8: 8}.get(tensor.type)
     if bits is None or q is None:
         return None
 
-    def codes() -> np.ndarray:
+    def codes(part: slice) -> np.ndarray:
+        start, stop, _ = part.indices(rows)
         if bits == 8:
-            return raw.view(np.int8).reshape(shape).astype(np.float32)
-        nibbles = np.stack([raw & 15, raw >> 4], -1).reshape(-1)[: shape[0] * shape[1]].astype(np.int8)
-        return np.where(nibbles > 7, nibbles - 16, nibbles).reshape(shape).astype(np.float32)  # low nibble first
+            return raw.view(np.int8).reshape(shape)[start:stop].astype(np.float32)
+        first, count = start * shape[1], (stop - start) * shape[1]  # int4: two a byte, low nibble first
+        packed = raw[first // 2:(first + count + 1) // 2]
+        nibbles = np.stack([packed & 15, packed >> 4], -1).reshape(-1)[first % 2:first % 2 + count].astype(np.int8)
+        return np.where(nibbles > 7, nibbles - 16, nibbles).reshape(stop - start, shape[1]).astype(np.float32)
 
     if q.details is not None and hasattr(q.details, "blockSize"):
         scales_tensor = graph.tensors[q.details.scales]
         dtype = np.float16 if scales_tensor.type == schema.TensorType.FLOAT16 else np.float32
         scales = _buffer(m, model, scales_tensor.buffer).view(dtype).reshape(rows, -1)
-        return shape, WeightQuant(bits, q.details.blockSize), lambda: (
-            codes().reshape(rows, scales.shape[1], -1) * scales.astype(np.float32)[..., None]).reshape(shape)
+
+        def blocks(part: slice) -> np.ndarray:
+            c, s = codes(part), scales[part].astype(np.float32)
+            return (c.reshape(len(c), s.shape[1], -1) * s[..., None]).reshape(c.shape)
+
+        return shape, WeightQuant(bits, q.details.blockSize), blocks
     if q.scale is not None and len(q.scale):
         scale = np.asarray(q.scale, np.float32).reshape(-1, 1)
-        return shape, WeightQuant(bits, None), lambda: codes() * scale
+        return shape, WeightQuant(bits, None), lambda part: codes(part) * scale[part]
     return None
 
 
@@ -161,7 +167,7 @@ def layer_ops(float_model: bytes, layers: dict[str, torch.nn.Module], norm_fed: 
         weight, affine = layer.weight.detach(), norm_fed.get(name)
         images = [weight] + ([weight * affine.scale * m for m in multipliers] if affine else [])
         scopes = {w.scope for image in images for w in stored[operator_of(layer)].get(tuple(image.shape), [])
-                  if _same(image.numpy(), w.values, rtol=1e-5, atol=1e-7)}
+                  if _same(image.numpy(), w, rtol=1e-5, atol=1e-7)}
         if scopes:
             found[name] = sorted(scopes)
     return found
@@ -215,14 +221,21 @@ def _by_shape(weights: list[StoredWeight]) -> dict[tuple, list[StoredWeight]]:
     return grouped
 
 
-def _same(expected: np.ndarray, values: np.ndarray, rtol: float, atol: float) -> bool:
-    """allclose, after a cheap look at the first row (most candidates differ there)."""
-    return (np.allclose(expected[0], values[0], rtol=rtol, atol=atol)
-            and np.allclose(expected, values, rtol=rtol, atol=atol))
+COMPARED_AT_ONCE = 1 << 22  # values: a 1B model's tied table compared whole held 3 more float copies of it
+
+
+def _same(expected: np.ndarray, stored: StoredWeight, rtol: float, atol: float) -> bool:
+    """allclose, the first row first (most candidates differ there), then a slice of rows at a time."""
+    rows, width = stored.shape
+    step = max(1, COMPARED_AT_ONCE // max(1, width))
+    for part in [slice(0, 1), *(slice(start, start + step) for start in range(0, rows, step))]:
+        if not np.allclose(np.asarray(expected[part], np.float32), stored.rows(part), rtol=rtol, atol=atol):
+            return False
+    return True
 
 
 def _stored(expected: np.ndarray, stored: dict[tuple, list[StoredWeight]]) -> bool:
-    return any(_same(expected, w.values, rtol=0, atol=1e-6) for w in stored.get(expected.shape, []))
+    return any(_same(expected, w, rtol=0, atol=1e-6) for w in stored.get(expected.shape, []))
 
 
 def nonzero_weight_scales(model: bytes) -> bytes:

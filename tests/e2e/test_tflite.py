@@ -77,6 +77,7 @@ def test_the_offset_grid_is_stored_exactly(tflite_export, llama_dir):
     by_shape: dict = {}
     for w in stored:
         by_shape.setdefault(w.values.shape, []).append(w)
+        np.testing.assert_array_equal(w.rows(slice(1, 3)), w.values[1:3])  # how weights are compared, a slice at a time
     linears = {n: w for n, w in load_file(str(llama_dir / "model.safetensors")).items() if n.endswith("proj.weight")}
     lowest = 0
     for name, weight in linears.items():

@@ -20,11 +20,13 @@ from torch import nn
 
 from edgepack.errors import InputError
 from edgepack.exporters import onnx_capture
+from edgepack.exporters import weights as shared_weights
 from edgepack.exporters.lowering import run_steps
 from edgepack.exporters.mnn import lower as mnn_lower
 from edgepack.exporters.onnx import lower as onnx_lower
 from edgepack.exporters.onnx.options import Options
 from edgepack.exporters.registry import BACKENDS
+from edgepack.exporters.tflite import lower as tflite_lower
 from edgepack.pipeline import backends_for
 from edgepack.quant import QuantSpec
 
@@ -60,20 +62,22 @@ def test_refused_where_the_export_needs_more_memory_than_the_machine_grants(load
     assert BACKENDS[name].refuses(loaded, quant) is None
 
 
-@pytest.mark.parametrize("name", ["onnx", "mnn"])
-def test_refused_where_tmpdir_cannot_hold_the_weights_folder(loaded, monkeypatch, tmp_path, name):
+@pytest.mark.parametrize(("name", "what"), [("onnx", "the ONNX export"), ("mnn", "the MNN export"),
+                                            ("tflite", "the TFLite conversion")])
+def test_refused_where_tmpdir_cannot_hold_the_weights_folder(loaded, monkeypatch, tmp_path, name, what):
     """The weights stay in a folder under TMPDIR while the export works (8 GB for a 1B model on
-    ONNX): a disk that cannot hold them is said before capture, with the fix, not minutes in."""
-    lowering = LOWERINGS[name]
+    ONNX; TFLite's float .tflite, then the offset grid's saved weights, 5 GB): a disk that cannot
+    hold them is said before capture, with the fix, not minutes in."""
+    lowering = {**LOWERINGS, "tflite": tflite_lower}[name]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     need = lowering.WEIGHTS_FOLDER_PER_WEIGHT_BYTE * WEIGHTS
     usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
-    monkeypatch.setattr(onnx_capture.shutil, "disk_usage",
+    monkeypatch.setattr(shared_weights.shutil, "disk_usage",
                         lambda path: usage(1, 0, int(need) - 1) if path == str(tmp_path) else real(path))
     reason = BACKENDS[name].refuses(loaded, QuantSpec.from_options("int4"))
-    assert reason.startswith(f"the {name.upper()} export keeps the model's float32 weights (0.00 GB) in a folder under {tmp_path}")
+    assert reason.startswith(f"{what} keeps the model's float32 weights (0.00 GB) in a folder under {tmp_path}")
     assert reason.endswith("set TMPDIR to a folder with 0.0 GB free")
-    monkeypatch.setattr(onnx_capture.shutil, "disk_usage", lambda path: usage(1, 0, int(need)))
+    monkeypatch.setattr(shared_weights.shutil, "disk_usage", lambda path: usage(1, 0, int(need)))
     assert BACKENDS[name].refuses(loaded, QuantSpec.from_options("int4")) is None
 
 
