@@ -14,9 +14,8 @@ float weight is only the op's layout, so until the codes are stored the part hol
 weight (no second float copy of the model at the conversion's peak), unless a layer off the grid
 holds it too. `store_codes` then writes the codes, one layer at a time, as `Split.hold_grid` gives
 them and writes W_sym over that weight for the eager reference; `Split.restore` puts the weight
-back from a file. M holds the blocks'
-midpoints (minimum + 8·scale), stored int8 per channel by ai_edge_quantizer as any int8 layer (the
-reference rounds them the same way).
+back from a file. M holds the blocks' midpoints (minimum + 8·scale), stored int8 per channel by
+ai_edge_quantizer as any int8 layer (the reference rounds them the same way).
 sums(x) is each input block's sum (RESHAPE + SUM). A tied table and LM head share W_sym and M,
 which the quantizer stores once.
 
@@ -64,12 +63,11 @@ class OffsetTable(nn.Module):
 
 @dataclass
 class Split:
-    """What split_layers did: each symmetric part's split layer (by the part's name) and the
-    weight and block its grid is computed from, the offset layers (stored int8 per channel), and
-    what `restore` puts back: the layers, and the weights `hold_grid` wrote over (each saved in
-    a file)."""
+    """What split_layers did: each symmetric part (by its name) and the weight and block its grid
+    is computed from, the offset layers (stored int8 per channel), and what `restore` puts back:
+    the layers, and the weights `hold_grid` wrote over (each saved in a file)."""
 
-    layers: dict[str, OffsetLinear | OffsetTable] = field(default_factory=dict)
+    symmetric: dict[str, nn.Module] = field(default_factory=dict)
     sources: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     offsets: dict[str, WeightQuant] = field(default_factory=dict)
     originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
@@ -87,15 +85,15 @@ class Split:
         for name, (weight, _) in self.sources.items():
             parts.setdefault(id(weight), []).append(name)
         for names in parts.values():
-            (source, block), held = self.sources[names[0]], self.layers[names[0]].symmetric.weight
+            (source, block), held = self.sources[names[0]], self.symmetric[names[0]].weight
             _, codes, scale = _parts(source, block)
             yield names, codes, scale
-            if held is source:
+            if held is source:  # otherwise it holds W_sym since the split
                 path = folder / f"weight-{len(self.saved)}.raw"
                 source.detach().numpy().tofile(path)
                 self.saved.append((source, path))
-            with torch.no_grad():
-                held.copy_(_image(codes, scale))
+                with torch.no_grad():
+                    source.copy_(_image(codes, scale))
 
     def restore(self) -> None:
         for parent, child, layer in reversed(self.originals):
@@ -155,7 +153,7 @@ def split_layers(module: nn.Module, layers: dict[str, WeightQuant]) -> Split:
         holder = module.get_submodule(parent)
         split.originals.append((holder, child, layer))
         setattr(holder, child, part)
-        split.layers[f"{name}.symmetric"], split.sources[f"{name}.symmetric"] = part, (layer.weight, block)
+        split.symmetric[f"{name}.symmetric"], split.sources[f"{name}.symmetric"] = sym, (layer.weight, block)
         split.offsets[f"{name}.offsets"] = OFFSETS
     return split
 
