@@ -88,6 +88,11 @@ class BackendError(EdgepackError):
         self.step = step
 
 
+class CaptureAltered(EdgepackError):
+    """A lowering could not put back the captured weights it wrote over: every backend after it
+    would export altered weights, so the run stops here whatever --strict says."""
+
+
 class RuntimeUnavailableError(EdgepackError):
     """The runtime a check needs is not installed here."""
 

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edgepack.cache import StageCache, digest, model_digest, tool_digest
-from edgepack.errors import EXIT_FAILED, EXIT_OK, EdgepackError, InputError, TokenizerMismatch, no_space, write_error
+from edgepack.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CaptureAltered,
+    EdgepackError,
+    InputError,
+    TokenizerMismatch,
+    no_space,
+    write_error,
+)
 from edgepack.exporters.capture import CaptureOptions, capture
 from edgepack.exporters.decoder_precision import check_budget, plan_decoder_precision
 from edgepack.exporters.lowering import lower
@@ -260,7 +269,7 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
                                          artifact_keys.get(backend.name), stage))
             warnings += artifact_warnings(artifacts[-1], strict=request.strict)
         except EdgepackError as e:
-            if request.strict or no_space(e):
+            if request.strict or no_space(e) or isinstance(e, CaptureAltered):
                 raise
             failures.append(_failure(e, backend.name))
             progress.console.print(f"[red]{backend.name} failed:[/] {e}")

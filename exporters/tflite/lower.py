@@ -484,11 +484,13 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
     try:
         run_steps(BACKEND.name, STEPS, work, on_step)
     finally:
-        if work.split:
-            work.split.restore()  # the capture is every backend's
         work.float_model = b""
-        if work.scratch:
-            shutil.rmtree(work.scratch, ignore_errors=True)
+        try:
+            if work.split:
+                work.split.restore()  # the capture is every backend's
+        finally:
+            if work.scratch:
+                shutil.rmtree(work.scratch, ignore_errors=True)
     on_grid = "offset" if work.split and work.split.sources else "symmetric"
     return Lowered(
         files=dict(work.files),

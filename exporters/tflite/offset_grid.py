@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepack.errors import BackendError
+from edgepack.errors import BackendError, CaptureAltered
 from edgepack.exporters.tflite.weights import writable_buffer
 from edgepack.exporters.weights import split_min_max
 from edgepack.quant import WeightQuant
@@ -96,12 +96,24 @@ class Split:
                     source.copy_(_image(codes, scale))
 
     def restore(self) -> None:
+        """The split layers and every weight `hold_grid` wrote over put back, each weight read
+        whole before it is written (one that cannot be read keeps W_sym, never half of each)."""
         for parent, child, layer in reversed(self.originals):
             setattr(parent, child, layer)
+        lost = []
         with torch.no_grad():
             for weight, path in self.saved:
-                weight.copy_(torch.from_numpy(np.fromfile(path, weight.detach().numpy().dtype)).reshape(weight.shape))
+                try:
+                    weight.copy_(torch.from_numpy(np.fromfile(path, weight.detach().numpy().dtype)).reshape(weight.shape))
+                except (OSError, ValueError, RuntimeError) as e:  # unreadable, or cut short
+                    lost.append(f"{path} ({type(e).__name__}: {e})")
         self.saved.clear()
+        if lost:
+            raise CaptureAltered(
+                f"tflite: could not read back {len(lost)} of the model's weights it had set aside while it stored "
+                f"the offset grid, first {lost[0]}; the model in memory now holds rounded weights, so the export "
+                "stops rather than lower another backend from them",
+                hint="check the disk that holds the temporary folder (TMPDIR) and run the export again")
 
 
 def on_offset_grid(layer: nn.Module, wq: WeightQuant) -> bool:

@@ -301,3 +301,33 @@ def test_what_a_killed_export_leaves_goes_with_the_next_run(llama_dir, tmp_path)
     assert f"removed {staged}, a bundle a killed export left half-written" in again.stderr
     assert not staged.exists() and not left.exists() and not list(tmp.iterdir())
     assert sorted(p.name for p in out.iterdir()) == [llama_dir.name]
+
+
+@pytest.mark.slow
+def test_weights_a_lowering_cannot_put_back_stop_the_run_and_nothing_is_lost(llama_dir, tmp_path, out_with_bundle, monkeypatch):
+    """TFLite's offset grid writes W_sym over the captured weights for its reference, and puts them
+    back from its temporary folder. If that folder is swept before (or a disk error hides it), the
+    backends after TFLite would lower rounded weights and pass their smoke against references made
+    from them: the run stops there, without --strict, and writes no bundle."""
+    from edgepack.exporters.tflite import offset_grid
+
+    put_back = offset_grid.Split.restore
+
+    def swept_first(split):
+        for _, path in split.saved:
+            path.unlink()
+        put_back(split)
+
+    monkeypatch.setattr(offset_grid.Split, "restore", swept_first)
+    model = _model(llama_dir, tmp_path)
+    before = _digest_tree(out_with_bundle)
+    result = run_cli("export", model, "--target", "tflite,onnx", "--prefill-len", "8", "--out", out_with_bundle, "--json")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "error: tflite: could not read back" in errors[0], result.stderr
+    assert "the export stops rather than lower another backend" in errors[0]
+    assert "hint: check the disk that holds the temporary folder" in result.stderr
+    assert "lower onnx" not in result.stderr  # the backend after it never ran
+    assert json.loads(result.stdout)["exit_code"] == 1
+    assert _digest_tree(out_with_bundle) == before, "the output folder changed"
+    assert sorted(p.name for p in out_with_bundle.iterdir()) == ["other", "tiny-llama"]

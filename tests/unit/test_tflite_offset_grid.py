@@ -111,3 +111,27 @@ def test_a_weight_a_layer_off_the_grid_holds_too_gets_its_own_symmetric_part():
     assert isinstance(model.head, OffsetLinear) and model.embed.weight is table
     offsets, codes, scale = _parts(table, 32)
     assert model.head.symmetric.weight is not table and torch.equal(model.head.symmetric.weight, _image(codes, scale))
+
+
+def test_a_weight_that_cannot_be_read_back_stops_the_run_and_the_others_are_put_back(tmp_path):
+    """The capture is every backend's: a saved weight that is gone by the end of the lowering
+    (its temporary folder swept, a disk error) leaves that weight rounded, so restore says which
+    and raises CaptureAltered (the pipeline stops on it); every weight it can read is put back."""
+    import pytest
+
+    from edgepack.errors import CaptureAltered
+
+    model = nn.Module()
+    model.first, model.second = nn.Linear(64, 8), nn.Linear(64, 8)
+    weights = {name: layer.weight.detach().clone() for name, layer in model.named_children()}
+    split = split_layers(model, {"first": WeightQuant(4, 32), "second": WeightQuant(4, 32)})
+    for _ in split.hold_grid(tmp_path):
+        pass
+    lost = sorted(tmp_path.iterdir())[0]
+    lost.unlink()
+    with pytest.raises(CaptureAltered, match=f"could not read back 1 of the model's weights.*{lost.name}"):
+        split.restore()
+    assert isinstance(model.first, nn.Linear) and isinstance(model.second, nn.Linear)
+    _, codes, scale = _parts(weights["first"], 32)
+    assert torch.equal(model.first.weight, _image(codes, scale))  # W_sym, whole
+    assert torch.equal(model.second.weight, weights["second"])
