@@ -1,5 +1,6 @@
-"""Progress on stderr (a spinner per stage, elapsed time when it ends) and the measurements the
-summary prints: wall time per stage and step, and the process's peak resident memory.
+"""Progress on stderr (a spinner per stage and step with its running time, elapsed time when it
+ends) and the measurements the summary prints: wall time per stage and step, and the process's
+peak resident memory.
 
 While a stage runs, everything written to fds 1 and 2 (converters' native logs as well as Python
 prints, warnings, logging and progress bars) goes to a log file instead of the terminal, unless
@@ -45,6 +46,19 @@ class StageTiming:
                 "step_peak_rss_bytes": dict(self.step_peak_rss_bytes)}
 
 
+@dataclass
+class Running:
+    """The spinner's text: what runs and for how long, rendered again at each refresh (a lowering
+    step can take twenty minutes with nothing else to show)."""
+
+    label: str
+    start: float = field(default_factory=time.perf_counter)
+
+    def __rich__(self) -> str:
+        minutes, seconds = divmod(int(time.perf_counter() - self.start), 60)
+        return f"{self.label}… [dim]{minutes}:{seconds:02d}[/]"
+
+
 class _Stage:
     def __init__(self, timing: StageTiming, status):
         self.timing, self._status = timing, status
@@ -64,7 +78,7 @@ class _Stage:
         self._step, self._step_start = name, time.perf_counter()
         self._window = self._step_window.enter_context(peak_window())
         if self._status is not None:
-            self._status.update(f"[bold]{self.timing.name}[/] › {name}…")
+            self._status.update(Running(f"[bold]{self.timing.name}[/] › {name}"))
 
     def mark_failed(self) -> None:
         """The stage failed without raising (e.g. a smoke check recorded a failure): it ends with ✗
@@ -191,7 +205,7 @@ class Progress:
         timing = StageTiming(name)
         self.timings.append(timing)
         start = time.perf_counter()
-        status = None if self.quiet else self.console.status(f"[bold]{name}[/]…")
+        status = None if self.quiet else self.console.status(Running(f"[bold]{name}[/]"))
         stage = _Stage(timing, status)
         if status is not None:
             status.start()  # before the capture, so the capture's stdout hook is undone before the spinner's

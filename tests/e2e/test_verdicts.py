@@ -223,3 +223,30 @@ def test_a_full_disk_is_exit_4_and_loses_nothing(llama_dir, tmp_path):
         assert _digests(mount) == before and sorted(p.name for p in mount.iterdir()) == ["tiny-llama"]
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_every_lowering_leaves_the_capture_as_it_found_it(llama_dir):
+    """`--target all` lowers every backend from one capture. A backend that left its weights
+    written over (TFLite's offset grid holds W_sym in them for its reference) or its layers
+    swapped would hand the next backend another model, and that backend's own reference would
+    follow it and pass its smoke. After each lowering, in the order `--target all` runs them, every
+    parameter of the capture is bit for bit what it was, held by the same kind of module."""
+    import torch
+
+    from edgepack.exporters.capture import CaptureOptions, capture
+    from edgepack.exporters.lowering import lower
+    from edgepack.exporters.registry import BACKENDS
+    from edgepack.exporters.sources import load_source
+    from edgepack.quant import QuantSpec
+
+    captured = capture(load_source(str(llama_dir)), CaptureOptions(max_seq_len=64))
+    module = captured.module
+    layers = [(name, type(m)) for name, m in module.named_modules()]
+    weights = {name: p.detach().clone() for name, p in module.named_parameters(remove_duplicate=False)}
+    spec = QuantSpec.from_options("int4")
+    for backend in BACKENDS.values():
+        lower(backend, captured, spec, backend.validated_options({"prefill_lens": (8,)} if backend.name == "tflite" else {}))
+        assert [(name, type(m)) for name, m in module.named_modules()] == layers, backend.name
+        changed = [name for name, p in module.named_parameters(remove_duplicate=False) if not torch.equal(p, weights[name])]
+        assert not changed, (backend.name, changed)

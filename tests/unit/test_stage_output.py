@@ -167,3 +167,20 @@ def test_a_failed_stage_log_outlives_the_run_folder(capfd, logs_dir, monkeypatch
             raise BackendError("coreml", "import", "no module named coremltools")
     [log] = logs_dir.iterdir()
     assert raised.value.hint == f"full converter output in {log}" and log.read_text() == "converter trace\n"
+
+
+def test_the_spinner_shows_how_long_the_step_has_run(logs_dir):
+    """A long step (ExecuTorch's lowering can take twenty minutes) shows its running time, counted
+    from the step's start, not the stage's, and redrawn while nothing else happens."""
+    import io
+
+    out = io.StringIO()
+    progress = Progress(Console(file=out, force_terminal=True, width=100))
+    with progress.stage("lower executorch") as stage:
+        time.sleep(1.2)
+        stage.step("lower")
+        time.sleep(1.2)
+    frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())  # as a terminal shows it
+    assert "lower executorch… 0:01" in frames
+    assert "lower executorch › lower… 0:00" in frames and "lower executorch › lower… 0:01" in frames
+    assert "lower executorch › lower… 0:02" not in frames
