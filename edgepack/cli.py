@@ -133,6 +133,14 @@ def export(
       edgepack export ./tiny-llama --quant int8 --max-seq-len 512 --json > summary.json
       edgepack export my_model.py:build --name mymodel
       edgepack export ./all-MiniLM-L6-v2 --pooling mean --target tflite,coreml
+
+    [bold]Large models[/]
+
+      Memory and disk are checked before the first slow step: an export that would not fit is
+      refused, saying how much it needs. A Llama-3.2-1B-shaped model (4.9 GB of fp32 weights)
+      peaks at 2.2-2.3x its fp32 weights in memory (ExecuTorch, ONNX, MNN, TFLite), and ONNX, MNN and
+      TFLite keep the float weights in TMPDIR while they work (up to 2x, 1.5x and 1.1x them on
+      disk): set TMPDIR to a roomy disk (bench/results/scale.json, docs/limits.md).
     """
     from edgepack.cache import default_cache_dir
     from edgepack.pipeline import ExportRequest
