@@ -10,7 +10,6 @@ leak the build machine's paths into it."""
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -20,6 +19,9 @@ from edgepack.exporters.onnx_capture import module_class
 
 # ONNX protobufs cannot exceed 2 GiB; above this the weights go to one external data file.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+# What goes to that file, and where: onnx.save_model's defaults (ExternalData.md).
+EXTERNAL_DATA_MIN_BYTES = 1024
+EXTERNAL_DATA_ALIGN_FROM, EXTERNAL_DATA_ALIGNMENT = 1 << 20, 64 * 1024
 # While a graph is rewritten its float weights stay in files (the `folder` of the functions below)
 # rather than in the protobuf: a 1B-parameter model's 5 GB would not fit one, and each read takes
 # one weight into memory at a time. Smaller new tensors (codes, scales, shapes) are kept inline.
@@ -43,11 +45,19 @@ def add_weight(graph, array: np.ndarray, name: str, folder: Path | None) -> None
         return
     file = f"{uuid.uuid4().hex}.bin"
     np.ascontiguousarray(array).tofile(folder / file)  # little-endian raw data, as ONNX stores it
-    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
-                         data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", file), ("offset", "0"), ("length", str(array.nbytes))):
-        tensor.external_data.add(key=key, value=value)
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+    _point_at(tensor, file, 0, array.nbytes)
     graph.initializer.append(tensor)
+
+
+def _point_at(tensor, location: str, offset: int, length: int) -> None:
+    """Make `tensor` read its values from `length` bytes at `offset` in the file `location`."""
+    from onnx import TensorProto
+
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
 
 
 def has_external_weights(model) -> bool:
@@ -437,16 +447,47 @@ def quantized_op_bits(model) -> dict[str, dict[str, int]]:
 def serialize(model, file_name: str, folder: Path | None = None) -> dict[str, bytes]:
     """The model as files keyed by name: `file_name` alone, or with `<file_name>.data` holding the
     weights when the protobuf would pass 2 GiB (the external data location is relative, so the two
-    files must stay side by side). Weights kept in files under `folder` are read in first."""
-    import onnx
-
-    inline_weights(model, folder)
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    files must stay side by side). Weights kept in files under `folder` are read from there; past
+    2 GiB they go straight into the data file, never into one protobuf, which could not hold them."""
+    if graph_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        inline_weights(model, folder)
         return {file_name: model.SerializeToString(deterministic=True)}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # save_model moves the weights of the proto it is given out of it
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / file_name
-        onnx.save_model(copy, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{file_name}.data", size_threshold=1024)
-        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())}
+    return _with_weights_beside(model, file_name, folder)
+
+
+def _with_weights_beside(model, file_name: str, folder: Path | None) -> dict[str, bytes]:
+    """`file_name` with every initializer of at least EXTERNAL_DATA_MIN_BYTES in `<file_name>.data`,
+    laid out as onnx.save_model lays it out (tensors from 1 MiB up start on a 64 KiB boundary, so
+    onnxruntime can map them). The data is read into one buffer, each weight once, without a copy
+    of the model's weights in between; `model` itself is left as it was."""
+    from onnx import ModelProto
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    copy = ModelProto()
+    copy.CopyFrom(model)  # small: the weights are in files, or inline under 2 GiB in all
+    placed, size = [], 0
+    for tensor in copy.graph.initializer:
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            source, start, length = folder / info.location, info.offset or 0, info.length
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_MIN_BYTES:
+            source, start, length = None, 0, len(tensor.raw_data)
+        else:
+            continue
+        if length >= EXTERNAL_DATA_ALIGN_FROM:
+            size = -(-size // EXTERNAL_DATA_ALIGNMENT) * EXTERNAL_DATA_ALIGNMENT
+        placed.append((tensor, source, start, length, size))
+        size += length
+    data = bytearray(size)
+    view = memoryview(data)
+    for tensor, source, start, length, offset in placed:
+        if source is None:
+            view[offset:offset + length] = tensor.raw_data
+            tensor.ClearField("raw_data")
+        else:
+            with open(source, "rb") as f:
+                f.seek(start)
+                if f.readinto(view[offset:offset + length]) != length:
+                    raise RuntimeError(f"weight {tensor.name}: {source.name} holds fewer than {length} bytes from {start}")
+        _point_at(tensor, f"{file_name}.data", offset, length)
+    return {file_name: copy.SerializeToString(deterministic=True), f"{file_name}.data": data}

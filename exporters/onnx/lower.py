@@ -185,10 +185,6 @@ def check_scheme(work: _Work) -> None:
     if any(wq.group_size for wq in work.layers.values()) and work.options.grid == "symmetric":
         if why := too_large_for_one_protobuf(module, "onnxruntime's quantizer (--onnx-grid symmetric)"):
             raise InputError(f"--onnx-grid symmetric: {why}", hint="use the default --onnx-grid offset for this model")
-    # Its last step writes the float graph as one protobuf (measured: a 1B model failed there after
-    # 2.2 min at 20 GB), so say so before any slow step.
-    if work.quant.scheme == "none" and (why := too_large_for_one_protobuf(module, "the unquantized .onnx")):
-        raise InputError(f"--quant none: {why}", hint="export this model with --quant int4 (the default) or int8")
     for name, wq in work.layers.items():
         layer = modules[name]
         kind = "linear" if isinstance(layer, nn.Linear) else "embedding"

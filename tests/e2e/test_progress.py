@@ -55,7 +55,7 @@ def test_export_keeps_converter_output_off_the_terminal_unless_verbose(llama_dir
     for out in (quiet_out, verbose_out):  # the JSON summary is all there is on stdout
         assert json.loads(out)["ok"] is True
     for err in (quiet_err, verbose_err):
-        assert all(f"✓ {s}" in err for s in ("load", "capture", "lower onnx", "package", "smoke")), err
+        assert all(f"✓ {s}" in err for s in ("load", "capture", "lower onnx", "package", "smoke", "archive")), err
     assert [line for line in CONVERTER_LINES if line in quiet_err] == [], quiet_err
     assert [line for line in CONVERTER_LINES if line not in verbose_err] == [], verbose_err
     assert not list(tmp_path.glob("edgepack-*.log"))

@@ -21,7 +21,6 @@ from torch import nn
 from edgepack.errors import InputError
 from edgepack.exporters import onnx_capture
 from edgepack.exporters import weights as shared_weights
-from edgepack.exporters.lowering import run_steps
 from edgepack.exporters.mnn import lower as mnn_lower
 from edgepack.exporters.onnx import lower as onnx_lower
 from edgepack.exporters.onnx.options import Options
@@ -99,17 +98,6 @@ def test_the_symmetric_grid_past_the_limit_is_an_input_error_before_any_slow_ste
         assert str(error.value).startswith("--onnx-grid symmetric: the model's float32 weights are 0.00 GB, and "
                                            "onnxruntime's quantizer (--onnx-grid symmetric) holds the float graph")
         assert error.value.hint == "use the default --onnx-grid offset for this model"
-
-
-def test_unquantized_past_the_limit_is_an_input_error_before_any_slow_step(loaded):
-    """--quant none writes the float graph as one protobuf (a 1B model failed there after 2.2 min)."""
-    work = onnx_lower._Work(SimpleNamespace(module=loaded.module), QuantSpec.from_options("none"), Options())
-    with pytest.raises(InputError) as error:
-        run_steps("onnx", onnx_lower.STEPS, work)
-    assert str(error.value).startswith("--quant none: the model's float32 weights are 0.00 GB, and the unquantized "
-                                       ".onnx holds the float graph in one protobuf")
-    assert "--quant int4" in error.value.hint
-    assert error.value.step == "signature"  # the summary says where it was refused ("at step None" until 2026-12-05)
 
 
 def test_named_in_target_it_is_an_input_error_under_all_it_is_left_out(loaded, monkeypatch):

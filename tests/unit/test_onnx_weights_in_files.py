@@ -74,6 +74,38 @@ def test_weights_in_files_write_the_same_artifact_as_weights_in_the_protobuf(tmp
     np.testing.assert_allclose(logits, h @ stored(w["table_t"]), rtol=1e-5, atol=1e-4)
 
 
+def test_a_graph_past_the_protobuf_limit_writes_its_weights_from_their_files_beside_it(tmp_path, monkeypatch):
+    """Past 2 GiB (here with the threshold lowered) the weights go from their files under the folder
+    straight into model.onnx.data, never into one protobuf: a 1B model's float graph (--quant none)
+    could not be written otherwise. The pair computes what the single file computes, bit for bit,
+    each weight from 1 MiB up starts on a 64 KiB boundary, and the graph serialized stays as it was."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    onnx.save_model(small_graph(), folder / "exported.onnx", save_as_external_data=True, location="exported.onnx.data",
+                    size_threshold=0)
+    model = onnx.load(folder / "exported.onnx", load_external_data=False)
+    before = model.SerializeToString(deterministic=True)
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_ALIGN_FROM", 64 * 64 * 4)  # the tables and wq, not wk
+    files = onnx_graph.serialize(model, "model.onnx", folder)
+    assert model.SerializeToString(deterministic=True) == before and files == onnx_graph.serialize(model, "model.onnx", folder)
+    assert sorted(files) == ["model.onnx", "model.onnx.data"] and len(files["model.onnx"]) < 1000
+    offsets = {t.name: {e.key: int(e.value) for e in t.external_data if e.key != "location"}
+               for t in onnx.load_from_string(files["model.onnx"]).graph.initializer}
+    assert {n: o["offset"] % onnx_graph.EXTERNAL_DATA_ALIGNMENT == 0 for n, o in offsets.items()} == {
+        "table": True, "table_t": True, "wq": True, "wk": False}  # wk packed right after wq
+    assert len(files["model.onnx.data"]) == max(o["offset"] + o["length"] for o in offsets.values())
+
+    pair, single = tmp_path / "pair", tmp_path / "single"
+    for where, written in ((pair, files), (single, onnx_graph.serialize(small_graph(), "model.onnx"))):
+        where.mkdir()
+        for name, data in written.items():
+            (where / name).write_bytes(data)
+    inputs = {"x": np.random.default_rng(1).standard_normal((1, 3, 64)).astype(np.float32), "ids": np.array([[0, 5, 99]], np.int64)}
+    for got, want in zip(session(pair / "model.onnx").run(None, inputs), session(single / "model.onnx").run(None, inputs)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_the_checker_reads_a_graph_whose_weights_are_in_files(tmp_path):
     onnx.save_model(small_graph(), tmp_path / "exported.onnx", save_as_external_data=True, location="exported.onnx.data",
                     size_threshold=0)
