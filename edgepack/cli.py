@@ -138,7 +138,7 @@ def export(
 
       Memory and disk are checked before the first slow step: an export that would not fit is
       refused, saying how much it needs. A Llama-3.2-1B-shaped model (4.9 GB of fp32 weights)
-      peaks at 2.2-2.3x its fp32 weights in memory (ExecuTorch, ONNX, MNN, TFLite), and ONNX, MNN and
+      peaks at 2.1-2.3x its fp32 weights in memory (ExecuTorch, ONNX, MNN, TFLite), and ONNX, MNN and
       TFLite keep the float weights in TMPDIR while they work (up to 2x, 1.5x and 1.1x them on
       disk): set TMPDIR to a roomy disk (bench/results/scale.json, docs/limits.md).
     """
