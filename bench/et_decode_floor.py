@@ -11,8 +11,11 @@ a `bench.run` run (`--work DIR`), interleaved in one process. Each round: the fu
 
 Reported: milliseconds a token for each; what a step costs beyond its linears (attention, norms,
 rotary, cache writes, calls between kernels); and the ceiling: export_llm's decode time over the
-floor's, the decode ratio edgepack would reach if everything but its linears took no time.
-Writes bench/results/et-decode-floor-s135.json.
+floor's, the decode ratio edgepack would reach if everything but its linears took no time. Then
+where each full `.pte`'s decode step spends its time, from ExecuTorch's own profiler (ETDump, a
+separate run: profiling slows each call a little): XNNPACK's GEMMs, the rest of its delegate calls
+(other XNNPACK operators and each call's own cost), custom_sdpa, the other kernels, and the
+interpreter between them. Writes bench/results/et-decode-floor-s135.json.
 
   python -m bench.run --executorch-only --work DIR      # the two .pte files (or a full make bench)
   python -m bench.et_decode_floor --work DIR [--pte NAME=PATH ...]    # ~5 min on 2 cores
@@ -108,6 +111,40 @@ def seconds_per_token(paths: dict[str, Path], floor: Path, rounds: int) -> dict[
     return runs
 
 
+def decode_profile(path: Path, steps: int = 96) -> dict:
+    """Microseconds a decode step spends in each part, from ETDump: `steps` one-token forwards from
+    position 0 (every call a decode step), the mean per call."""
+    import tempfile
+    from collections import Counter
+
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama::* kernels)
+    from executorch.extension.pybindings import portable_lib
+    from executorch.kernels import quantized  # noqa: F401  (embedding_4bit)
+
+    module = portable_lib._load_for_executorch(str(path), enable_etdump=True)
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(3, S135["vocab_size"], size=steps).astype(np.int64))
+    for pos in range(steps):
+        module.forward([tokens[None, pos:pos + 1], torch.tensor([pos])])
+    with tempfile.TemporaryDirectory() as tmp:
+        module.write_etdump_result_to_file(f"{tmp}/decode.etdump")
+        events = [e for block in Inspector(etdump_path=f"{tmp}/decode.etdump").event_blocks
+                  for e in block.events if e.perf_data is not None and block.name == "Execute"]
+    us: Counter = Counter()
+    for e in events:  # perf_data in milliseconds, one entry per call
+        us[e.name] += sum(e.perf_data.raw) * 1e3 / steps
+    gemm = sum(v for name, v in us.items() if name.startswith("Fully Connected"))
+    return {name: round(v, 1) for name, v in {
+        "step": us["Method::execute"],
+        "xnnpack_gemms": gemm,
+        "xnnpack_rest_of_calls": us["DELEGATE_CALL"] - gemm,
+        "custom_sdpa": us["llama::custom_sdpa.out"],
+        "other_kernels": us["OPERATOR_CALL"] - us["llama::custom_sdpa.out"],
+        "between_calls": us["Method::execute"] - us["DELEGATE_CALL"] - us["OPERATOR_CALL"],
+    }.items()}
+
+
 def run(work: Path, rounds: int, extra: dict[str, Path]) -> dict:
     paths = {"export_llm": work / "export_llm" / "model.pte",
              "edgepack": next((work / "edgepack").rglob("*.pte"), work / "edgepack" / "missing.pte"), **extra}
@@ -117,6 +154,7 @@ def run(work: Path, rounds: int, extra: dict[str, Path]) -> dict:
     floor = work / "decode-floor.pte"
     lowered = lower_floor(floor)
     runs = seconds_per_token(paths, floor, rounds)
+    profiles = {name: decode_profile(p) for name, p in paths.items()}
     ms = {name: round(float(np.median(r)) * 1e3, 3) for name, r in runs.items()}
     report = {
         "model": "s135 (bench.models, random weights), the .pte files of a bench.run run",
@@ -129,6 +167,7 @@ def run(work: Path, rounds: int, extra: dict[str, Path]) -> dict:
         "floor_weight_stream_gb_per_s": round(lowered["bytes"] / ms["floor"] / 1e6, 2),
         # what edgepack's decode would be against export_llm's if its step cost only its linears
         "ceiling_vs_export_llm": round(ms["export_llm"] / ms["floor"], 3),
+        "decode_step_us_etdump": profiles,
         "floor_pte": lowered,
         "instructions_per_forward": {name: pte_instructions(p) for name, p in paths.items()},
         "rounds": f"{rounds} interleaved rounds after one warm-up round, one process",
@@ -140,7 +179,7 @@ def run(work: Path, rounds: int, extra: dict[str, Path]) -> dict:
     out = ROOT / "bench" / "results" / "et-decode-floor-s135.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("ms_per_token", "beyond_linears_ms", "floor_weight_stream_gb_per_s",
-                                             "decode_vs_export_llm", "ceiling_vs_export_llm")}, indent=2))
+                                             "decode_vs_export_llm", "ceiling_vs_export_llm", "decode_step_us_etdump")}, indent=2))
     return report
 
 
