@@ -2,15 +2,17 @@
 weights.quantize_min_max) on the kernels an ExecuTorch app links.
 
 XNNPACK's 4-bit blocks (qb4w) are symmetric: one zero point per tensor. A weight on the offset
-grid is w = scale·(q - 8) + offset per block, so a linear layer becomes three that XNNPACK runs:
+grid is w = scale·(q - 8) + offset per block, so a linear layer becomes two that XNNPACK runs:
 
-    y = x·W_symᵀ + sums(x)·Mᵀ + b
+    [y_sym, sums(x)] = x·[W_sym; I]ᵀ        y = y_sym + sums(x)·Mᵀ + b
 
 W_sym the symmetric part (int4 blocks: the grid's own codes and scales, the scales in bf16 as
-XNNPACK stores every block scale, so the reference holds the .pte's weights exactly), sums(x)
-each input block's sum (an int4 linear of 0/1 indicator rows: code 4 × scale 0.25, exact), and
-M the per-block offsets (int8 per row). M has a 32nd of the weight's entries, the indicator
-in/32 rows of `in`. Every linear takes int8 dynamic activations as 8da4w does. Embedding tables
+XNNPACK stores every block scale, so the reference holds the .pte's weights exactly), I the
+indicator rows below it (0/1 per input block: code 4 × scale 0.25, exact), whose outputs are each
+input block's sum, and M the per-block offsets (int8 per row). M has a 32nd of the weight's
+entries, I in/32 rows of `in`. Every linear takes int8 dynamic activations as 8da4w does; I's
+rows share W_sym's linear, as shared_input.py's layers do, so the input is quantized and
+multiplied once (its rows are independent: the same arithmetic as two linears). Embedding tables
 need no side layer: ExecuTorch's embedding_4bit kernel takes a float zero point per block, so
 w = scale·(q - 8 - zero_point) holds the grid itself (in fp16, as CoreML's offsets)."""
 
@@ -30,14 +32,16 @@ _ONE_CODE, _ONE_SCALE = 4, 0.25
 
 
 class OffsetLinear(nn.Module):
-    """A linear layer on the offset grid: symmetric(x) + offsets(sums(x)) (the bias in offsets)."""
+    """A linear layer on the offset grid: its first `rows` outputs of `wide` (the symmetric part),
+    plus `offsets` of the rest (the block sums); the bias is in `offsets`."""
 
-    def __init__(self, symmetric: nn.Linear, sums: nn.Linear, offsets: nn.Linear):
+    def __init__(self, wide: nn.Linear, rows: int, offsets: nn.Linear):
         super().__init__()
-        self.symmetric, self.sums, self.offsets = symmetric, sums, offsets
+        self.wide, self.rows, self.offsets = wide, rows, offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.symmetric(x) + self.offsets(self.sums(x))
+        both = self.wide(x)
+        return both[..., :self.rows] + self.offsets(both[..., self.rows:])
 
 
 def _int4_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block: int,
@@ -59,14 +63,12 @@ def _frozen(linear: nn.Linear, weight) -> nn.Linear:
     return linear
 
 
-def _block_sums(cols: int, block: int, dynamic_activations: bool) -> nn.Linear:
-    """The indicator layer: each input block's sum."""
+def _indicator(cols: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indicator rows' int4 codes and block scales: row i sums input block i."""
     blocks = cols // block
-    indicator = torch.zeros(blocks, cols, dtype=torch.int8)
-    indicator.view(blocks, blocks, block)[torch.arange(blocks), torch.arange(blocks)] = _ONE_CODE
-    return _frozen(nn.Linear(cols, blocks, bias=False), _int4_blocks(
-        indicator, torch.full((blocks, blocks), _ONE_SCALE), torch.zeros(blocks, blocks, dtype=torch.int8),
-        block, dynamic_activations))
+    codes = torch.zeros(blocks, cols, dtype=torch.int8)
+    codes.view(blocks, blocks, block)[torch.arange(blocks), torch.arange(blocks)] = _ONE_CODE
+    return codes, torch.full((blocks, blocks), _ONE_SCALE)
 
 
 def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_config) -> OffsetLinear:
@@ -77,16 +79,17 @@ def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_
     rows, cols = weight.shape
     blocks = cols // block
     codes, scale, offset = split_min_max(weight, block, XNNPACK_BLOCK_SCALE)
-    symmetric = _frozen(nn.Linear(cols, rows, bias=False), _int4_blocks(
+    ones, one_scale = _indicator(cols, block)
+    codes, scale = torch.cat([codes, ones]), torch.cat([scale, one_scale.to(scale.dtype)])
+    wide = _frozen(nn.Linear(cols, rows + blocks, bias=False), _int4_blocks(
         codes, scale, torch.zeros_like(scale, dtype=torch.int8), block, dynamic_activations))
-    sums = _block_sums(cols, block, dynamic_activations)
     offsets = nn.Linear(blocks, rows, bias=layer.bias is not None)
     with torch.no_grad():
         offsets.weight.copy_(offset)
         if layer.bias is not None:
             offsets.bias.copy_(layer.bias.detach())
     quantize_(offsets, int8_config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-    return OffsetLinear(symmetric, sums, offsets)
+    return OffsetLinear(wide, rows, offsets)
 
 
 def offset_embedding(table: nn.Embedding, block: int) -> None:

@@ -12,7 +12,7 @@ from edgepack.exporters.backend import INT4_GRIDS, flag
 class Options:
     grid: str = field(default="offset", metadata=flag(
         "--executorch-grid", "ExecuTorch: the int4 grid: 'offset' (each block its own min..max: XNNPACK's "
-        "symmetric blocks plus two small side layers per linear (block sums, int8 offsets); the default) or 'symmetric' (torchao's "
+        "symmetric blocks with each input block's sum as extra rows of the same linear, and a small int8 offsets layer; the default) or 'symmetric' (torchao's "
         "8da4w with HQQ scales, export_llm's: smaller and faster, less accurate).", str))
 
     def __post_init__(self):

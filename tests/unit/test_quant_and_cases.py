@@ -172,7 +172,8 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
     torchao's rounding): a tied table and LM head, a biased linear. The embedding holds the offset
     grid's fp16 image (weights.OffsetGrid: fp16 scales and zero points, rows looked up in fp16 as
     embedding_4bit returns them, then widened to float32); a linear's
-    symmetric part (its scales in bf16, as XNNPACK stores them) and indicator rows are exact, its
+    symmetric part (its scales in bf16, as XNNPACK stores them) and the indicator rows below it in
+    the same linear are exact, its
     int8 offsets within half a step of the blocks' offsets, and eager output matches the grid's
     float model up to the int8 activations."""
     import copy
@@ -200,9 +201,9 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
         layer, w = quantized[name], model[name].weight.detach()
         assert isinstance(layer, OffsetLinear)
         q, scale, minimum = quantize_min_max(w, 4, 32, scale_dtype=torch.bfloat16)
-        symmetric = layer.symmetric.weight.dequantize().reshape(q.shape)
-        assert torch.equal(symmetric, (q - 8) * scale)
-        assert torch.equal(layer.sums.weight.dequantize(), torch.eye(2).repeat_interleave(32, dim=1))
+        wide, rows = layer.wide.weight.dequantize(), w.shape[0]
+        assert torch.equal(wide[:rows].reshape(q.shape), (q - 8) * scale)
+        assert torch.equal(wide[rows:], torch.eye(2).repeat_interleave(32, dim=1))
         offsets, want = layer.offsets.weight.dequantize(), (minimum + 8 * scale).squeeze(-1)
         step = want.abs().amax(-1, keepdim=True) / 127
         assert ((offsets - want).abs() <= 0.51 * step + 1e-7).all()
@@ -233,7 +234,7 @@ def test_executorch_offset_grid_runs_a_constant_block_in_xnnpack():
         model[0].weight[3, :32] = 0.0
     quantized = quantize_module(model, QuantSpec.from_options("int4", 32), "offset")
     layer = quantized[0]
-    assert torch.equal(layer.symmetric.weight.dequantize()[3, :32], torch.zeros(32))
+    assert torch.equal(layer.wide.weight.dequantize()[3, :32], torch.zeros(32))
     assert layer.offsets.weight.dequantize()[3, 0] == 0.0
     x = torch.randn(1, 64)
     with torch.no_grad():
@@ -262,7 +263,7 @@ def test_executorch_reference_holds_the_block_scales_xnnpack_stores(grid):
     quantized = quantize_module(copy.deepcopy(model), QuantSpec.from_options("int4", 32), grid)
     blocks = [m.weight for m in quantized.modules() if isinstance(m, nn.Linear)
               and isinstance(m.weight, IntxUnpackedToInt8Tensor) and m.weight.block_size[-1] < m.weight.shape[-1]]
-    assert len(blocks) == (4 if grid == "offset" else 2)  # offset: each layer's symmetric part and its block sums
+    assert len(blocks) == 2  # offset: each layer's symmetric part with its indicator rows, one linear
     for w in blocks:
         assert w.scale.dtype == torch.float32 and torch.equal(w.scale, w.scale.to(torch.bfloat16).float())
 
