@@ -244,6 +244,49 @@ def test_executorch_offset_grid_runs_a_constant_block_in_xnnpack():
     assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max()
 
 
+def test_executorch_offset_grid_block_sums_in_the_symmetric_gemm_change_no_output():
+    """A linear on the offset grid computes its symmetric part and its input's block sums in one
+    GEMM, the indicator rows stacked under the symmetric rows. XNNPACK computes each row alone
+    from one quantization of the input, so through the ExecuTorch runtime the outputs are those of
+    two GEMMs on the same rows, to the bit."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from edgepack.exporters.executorch.lower import quantize_module
+    from edgepack.exporters.executorch.offset_grid import _int4_blocks
+
+    torch.manual_seed(0)
+    quantized = quantize_module(nn.Sequential(nn.Linear(96, 48)), QuantSpec.from_options("int4", 32), "offset")
+    layer = quantized[0]
+    wide = layer.wide.weight
+
+    def rows(part: slice) -> nn.Linear:
+        linear = nn.Linear(96, len(range(*part.indices(wide.shape[0]))), bias=False)
+        linear.weight = nn.Parameter(_int4_blocks(wide.qdata[part], wide.scale[part], wide.zero_point[part], 32, True),
+                                     requires_grad=False)
+        return linear
+
+    class TwoGemms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.symmetric, self.sums, self.offsets = rows(slice(0, layer.rows)), rows(slice(layer.rows, None)), layer.offsets
+
+        def forward(self, x):
+            return self.symmetric(x) + self.offsets(self.sums(x))
+
+    x = torch.randn(1, 5, 96)
+
+    def run(module: nn.Module) -> torch.Tensor:
+        program = to_edge_transform_and_lower(torch.export.export(module, (x,)), partitioner=[XnnpackPartitioner()])
+        return Runtime.get().load_program(program.to_executorch().buffer).load_method("forward").execute([x])[0]
+
+    one, two = run(quantized), run(TwoGemms())
+    assert torch.equal(one, two), (one - two).abs().max()
+    assert one.abs().max() > 0.1
+
+
 @pytest.mark.parametrize("grid", ["offset", "symmetric"])
 def test_executorch_reference_holds_the_block_scales_xnnpack_stores(grid):
     """XNNPACK keeps a 4-bit block's scale in bf16 whatever torch hands it (its serializer
