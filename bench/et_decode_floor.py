@@ -18,7 +18,7 @@ separate run: profiling slows each call a little): XNNPACK's GEMMs, the rest of 
 interpreter between them. Writes bench/results/et-decode-floor-s135.json.
 
   python -m bench.run --executorch-only --work DIR      # the two .pte files (or a full make bench)
-  python -m bench.et_decode_floor --work DIR [--pte NAME=PATH ...]    # ~5 min on 2 cores
+  python -m bench.et_decode_floor --work DIR [--pte NAME=PATH ...]    # ~8 min on 2 cores
 
 `--pte` times other `.pte` files of the same weights beside them, e.g. edgepack's default grid
 (`edgepack export DIR/s135/hf --target executorch --max-seq-len 512`)."""
@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.et_partitions import DECODE_STEPS, PROMPT_LEN, load_methods, prefill_and_decode
 from bench.models import S135
 from bench.run import ROOT, git_commit, machine, pte_instructions
-
-PROMPT_LEN, DECODE_STEPS = 32, 64
 
 
 def decode_linears(shape: dict):
@@ -64,7 +63,14 @@ def decode_linears(shape: dict):
             return self.head(x)
 
     torch.manual_seed(0)
-    return DecodeLinears().eval(), (torch.randn(1, 1, hidden),)
+    return DecodeLinears().eval(), one_token(shape)
+
+
+def one_token(shape: dict) -> tuple:
+    """The floor program's input: one token's hidden state."""
+    import torch
+
+    return (torch.randn(1, 1, shape["hidden_size"], generator=torch.Generator().manual_seed(0)),)
 
 
 def lower_floor(out: Path) -> dict:
@@ -84,25 +90,18 @@ def lower_floor(out: Path) -> dict:
 def seconds_per_token(paths: dict[str, Path], floor: Path, rounds: int) -> dict[str, list[float]]:
     """Per round, each full .pte's decode time and the floor program's, a token each, interleaved."""
     import torch
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama::* kernels)
-    from executorch.kernels import quantized  # noqa: F401  (embedding_4bit)
-    from executorch.runtime import Runtime
 
-    runtime = Runtime.get()
-    methods = {name: runtime.load_program(str(p)).load_method("forward") for name, p in paths.items()}
-    floor_method = runtime.load_program(str(floor)).load_method("forward")
-    tokens = torch.from_numpy(np.random.default_rng(0).integers(
+    methods = load_methods({**paths, "floor": floor})
+    floor_method = methods.pop("floor")
+    ids = torch.from_numpy(np.random.default_rng(0).integers(
         3, S135["vocab_size"], size=PROMPT_LEN + DECODE_STEPS).astype(np.int64))[None]
-    x = decode_linears(S135)[1]
+    x = one_token(S135)
     runs: dict[str, list[float]] = {name: [] for name in [*paths, "floor"]}
     for round_ in range(rounds + 1):  # round 0 warms up and is not counted
         for name, method in methods.items():
-            method.execute([tokens[:, :PROMPT_LEN], torch.tensor([0])])
-            start = time.perf_counter()
-            for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-                method.execute([tokens[:, pos:pos + 1], torch.tensor([pos])])
+            _, decode_s, _ = prefill_and_decode(method, ids)
             if round_:
-                runs[name].append((time.perf_counter() - start) / DECODE_STEPS)
+                runs[name].append(decode_s / DECODE_STEPS)
         start = time.perf_counter()
         for _ in range(DECODE_STEPS):
             floor_method.execute(list(x))

@@ -120,31 +120,46 @@ def lower(hf_dir: Path, variant: str, out: Path) -> dict:
     return {"lowering_s": round(lowering_s, 1)}
 
 
-def speeds(paths: dict[str, Path], tokens: np.ndarray, rounds: int) -> tuple[dict, dict]:
-    """Tokens per second of each .pte through ExecuTorch's runtime (the LLM kernels loaded), the
-    .pte files interleaved within each round so that the host's load falls on all of them; and the
-    logits of each (the prompt's last position, then every decode step)."""
-    import torch
+def load_methods(paths: dict[str, Path]) -> dict:
+    """Each .pte's forward method on ExecuTorch's runtime, the LLM kernel libraries loaded."""
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama::* kernels)
     from executorch.kernels import quantized  # noqa: F401  (embedding_4bit)
     from executorch.runtime import Runtime
 
     runtime = Runtime.get()
-    methods = {name: runtime.load_program(str(p)).load_method("forward") for name, p in paths.items()}
+    return {name: runtime.load_program(str(p)).load_method("forward") for name, p in paths.items()}
+
+
+def prefill_and_decode(method, ids) -> tuple[float, float, list]:
+    """The first PROMPT_LEN of `ids` ([1, T]) prefilled in one call, then the rest decoded a token
+    a call (teacher-forced): the seconds each part took, and every call's logits."""
+    import torch
+
+    start = time.perf_counter()
+    rows = [method.execute([ids[:, :PROMPT_LEN], torch.tensor([0])])[0]]
+    prefilled = time.perf_counter()
+    for pos in range(PROMPT_LEN, ids.shape[1]):
+        rows.append(method.execute([ids[:, pos:pos + 1], torch.tensor([pos])])[0])
+    return prefilled - start, time.perf_counter() - prefilled, rows
+
+
+def speeds(paths: dict[str, Path], tokens: np.ndarray, rounds: int) -> tuple[dict, dict]:
+    """Tokens per second of each .pte through ExecuTorch's runtime (the LLM kernels loaded), the
+    .pte files interleaved within each round so that the host's load falls on all of them; and the
+    logits of each (the prompt's last position, then every decode step)."""
+    import torch
+
+    methods = load_methods(paths)
     ids = torch.from_numpy(tokens)[None]
     runs = {name: {"prefill_tokens_per_s": [], "decode_tokens_per_s": []} for name in paths}
     logits = {}
     for round_ in range(rounds + 1):  # round 0 warms up and is not counted
         for name, method in methods.items():
-            start = time.perf_counter()
-            rows = [method.execute([ids[:, :PROMPT_LEN], torch.tensor([0])])[0]]
-            prefilled = time.perf_counter()
-            for pos in range(PROMPT_LEN, len(tokens)):
-                rows.append(method.execute([ids[:, pos:pos + 1], torch.tensor([pos])])[0])
+            prefill_s, decode_s, rows = prefill_and_decode(method, ids)
             logits[name] = np.concatenate([r.reshape(1, -1).numpy() for r in rows])
             if round_:
-                runs[name]["prefill_tokens_per_s"].append(round(PROMPT_LEN / (prefilled - start), 1))
-                runs[name]["decode_tokens_per_s"].append(round(DECODE_STEPS / (time.perf_counter() - prefilled), 1))
+                runs[name]["prefill_tokens_per_s"].append(round(PROMPT_LEN / prefill_s, 1))
+                runs[name]["decode_tokens_per_s"].append(round(DECODE_STEPS / decode_s, 1))
     return runs, logits
 
 

@@ -263,8 +263,9 @@ def test_executorch_offset_grid_block_sums_in_the_symmetric_gemm_change_no_outpu
     wide = layer.wide.weight
 
     def rows(part: slice) -> nn.Linear:
-        linear = nn.Linear(96, len(range(*part.indices(wide.shape[0]))), bias=False)
-        linear.weight = nn.Parameter(_int4_blocks(wide.qdata[part], wide.scale[part], wide.zero_point[part], 32, True),
+        codes = wide.qdata[part]
+        linear = nn.Linear(96, codes.shape[0], bias=False)
+        linear.weight = nn.Parameter(_int4_blocks(codes, wide.scale[part], wide.zero_point[part], 32, True),
                                      requires_grad=False)
         return linear
 
