@@ -7,7 +7,9 @@ outputs), reshapes whose sizes name that dimension, and RMSNorm's mean over the 
 a 3-D tensor (XNNPACK's mean is 4-D only). This experiment lowers the same weights twice with
 edgepack's own steps (bench's settings: symmetric grid, export_llm's, max sequence 512):
 
-- `shipped`: as `edgepack export --executorch-grid symmetric` lowers it;
+- `shipped`: as `edgepack export --executorch-grid symmetric` lowers it (since 2026-12-05 the
+  shared linears' outputs and the rotary halves are parted by one split kernel each, not sliced;
+  the committed run predates that);
 - `whole_layers`: the four rewritten so a layer stays in one partition: rotate_half as a product
   with a constant ±1 matrix (exact), the dynamic size of each reshape inferred (-1), the mean taken
   over a 4-D view, and q/k/v and gate/up kept as separate linears;
@@ -108,6 +110,7 @@ def lower(hf_dir: Path, variant: str, out: Path) -> dict:
     if variant == "whole_layers":
         passes, patch_rotary = _whole_layer_rewrites()
         patch_rotary(work.module)
+        work.module.rotary_families = ()  # its rotary, not the shipped one's split (exporters/rotary.py)
         executorch.share_inputs = lambda module, example_inputs, layers: layers
     executorch.quantize_weights(work)
     start = time.perf_counter()

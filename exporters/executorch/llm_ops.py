@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from edgepack.exporters.decoder import StaticCacheLM
+from edgepack.exporters.rotary import halves_rotating_families, rotary_by_split
 from edgepack.stages import ModelFacts
 
 ATTENTION = "edgepack_executorch_custom_sdpa"
@@ -40,7 +41,17 @@ def unsupported_reason(config) -> str | None:
 
 class CustomOpCacheLM(StaticCacheLM):
     """StaticCacheLM with ExecuTorch's cache layout [1, max_seq_len, kv_heads, head_dim] and
-    kernels. Same calling convention, same answers up to float rounding."""
+    kernels, and the rotary embedding by split (exporters/rotary.py: one kernel call per tensor
+    instead of two slices, and cos/sin widened to the heads once per forward, not per layer).
+    Same calling convention, same answers up to float rounding."""
+
+    def __init__(self, model: nn.Module, facts: ModelFacts, max_seq_len: int):
+        super().__init__(model, facts, max_seq_len)
+        self.rotary_families = halves_rotating_families(model)
+
+    def _run(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        with rotary_by_split(self.rotary_families):
+            return super()._run(tokens, input_pos, logits_to_keep)
 
     def cache_shape(self, facts: ModelFacts, max_seq_len: int) -> tuple[int, ...]:
         return (1, max_seq_len, facts.n_kv_heads, facts.head_dim)

@@ -41,7 +41,8 @@ class OffsetLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         both = self.wide(x)
-        return both[..., :self.rows] + self.offsets(both[..., self.rows:])
+        symmetric, sums = both.split([self.rows, both.shape[-1] - self.rows], dim=-1)  # one kernel, as SharedInput
+        return symmetric + self.offsets(sums)
 
 
 def _int4_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block: int,

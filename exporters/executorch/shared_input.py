@@ -28,10 +28,8 @@ class SharedInput(nn.Module):
 
     def slice_for(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if self._input is not x or index in self._taken:
-            out, start, self._slices = self.wide(x), 0, []
-            for width in self.widths:
-                self._slices.append(out[..., start:start + width])
-                start += width
+            # one split kernel outside XNNPACK (its slices take no dynamic length), not a slice each
+            self._slices = self.wide(x).split(self.widths, dim=-1)
             self._input, self._taken = x, set()
         self._taken.add(index)
         result = self._slices[index]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -26,20 +25,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from edgepack.exporters.decoder import ExplicitCacheLM
+from edgepack.exporters.rotary import halves_rotating_families, replaced_rotary, rotate
 from edgepack.stages import ModelFacts
 
 NAME = "edgepack_ort_group_query"
 NO_WINDOW = -1  # GroupQueryAttention's local_window_size when every past key is visible
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotary embedding transformers' Llama-style families apply (halves rotated, not
-    interleaved): x [1, N, T, D], cos/sin [1, T, R] with their two halves equal, rotating the
-    first R features of each head (all of them but for partial rotary)."""
-    width = cos.shape[-1]
-    part, rest, half = x[..., :width], x[..., width:], width // 2
-    turned = part * cos.unsqueeze(1) + torch.cat([-part[..., half:], part[..., :half]], dim=-1) * sin.unsqueeze(1)
-    return torch.cat([turned, rest], dim=-1)
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
@@ -141,19 +131,6 @@ def _deferred_rotary(original):
     return apply
 
 
-def _rotates_halves(apply_rotary_pos_emb) -> bool:
-    """Whether a family's apply_rotary_pos_emb is `rotate` (the form the op computes), tried on
-    random values: families with interleaved or partial rotary keep theirs."""
-    generator = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 4, 3, 8, generator=generator), torch.randn(1, 2, 3, 8, generator=generator)
-    angles = torch.randn(1, 3, 4, generator=generator).repeat(1, 1, 2)
-    try:
-        out_q, out_k = apply_rotary_pos_emb(q, k, angles.cos(), angles.sin())
-    except (TypeError, RuntimeError):
-        return False
-    return all(torch.allclose(out, rotate(x, angles.cos(), angles.sin()), atol=1e-6) for out, x in ((out_q, q), (out_k, k)))
-
-
 def layer_windows(facts: ModelFacts) -> list[int]:
     """Each layer's local_window_size: the sliding window on the layers it bounds."""
     return [facts.sliding_window if sliding else NO_WINDOW for sliding in facts.sliding_layers()]
@@ -192,28 +169,17 @@ class GroupQueryAttentionDecoder(nn.Module):
         return (out["logits"], *(step.present[f"{kind}_{i}"] for i in range(self.facts.n_layers) for kind in "kv"))
 
 
-def halves_rotating_families(model: nn.Module) -> list:
-    """The modeling modules of `model`'s attention layers whose apply_rotary_pos_emb is the
-    halves-rotated kind the op computes."""
-    families = {sys.modules[type(m).__module__] for m in model.modules() if hasattr(m, "layer_idx")}
-    return [family for family in families if _rotates_halves(getattr(family, "apply_rotary_pos_emb", None))]
-
-
 @contextlib.contextmanager
-def fused_attention(model: nn.Module, rotary_families: list) -> Iterator[None]:
+def fused_attention(model: nn.Module, rotary_families: tuple[str, ...]) -> Iterator[None]:
     """While inside, `model` (a transformers model) runs its attention through the fused op, which
     also applies the rotary embedding of `rotary_families` (halves_rotating_families)."""
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, eager_mask)
     config = model.config
     saved = config._attn_implementation
-    deferred = {family: family.apply_rotary_pos_emb for family in rotary_families}
     config._attn_implementation = NAME
-    for family, original in deferred.items():
-        family.apply_rotary_pos_emb = _deferred_rotary(original)
     try:
-        yield
+        with replaced_rotary(rotary_families, _deferred_rotary):
+            yield
     finally:
         config._attn_implementation = saved
-        for family, original in deferred.items():
-            family.apply_rotary_pos_emb = original

@@ -1,8 +1,11 @@
 """ExecuTorch's quantized copy of a captured decoder shares the capture's float weights and
 never writes into them: a second float copy would be another 5 GB on a 1B model (bench.scale),
-and a write would corrupt what the other backends and the quality stage read after it."""
+and a write would corrupt what the other backends and the quality stage read after it. And the
+kernel calls a forward makes outside XNNPACK, counted in the .pte."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
@@ -37,3 +40,55 @@ def test_quantized_copy_shares_and_keeps_the_float_weights(tiny_llama_capture, g
     assert len(quantized) >= captured.loaded.facts.n_layers * 2  # it did quantize: wide q/k/v and gate/up per layer at least
     for name, p in captured.module.named_parameters():
         assert torch.equal(p, before[name]), f"quantizing for ExecuTorch wrote into the capture's {name}"
+
+
+def _kernel_calls(pte: bytes) -> Counter:
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte)
+    plan = getattr(program, "program", program).execution_plan[0]
+    return Counter(plan.operators[i.instr_args.op_index].name for chain in plan.chains for i in chain.instructions
+                   if type(i.instr_args).__name__ == "KernelCall")
+
+
+@pytest.mark.slow
+def test_split_outputs_and_rotary_save_kernel_calls_and_change_no_logits(tiny_llama_capture):
+    """XNNPACK's partitioner takes no slice over the dynamic token length, so every slice is a
+    kernel call of its own between delegate calls. A wide linear's output (q/k/v, gate/up, the
+    offset grid's block sums) and each rotary half-turn are split by one kernel, and cos/sin are
+    widened to the heads once a forward: against transformers' own rotary (two slices a tensor and
+    an unsqueeze of cos and sin a layer) that is 2 slice and 2 unsqueeze calls a layer fewer, no
+    slice left inside a layer, and, through the ExecuTorch runtime, the same logits to the bit."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
+    from executorch.kernels import quantized  # noqa: F401  (embedding_4bit)
+    from executorch.runtime import Runtime
+
+    from edgepack.exporters.executorch import BACKEND
+    from edgepack.exporters.executorch.lower import STEPS, _Work
+    from edgepack.exporters.executorch.options import Options
+    from edgepack.quant import QuantSpec
+
+    captured, layers = tiny_llama_capture, tiny_llama_capture.loaded.facts.n_layers
+
+    def pte(rotary_by_split: bool) -> bytes:
+        work = _Work(captured, QuantSpec.from_options("int4", 32), Options(grid="offset"))
+        for step in STEPS:
+            if step.name != "reference":
+                step.run(work)
+            if step.name == "fast path" and not rotary_by_split:
+                work.module.rotary_families = ()
+        return work.files[BACKEND.artifact]
+
+    def logits(program: bytes) -> torch.Tensor:
+        method = Runtime.get().load_program(program).load_method("forward")
+        prompt = method.execute([torch.tensor([[5, 9, 17, 3, 22]]), torch.tensor([0])])[0].clone()
+        return torch.cat([prompt, method.execute([torch.tensor([[13]]), torch.tensor([5])])[0]])
+
+    split, sliced = pte(True), pte(False)
+    calls, plain = _kernel_calls(split), _kernel_calls(sliced)
+    assert plain["aten::slice_copy"] - calls["aten::slice_copy"] == 4 * layers
+    assert calls["aten::split_with_sizes_copy"] - plain["aten::split_with_sizes_copy"] == 2 * layers
+    assert plain["aten::unsqueeze_copy"] - calls["aten::unsqueeze_copy"] == 2 * layers - 2
+    assert calls["aten::slice_copy"] < layers  # none inside a layer: the wide linears' outputs are split too
+    new, old = logits(split), logits(sliced)
+    assert torch.equal(new, old) and new.abs().max() > 0.1

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgepack.exporters.onnx.group_query_attention import _attend, _rotates_halves, rotate
+from edgepack.exporters.onnx.group_query_attention import _attend
+from edgepack.exporters.rotary import rotate, rotates_halves
 
 HEADS, KV_HEADS, DIM = 6, 2, 16
 
@@ -71,15 +72,15 @@ def test_the_torch_model_computes_what_onnxruntimes_op_does(past, new, window, s
 def test_only_halves_rotated_rotary_is_handed_to_the_op():
     from transformers.models.llama import modeling_llama
 
-    assert _rotates_halves(modeling_llama.apply_rotary_pos_emb)
-    assert not _rotates_halves(None)
+    assert rotates_halves(modeling_llama.apply_rotary_pos_emb)
+    assert not rotates_halves(None)
 
     def interleaved(q, k, cos, sin):  # GPT-J's pairs (0, 1), (2, 3) ...: not what the op computes here
         def turn(x):
             return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
         return q * cos.unsqueeze(1) + turn(q) * sin.unsqueeze(1), k * cos.unsqueeze(1) + turn(k) * sin.unsqueeze(1)
 
-    assert not _rotates_halves(interleaved)
+    assert not rotates_halves(interleaved)
     x, angles = torch.randn(1, 2, 3, 8), torch.randn(1, 3, 4).repeat(1, 1, 2)
     assert torch.allclose(rotate(x, angles.cos(), angles.sin()),
                           modeling_llama.apply_rotary_pos_emb(x, x, angles.cos(), angles.sin())[0])
