@@ -72,7 +72,8 @@ def write_metadata(model: bytes, doc: ModelDoc) -> bytes:
     tflite-support's MetadataPopulator is not used to insert it: it re-serializes the whole model
     with its own 2022 copy of the TFLite schema, which drops the blockwise quantization details
     ai_edge_quantizer writes (the interpreter then fails: "Blockwise quantization parameters
-    ... missing"). The model is re-serialized with ai_edge_litert's current schema instead."""
+    ... missing"). The model is re-serialized with ai_edge_litert's current schema instead, its
+    tensor names shortened on the way (shorten_tensor_names)."""
     import flatbuffers
     import numpy as np
     from ai_edge_litert import schema_py_generated as schema
@@ -103,6 +104,8 @@ def write_metadata(model: bytes, doc: ModelDoc) -> bytes:
         # As arrays they pack in one copy, into the same bytes.
         if stored.data is not None and not isinstance(stored.data, np.ndarray):
             stored.data = np.frombuffer(stored.data, dtype=np.uint8)
+    for subgraph in tflite.subgraphs:
+        shorten_tensor_names(subgraph.tensors)
     graph = tflite.subgraphs[0]
     if (len(graph.inputs), len(graph.outputs)) != (len(doc.inputs), len(doc.outputs)):
         raise ValueError(f"tensor metadata for {len(doc.inputs)} inputs / {len(doc.outputs)} outputs, but subgraph 0 "
@@ -121,6 +124,38 @@ def write_metadata(model: bytes, doc: ModelDoc) -> bytes:
             info.external_attr = 0o644 << 16
             zf.writestr(info, data)
     return out.getvalue()
+
+
+def _module_path(location: str) -> str:
+    """One converter location, `pkg.mod.Class_attr/pkg.mod.Class_attr/...`, as the module path
+    `attr.attr...`: the root module (a class with no attribute) goes, or is its class name when
+    alone; other text stays."""
+    parts, root = [], location
+    for scope in location.split("/"):
+        owner, _, rest = scope.rpartition(".")
+        if not (owner.replace(".", "_").isidentifier() and rest[:1].isupper()):
+            parts.append(scope)  # not a class path (`arith.constant`, `3`): kept as it is
+        elif "_" in rest:
+            parts.append(rest.split("_", 1)[1])
+        else:
+            root = rest
+    return ".".join(parts) or root
+
+
+def shorten_tensor_names(tensors: list) -> None:
+    """Each tensor's name, in place, from litert-torch's scope paths (`edgepack.exporters.decoder.
+    ExplicitCacheLM/transformers.models.llama.modeling_llama.LlamaForCausalLM_model/...;3`, up to
+    900 bytes, 2.8 MB of the real SmolLM2-135M's 92 MB file) to module paths (`model.model.29.
+    self_attn.o_proj;3`). Names are not what anything loads by: the runtimes and the LiteRT-LM
+    engine find inputs and outputs through the signatures, whose own names stay. A name that would
+    repeat another keeps its long form: names stay unique."""
+    taken = {t.name for t in tensors}  # bytes, as the object API reads them
+    for tensor in tensors:
+        short = ";".join(_module_path(location) for location in tensor.name.decode().split(";")).encode()
+        if short != tensor.name and short not in taken:
+            taken.discard(tensor.name)
+            taken.add(short)
+            tensor.name = short
 
 
 def read_metadata(model: bytes) -> dict:

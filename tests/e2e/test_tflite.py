@@ -33,6 +33,15 @@ def test_bundle_has_prefill_and_decode_signatures(tflite_export):
     assert set(signatures["prefill_8"]["outputs"]) == caches
     [art] = read_manifest(bundle)["artifacts"]
     assert [m["name"] for m in art["methods"]] == ["prefill_4", "prefill_8", "decode"]
+    # tensor names are module paths (write_metadata shortens the converter's scope paths), unique
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray((bundle / "tflite/model.tflite").read_bytes())
+    for graph in model.subgraphs:
+        names = [t.name.decode() for t in graph.tensors]
+        assert len(set(names)) == len(names)
+        assert not [n for n in names if "transformers." in n or "torch.nn." in n or "edgepack." in n], max(names, key=len)
+        assert any(name.startswith("model.model.1.self_attn.") for name in names)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """write_metadata on a model whose weights are stored past the flatbuffer, by offset, as
 ai_edge_quantizer writes every buffer of 1 KB or more: the weights come back byte for byte, and
 the re-serialization takes one copy per buffer, not one Python call per byte (that took 117 s of
-a 135M model's 6.7-minute TFLite export)."""
+a 135M model's 6.7-minute TFLite export). And the tensor names it shortens on the way."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import time
 
 import numpy as np
 
-from edgepack.exporters.tflite.metadata import ModelDoc, TensorDoc, read_metadata, write_metadata
+from edgepack.exporters.tflite.metadata import (
+    ModelDoc,
+    TensorDoc,
+    read_metadata,
+    shorten_tensor_names,
+    write_metadata,
+)
 
 WEIGHT_BYTES = 16 << 20  # 16 MB: about 20 s through the per-byte path on this host, 0.1 s as one copy
 
@@ -56,3 +62,28 @@ def test_weights_stored_by_offset_come_back_unchanged_in_one_copy():
     read = read_metadata(written)
     assert read["metadata"]["name"] == "m" and read["facts"] == {"k": 1}
     assert read["files"]["tokenizer.json"] == b"{}"
+
+
+def test_tensor_names_become_module_paths_and_stay_unique():
+    """litert-torch names a tensor by the scope paths of the modules it came from, up to 900 bytes
+    each (2.8 MB of the real SmolLM2-135M's 92 MB file); they become module paths. Names that are
+    not class paths stay, and a short form that another tensor already has is not taken."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    def layer(i: int, proj: str) -> str:
+        return ("edgepack.exporters.decoder.ExplicitCacheLM/transformers.models.llama.modeling_llama.LlamaForCausalLM_model/"
+                f"transformers.models.llama.modeling_llama.LlamaDecoderLayer_{i}/"
+                f"transformers.models.llama.modeling_llama.LlamaAttention_self_attn/torch.nn.modules.linear.Linear_{proj}")
+
+    names = ["decode_kv_cache_k_0", "arith.constant12_scales", f"{layer(3, 'q_proj')};2",
+             f"{layer(3, 'k_proj')};;{layer(0, 'q_proj')};", "model.4.self_attn.o_proj", layer(4, "o_proj"),
+             "edgepack.exporters.decoder.ExplicitCacheLM;2", ""]
+    tensors = []
+    for name in names:
+        tensors.append(schema.TensorT())
+        tensors[-1].name = name.encode()
+    shorten_tensor_names(tensors)
+    assert [t.name.decode() for t in tensors] == [
+        "decode_kv_cache_k_0", "arith.constant12_scales", "model.3.self_attn.q_proj;2",
+        "model.3.self_attn.k_proj;;model.0.self_attn.q_proj;", "model.4.self_attn.o_proj", layer(4, "o_proj"),
+        "ExplicitCacheLM;2", ""]
