@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -173,15 +174,26 @@ def litertlm_engine(work: Path, tokens: Path, max_seq_len: int, prompt_len: int,
             "decode_vs_executorch": round(decode / executorch_decode, 3)}
 
 
-def pte_instructions(path: Path) -> dict:
-    """How a .pte's forward runs: calls into XNNPACK vs kernels run outside it, per forward call."""
+def kernel_calls(pte: bytes) -> Counter:
+    """The calls a .pte's forward makes, by kernel name (`aten::slice_copy`, ...), its calls into
+    a delegate (XNNPACK) under "DelegateCall"."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    program = deserialize_pte_binary(path.read_bytes())
+    program = deserialize_pte_binary(pte)
     plan = getattr(program, "program", program).execution_plan[0]
-    args = [i.instr_args for chain in plan.chains for i in chain.instructions]
-    return {"delegate_calls": sum(type(a).__name__ == "DelegateCall" for a in args),
-            "kernel_calls": sum(hasattr(a, "op_index") for a in args)}
+    calls: Counter = Counter()
+    for args in (i.instr_args for chain in plan.chains for i in chain.instructions):
+        if hasattr(args, "op_index"):
+            calls[plan.operators[args.op_index].name] += 1
+        elif type(args).__name__ == "DelegateCall":
+            calls["DelegateCall"] += 1
+    return calls
+
+
+def pte_instructions(path: Path) -> dict:
+    """How a .pte's forward runs: calls into XNNPACK vs kernels run outside it, per forward call."""
+    calls = kernel_calls(path.read_bytes())
+    return {"delegate_calls": calls["DelegateCall"], "kernel_calls": calls.total() - calls["DelegateCall"]}
 
 
 def fp32_logits(model: BenchModel, tokens: np.ndarray, prompt_len: int) -> np.ndarray:

@@ -5,8 +5,6 @@ kernel calls a forward makes outside XNNPACK, counted in the .pte."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 
@@ -42,15 +40,6 @@ def test_quantized_copy_shares_and_keeps_the_float_weights(tiny_llama_capture, g
         assert torch.equal(p, before[name]), f"quantizing for ExecuTorch wrote into the capture's {name}"
 
 
-def _kernel_calls(pte: bytes) -> Counter:
-    from executorch.exir._serialize._program import deserialize_pte_binary
-
-    program = deserialize_pte_binary(pte)
-    plan = getattr(program, "program", program).execution_plan[0]
-    return Counter(plan.operators[i.instr_args.op_index].name for chain in plan.chains for i in chain.instructions
-                   if type(i.instr_args).__name__ == "KernelCall")
-
-
 @pytest.mark.slow
 def test_split_outputs_and_rotary_save_kernel_calls_and_change_no_logits(tiny_llama_capture):
     """XNNPACK's partitioner takes no slice over the dynamic token length, so every slice is a
@@ -63,6 +52,7 @@ def test_split_outputs_and_rotary_save_kernel_calls_and_change_no_logits(tiny_ll
     from executorch.kernels import quantized  # noqa: F401  (embedding_4bit)
     from executorch.runtime import Runtime
 
+    from bench.run import kernel_calls
     from edgepack.exporters.executorch import BACKEND
     from edgepack.exporters.executorch.lower import STEPS, _Work
     from edgepack.exporters.executorch.options import Options
@@ -85,7 +75,7 @@ def test_split_outputs_and_rotary_save_kernel_calls_and_change_no_logits(tiny_ll
         return torch.cat([prompt, method.execute([torch.tensor([[13]]), torch.tensor([5])])[0]])
 
     split, sliced = pte(True), pte(False)
-    calls, plain = _kernel_calls(split), _kernel_calls(sliced)
+    calls, plain = kernel_calls(split), kernel_calls(sliced)
     assert plain["aten::slice_copy"] - calls["aten::slice_copy"] == 4 * layers
     assert calls["aten::split_with_sizes_copy"] - plain["aten::split_with_sizes_copy"] == 2 * layers
     assert plain["aten::unsqueeze_copy"] - calls["aten::unsqueeze_copy"] == 2 * layers - 2
