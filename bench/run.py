@@ -5,7 +5,8 @@
 
 Measured per tool: export wall time and peak RSS of the export process, the .pte's size against the
 ideal 4-bit size, host prefill and decode tokens/s through the ExecuTorch runtime (medians over
-repeats, teacher-forced on the same tokens) and the logits' cosine against fp32 eager. edgepack's
+repeats, teacher-forced on the same tokens; the two .pte files take turns, process by process) and
+the logits' cosine against fp32 eager. edgepack's
 TFLite, CoreML and ONNX exports of the same model are reported too (sizes, export times, and the
 speed of those that have a host runtime here), and the LiteRT-LM engine's speed on a .litertlm of
 the same shape (the real SmolLM2-135M-Instruct: make real-model). Writes <out>/<model>.json and
@@ -138,6 +139,20 @@ def speed(backend: str, path: Path, artifact: dict, tokens: Path, prompt_len: in
                     str(prompt_len), str(repeats), str(out)], check=True, cwd=ROOT)
     data = np.load(out)
     return {k: data[k] for k in data.files}
+
+
+def taking_turns(artifacts: dict[str, tuple[Path, dict]], tokens: Path, prompt_len: int, rounds: int, repeats: int,
+                 work: Path) -> dict[str, dict]:
+    """speed() of each ExecuTorch artifact in `rounds` processes of `repeats` counted runs, the
+    artifacts taking turns and the first of a round going last in the next: on a shared host whose
+    pace drifts over minutes, each .pte's runs span the same minutes. The logits are the first round's."""
+    parts: dict[str, list[dict]] = {name: [] for name in artifacts}
+    for turn in range(rounds):
+        for name in (list(artifacts) if turn % 2 == 0 else list(reversed(artifacts))):
+            parts[name].append(speed("executorch", *artifacts[name], tokens, prompt_len, repeats, work))
+    return {name: {"prefill_tokens_per_s": np.concatenate([r["prefill_tokens_per_s"] for r in runs]),
+                   "decode_tokens_per_s": np.concatenate([r["decode_tokens_per_s"] for r in runs]),
+                   "logits": runs[0]["logits"]} for name, runs in parts.items()}
 
 
 def litertlm_engine(work: Path, tokens: Path, max_seq_len: int, prompt_len: int, repeats: int,
@@ -296,6 +311,7 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool, engine: bo
     """`engine`: the LiteRT-LM engine row (the real model exported with a .litertlm, ~7 minutes)."""
     max_seq_len, prompt_len = 512, 32
     steps, repeats = (16, 5) if quick else (64, 5)
+    rounds, repeats_a_round = (2, 2) if quick else (5, 3)  # the two .pte files' turns (taking_turns)
     print(f"building the {'quick' if quick else 'S135'} model in {work}", flush=True)
     model = build(work, quick)
     rng = np.random.default_rng(0)
@@ -315,9 +331,11 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool, engine: bo
     et = next(a for a in manifest["artifacts"] if a["backend"] == "executorch")
     ref_artifact = {"backend": "executorch", "runtime": {"kernel_libraries": ["llm_custom_ops", "quantized"]}}
 
+    ep_pte = ep_dir / model.name / et["path"]
+    speeds = taking_turns({"export_llm": (ref_pte, ref_artifact), "edgepack": (ep_pte, et)}, work / "tokens.npy",
+                          prompt_len, rounds, repeats_a_round, work)
     results = {}
-    for name, exported, path, artifact in (("export_llm", ref_export, ref_pte, ref_artifact),
-                                           ("edgepack", ep_export, ep_dir / model.name / et["path"], et)):
+    for name, exported, path in (("export_llm", ref_export, ref_pte), ("edgepack", ep_export, ep_pte)):
         size = path.stat().st_size
         results[name] = {
             "export_wall_s": round(exported.wall_s, 1),
@@ -327,7 +345,7 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool, engine: bo
             "pte_vs_ideal": round(size / ideal, 3),
             "pte_vs_ideal_untied": round(size / ideal_untied, 3),
             "pte_instructions": pte_instructions(path),
-            **runtime_numbers(speed("executorch", path, artifact, work / "tokens.npy", prompt_len, repeats, work), fp32),
+            **runtime_numbers(speeds[name], fp32),
         }
     results["edgepack"]["stages_s"] = {s["name"]: s["seconds"] for s in summary.get("stages", [])}
     results["edgepack"]["attention"] = et["runtime"].get("attention")
@@ -356,7 +374,8 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool, engine: bo
         "model": {"name": model.name, "params_tied_once": model.n_params, "embedding_params": model.embedding_params,
                   "ideal_bytes": int(ideal), "ideal_bytes_untied": int(ideal_untied),
                   "bits_per_weight": BITS_PER_WEIGHT, "max_seq_len": max_seq_len, "prompt_len": prompt_len,
-                  "decode_steps": steps, "repeats": repeats},
+                  "decode_steps": steps, "repeats": repeats,
+                  "executorch_rounds": rounds, "executorch_repeats_a_round": repeats_a_round},
         "machine": machine(),
         "versions": {"edgepack": git_commit(), **{p: version(p) for p in ("executorch", "torch", "torchao")}},
         "date": time.strftime("%Y-%m-%d"),
