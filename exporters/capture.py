@@ -71,8 +71,11 @@ def run_forced(module: torch.nn.Module, cases: Sequence[Case], forced: dict[str,
 NUDGE = 1e-6
 NUDGE_PATTERNS = 2
 # Below this the smoke tolerance is not lowered, whatever the nudge shows: a conversion bug
-# still fails.
-TOLERANCE_FLOOR = 0.95
+# still fails (and every step's top-1 must still match). 0.95 until 2026-12-05, when the real
+# SmolLM2-135M's default ExecuTorch export failed its smoke on an Intel Xeon at 0.9434 on one step
+# where its reference, nudged, measured 0.9453 against itself: the .pte was closer to fp32 there
+# (0.982) than the reference (0.954), and 16 of 16 top-1s matched. Twice that noise is 0.89.
+TOLERANCE_FLOOR = 0.90
 
 
 @dataclass(frozen=True)
