@@ -5,8 +5,9 @@ minimum) or 8 bits per channel (symmetric).
 
 The converter quantizes only matrix products with constant weights. An embedding table would stay
 fp32 (for a 50k-token vocabulary, more than the rest of a small LM), so edgepack stores it on the
-same grid itself: 4-bit codes two to a byte with fp16 scales and minimums per block (int8 codes and
-one scale per row at 8 bits), looked up and unpacked by the graph for the tokens of each call.
+same grid itself: 4-bit codes two to a byte with fp16 scales and minimums per block, kept as their
+bytes (int8 codes and one scale per row at 8 bits), looked up and unpacked by the graph for the
+tokens of each call.
 
 The weights are rounded onto that grid before export, so the converter's own rounding gives them
 back unchanged: the reference is the captured model holding exactly those weights."""
@@ -136,14 +137,39 @@ def _image(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -
     return w.flatten(-2)
 
 
+def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """fp16 values as their two bytes each (low byte first), uint8 [..., 2 * n]."""
+    return values.to(torch.float16).contiguous().view(torch.uint8)
+
+
+def _fp16_from_bytes(pairs: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
+    """float32 from [..., 2 * n] fp16 bytes as floats (low byte first), exactly, in ops MNN runs:
+    MNN's ONNX front end widens an fp16 table to fp32, which would store it at twice its bytes
+    (3.5 MB more on SmolLM2-135M's 49152-row embedding), and its graphs have no bitcast. Finite
+    values only (scales and minimums are). `powers` is FP16_POWERS."""
+    low, high = pairs.unflatten(-1, (-1, 2)).unbind(-1)
+    sign = torch.floor(high / 128)
+    exponent = torch.floor(high / 4) - 32 * sign
+    mantissa = (high - 4 * torch.floor(high / 4)) * 256 + low
+    # 2^(e-15), and 2^-14 for the subnormals (e = 0), whose implicit leading bit is 0
+    power = torch.index_select(powers, 0, exponent.reshape(-1).long()).reshape(exponent.shape)
+    return (1 - 2 * sign) * power * (torch.clamp(exponent, max=1) + mantissa / 1024)
+
+
+FP16_POWERS = torch.tensor([2.0 ** -14] + [2.0 ** (e - 15) for e in range(1, 32)])
+
+
 def _stored_lookup(layer: nn.Embedding, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> None:
     """The embedding as the graph computes it: the rows of the stored codes, scales and minimums
-    for the call's tokens, unpacked to float. 4-bit codes are two to a byte, low nibble first."""
+    for the call's tokens, unpacked to float. 4-bit codes are two to a byte, low nibble first; the
+    fp16 scales and minimums are stored as their bytes, each block's scale then its minimum."""
     four = minimum is not None
     layer.register_buffer("stored_codes", (q[:, 0::2] + 16 * q[:, 1::2]).to(torch.uint8) if four else q.to(torch.int8))
-    layer.register_buffer("stored_scales", scale.to(torch.float16) if four else scale)
     if four:
-        layer.register_buffer("stored_minimums", minimum.to(torch.float16))
+        layer.register_buffer("stored_halves", _fp16_bytes(torch.stack([scale, minimum], dim=-1).flatten(-2)))
+        layer.register_buffer("fp16_powers", FP16_POWERS.clone())
+    else:
+        layer.register_buffer("stored_scales", scale)
     embed_scale = getattr(layer, "embed_scale", None)  # Gemma's scaled embedding multiplies its rows
 
     def rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -155,7 +181,10 @@ def _stored_lookup(layer: nn.Embedding, q: torch.Tensor, scale: torch.Tensor, mi
         if four:
             high = torch.floor(codes / 16)
             codes = torch.stack([codes - 16 * high, high], dim=-1).flatten(-2)
-        w = _image(codes, rows(layer.stored_scales, ids), rows(layer.stored_minimums, ids) if four else None)
+            scale, minimum = _fp16_from_bytes(rows(layer.stored_halves, ids), layer.fp16_powers).unflatten(-1, (-1, 2)).unbind(-1)
+            w = _image(codes, scale, minimum)
+        else:
+            w = _image(codes, rows(layer.stored_scales, ids), None)
         return w * embed_scale.to(w.dtype) if embed_scale is not None else w
 
     layer.forward = forward

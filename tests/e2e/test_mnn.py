@@ -59,20 +59,50 @@ def test_the_converter_stores_exactly_the_grid_edgepack_rounds_to(tmp_path, wq):
     assert size <= weight.numel() * bits / 8 + 4096, size
 
 
-def test_the_embedding_lookup_unpacks_the_stored_rows():
-    """Codes two to a byte (low nibble first) with fp16 scales and minimums: the lookup gives exactly
-    the rounded table's rows, and the table is stored at 5 bits a weight."""
+def _packed_embedding(rows: int, cols: int) -> tuple[nn.Embedding, torch.Tensor]:
+    """An embedding stored as the MNN export stores it, and the rounded table it must give back."""
     torch.manual_seed(0)
-    layer = nn.Embedding(40, 64)
-    wq = WeightQuant(4, 32)
-    q, scale, minimum = mnn_lower.grid_image(layer.weight, wq)
+    layer = nn.Embedding(rows, cols)
+    with torch.no_grad():
+        layer.weight[: rows // 2] *= 1e-4  # scales spanning many exponents, some near fp16's subnormals
+    q, scale, minimum = mnn_lower.grid_image(layer.weight, WeightQuant(4, 32))
     table = mnn_lower._image(q.float(), scale, minimum)
     mnn_lower._stored_lookup(layer, q, scale, minimum)
-    ids = torch.tensor([[3, 0, 39, 3]])
+    return layer, table
+
+
+def test_fp16_bytes_read_back_exactly():
+    """Every finite fp16 value, subnormals and both zeros included, through the graph's decoding."""
+    bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = bits[torch.isfinite(bits)]
+    decoded = mnn_lower._fp16_from_bytes(mnn_lower._fp16_bytes(finite).float(), mnn_lower.FP16_POWERS)
+    assert finite.numel() == 63488 and torch.equal(decoded, finite.float())
+    assert torch.equal(torch.signbit(decoded), torch.signbit(finite))
+
+
+def test_the_embedding_lookup_unpacks_the_stored_rows():
+    """Codes two to a byte (low nibble first), fp16 scales and minimums as their bytes: the lookup
+    gives exactly the rounded table's rows, and the table is stored at 5 bits a weight."""
+    layer, table = _packed_embedding(40, 64)
+    ids = torch.tensor([[3, 0, 39, 3, 25]])
     assert torch.equal(layer(ids), table[ids])
-    stored = sum(layer.get_buffer(n).numel() * layer.get_buffer(n).element_size()
-                 for n in ("stored_codes", "stored_scales", "stored_minimums"))
-    assert layer.stored_codes.dtype == torch.uint8 and stored * 8 == 40 * 64 * 5
+    stored = sum(layer.get_buffer(n).numel() * layer.get_buffer(n).element_size() for n in ("stored_codes", "stored_halves"))
+    assert {layer.stored_codes.dtype, layer.stored_halves.dtype} == {torch.uint8} and stored * 8 == 40 * 64 * 5
+
+
+def test_mnn_stores_the_embedding_at_5_bits_and_gives_its_rows_exactly(tmp_path):
+    """Through MNN's converter and runtime: the .mnn holds the table in 5 bits a weight (an fp16
+    table would be widened to fp32 by the converter: 6 bits), and the lookup is the rounded rows."""
+    layer, table = _packed_embedding(4096, 64)
+    ids = torch.tensor([[7, 4095, 0, 7, 2048, 1]])
+    program = torch.onnx.export(layer, (ids,), dynamo=True, opset_version=mnn_lower.OPSET, input_names=["ids"],
+                                output_names=["rows"], dynamic_shapes=({1: torch.export.Dim("n")},), verbose=False)
+    source, target = tmp_path / "embedding.onnx", tmp_path / "embedding.mnn"
+    program.save(source)
+    mnn_runtime.convert(source, target, [])
+    [rows] = mnn_runtime._run(mnn_runtime.load(target, ["ids"], ["rows"]), [ids.numpy().astype(np.int32)])
+    assert np.array_equal(rows, table[ids].numpy())
+    assert target.stat().st_size <= 4096 * 64 * 5 / 8 + 16384, target.stat().st_size
 
 
 def test_mnn_answers_like_the_stored_weights(mnn_export, llama_dir):
