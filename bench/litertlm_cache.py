@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.real_model import DEFAULT_OUT, build
 from bench.run import ROOT, exported_once, git_commit, machine
+from bench.speed import engine_backend
 
 PROMPT, DECODE = 32, 64
 
@@ -27,7 +28,6 @@ def engine_rounds(paths: dict, rounds: int) -> dict:
     in turn within each round so that the host's drift falls on all alike; round 0 warms up and is
     not counted."""
     import litert_lm
-    from litert_lm import interfaces
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     runs = {key: {"prefill": [], "decode": []} for key in paths}
@@ -36,7 +36,7 @@ def engine_rounds(paths: dict, rounds: int) -> dict:
             for key, path in paths.items():
                 cache = Path(caches) / str(key)  # each model's compiled weight cache
                 cache.mkdir(exist_ok=True)
-                result = litert_lm.Benchmark(str(path), interfaces.Backend.CPU(), prefill_tokens=PROMPT,
+                result = litert_lm.Benchmark(str(path), engine_backend(), prefill_tokens=PROMPT,
                                              decode_tokens=DECODE, cache_dir=str(cache)).run()
                 if (result.last_prefill_token_count, result.last_decode_token_count) != (PROMPT, DECODE):
                     raise SystemExit(f"the LiteRT-LM engine ran other token counts than asked: {result}")

@@ -31,6 +31,7 @@ import numpy as np
 
 from bench.models import BenchModel, build
 from bench.real_model import DEFAULT_OUT as REAL_MODEL
+from bench.speed import ENGINE_THREADS
 from edgepack.cache import digest, tool_digest
 from edgepack.cases import CaseOutput, compare
 from edgepack.rss import machine_memory_bytes
@@ -183,7 +184,7 @@ def litertlm_engine(work: Path, tokens: Path, max_seq_len: int, prompt_len: int,
     path = bundle / artifact["runtime"]["litertlm"]
     engine = speed("litertlm", path, {}, tokens, prompt_len, repeats, work)
     decode = float(np.median(engine["decode_tokens_per_s"]))
-    return {"model": name, "bytes": path.stat().st_size, "engine_check": engine_check,
+    return {"model": name, "bytes": path.stat().st_size, "engine_check": engine_check, "threads": ENGINE_THREADS,
             "prefill_tokens_per_s": float(np.median(engine["prefill_tokens_per_s"])), "decode_tokens_per_s": decode,
             "decode_tokens_per_s_runs": [round(float(x), 2) for x in engine["decode_tokens_per_s"]],
             "decode_vs_executorch": round(decode / executorch_decode, 3)}
@@ -301,7 +302,8 @@ def markdown_others(report: dict) -> str:
         cosine = f"{entry['cosine_vs_fp32']['mean']:.5f}" if "cosine_vs_fp32" in entry else "(engine gives no logits)"
         speed = (f"{entry['prefill_tokens_per_s']:.0f} | {entry['decode_tokens_per_s']:.1f} | {cosine}"
                  if "decode_tokens_per_s" in entry else "no runtime here | | ")
-        lower = f"{entry['lower_s'] / 60:.1f} min" if entry.get("lower_s") else f"({entry.get('model')}, default plan)"
+        lower = (f"{entry['lower_s'] / 60:.1f} min" if entry.get("lower_s")
+                 else f"({entry.get('model')}, default plan, {entry.get('threads')} threads)")
         lines.append(f"| {backend} | {entry['bytes'] / 1e6:.1f} MB ({entry['bytes'] / ideal:.2f}× ideal) | "
                      f"{lower} | {speed} |")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ Marked extended (`make test-extended`): its four exports and timed runs took 5 m
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -64,5 +65,6 @@ def test_litertlm_engine_row(tmp_path):
     np.save(tokens, np.random.default_rng(0).integers(3, 49152, size=96).astype(np.int64))
     engine = litertlm_engine(tmp_path, tokens, 512, 32, 3, executorch_decode=100.0)
     assert engine["decode_tokens_per_s"] > 0 and len(engine["decode_tokens_per_s_runs"]) == 3
+    assert engine["threads"] == os.cpu_count()  # one a core, as ExecuTorch's runtime takes, not the engine's default 4
     assert engine["decode_vs_executorch"] == round(engine["decode_tokens_per_s"] / 100.0, 3)
     assert engine["engine_check"] == "pass" or engine["engine_check"].startswith("FAIL: the engine"), engine
