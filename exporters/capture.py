@@ -99,19 +99,24 @@ def _nudge_factors(features: int, pattern: int, dtype: torch.dtype) -> torch.Ten
 
 
 @contextmanager
-def nudged_linear_inputs(module: torch.nn.Module, pattern: int = 0):
-    """Every nn.Linear's input nudged (see NUDGE) with sign pattern `pattern`, ahead of any hook
-    the backend's reference already has (e.g. the int8 activation rounding it simulates)."""
-    def nudge(_, args):
-        x = args[0]
-        return (x * _nudge_factors(x.shape[-1], pattern, x.dtype), *args[1:])
+def linear_inputs_hooked(module: torch.nn.Module, change, prepend: bool = False):
+    """Every nn.Linear's input x replaced by change(x) while inside; `prepend` puts it ahead of
+    the hooks a layer already has."""
+    def hook(_, args):
+        return (change(args[0]), *args[1:])
 
-    handles = [m.register_forward_pre_hook(nudge, prepend=True) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    handles = [m.register_forward_pre_hook(hook, prepend=prepend) for m in module.modules() if isinstance(m, torch.nn.Linear)]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def nudged_linear_inputs(module: torch.nn.Module, pattern: int = 0):
+    """Every nn.Linear's input nudged (see NUDGE) with sign pattern `pattern`, ahead of any hook
+    the backend's reference already has (e.g. the int8 activation rounding it simulates)."""
+    return linear_inputs_hooked(module, lambda x: x * _nudge_factors(x.shape[-1], pattern, x.dtype), prepend=True)
 
 
 def quantized_reference(module: torch.nn.Module, captured: CapturedModel) -> Reference:

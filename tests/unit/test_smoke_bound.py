@@ -6,12 +6,16 @@ activations are: a rounding flips)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
-from edgepack.exporters.capture import TOLERANCE_FLOOR, CaptureOptions, capture, quantized_reference
+from edgepack.exporters.capture import (
+    TOLERANCE_FLOOR,
+    CaptureOptions,
+    capture,
+    linear_inputs_hooked,
+    quantized_reference,
+)
 from edgepack.exporters.sources import load_source
 
 
@@ -20,20 +24,10 @@ def tiny_llama_capture(llama_dir):
     return capture(load_source(str(llama_dir)), CaptureOptions())
 
 
-@contextmanager
 def sensitive_linear_inputs(module: torch.nn.Module, amount: float):
     """Each linear's input x becomes x + amount * |x| * sin(x * 1e9): fixed for a given x, while the
     nudge's relative 1e-6 moves the sine by about a thousand radians, i.e. anywhere."""
-    def hook(_, args):
-        x = args[0]
-        return (x + amount * x.abs() * torch.sin(x * 1e9), *args[1:])
-
-    handles = [m.register_forward_pre_hook(hook) for m in module.modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return linear_inputs_hooked(module, lambda x: x + amount * x.abs() * torch.sin(x * 1e9))
 
 
 def test_a_calm_reference_keeps_the_captured_bound(tiny_llama_capture):
