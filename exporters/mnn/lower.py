@@ -148,9 +148,9 @@ def _fp16_from_bytes(pairs: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
     (3.5 MB more on SmolLM2-135M's 49152-row embedding), and its graphs have no bitcast. Finite
     values only (scales and minimums are). `powers` is FP16_POWERS."""
     low, high = pairs.unflatten(-1, (-1, 2)).unbind(-1)
-    sign = torch.floor(high / 128)
-    exponent = torch.floor(high / 4) - 32 * sign
-    mantissa = (high - 4 * torch.floor(high / 4)) * 256 + low
+    sign, quarter = torch.floor(high / 128), torch.floor(high / 4)  # the high byte: sign, 5 exponent bits, 2 mantissa bits
+    exponent = quarter - 32 * sign
+    mantissa = (high - 4 * quarter) * 256 + low
     # 2^(e-15), and 2^-14 for the subnormals (e = 0), whose implicit leading bit is 0
     power = torch.index_select(powers, 0, exponent.reshape(-1).long()).reshape(exponent.shape)
     return (1 - 2 * sign) * power * (torch.clamp(exponent, max=1) + mantissa / 1024)
