@@ -42,6 +42,16 @@ def test_bundle_has_prefill_and_decode_signatures(tflite_export):
         assert len(set(names)) == len(names)
         assert not [n for n in names if "transformers." in n or "torch.nn." in n or "edgepack." in n], max(names, key=len)
         assert any(name.startswith("model.model.1.self_attn.") for name in names)
+    # a weight the three signatures read is one buffer, and its quantization one table (write_metadata)
+    from ai_edge_litert import schema_py_generated as schema
+
+    raw = schema.Model.GetRootAs((bundle / "tflite/model.tflite").read_bytes())
+    tables: dict[int, set[int]] = {}
+    for g in range(raw.SubgraphsLength()):
+        for t in map(raw.Subgraphs(g).Tensors, range(raw.Subgraphs(g).TensorsLength())):
+            if t.Quantization() is not None and t.Quantization().ScaleLength() > 0 and t.Buffer() > 0:
+                tables.setdefault(t.Buffer(), set()).add(t.Quantization()._tab.Pos)
+    assert len(tables) > 10 and all(len(positions) == 1 for positions in tables.values()), tables
 
 
 @pytest.mark.slow

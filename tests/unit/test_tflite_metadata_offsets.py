@@ -87,3 +87,47 @@ def test_tensor_names_become_module_paths_and_stay_unique():
         "decode_kv_cache_k_0", "arith.constant12_scales", "model.3.self_attn.q_proj;2",
         "model.3.self_attn.k_proj;;model.0.self_attn.q_proj;", "model.4.self_attn.o_proj", layer(4, "o_proj"),
         "ExplicitCacheLM;2", ""]
+
+
+def test_equal_quantization_is_stored_once():
+    """A weight read by two subgraphs (prefill and decode) has a tensor in each with the same
+    per-channel scales; per-channel int8 zero points are all zeros. write_metadata packs each
+    table of equal parameters once and each equal vector once, and the parameters read back as
+    they were."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    rows = 4096
+    rng = np.random.default_rng(0)
+    scales = {"w": rng.random(rows).astype(np.float32), "v": rng.random(rows).astype(np.float32)}
+
+    def tensor(name: str):
+        t = schema.TensorT()
+        t.name, t.buffer, t.shape, t.type = name.encode(), 0, [rows, 1], schema.TensorType.INT8
+        q = schema.QuantizationParametersT()
+        q.scale, q.zeroPoint, q.quantizedDimension = scales[name], np.zeros(rows, np.int64), 0
+        t.quantization = q
+        return t
+
+    def graph():
+        g = schema.SubGraphT()
+        g.tensors, g.inputs, g.outputs, g.operators = [tensor("w"), tensor("v")], [0], [1], []
+        return g
+
+    model = schema.ModelT()
+    model.version, model.subgraphs, model.operatorCodes, model.buffers = 3, [graph(), graph()], [], [schema.BufferT()]
+    plain = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    doc = ModelDoc(name="m", version="1", description="d", author="a", license="l",
+                   inputs=(TensorDoc("w", "in"),), outputs=(TensorDoc("v", "out"),), facts={}, files={})
+    written = write_metadata(plain, doc)
+
+    root = schema.Model.GetRootAs(written)
+    tables = [[root.Subgraphs(g).Tensors(t).Quantization()._tab.Pos for t in range(2)] for g in range(2)]
+    assert tables[0] == tables[1] and tables[0][0] != tables[0][1]  # w once, v once
+    # w's scales, v's scales and one zero vector (16 bytes a row) where each subgraph had all four
+    # (24 bytes a row): 32 bytes a row saved, less the metadata and packed facts written beside them
+    assert len(plain) - len(written) >= 32 * rows - 2048, (len(plain), len(written))
+    for g in flatbuffer_utils.read_model_from_bytearray(written).subgraphs:
+        for t in g.tensors:
+            name = t.name.decode()
+            assert np.array_equal(t.quantization.scale, scales[name]) and not t.quantization.zeroPoint.any()
