@@ -8,7 +8,8 @@ log-probabilities far from the greedy path it decodes, on the demo model), so th
 greedy path, token for token: the engine's answer, tokenized by the engine's tokenizer, must be
 the reference's tokens; where the engine stops early, the reference's next token must be a stop
 token. The start and stop tokens the engine reads from the bundle must be the tokenizer's. It runs the same .tflite as the interpreter's teacher-forced smoke, which checks the
-logits; this checks what the engine adds. Free-running, so a near-tie can end the comparison."""
+logits; this checks what the engine adds. Free-running: where the engine parts from the reference
+at a near-tie, it is given the reference's token (as text) and decodes on from there."""
 
 from __future__ import annotations
 
@@ -96,43 +97,61 @@ def _wrong_special_tokens(engine, bos_id: int | None, stop_ids: list[int]) -> li
 
 def _judge(engine, interfaces, case: Case, expected: CaseOutput, noise: float | None, stop_ids: list[int],
            wrong: list[str]) -> dict:
+    """The engine's greedy answer against the reference's tokens. Where it parts from them at a
+    near-tie, the check goes on: the engine is given the prompt and the reference's tokens up to and
+    including the tied step (as text: it takes no ids) and decodes again from there, so a tie at
+    the first step does not leave the other steps unchecked."""
     prompt = [int(t) for t in case.inputs[0].reshape(-1)]
     want = [int(t) for t in expected.get("tokens").reshape(-1)]
-    metrics: dict = {"steps": case.steps}
+    metrics: dict = {"steps": case.steps, "steps_matched": 0, "near_ties": []}
+    failures = list(wrong)
     # The engine prepends its start token to the prompt text itself.
     if engine.bos_token_id is not None and prompt[:1] == [engine.bos_token_id]:
         prompt = prompt[1:]
-    text = engine.detokenize(prompt)
-    if engine.tokenize(text) != prompt:
-        metrics["failures"] = wrong + ["the prompt's text does not tokenize back to the prompt's ids with the "
-                                       "engine's tokenizer, so the engine cannot be given the same input"]
-        return metrics
-    session = engine.create_session(apply_prompt_template=False, max_output_tokens=case.steps,
+    start = 0
+    while True:
+        ids = prompt + want[:start]
+        text = engine.detokenize(ids)
+        if engine.tokenize(text) != ids:
+            if start == 0:
+                failures.append("the prompt's text does not tokenize back to the prompt's ids with the engine's "
+                                "tokenizer, so the engine cannot be given the same input")
+            else:  # BPE merges the prompt's end with the tied token: the rest cannot be given as text
+                metrics["unchecked_from"] = start
+            break
+        answer = _greedy_answer(engine, interfaces, text, len(want) - start)
+        ahead = want[start:]
+        matched = steps_matched(engine.detokenize, ahead, answer)
+        if start == 0:  # no speeds here: this lands in the manifest, whose bytes must not depend on the run
+            metrics["tokens"] = engine.tokenize(answer) if answer else []
+        metrics["steps_matched"] += matched
+        step, rest = start + matched, answer[len(engine.detokenize(ahead[:matched])):]
+        if rest and matched < len(ahead):  # the engine went on with text the reference's next token does not give
+            parted = engine.tokenize(rest)[0]
+            tie = _near_tie(expected, step, want[step], parted, noise)
+            if tie is None:
+                failures.append(f"the engine's greedy token {parted} at step {step} is not the reference's {want[step]}")
+                break
+            metrics["near_ties"].append(tie)
+            start = step + 1
+            if start < len(want):
+                continue
+        elif not rest and matched < len(ahead) and ahead[matched] not in stop_ids:
+            failures.append(f"the engine stopped after {step} tokens, where the reference's next token "
+                            f"{want[step]} is not a stop token {stop_ids}")
+        break
+    metrics["failures"] = failures
+    return metrics
+
+
+def _greedy_answer(engine, interfaces, text: str, steps: int) -> str:
+    session = engine.create_session(apply_prompt_template=False, max_output_tokens=steps,
                                     sampler_config=interfaces.SamplerConfig(top_k=1, top_p=1.0, temperature=1.0, seed=0))
     try:
         session.run_prefill([text])
-        answer = session.run_decode().texts[0]
+        return session.run_decode().texts[0]
     finally:
         session.close()
-    got = engine.tokenize(answer) if answer else []
-    matched = steps_matched(engine.detokenize, want, answer)
-    # No speeds here: this lands in the manifest, whose bytes must not depend on the run.
-    metrics.update({"tokens": got, "steps_matched": matched})
-    failures = list(wrong)
-    rest = answer[len(engine.detokenize(want[:matched])):]
-    if rest and matched < len(want):  # the engine went on with text the reference's next token does not give
-        parted = engine.tokenize(rest)[0]
-        tie = _near_tie(expected, matched, want[matched], parted, noise)
-        if tie:
-            metrics["near_tie"] = tie
-        else:
-            failures.append(f"the engine's greedy token {parted} at step {matched} is not the reference's "
-                            f"{want[matched]}")
-    elif not rest and matched < len(want) and want[matched] not in stop_ids:
-        failures.append(f"the engine stopped after {matched} tokens, where the reference's next token "
-                        f"{want[matched]} is not a stop token {stop_ids}")
-    metrics["failures"] = failures
-    return metrics
 
 
 def steps_matched(detokenize, want: list[int], answer: str) -> int:
@@ -152,9 +171,12 @@ def describe(fid: dict) -> str:
     for name, m in fid.get("cases", {}).items():
         if "steps_matched" in m:
             parts.append(f"{name}: {m['steps_matched']} of {m['steps']} greedy tokens (free-running)")
-        if m.get("near_tie"):
-            tie = m["near_tie"]
-            parts.append(f"then a near-tie at step {tie['step']} (the reference preferred its token by "
-                         f"{tie['reference_margin']:.3f}, within the .tflite's noise {tie['noise']:.3f})")
+        for tie in m.get("near_ties", []):
+            parts.append(f"a near-tie at step {tie['step']} (the reference preferred its token by "
+                         f"{tie['reference_margin']:.3f}, within the .tflite's noise {tie['noise']:.3f}; "
+                         "resumed from the reference's token)")
+        if "unchecked_from" in m:
+            parts.append(f"steps from {m['unchecked_from']} unchecked (the prompt and the reference's tokens "
+                         "do not tokenize back to themselves as text)")
     failures = [f for m in fid.get("cases", {}).values() for f in m.get("failures", [])]
     return ", ".join(parts) + ("; " + "; ".join(failures[:3]) if failures else "")

@@ -48,3 +48,76 @@ def test_the_engine_borrows_noise_only_from_a_case_the_interpreter_passed():
     assert interpreter_noise({"max_abs_diff": 40.0, "failures": ["logits max_abs_diff 40.0 > 3.0"]}) is None
     assert interpreter_noise({}) is None  # the interpreter never ran the case
 
+
+
+class _ScriptedEngine:
+    """The engine's text interface over one character a token (id = ord), answering each prompt
+    from a script: the judging rules on made-up answers, not the engine (tests/e2e/test_tflite.py
+    runs the real one)."""
+
+    bos_token_id = None
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers, self.prompts = answers, []
+
+    def tokenize(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return "".join(map(chr, ids))
+
+    def create_session(self, max_output_tokens: int, **_):
+        engine = self
+
+        class Session:
+            def run_prefill(self, texts):
+                engine.prompts.append(texts[0])
+                self.answer = engine.answers[texts[0]][:max_output_tokens]
+
+            def run_decode(self):
+                return type("Responses", (), {"texts": [self.answer]})
+
+            def close(self):
+                pass
+
+        return Session()
+
+
+def _judged(answers: dict[str, str], want: str, tied: dict[int, str], noise: float | None = 1.0):
+    """_judge on prompt "p" and the reference's greedy answer `want`, whose logits favour its own
+    token at every step by 5.0 except at the steps in `tied`, where the given token is 0.5 behind."""
+    import numpy as np
+
+    from edgepack.cases import Case, CaseOutput
+    from edgepack.exporters.tflite.litertlm_engine import _judge
+
+    logits = np.zeros((len(want), 128), np.float32)
+    for step, c in enumerate(want):
+        logits[step, ord(c)] = 5.0
+    for step, c in tied.items():
+        logits[step, ord(c)] = 4.5
+    engine = _ScriptedEngine(answers)
+    case = Case(name="greedy", kind="greedy", method="forward", inputs=(np.array([[ord("p")]]),), input_names=("tokens",),
+                steps=len(want))
+    expected = CaseOutput(("tokens", "logits"), (np.array([[ord(c) for c in want]]), logits[None]))
+    interfaces = type("Interfaces", (), {"SamplerConfig": lambda **_: None})
+    return _judge(engine, interfaces, case, expected, noise, stop_ids=[0], wrong=[]), engine.prompts
+
+
+def test_the_engine_check_resumes_after_a_near_tie_from_the_references_token():
+    """A near-tie at the first step used to end the comparison with 0 steps checked (the real
+    SmolLM2-135M's .litertlm, 2026-12-06): the engine is now given the reference's token and goes on,
+    and a later parting beyond the noise fails."""
+    metrics, prompts = _judged({"p": "xbcd", "pa": "bcd"}, "abcd", tied={0: "x"})
+    assert prompts == ["p", "pa"] and metrics["failures"] == []
+    assert metrics["steps_matched"] == 3 and [t["step"] for t in metrics["near_ties"]] == [0]
+
+    metrics, _ = _judged({"p": "xbcd", "pa": "bzd"}, "abcd", tied={0: "x"})  # z at step 2: not tied
+    assert metrics["steps_matched"] == 1 and metrics["failures"] == [
+        "the engine's greedy token 122 at step 2 is not the reference's 99"]
+
+    metrics, prompts = _judged({"p": "xbcd"}, "abcd", tied={0: "x"}, noise=None)  # no noise measured: strict
+    assert prompts == ["p"] and metrics["steps_matched"] == 0 and len(metrics["failures"]) == 1
+
+    metrics, prompts = _judged({"p": "abcd"}, "abcd", tied={})
+    assert prompts == ["p"] and metrics["steps_matched"] == 4 and metrics["failures"] == metrics["near_ties"] == []
