@@ -171,10 +171,12 @@ def describe(fid: dict) -> str:
     for name, m in fid.get("cases", {}).items():
         if "steps_matched" in m:
             parts.append(f"{name}: {m['steps_matched']} of {m['steps']} greedy tokens (free-running)")
-        for tie in m.get("near_ties", []):
-            parts.append(f"a near-tie at step {tie['step']} (the reference preferred its token by "
-                         f"{tie['reference_margin']:.3f}, within the .tflite's noise {tie['noise']:.3f}; "
-                         "resumed from the reference's token)")
+        ties = m.get("near_ties", [])
+        if ties:
+            margins = sorted(t["reference_margin"] for t in ties)
+            parts.append(f"near-ties at step {', '.join(str(t['step']) for t in ties)} (the reference preferred its "
+                         f"token by {margins[0]:.3f}" + (f" to {margins[-1]:.3f}" if len(ties) > 1 else "")
+                         + f", within the .tflite's noise {ties[0]['noise']:.3f}; each resumed from the reference's token)")
         if "unchecked_from" in m:
             parts.append(f"steps from {m['unchecked_from']} unchecked (the prompt and the reference's tokens "
                          "do not tokenize back to themselves as text)")

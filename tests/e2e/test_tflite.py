@@ -232,7 +232,19 @@ def test_litertlm_bundle_holds_the_model_tokenizer_and_stop_tokens(tflite_export
     [art] = manifest["artifacts"]
     assert art["runtime"]["litertlm"] == "tflite/model.litertlm"
     sections = read_litertlm((bundle / "tflite/model.litertlm").read_bytes())
-    assert sections["Section1_TFLiteModel_tf_lite_prefill_decode.tflite"] == (bundle / "tflite/model.tflite").read_bytes()
+    # the same model, its tokenizer packed once (the .litertlm's own section), not also inside the .tflite
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from edgepack.exporters.tflite.metadata import FACTS_FILE, read_metadata
+
+    inner, shipped = sections["Section1_TFLiteModel_tf_lite_prefill_decode.tflite"], (bundle / "tflite/model.tflite").read_bytes()
+    assert set(read_metadata(inner)["files"]) == {FACTS_FILE} and "tokenizer.json" in read_metadata(shipped)["files"]
+    assert len(shipped) - len(inner) >= (llama_dir / "tokenizer.json").stat().st_size
+    models = [flatbuffer_utils.read_model_from_bytearray(m) for m in (inner, shipped)]
+    weights = [[bytes(b.data) for i, b in enumerate(m.buffers) if b.data is not None and i not in {e.buffer for e in m.metadata}]
+               for m in models]
+    assert weights[0] == weights[1] and len(weights[0]) > 10
+    assert [len(g.operators) for g in models[0].subgraphs] == [len(g.operators) for g in models[1].subgraphs]
     packed = sections["Section2_HF_Tokenizer_Zlib.zlib"]  # 8-byte size, then zlib
     assert zlib.decompress(packed[8:]) == (llama_dir / "tokenizer.json").read_bytes()
     meta = text_format.Parse(sections["LlmMetadataProto.pbtext"].decode(), llm_metadata_pb2.LlmMetadata())

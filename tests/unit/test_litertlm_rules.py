@@ -111,6 +111,10 @@ def test_the_engine_check_resumes_after_a_near_tie_from_the_references_token():
     metrics, prompts = _judged({"p": "xbcd", "pa": "bcd"}, "abcd", tied={0: "x"})
     assert prompts == ["p", "pa"] and metrics["failures"] == []
     assert metrics["steps_matched"] == 3 and [t["step"] for t in metrics["near_ties"]] == [0]
+    from edgepack.exporters.tflite.litertlm_engine import describe
+
+    assert "3 of 4 greedy tokens (free-running), near-ties at step 0 (the reference preferred its token by 0.500" in \
+        describe({"passed": True, "cases": {"greedy": metrics}})
 
     metrics, _ = _judged({"p": "xbcd", "pa": "bzd"}, "abcd", tied={0: "x"})  # z at step 2: not tied
     assert metrics["steps_matched"] == 1 and metrics["failures"] == [
