@@ -131,16 +131,16 @@ def write_chart(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for r in report["rows"]:
         anchor = not r["artifact"].startswith("edgepack")
         label = (r["artifact"].split(" ")[0] + (f" {MIX}" if r["backend"] == "gguf" else "") if anchor
                  else f"edgepack {r['backend']}" + (", all int4" if "int4" in r["artifact"] else "")
                  + (f" {MIX}" if MIX in r["artifact"] else ""))
-        ax.scatter(r["bits_per_parameter"], r["increase_pct"], marker="s" if anchor else "o", s=60)
-        left = "int4" in r["artifact"]  # beside export_llm's point: written on the other side
-        ax.annotate(label, (r["bits_per_parameter"], r["increase_pct"]), fontsize=8, ha="right" if left else "left",
-                    xytext=(-6 if left else 6, 5), textcoords="offset points")
+        # several points nearly coincide (the two Q4_K_M files, the offset grids near 5 bits): a legend, not labels
+        ax.scatter(r["bits_per_parameter"], r["increase_pct"], marker="s" if anchor else "o", s=60, alpha=0.8,
+                   label=f"{label}: {r['bits_per_parameter']:.2f} bits, {r['increase_pct']:+.1f} %")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xlabel("file bits per parameter")
     ax.set_ylabel("perplexity over fp32 (%)")
     ax.set_title(f"{report['model']['name']}: 4-bit artifacts on the built-in text ({report['date']})")
