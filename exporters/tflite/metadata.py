@@ -116,7 +116,7 @@ def write_metadata(model: bytes, doc: ModelDoc) -> bytes:
     entry = schema.MetadataT()
     entry.name, entry.buffer = metadata.MetadataPopulator.METADATA_FIELD_NAME, len(tflite.buffers) - 1
     tflite.metadata = [m for m in tflite.metadata or [] if m.name != entry.name.encode()] + [entry]
-    out = io.BytesIO(bytes(flatbuffer_utils.convert_object_to_bytearray(share_quantization(tflite))))
+    out = io.BytesIO(bytes(pack_sharing_quantization(tflite)))
     out.seek(0, io.SEEK_END)
     with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as zf:
         for name, data in files.items():
@@ -174,14 +174,21 @@ def _content(value):
     return value
 
 
-def share_quantization(tflite):
-    """`tflite` (a ModelT), its tensors' quantization parameters made to pack as _SharedQuantization."""
+def pack_sharing_quantization(tflite) -> bytearray:
+    """`tflite` (a ModelT) as flatbuffer bytes, its tensors' quantization parameters packed as
+    _SharedQuantization (one memo of offsets for the one builder this packing uses); the ModelT is
+    left as it was."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
     memo: dict = {}
-    for graph in tflite.subgraphs:
-        for tensor in graph.tensors:
-            if tensor.quantization is not None:
-                tensor.quantization = _SharedQuantization(tensor.quantization, memo)
-    return tflite
+    tensors = [t for graph in tflite.subgraphs for t in graph.tensors if t.quantization is not None]
+    for tensor in tensors:
+        tensor.quantization = _SharedQuantization(tensor.quantization, memo)
+    try:
+        return flatbuffer_utils.convert_object_to_bytearray(tflite)
+    finally:
+        for tensor in tensors:
+            tensor.quantization = tensor.quantization.params
 
 
 def _module_path(location: str) -> str:

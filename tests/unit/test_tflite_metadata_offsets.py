@@ -12,6 +12,7 @@ import numpy as np
 from edgepack.exporters.tflite.metadata import (
     ModelDoc,
     TensorDoc,
+    pack_sharing_quantization,
     read_metadata,
     shorten_tensor_names,
     write_metadata,
@@ -131,3 +132,7 @@ def test_equal_quantization_is_stored_once():
         for t in g.tensors:
             name = t.name.decode()
             assert np.array_equal(t.quantization.scale, scales[name]) and not t.quantization.zeroPoint.any()
+    # the model object is left as it was: packed again, plainly or sharing, the same bytes
+    sharing = bytes(pack_sharing_quantization(model))
+    assert bytes(flatbuffer_utils.convert_object_to_bytearray(model)) == plain
+    assert bytes(pack_sharing_quantization(model)) == sharing and len(sharing) < len(plain)
