@@ -1,4 +1,4 @@
-"""The benchmark's chart: edgepack / export_llm ratios against issue 7's targets, and .pte sizes
+"""The benchmark's chart: edgepack / export_llm ratios against issue 18's targets, and .pte sizes
 against the ideal 4-bit size."""
 
 from __future__ import annotations

@@ -42,11 +42,12 @@ BITS_PER_WEIGHT = 4.5  # int4 plus one 16-bit scale per group of 32
 # edgepack's default offset grid keeps a 4-bit source's quality at a cost in size, lowering time
 # and speed that `make bench-quality` measures on the real model.
 EXECUTORCH_FLAGS = ("--executorch-grid", "symmetric")
-# Targets of issue 7, as edgepack / export_llm ratios: (metric, "min" | "max", bound).
+# Targets of issue 18 (issue 7 asked for parity: 1.0, 1.0, 0.8, 1.0), as edgepack / export_llm
+# ratios: (metric, "min" | "max", bound).
 TARGETS = (
-    ("decode_tokens_per_s", "min", 1.0),
-    ("prefill_tokens_per_s", "min", 1.0),
-    ("export_wall_s", "max", 0.8),
+    ("decode_tokens_per_s", "min", 1.15),
+    ("prefill_tokens_per_s", "min", 1.10),
+    ("export_wall_s", "max", 0.6),
     ("export_peak_rss_bytes", "max", 1.0),
 )
 
@@ -73,7 +74,7 @@ def run_measured(cmd: list[str], log: Path, cwd: Path = ROOT) -> Measured:
 
 
 def export_llm(model: BenchModel, out: Path, max_seq_len: int) -> tuple[Measured, Path]:
-    """ExecuTorch's own LLM export with the settings issue 7 names."""
+    """ExecuTorch's own LLM export with the settings issue 7 named (issue 18 keeps them)."""
     cmd = [sys.executable, "-m", "executorch.extension.llm.export.export_llm",
            "base.model_class=llama3_2", f"base.params={model.params}", f"base.checkpoint={model.checkpoint}",
            "model.use_kv_cache=True", "model.use_sdpa_with_kv_cache=True", "model.enable_dynamic_shape=True",
