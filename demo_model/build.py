@@ -108,8 +108,13 @@ def fit_to_corpus(model, tok: Tokenizer, steps: int, seed: int, seq_len: int = 6
 
 # Per family: the transformers config class and what differs from the shared tiny shape. Sliding
 # windows are shorter than the golden prompt plus its 16 steps, so the window logic is exercised.
+# Llama 3.x's rope (each frequency scaled by its own factor), with an original context short enough
+# that a tiny model's positions reach the scaled and the smoothed frequencies.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "llama3": ("LlamaConfig", {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 16, "tie_word_embeddings": True}),
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16}),
@@ -183,16 +188,16 @@ def fit_until_decisive(model, tok: Tokenizer, seed: int, max_steps: int, chunk: 
 
 def decoder_config(family: str = "llama", *, hidden_size: int = 64, intermediate_size: int = 128,
                    num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
-                   max_position_embeddings: int = 512, vocab_size: int = 512):
+                   max_position_embeddings: int = 512, vocab_size: int = 512, rope_parameters: dict | None = None):
     """The transformers config of a tiny `family` model (a DECODER_CONFIGS key), with the demo
-    tokenizer's special ids."""
+    tokenizer's special ids; `rope_parameters` in place of the family's default rope."""
     import transformers
 
     config_class, overrides = DECODER_CONFIGS[family]
     fields = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                   num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                   num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
-                  **SPECIAL_IDS)
+                  rope_parameters=rope_parameters, **SPECIAL_IDS)
     fields.update(overrides)
     return getattr(transformers, config_class)(**{k: v for k, v in fields.items() if v is not None})
 

@@ -91,9 +91,10 @@ class Arch:
     soft_caps: dict[str, bool] = field(default_factory=dict)  # SOFT_CAPS field -> capped even when the file sets none
     query_scalar: Callable[[ModelFacts], float] | None = None  # the config's query_pre_attn_scalar must equal it
     reads_output: bool = True  # False: the LM head is always token_embd (an untied head is refused)
+    reads_rope_freqs: bool = False  # the graph divides each rope frequency by the file's rope_freqs (Llama 3's rope)
 
 
-LLAMA = Arch("LLAMA", (INTERLEAVED_ROPE,))
+LLAMA = Arch("LLAMA", (INTERLEAVED_ROPE,), reads_rope_freqs=True)
 ARCHES = {
     "llama": LLAMA,
     "mistral": LLAMA,  # as llama.cpp's converter writes it: its LLAMA graph has no sliding window
@@ -113,6 +114,39 @@ def _ropes(facts: ModelFacts) -> dict[str | None, dict]:
     """The rope parameters by layer type where the config gives each its own (Gemma 3), else {None: them}."""
     rope = facts.rope or {}
     return {kind: p for kind, p in rope.items() if isinstance(p, dict)} or {None: rope}
+
+
+def _rope_type(rope: dict) -> str:
+    return rope.get("rope_type") or "default"
+
+
+def _rope_refusal(arch: Arch, facts: ModelFacts) -> str | None:
+    """Rope llama.cpp cannot compute from what the file can say. It computes base^(-2i/n_rot) from
+    the file's base and dimension count; a linear scaling divides every frequency by the file's
+    factor (global layers only: its sliding layers keep their own), and Llama 3's rope each by its
+    own, from a rope_freqs tensor that only some graphs read. The other types change with the
+    sequence length or scale attention (dynamic, yarn, longrope): not written yet."""
+    for kind, rope in _ropes(facts).items():
+        where, rope_type = f" on {kind} layers" if kind else "", _rope_type(rope)
+        if rope_type == "default" or (rope_type == "linear" and kind in (None, "full_attention")):
+            continue
+        if rope_type == "llama3" and kind is None:
+            if arch.reads_rope_freqs:
+                continue
+            return f"llama.cpp's {arch.name} graph reads no per-frequency rope factors (rope_freqs), which llama3 rope needs"
+        return f"rope type {rope_type!r}{where} is not written to GGUF yet (default, linear and llama3 rope only)"
+    return None
+
+
+def _rope_frequency_factors(module: torch.nn.Module, facts: ModelFacts) -> np.ndarray:
+    """What llama.cpp must divide each of its rope frequencies (base^(-2i/n_rot)) by to compute the
+    model's own: the model's rotary frequencies, as transformers computed them, into llama.cpp's."""
+    [rope] = _ropes(facts).values()
+    dims = int(facts.head_dim * rope.get("partial_rotary_factor", 1.0))
+    own = float(rope["rope_theta"]) ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
+    [inv_freq] = {id(m.inv_freq): m.inv_freq for m in module.modules()
+                  if isinstance(getattr(m, "inv_freq", None), torch.Tensor)}.values()
+    return (own / inv_freq.double().numpy()).astype(np.float32)
 
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
@@ -135,10 +169,8 @@ def _shape_refusal(loaded, quant: QuantSpec) -> str | None:
     if facts.family not in ARCHES:
         return (f"edgepack writes GGUF for the {', '.join(ARCHES)} families; {loaded.source} is {facts.family}")
     arch, config = ARCHES[facts.family], loaded.module.config.get_text_config()
-    for kind, rope in _ropes(facts).items():
-        if rope.get("rope_type", "default") not in ("default", None):
-            return (f"rope type {rope['rope_type']!r}{f' on {kind} layers' if kind else ''} is not written to GGUF yet "
-                    "(default rope only)")
+    if reason := _rope_refusal(arch, facts):
+        return reason
     window = facts.sliding_window
     if window is not None and window < facts.max_positions and any(facts.sliding_layers()) and not arch.sliding_window:
         return (f"llama.cpp's {arch.name} graph has no sliding window, and this model's layers attend only to the "
@@ -234,6 +266,9 @@ def quantize_tensors(work: _Work) -> None:
             work.stored[name] = torch.from_numpy(_relayout(work, name, gguf.quants.dequantize(data, qtype).astype(np.float32), back=True))
         work.tensors.append((target, np.ascontiguousarray(data), kind))
         work.hf_names[target] = name
+    if [_rope_type(rope) for rope in _ropes(facts).values()] == ["llama3"]:  # no parameter of the model
+        work.tensors.append((f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight",
+                             _rope_frequency_factors(hf, facts), "F32"))
 
 
 def record_reference(work: _Work) -> None:
@@ -270,6 +305,9 @@ def write_file(work: _Work) -> None:
         rope = ropes.get("full_attention", ropes.get(None))
         writer.add_rope_dimension_count(int(facts.head_dim * rope.get("partial_rotary_factor", 1.0)))
         writer.add_rope_freq_base(float(rope["rope_theta"]))
+        if _rope_type(rope) == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
     if arch.layer_norm:
         writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
     else:
@@ -323,10 +361,11 @@ def quantize_with_llama_cpp(work: _Work) -> None:
     gguf_runtime.quantize(work.path, mixed, LLAMA_CPP_MIXES[work.options.type])
     work.path, work.tensors, work.stored = mixed, [], {}
     for t in gguf.GGUFReader(mixed).tensors:
-        name = work.hf_names[t.name]
+        work.tensors.append((t.name, t.data, t.tensor_type.name))
+        if (name := work.hf_names.get(t.name)) is None:  # rope_freqs: not a parameter of the model
+            continue
         values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         values = _relayout(work, name, values.reshape([int(d) for d in reversed(t.shape)]), back=True)
-        work.tensors.append((t.name, t.data, t.tensor_type.name))
         work.stored[name] = torch.from_numpy(values)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from demo_model.build import LLAMA3_ROPE
 from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
 from edgepack.packaging.manifest import read_manifest
 from tests.conftest import SHORT_EVAL_TEXT, export_json, run_cli
@@ -380,8 +381,55 @@ def test_gpt2_conv1d_weights_are_stored_transposed_on_their_grid(tmp_path):
     assert _field(reader, "gpt2.rope.freq_base") is None and _field(reader, "gpt2.attention.layer_norm_rms_epsilon") is None
 
 
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+
+
+@pytest.mark.parametrize("family, rope", [("llama3", None), ("qwen2", LINEAR_ROPE)])
+def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope):
+    """A rope whose frequencies are scaled (Llama 3.x's; a linear scaling) is written as llama.cpp
+    reads it: Llama 3's factors as the rope_freqs tensor, the model's own frequencies (transformers')
+    into llama.cpp's base^(-2i/n), a linear scaling as the rope scaling keys. The scaling moves
+    this model's logits far outside the smoke's tolerance, so the smoke passing at every step shows
+    llama.cpp computes the scaled rope."""
+    import transformers
+
+    from demo_model.build import build_decoder_dir
+
+    model = build_decoder_dir(tmp_path / f"tiny-{family}", family, rope_parameters=rope)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
+    rope = hf.config.rope_parameters
+    unscaled = transformers.AutoModelForCausalLM.from_pretrained(
+        model, rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]}).eval()
+    ids = torch.arange(4, 36).reshape(1, -1)
+    with torch.no_grad():
+        moved = torch.nn.functional.cosine_similarity(hf(ids).logits[0], unscaled(ids).logits[0], dim=-1)
+    assert moved.min() < 0.95, moved  # what the smoke's 0.99 bound would catch
+
+    code, summary = export_json(str(model), "--target", "gguf", "--max-seq-len", "64", "--eval-text", str(SHORT_EVAL_TEXT),
+                                "--out", str(tmp_path / "out"))
+    assert code == 0, json.dumps(summary)[:3000]
+    bundle = tmp_path / "out" / model.name
+    greedy = read_manifest(bundle)["comparisons"]["lowering_fidelity"]["gguf"]["cases"]["greedy"]
+    assert greedy["steps_verified"] == 16 and not greedy["failures"] and greedy["min_cosine"] >= 0.99, greedy
+    reader, arch = _reader(bundle / "gguf" / "model.gguf"), hf.config.model_type
+    stored = _weights(bundle / "gguf" / "model.gguf")
+    if rope["rope_type"] == "llama3":
+        kind, factors = stored["rope_freqs.weight"]
+        inv_freq = hf.model.rotary_emb.inv_freq.double().numpy()
+        want = 10000.0 ** (-np.arange(0, 16, 2) / 16) / inv_freq
+        assert kind == "F32" and np.allclose(factors.reshape(-1), want, rtol=1e-6), (factors, want)
+        assert factors.max() == pytest.approx(8.0) and factors.min() < 8.0  # scaled and smoothed dimensions
+        assert _field(reader, f"{arch}.rope.scaling.type") is None
+    else:
+        assert "rope_freqs.weight" not in stored
+        assert _field(reader, f"{arch}.rope.scaling.type") == "linear" and _field(reader, f"{arch}.rope.scaling.factor") == 4.0
+
+
 @pytest.mark.parametrize("family, edit, reason", [
     ("mistral", {}, "llama.cpp's LLAMA graph has no sliding window, and this model's layers attend only to the last 16 of its 512 positions"),
+    ("qwen2", {"rope_parameters": LLAMA3_ROPE}, "llama.cpp's QWEN2 graph reads no per-frequency rope factors (rope_freqs)"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+     "rope type 'dynamic' is not written to GGUF yet (default, linear and llama3 rope only)"),
     ("gemma2", {"query_pre_attn_scalar": 32}, "llama.cpp's GEMMA2 graph scales queries by 1/sqrt(16) and reads no query_pre_attn_scalar; this model's is 32"),
     ("gemma2", {"attn_logit_softcapping": None}, "llama.cpp's GEMMA2 graph always soft-caps attention logits"),
 ])
