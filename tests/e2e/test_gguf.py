@@ -384,13 +384,14 @@ def test_gpt2_conv1d_weights_are_stored_transposed_on_their_grid(tmp_path):
 LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
 
 
-@pytest.mark.parametrize("family, rope", [("llama3", None), ("qwen2", LINEAR_ROPE)])
-def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope):
+@pytest.mark.parametrize("family, rope, gguf_type", [("llama3", None, "Q4_1"), ("llama3", None, "Q4_K_M"),
+                                                     ("qwen2", LINEAR_ROPE, "Q4_1")])
+def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope, gguf_type):
     """A rope whose frequencies are scaled (Llama 3.x's; a linear scaling) is written as llama.cpp
-    reads it: Llama 3's factors as the rope_freqs tensor, the model's own frequencies (transformers')
-    into llama.cpp's base^(-2i/n), a linear scaling as the rope scaling keys. The scaling moves
-    this model's logits far outside the smoke's tolerance, so the smoke passing at every step shows
-    llama.cpp computes the scaled rope."""
+    reads it: Llama 3's factors as the rope_freqs tensor (kept by llama.cpp's quantizer for
+    Q4_K_M), the model's own frequencies (transformers') into llama.cpp's base^(-2i/n), a linear
+    scaling as the rope scaling keys. The scaling moves this model's logits far outside the smoke's
+    tolerance, so the smoke passing at every step shows llama.cpp computes the scaled rope."""
     import transformers
 
     from demo_model.build import build_decoder_dir
@@ -405,8 +406,8 @@ def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope):
         moved = torch.nn.functional.cosine_similarity(hf(ids).logits[0], unscaled(ids).logits[0], dim=-1)
     assert moved.min() < 0.95, moved  # what the smoke's 0.99 bound would catch
 
-    code, summary = export_json(str(model), "--target", "gguf", "--max-seq-len", "64", "--eval-text", str(SHORT_EVAL_TEXT),
-                                "--out", str(tmp_path / "out"))
+    code, summary = export_json(str(model), "--target", "gguf", "--gguf-type", gguf_type, "--max-seq-len", "64",
+                                "--eval-text", str(SHORT_EVAL_TEXT), "--out", str(tmp_path / "out"))
     assert code == 0, json.dumps(summary)[:3000]
     bundle = tmp_path / "out" / model.name
     greedy = read_manifest(bundle)["comparisons"]["lowering_fidelity"]["gguf"]["cases"]["greedy"]
