@@ -143,18 +143,19 @@ def speed(backend: str, path: Path, artifact: dict, tokens: Path, prompt_len: in
     return {k: data[k] for k in data.files}
 
 
-def taking_turns(artifacts: dict[str, tuple[Path, dict]], tokens: Path, prompt_len: int, rounds: int, repeats: int,
-                 work: Path) -> dict[str, dict]:
-    """speed() of each ExecuTorch artifact in `rounds` processes of `repeats` counted runs, the
+def taking_turns(artifacts: dict[str, tuple[str, Path, dict]], tokens: Path, prompt_len: int, rounds: int,
+                 repeats: int, work: Path) -> dict[str, dict]:
+    """speed() of each (backend, file, artifact) in `rounds` processes of `repeats` counted runs, the
     artifacts taking turns and the first of a round going last in the next: on a shared host whose
-    pace drifts over minutes, each .pte's runs span the same minutes. The logits are the first round's."""
+    pace drifts over minutes, each file's runs span the same minutes. The logits are the first
+    round's, where the runtime gives them."""
     parts: dict[str, list[dict]] = {name: [] for name in artifacts}
     for turn in range(rounds):
         for name in (list(artifacts) if turn % 2 == 0 else list(reversed(artifacts))):
-            parts[name].append(speed("executorch", *artifacts[name], tokens, prompt_len, repeats, work))
+            parts[name].append(speed(*artifacts[name], tokens, prompt_len, repeats, work))
     return {name: {"prefill_tokens_per_s": np.concatenate([r["prefill_tokens_per_s"] for r in runs]),
                    "decode_tokens_per_s": np.concatenate([r["decode_tokens_per_s"] for r in runs]),
-                   "logits": runs[0]["logits"]} for name, runs in parts.items()}
+                   **({"logits": runs[0]["logits"]} if "logits" in runs[0] else {})} for name, runs in parts.items()}
 
 
 def litertlm_engine(work: Path, tokens: Path, max_seq_len: int, prompt_len: int, repeats: int,
@@ -335,8 +336,8 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool, engine: bo
     ref_artifact = {"backend": "executorch", "runtime": {"kernel_libraries": ["llm_custom_ops", "quantized"]}}
 
     ep_pte = ep_dir / model.name / et["path"]
-    speeds = taking_turns({"export_llm": (ref_pte, ref_artifact), "edgepack": (ep_pte, et)}, work / "tokens.npy",
-                          prompt_len, rounds, repeats_a_round, work)
+    speeds = taking_turns({"export_llm": ("executorch", ref_pte, ref_artifact), "edgepack": ("executorch", ep_pte, et)},
+                          work / "tokens.npy", prompt_len, rounds, repeats_a_round, work)
     results = {}
     for name, exported, path in (("export_llm", ref_export, ref_pte), ("edgepack", ep_export, ep_pte)):
         size = path.stat().st_size
