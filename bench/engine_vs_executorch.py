@@ -9,7 +9,7 @@ ExecuTorch runtime teacher-forced; the engine's own Benchmark at one thread a co
 taking turns in each round, the first of a round going last in the next. Writes
 bench/results/engine-vs-executorch-smollm2.json.
 
-  python -m bench.engine_vs_executorch [--rounds 5] [--work DIR]      (~35 min on 2 cores)"""
+  python -m bench.engine_vs_executorch [--rounds 5] [--work DIR]      (~20 min on 2 cores)"""
 
 from __future__ import annotations
 
@@ -21,10 +21,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
-
 from bench.real_model import DEFAULT_OUT, build
-from bench.run import ROOT, exported_once, git_commit, machine, taking_turns
+from bench.run import ROOT, exported_once, git_commit, machine, save_tokens, taking_turns
 from bench.speed import ENGINE_THREADS
 
 MAX_SEQ_LEN, PROMPT, DECODE, REPEATS = 512, 32, 64, 3
@@ -48,7 +46,7 @@ def run(rounds: int, work: Path) -> dict:
     model_dir = build(ROOT / DEFAULT_OUT)
     files = {(grid, runtime): entry for grid in GRIDS for runtime, entry in exported(model_dir, work, grid).items()}
     tokens = work / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(0, 49152, PROMPT + DECODE))
+    save_tokens(tokens, PROMPT + DECODE)
     # the same tokens for every file: the ExecuTorch runtime is teacher-forced on them, the engine
     # (which takes no token values) decodes as many
     speeds = taking_turns({key: (key[1], *entry) for key, entry in files.items()}, tokens, PROMPT, rounds, REPEATS, work)

@@ -24,7 +24,7 @@ import numpy as np
 
 from bench.quality import DECODE_STEPS, MAX_SEQ_LEN, PROMPT_LEN, REPEATS, eval_text
 from bench.real_model import DEFAULT_OUT, build
-from bench.run import ROOT, exported_once, git_commit, machine
+from bench.run import ROOT, exported_once, git_commit, machine, save_tokens
 
 # edgepack's folders: the default (the offset grid) and the builder's own grid (symmetric blocks)
 EDGEPACK = {"edgepack": [], "edgepack_symmetric": ["--onnx-grid", "symmetric"]}
@@ -92,7 +92,7 @@ def run(work: Path, rounds: int) -> dict:
     folders = {**{name: work / name / "smollm2" / "onnx" for name in EDGEPACK},
                "builder": builder(hf_dir, work / "builder" / "model")}
     tokens = work / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(3, 49152, size=PROMPT_LEN + DECODE_STEPS).astype(np.int64))
+    save_tokens(tokens, PROMPT_LEN + DECODE_STEPS)
     runs: dict[str, dict[str, list]] = {k: {"prefill_tokens_per_s": [], "decode_tokens_per_s": []} for k in folders}
     for _ in range(rounds):  # interleaved: a busy moment slows both, not one
         for name, folder in folders.items():

@@ -30,7 +30,7 @@ import numpy as np
 from bench.llama_cpp_anchor import MIX, convert_and_quantize
 from bench.models import from_hf_dir
 from bench.real_model import DEFAULT_OUT, build
-from bench.run import ROOT, export_llm, exported_once, git_commit, machine, speed
+from bench.run import ROOT, export_llm, exported_once, git_commit, machine, save_tokens, speed
 
 MAX_SEQ_LEN, PROMPT_LEN, DECODE_STEPS, REPEATS = 512, 32, 64, 3
 EXPORT_LLM_ARTIFACT = {"backend": "executorch", "runtime": {"kernel_libraries": ["llm_custom_ops", "quantized"]}}
@@ -79,7 +79,7 @@ def run(work: Path, out_dir: Path) -> dict:
         if ref_export.returncode:
             raise SystemExit(f"export_llm failed (exit {ref_export.returncode}); see {ref_export.log}")
     tokens = work / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(3, 49152, size=PROMPT_LEN + DECODE_STEPS).astype(np.int64))
+    save_tokens(tokens, PROMPT_LEN + DECODE_STEPS)
 
     gguf = convert_and_quantize(model_dir, work / "llama.cpp")
     rows = [row("export_llm 8da4w g32, embeddings 4,32", "executorch", ref_pte, ref_pte.stat().st_size, EXPORT_LLM_ARTIFACT,

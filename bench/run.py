@@ -143,6 +143,14 @@ def speed(backend: str, path: Path, artifact: dict, tokens: Path, prompt_len: in
     return {k: data[k] for k in data.files}
 
 
+def save_tokens(path: Path, count: int, vocab: int = 49152) -> np.ndarray:
+    """`count` random token ids past the special ids (0-2) of a `vocab`-row model, the same on every
+    run (seed 0), saved to `path` for bench.speed; returned."""
+    tokens = np.random.default_rng(0).integers(3, vocab, size=count).astype(np.int64)
+    np.save(path, tokens)
+    return tokens
+
+
 def taking_turns(artifacts: dict[str, tuple[str, Path, dict]], tokens: Path, prompt_len: int, rounds: int,
                  repeats: int, work: Path) -> dict[str, dict]:
     """speed() of each (backend, file, artifact) in `rounds` processes of `repeats` counted runs, the
@@ -318,9 +326,7 @@ def run(quick: bool, out_dir: Path, work: Path, other_backends: bool, engine: bo
     rounds, repeats_a_round = (2, 2) if quick else (5, 3)  # the two .pte files' turns (taking_turns)
     print(f"building the {'quick' if quick else 'S135'} model in {work}", flush=True)
     model = build(work, quick)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(3, 2048 if quick else 49152, size=prompt_len + steps).astype(np.int64)
-    np.save(work / "tokens.npy", tokens)
+    tokens = save_tokens(work / "tokens.npy", prompt_len + steps, 2048 if quick else 49152)
     fp32 = fp32_logits(model, tokens, prompt_len)
     ideal = model.n_params * BITS_PER_WEIGHT / 8
     ideal_untied = (model.n_params + model.embedding_params) * BITS_PER_WEIGHT / 8

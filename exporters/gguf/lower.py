@@ -120,6 +120,11 @@ def _rope_type(rope: dict) -> str:
     return rope.get("rope_type") or "default"
 
 
+def _rope_dims(facts: ModelFacts, rope: dict) -> int:
+    """The head dimensions rope turns (llama.cpp's n_rot): all of them but for partial rotary."""
+    return int(facts.head_dim * rope.get("partial_rotary_factor", 1.0))
+
+
 def _rope_refusal(arch: Arch, facts: ModelFacts) -> str | None:
     """Rope llama.cpp cannot compute from what the file can say. It computes base^(-2i/n_rot) from
     the file's base and dimension count; a linear scaling divides every frequency by the file's
@@ -142,7 +147,7 @@ def _rope_frequency_factors(module: torch.nn.Module, facts: ModelFacts) -> np.nd
     """What llama.cpp must divide each of its rope frequencies (base^(-2i/n_rot)) by to compute the
     model's own: the model's rotary frequencies, as transformers computed them, into llama.cpp's."""
     [rope] = _ropes(facts).values()
-    dims = int(facts.head_dim * rope.get("partial_rotary_factor", 1.0))
+    dims = _rope_dims(facts, rope)
     own = float(rope["rope_theta"]) ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
     [inv_freq] = {id(m.inv_freq): m.inv_freq for m in module.modules()
                   if isinstance(getattr(m, "inv_freq", None), torch.Tensor)}.values()
@@ -303,7 +308,7 @@ def write_file(work: _Work) -> None:
     ropes = _ropes(facts)
     if facts.rope:  # rotary families (GPT-2 learns its positions)
         rope = ropes.get("full_attention", ropes.get(None))
-        writer.add_rope_dimension_count(int(facts.head_dim * rope.get("partial_rotary_factor", 1.0)))
+        writer.add_rope_dimension_count(_rope_dims(facts, rope))
         writer.add_rope_freq_base(float(rope["rope_theta"]))
         if _rope_type(rope) == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
