@@ -23,7 +23,7 @@ import torch
 from edgepack.errors import InputError
 from edgepack.exporters.mixed_precision import INT8
 from edgepack.exporters.tokenizer import encode
-from edgepack.exporters.weights import OffsetGrid, Rounding, fake_quantize
+from edgepack.exporters.weights import OffsetGrid, Rounding, fake_quantize, row_slices
 from edgepack.packaging.quality import DEFAULT_BITS_PER_WEIGHT
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import CapturedModel
@@ -99,8 +99,7 @@ def _plan_on_grid(spec: QuantSpec, units: list, fisher: list[torch.Tensor], grid
         if wq.bits != 4:
             continue
         w = weight.detach().float()
-        cost4 = 0.5 * float((f * (fake_quantize(w, wq, four.rounding) - w) ** 2).sum())
-        cost8 = 0.5 * float((f * (fake_quantize(w, INT8, EIGHT) - w) ** 2).sum())
+        cost4, cost8 = _rounding_cost(w, f, wq, four.rounding), _rounding_cost(w, f, INT8, EIGHT)
         extra = w.numel() * (stored_bits(INT8, w.shape[1], grid) - stored_bits(wq, w.shape[1], grid))
         candidates.append((names, cost4, cost8, extra))
     spare = budget * numel - total_bits
@@ -128,6 +127,13 @@ def _plan_on_grid(spec: QuantSpec, units: list, fisher: list[torch.Tensor], grid
     return spec.with_overrides({n: INT8 for n in chosen}, plan)
 
 
+def _rounding_cost(w: torch.Tensor, f: torch.Tensor, wq: WeightQuant, rounding) -> float:
+    """F·d²/2 summed over the weight, d its rounding error, a slice of rows at a time: whole, a 1B
+    model's tied table (1 GiB in float32) took three GiB of temporaries."""
+    return 0.5 * sum(float((f[rows] * (fake_quantize(w[rows], wq, rounding) - w[rows]) ** 2).sum())
+                     for rows in row_slices(*w.shape))
+
+
 def _chunks(captured: CapturedModel, texts: list[str]) -> list[torch.Tensor]:
     """The calibration texts as one token stream, cut into chunks the model's positions allow."""
     ids = [i for text in texts for i in encode(captured.loaded.tokenizer, text + "\n")]
@@ -141,12 +147,23 @@ def _fisher(model: torch.nn.Module, chunks: list[torch.Tensor], weights: list[to
     over chunks. The model's own parameters are left as they were (no .grad, same requires_grad)."""
     flags = [w.requires_grad for w in weights]
     fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    table = next((f for w, f in zip(weights, fisher)
+                  if isinstance(embedding, torch.nn.Embedding) and w is embedding.weight), None)
+    lookups = []
 
     def add_squared_gradient(f: torch.Tensor):
         def hook(w: torch.Tensor) -> None:
-            f.add_(w.grad.float() ** 2)
+            if f is table:  # its lookup's share comes after backward (_add_table_gradient)
+                return
+            g = w.grad.float()
+            f.addcmul_(g, g)
             w.grad = None
         return hook
+
+    def lookup_as_leaf(module, args, out: torch.Tensor) -> torch.Tensor:
+        lookups.append((args, leaf := out.detach().requires_grad_(True)))
+        return leaf
 
     # Each weight's gradient is squared into its sum as soon as backward completes it, then let
     # go: one weight's gradient alive at a time, not the model's (5 GB more on a 1B model).
@@ -154,10 +171,14 @@ def _fisher(model: torch.nn.Module, chunks: list[torch.Tensor], weights: list[to
     try:
         for w, f in zip(weights, fisher):
             hooks.append(w.requires_grad_(True).register_post_accumulate_grad_hook(add_squared_gradient(f)))
+        if table is not None:
+            hooks.append(embedding.register_forward_hook(lookup_as_leaf))
         with torch.enable_grad():
             for chunk in chunks:
                 logits = model(input_ids=chunk, use_cache=False).logits[0, :-1].float()
                 torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").backward()
+                if table is not None:
+                    _add_table_gradient(embedding, *lookups.pop(), table)
     finally:
         for hook in hooks:
             hook.remove()
@@ -165,3 +186,25 @@ def _fisher(model: torch.nn.Module, chunks: list[torch.Tensor], weights: list[to
             w.requires_grad_(flag)
             w.grad = None
     return fisher
+
+
+def _add_table_gradient(embedding: torch.nn.Embedding, args: tuple, lookup: torch.Tensor, f: torch.Tensor) -> None:
+    """Adds the embedding table's squared gradient to `f`: its lookup's share, taken as the rows the
+    chunk looked up (backward through the lookup makes a dense table-sized gradient, and adding it
+    to a tied LM head's another: 2 GiB more at a 1B model's 128k x 2048 table), plus the LM head's
+    share where the table is tied (its gradient, kept by the hook)."""
+    weight, sparse = embedding.weight, embedding.sparse
+    embedding.sparse = True
+    try:
+        (rows,) = torch.autograd.grad(embedding.forward(*args), weight, lookup.grad)  # forward: not the hook
+    finally:
+        embedding.sparse = sparse
+    rows = rows.coalesce()
+    index, values = rows.indices()[0], rows.values().float()
+    if weight.grad is None:  # untied: the lookup is the table's only use
+        f.index_add_(0, index, values ** 2)
+        return
+    g = weight.grad.float()
+    g.index_add_(0, index, values)
+    f.addcmul_(g, g)  # in place: g ** 2 would be another table-sized tensor
+    weight.grad = None

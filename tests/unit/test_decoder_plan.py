@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from demo_model.build import decoder_config
 from edgepack.exporters.capture import CaptureOptions, capture
-from edgepack.exporters.decoder_precision import _chunks, plan_decoder_precision, stored_bits
+from edgepack.exporters.decoder_precision import _chunks, _fisher, plan_decoder_precision, stored_bits
 from edgepack.exporters.mixed_precision import INT8, read_calibration
 from edgepack.exporters.sources import load_source
 from edgepack.exporters.weights import OffsetGrid, Rounding, fake_quantize, weight_only_reference
@@ -118,3 +119,34 @@ def test_each_grid_is_planned_at_its_own_bits_and_a_source_on_the_offset_grid_st
     on_grid = plan_decoder_precision(captured, INT4, *read_calibration(None), 8.5, ("offset", "symmetric"))
     assert not on_grid["offset"].overrides and on_grid["symmetric"].overrides
     assert on_grid["offset"].plan["estimated_loss_all_int4"] < 1e-3 * on_grid["symmetric"].plan["estimated_loss_all_int4"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "phi3"])  # a tied table, a tied one scaled, an untied one
+def test_squared_gradients_match_autograd_with_the_table_lookup_taken_sparse(family):
+    """_fisher takes the embedding lookup's share of the table's gradient as the looked-up rows (a
+    dense table-sized gradient cost a 1B model 2 GiB); the sums are what plain autograd gives."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(decoder_config(family)).eval()
+    weights = [p for p in model.parameters() if p.dim() == 2]  # the table (and an untied head) included
+    model.requires_grad_(False)  # as loaded
+    table = model.get_input_embeddings().weight
+    assert any(w is table for w in weights) and (model.get_output_embeddings().weight is table) == (family != "phi3")
+    chunks = [torch.randint(0, 512, (1, 24)) for _ in range(3)]
+    chunks[0][0, :4] = 7  # a row looked up more than once in a chunk
+    expected = [torch.zeros_like(w) for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    for chunk in chunks:
+        logits = model(input_ids=chunk, use_cache=False).logits[0, :-1]
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"), weights)
+        for e, g in zip(expected, grads):
+            e += g ** 2
+    model.requires_grad_(False)
+    fisher = _fisher(model, chunks, weights)
+    for w, f, e in zip(weights, fisher, expected):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-10 * float(e.max()))
+    assert float(fisher[[w is table for w in weights].index(True)].sum()) > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert not model.get_input_embeddings()._forward_hooks and not model.get_input_embeddings().sparse
