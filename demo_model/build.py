@@ -7,6 +7,7 @@ bundled corpus, and writes them as ordinary Hugging Face model directories.
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -112,6 +113,12 @@ def fit_to_corpus(model, tok: Tokenizer, steps: int, seed: int, seq_len: int = 6
 # that a tiny model's positions reach the scaled and the smoothed frequencies.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+# Phi-3.5's LongRoPE at the tiny models' scale: 8 frequencies (head_dim 16), 256 original positions
+# of 512, cos/sin scaled by sqrt(1 + ln 16 / ln 256) (Phi-3.5's by 1.19). Exports within 256
+# positions (the context llama.cpp rounds theirs up to) use the short factors.
+PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256, "factor": 16.0,
+                 "short_factor": [1.0, 1.2, 1.6, 2.2, 3.0, 4.5, 6.0, 8.0],
+                 "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0]}
 DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {"tie_word_embeddings": True}),
     "llama3": ("LlamaConfig", {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}),
@@ -121,6 +128,7 @@ DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
                                     "layer_types": ["sliding_attention", "full_attention"]}),
     "phi3": ("Phi3Config", {"tie_word_embeddings": False}),
+    "phi3_longrope": ("Phi3Config", {"tie_word_embeddings": False, "rope_parameters": PHI3_LONGROPE}),
     "mistral": ("MistralConfig", {"sliding_window": 16}),
     "gpt2": ("GPT2Config", {"num_key_value_heads": None}),  # None: the config has no such field
 }
@@ -199,7 +207,10 @@ def decoder_config(family: str = "llama", *, hidden_size: int = 64, intermediate
                   num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
                   rope_parameters=rope_parameters, **SPECIAL_IDS)
     fields.update(overrides)
-    return getattr(transformers, config_class)(**{k: v for k, v in fields.items() if v is not None})
+    config = getattr(transformers, config_class)
+    if "original_max_position_embeddings" in inspect.signature(config).parameters:  # Phi-3's own field wins over the rope's
+        fields["original_max_position_embeddings"] = (fields["rope_parameters"] or {}).get("original_max_position_embeddings")
+    return config(**{k: v for k, v in fields.items() if v is not None})
 
 
 SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": [1, 2], "pad_token_id": 3}

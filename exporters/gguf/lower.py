@@ -91,16 +91,16 @@ class Arch:
     soft_caps: dict[str, bool] = field(default_factory=dict)  # SOFT_CAPS field -> capped even when the file sets none
     query_scalar: Callable[[ModelFacts], float] | None = None  # the config's query_pre_attn_scalar must equal it
     reads_output: bool = True  # False: the LM head is always token_embd (an untied head is refused)
-    reads_rope_freqs: bool = False  # the graph divides each rope frequency by the file's rope_freqs (Llama 3's rope)
+    rope_tables: tuple[str, ...] = ()  # rope types whose per-frequency factors the graph reads from tensors (ROPE_TABLES)
 
 
-LLAMA = Arch("LLAMA", (INTERLEAVED_ROPE,), reads_rope_freqs=True)
+LLAMA = Arch("LLAMA", (INTERLEAVED_ROPE,), rope_tables=("llama3", "longrope"))
 ARCHES = {
     "llama": LLAMA,
     "mistral": LLAMA,  # as llama.cpp's converter writes it: its LLAMA graph has no sliding window
     "qwen2": Arch("QWEN2"),
     "qwen3": Arch("QWEN3"),
-    "phi3": Arch("PHI3"),  # fused qkv_proj and gate_up_proj: gguf's name map makes them attn_qkv and ffn_up
+    "phi3": Arch("PHI3", rope_tables=("longrope",)),  # fused qkv_proj and gate_up_proj: gguf's name map makes them attn_qkv and ffn_up
     "gemma2": Arch("GEMMA2", (PLUS_ONE_NORMS,), sliding_window=True, query_scalar=_gemma_query_scalar(46),
                    soft_caps={"attn_logit_softcapping": True, "final_logit_softcapping": True}, reads_output=False),
     "gemma3": Arch("GEMMA3", (PLUS_ONE_NORMS,), sliding_window=True, query_scalar=_gemma_query_scalar(62),
@@ -125,22 +125,45 @@ def _rope_dims(facts: ModelFacts, rope: dict) -> int:
     return int(facts.head_dim * rope.get("partial_rotary_factor", 1.0))
 
 
-def _rope_refusal(arch: Arch, facts: ModelFacts) -> str | None:
+# Rope whose frequencies differ each from base^(-2i/n_rot), written as tensors of per-frequency
+# divisors: Llama 3's one table (rope_freqs), LongRoPE's two (llama.cpp takes the long one where
+# the app's context exceeds the model's original length, the short one otherwise, as transformers
+# does by the sequence's length).
+ROPE_TABLES = {"llama3": "rope_freqs", "longrope": "rope_factors_long and rope_factors_short"}
+
+
+def _rope_refusal(arch: Arch, facts: ModelFacts, max_seq_len: int | None = None) -> str | None:
     """Rope llama.cpp cannot compute from what the file can say. It computes base^(-2i/n_rot) from
     the file's base and dimension count; a linear scaling divides every frequency by the file's
-    factor (global layers only: its sliding layers keep their own), and Llama 3's rope each by its
-    own, from a rope_freqs tensor that only some graphs read. The other types change with the
-    sequence length or scale attention (dynamic, yarn, longrope): not written yet."""
+    factor (global layers only: its sliding layers keep their own); Llama 3's rope and LongRoPE
+    divide each by its own, from tensors only some graphs read. The other types change with the
+    sequence length or blend frequencies (dynamic, yarn): not written yet."""
     for kind, rope in _ropes(facts).items():
         where, rope_type = f" on {kind} layers" if kind else "", _rope_type(rope)
         if rope_type == "default" or (rope_type == "linear" and kind in (None, "full_attention")):
             continue
-        if rope_type == "llama3" and kind is None:
-            if arch.reads_rope_freqs:
-                continue
-            return f"llama.cpp's {arch.name} graph reads no per-frequency rope factors (rope_freqs), which llama3 rope needs"
-        return f"rope type {rope_type!r}{where} is not written to GGUF yet (default, linear and llama3 rope only)"
+        if rope_type in ROPE_TABLES and kind is None:
+            if rope_type not in arch.rope_tables:
+                return (f"llama.cpp's {arch.name} graph reads no per-frequency rope factors ({ROPE_TABLES[rope_type]}), "
+                        f"which {rope_type} rope needs")
+            original = rope.get("original_max_position_embeddings")
+            if rope_type == "longrope" and max_seq_len and original and _llama_cpp_context(max_seq_len) > original:
+                return (f"longrope with --max-seq-len {max_seq_len} over the model's original {original} positions (llama.cpp "
+                        f"rounds a context up to a multiple of {LLAMA_CPP_CONTEXT_STEP}): llama.cpp then turns every "
+                        f"position by the long factors, where the model turns the first {original} by the short ones, so "
+                        f"the file cannot be checked against the model at this length; give --max-seq-len "
+                        f"{original // LLAMA_CPP_CONTEXT_STEP * LLAMA_CPP_CONTEXT_STEP} or less (an app may still run it "
+                        f"at a longer context)")
+            continue
+        return f"rope type {rope_type!r}{where} is not written to GGUF yet (default, linear, llama3 and longrope only)"
     return None
+
+
+LLAMA_CPP_CONTEXT_STEP = 256  # llama_context rounds n_ctx up to a multiple of it (GGML_PAD)
+
+
+def _llama_cpp_context(n_ctx: int) -> int:
+    return -(-n_ctx // LLAMA_CPP_CONTEXT_STEP) * LLAMA_CPP_CONTEXT_STEP
 
 
 def _rope_frequency_factors(module: torch.nn.Module, facts: ModelFacts) -> np.ndarray:
@@ -149,9 +172,29 @@ def _rope_frequency_factors(module: torch.nn.Module, facts: ModelFacts) -> np.nd
     [rope] = _ropes(facts).values()
     dims = _rope_dims(facts, rope)
     own = float(rope["rope_theta"]) ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
-    [inv_freq] = {id(m.inv_freq): m.inv_freq for m in module.modules()
-                  if isinstance(getattr(m, "inv_freq", None), torch.Tensor)}.values()
-    return (own / inv_freq.double().numpy()).astype(np.float32)
+    return (own / _rotary(module).inv_freq.double().numpy()).astype(np.float32)
+
+
+def _rotary(module: torch.nn.Module) -> torch.nn.Module:
+    """The model's one rotary embedding (transformers': inv_freq and attention_scaling)."""
+    [rotary] = {id(m.inv_freq): m for m in module.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)}.values()
+    return rotary
+
+
+def _rope_tensors(module: torch.nn.Module, facts: ModelFacts) -> list[tuple[str, np.ndarray]]:
+    """The rope tables a scaled rope needs, by gguf tensor name (none for the other types)."""
+    import gguf
+
+    ropes = list(_ropes(facts).values())
+    kinds = [_rope_type(rope) for rope in ropes]
+    if kinds == ["llama3"]:
+        tables = {gguf.MODEL_TENSOR.ROPE_FREQS: _rope_frequency_factors(module, facts)}
+    elif kinds == ["longrope"]:
+        tables = {gguf.MODEL_TENSOR.ROPE_FACTORS_LONG: np.asarray(ropes[0]["long_factor"], np.float32),
+                  gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT: np.asarray(ropes[0]["short_factor"], np.float32)}
+    else:
+        tables = {}
+    return [(f"{gguf.TENSOR_NAMES[tensor]}.weight", values) for tensor, values in tables.items()]
 
 
 def refusal(loaded, quant: QuantSpec) -> str | None:
@@ -234,7 +277,8 @@ def _relayout(work: _Work, name: str, values: np.ndarray, *, back: bool = False)
 
 def read_architecture(work: _Work) -> None:
     loaded = work.captured.loaded
-    reason = _shape_refusal(loaded, work.quant) or _type_refusal(work.quant, work.options)
+    reason = (_shape_refusal(loaded, work.quant) or _type_refusal(work.quant, work.options)
+              or _rope_refusal(ARCHES[loaded.facts.family], loaded.facts, work.captured.llm_metadata["get_max_seq_len"]))
     if reason:
         raise InputError(f"gguf: {reason}", hint="leave gguf out of --target")
     work.arch = ARCHES[loaded.facts.family]
@@ -271,9 +315,7 @@ def quantize_tensors(work: _Work) -> None:
             work.stored[name] = torch.from_numpy(_relayout(work, name, gguf.quants.dequantize(data, qtype).astype(np.float32), back=True))
         work.tensors.append((target, np.ascontiguousarray(data), kind))
         work.hf_names[target] = name
-    if [_rope_type(rope) for rope in _ropes(facts).values()] == ["llama3"]:  # no parameter of the model
-        work.tensors.append((f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight",
-                             _rope_frequency_factors(hf, facts), "F32"))
+    work.tensors += [(name, values, "F32") for name, values in _rope_tensors(hf, facts)]  # no parameters of the model
 
 
 def record_reference(work: _Work) -> None:
@@ -313,6 +355,9 @@ def write_file(work: _Work) -> None:
         if _rope_type(rope) == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope["factor"]))
+        if _rope_type(rope) == "longrope":  # the length that picks the table, and cos/sin's scale
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+            writer.add_rope_scaling_attn_factors(float(_rotary(work.captured.module).attention_scaling))
     if arch.layer_norm:
         writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
     else:

@@ -277,3 +277,16 @@ def test_palettes_beside_int8_layers_replay_their_read_back_reference(bert_dir, 
     for case in captured.cases:
         metrics = compare(artifact.reference.outputs[case.name], run_case(case, call))
         assert metrics["min_cosine"] >= 0.999 and not within(metrics, captured.tolerance), (case.name, metrics)
+
+
+def test_longrope_past_its_original_length_is_refused(tmp_path):
+    """LongRoPE switches to its long factors past the original length by a buffer update CoreML
+    cannot convert; within it the export reads the short ones (the coverage matrix's phi3_longrope
+    row), past it the export says what to give instead."""
+    from demo_model.build import build_decoder_dir
+
+    model = build_decoder_dir(tmp_path / "tiny-phi3", "phi3_longrope", max_train_steps=0)
+    result = run_cli("export", model, "--target", "coreml", "--max-seq-len", "257", "--out", tmp_path / "out")
+    stderr = " ".join(result.stderr.split())
+    assert result.exit_code == 1 and "LongRoPE past the model's original 256 positions (--max-seq-len 257)" in stderr, stderr
+    assert "give --max-seq-len 256 or less" in stderr and not (tmp_path / "out" / model.name).exists()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from demo_model.build import LLAMA3_ROPE
+from demo_model.build import LLAMA3_ROPE, PHI3_LONGROPE
 from edgepack.exporters.gguf.vocab import GgufVocab, read_vocab, write_vocab
 from edgepack.packaging.manifest import read_manifest
 from tests.conftest import SHORT_EVAL_TEXT, export_json, run_cli
@@ -382,16 +382,16 @@ def test_gpt2_conv1d_weights_are_stored_transposed_on_their_grid(tmp_path):
 
 
 LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
-
-
 @pytest.mark.parametrize("family, rope, gguf_type", [("llama3", None, "Q4_1"), ("llama3", None, "Q4_K_M"),
-                                                     ("qwen2", LINEAR_ROPE, "Q4_1")])
+                                                     ("qwen2", LINEAR_ROPE, "Q4_1"), ("phi3_longrope", None, "Q4_1")])
 def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope, gguf_type):
-    """A rope whose frequencies are scaled (Llama 3.x's; a linear scaling) is written as llama.cpp
-    reads it: Llama 3's factors as the rope_freqs tensor (kept by llama.cpp's quantizer for
-    Q4_K_M), the model's own frequencies (transformers') into llama.cpp's base^(-2i/n), a linear
-    scaling as the rope scaling keys. The scaling moves this model's logits far outside the smoke's
-    tolerance, so the smoke passing at every step shows llama.cpp computes the scaled rope."""
+    """A rope whose frequencies are scaled (Llama 3.x's; a linear scaling; Phi-3.5's LongRoPE) is
+    written as llama.cpp reads it: Llama 3's factors as the rope_freqs tensor (kept by llama.cpp's
+    quantizer for Q4_K_M), the model's own frequencies (transformers') into llama.cpp's
+    base^(-2i/n); a linear scaling as the rope scaling keys; LongRoPE's two tables as tensors, with
+    the original length and the attention factor as keys. The scaling moves this model's logits far
+    outside the smoke's tolerance, so the smoke passing at every step shows llama.cpp computes the
+    scaled rope."""
     import transformers
 
     from demo_model.build import build_decoder_dir
@@ -421,6 +421,13 @@ def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope, gg
         assert kind == "F32" and np.allclose(factors.reshape(-1), want, rtol=1e-6), (factors, want)
         assert factors.max() == pytest.approx(8.0) and factors.min() < 8.0  # scaled and smoothed dimensions
         assert _field(reader, f"{arch}.rope.scaling.type") is None
+    elif rope["rope_type"] == "longrope":
+        for table in ("long", "short"):
+            kind, factors = stored[f"rope_factors_{table}.weight"]
+            assert kind == "F32" and np.array_equal(factors.reshape(-1), np.float32(PHI3_LONGROPE[f"{table}_factor"]))
+        assert _field(reader, f"{arch}.rope.scaling.original_context_length") == 256
+        assert _field(reader, f"{arch}.rope.scaling.attn_factor") == pytest.approx(1.5 ** 0.5)
+        assert _field(reader, f"{arch}.context_length") == 512 and "rope_freqs.weight" not in stored
     else:
         assert "rope_freqs.weight" not in stored
         assert _field(reader, f"{arch}.rope.scaling.type") == "linear" and _field(reader, f"{arch}.rope.scaling.factor") == 4.0
@@ -430,7 +437,9 @@ def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope, gg
     ("mistral", {}, "llama.cpp's LLAMA graph has no sliding window, and this model's layers attend only to the last 16 of its 512 positions"),
     ("qwen2", {"rope_parameters": LLAMA3_ROPE}, "llama.cpp's QWEN2 graph reads no per-frequency rope factors (rope_freqs)"),
     ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
-     "rope type 'dynamic' is not written to GGUF yet (default, linear and llama3 rope only)"),
+     "rope type 'dynamic' is not written to GGUF yet (default, linear, llama3 and longrope only)"),
+    ("qwen2", {"rope_parameters": PHI3_LONGROPE}, "llama.cpp's QWEN2 graph reads no per-frequency rope factors "
+     "(rope_factors_long and rope_factors_short), which longrope rope needs"),
     ("gemma2", {"query_pre_attn_scalar": 32}, "llama.cpp's GEMMA2 graph scales queries by 1/sqrt(16) and reads no query_pre_attn_scalar; this model's is 32"),
     ("gemma2", {"attn_logit_softcapping": None}, "llama.cpp's GEMMA2 graph always soft-caps attention logits"),
 ])
@@ -442,6 +451,20 @@ def test_what_llama_cpp_cannot_compute_is_refused(tmp_path, family, edit, reason
     (model / "config.json").write_text(json.dumps(config | edit))
     result = run_cli("export", model, "--target", "gguf", "--out", tmp_path / "out")
     assert result.exit_code == 2 and reason in " ".join(result.stderr.split()), result.stderr
+    assert not (tmp_path / "out" / model.name).exists()
+
+
+def test_longrope_past_its_original_length_is_refused(tmp_path):
+    """Past the original length llama.cpp turns every position by LongRoPE's long factors, where
+    the model turns the first 256 by the short ones: the smoke cannot check the file there. 257
+    positions is past it: llama.cpp rounds the context up to 512."""
+    from demo_model.build import build_decoder_dir
+
+    model = build_decoder_dir(tmp_path / "tiny-phi3", "phi3_longrope", max_train_steps=0)
+    result = run_cli("export", model, "--target", "gguf", "--max-seq-len", "257", "--out", tmp_path / "out")
+    stderr = " ".join(result.stderr.split())
+    assert result.exit_code == 1 and "longrope with --max-seq-len 257 over the model's original 256 positions" in stderr
+    assert "give --max-seq-len 256 or less" in stderr, stderr
     assert not (tmp_path / "out" / model.name).exists()
 
 
