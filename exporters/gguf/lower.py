@@ -14,6 +14,7 @@ dequantized by gguf from its stored bytes), so the smoke compares llama.cpp with
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -136,8 +137,9 @@ def _rope_refusal(arch: Arch, facts: ModelFacts, max_seq_len: int | None = None)
     """Rope llama.cpp cannot compute from what the file can say. It computes base^(-2i/n_rot) from
     the file's base and dimension count; a linear scaling divides every frequency by the file's
     factor (global layers only: its sliding layers keep their own); Llama 3's rope and LongRoPE
-    divide each by its own, from tensors only some graphs read. The other types change with the
-    sequence length or blend frequencies (dynamic, yarn): not written yet."""
+    divide each by its own, from tensors only some graphs read; YaRN's blend of scaled and unscaled
+    frequencies it computes from the rope scaling keys, at its default bounds. Dynamic rope, which
+    changes with the sequence's length, is not written yet."""
     for kind, rope in _ropes(facts).items():
         where, rope_type = f" on {kind} layers" if kind else "", _rope_type(rope)
         if rope_type == "default" or (rope_type == "linear" and kind in (None, "full_attention")):
@@ -155,8 +157,28 @@ def _rope_refusal(arch: Arch, facts: ModelFacts, max_seq_len: int | None = None)
                         f"{original // LLAMA_CPP_CONTEXT_STEP * LLAMA_CPP_CONTEXT_STEP} or less (an app may still run it "
                         f"at a longer context)")
             continue
-        return f"rope type {rope_type!r}{where} is not written to GGUF yet (default, linear, llama3 and longrope only)"
+        if rope_type == "yarn" and kind is None:
+            if rope.get("truncate") is False:
+                return "yarn rope with truncate false: llama.cpp rounds the blend's bounds to whole dimensions"
+            if (rope.get("beta_fast") or YARN_BETAS[0], rope.get("beta_slow") or YARN_BETAS[1]) != YARN_BETAS:
+                return (f"yarn rope with beta_fast {rope.get('beta_fast')} and beta_slow {rope.get('beta_slow')}: "
+                        f"llama-cpp-python (and so the smoke) overrides the file's with {YARN_BETAS[0]:g} and {YARN_BETAS[1]:g}")
+            continue
+        return f"rope type {rope_type!r}{where} is not written to GGUF yet (default, linear, llama3, longrope and yarn only)"
     return None
+
+
+YARN_BETAS = (32, 1)  # YaRN's blend bounds (rotations), transformers' and llama.cpp's defaults
+
+
+def _yarn_keys(rope: dict, facts: ModelFacts, attention_scaling: float) -> tuple[float, int, float]:
+    """YaRN as llama.cpp computes it from the file: the factor (its frequency scale's inverse), the
+    original length (which sets the blend's bounds), and the attention factor key: llama.cpp
+    scales cos/sin by 1 + 0.1 ln(factor) itself, times the key; transformers by its own
+    attention_scaling (mscale and mscale_all_dim folded in)."""
+    original = int(rope.get("original_max_position_embeddings") or facts.max_positions)
+    factor = float(rope.get("factor") or facts.max_positions / original)
+    return factor, original, attention_scaling / (1.0 + 0.1 * math.log(factor) if factor > 1 else 1.0)
 
 
 LLAMA_CPP_CONTEXT_STEP = 256  # llama_context rounds n_ctx up to a multiple of it (GGML_PAD)
@@ -355,6 +377,12 @@ def write_file(work: _Work) -> None:
         if _rope_type(rope) == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope["factor"]))
+        if _rope_type(rope) == "yarn":
+            factor, original, attention = _yarn_keys(rope, facts, _rotary(work.captured.module).attention_scaling)
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(factor)
+            writer.add_rope_scaling_orig_ctx_len(original)
+            writer.add_rope_scaling_attn_factors(attention)
         if _rope_type(rope) == "longrope":  # the length that picks the table, and cos/sin's scale
             writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
             writer.add_rope_scaling_attn_factors(float(_rotary(work.captured.module).attention_scaling))

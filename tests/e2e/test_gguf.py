@@ -382,8 +382,11 @@ def test_gpt2_conv1d_weights_are_stored_transposed_on_their_grid(tmp_path):
 
 
 LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+# Qwen2.5's long-context YaRN at the tiny models' scale: frequencies 0-2 of 8 blended, 3-7 divided by 4
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128}
 @pytest.mark.parametrize("family, rope, gguf_type", [("llama3", None, "Q4_1"), ("llama3", None, "Q4_K_M"),
-                                                     ("qwen2", LINEAR_ROPE, "Q4_1"), ("phi3_longrope", None, "Q4_1")])
+                                                     ("qwen2", LINEAR_ROPE, "Q4_1"), ("phi3_longrope", None, "Q4_1"),
+                                                     ("qwen2", YARN_ROPE, "Q4_1"), ("qwen2", YARN_ROPE | {"mscale": 2.0, "mscale_all_dim": 1.0}, "Q4_1")])
 def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope, gguf_type):
     """A rope whose frequencies are scaled (Llama 3.x's; a linear scaling; Phi-3.5's LongRoPE) is
     written as llama.cpp reads it: Llama 3's factors as the rope_freqs tensor (kept by llama.cpp's
@@ -421,6 +424,13 @@ def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope, gg
         assert kind == "F32" and np.allclose(factors.reshape(-1), want, rtol=1e-6), (factors, want)
         assert factors.max() == pytest.approx(8.0) and factors.min() < 8.0  # scaled and smoothed dimensions
         assert _field(reader, f"{arch}.rope.scaling.type") is None
+    elif rope["rope_type"] == "yarn":
+        attention = hf.model.rotary_emb.attention_scaling  # 1 + 0.1 ln 4, or (1 + 0.2 ln 4) / (1 + 0.1 ln 4) with mscale
+        assert attention == pytest.approx((1 + 0.1 * rope.get("mscale", 1) * np.log(4)) / (1 + 0.1 * np.log(4) if "mscale" in rope else 1))
+        assert _field(reader, f"{arch}.rope.scaling.type") == "yarn" and _field(reader, f"{arch}.rope.scaling.factor") == 4.0
+        assert _field(reader, f"{arch}.rope.scaling.original_context_length") == 128
+        assert _field(reader, f"{arch}.rope.scaling.attn_factor") == pytest.approx(attention / (1 + 0.1 * np.log(4)))
+        assert "rope_freqs.weight" not in stored
     elif rope["rope_type"] == "longrope":
         for table in ("long", "short"):
             kind, factors = stored[f"rope_factors_{table}.weight"]
@@ -437,7 +447,9 @@ def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope, gg
     ("mistral", {}, "llama.cpp's LLAMA graph has no sliding window, and this model's layers attend only to the last 16 of its 512 positions"),
     ("qwen2", {"rope_parameters": LLAMA3_ROPE}, "llama.cpp's QWEN2 graph reads no per-frequency rope factors (rope_freqs)"),
     ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
-     "rope type 'dynamic' is not written to GGUF yet (default, linear, llama3 and longrope only)"),
+     "rope type 'dynamic' is not written to GGUF yet (default, linear, llama3, longrope and yarn only)"),
+    ("qwen2", {"rope_parameters": YARN_ROPE | {"beta_fast": 16}}, "yarn rope with beta_fast 16 and beta_slow None: "
+     "llama-cpp-python (and so the smoke) overrides the file's with 32 and 1"),
     ("qwen2", {"rope_parameters": PHI3_LONGROPE}, "llama.cpp's QWEN2 graph reads no per-frequency rope factors "
      "(rope_factors_long and rope_factors_short), which longrope rope needs"),
     ("gemma2", {"query_pre_attn_scalar": 32}, "llama.cpp's GEMMA2 graph scales queries by 1/sqrt(16) and reads no query_pre_attn_scalar; this model's is 32"),
