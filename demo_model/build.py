@@ -122,6 +122,9 @@ PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_p
 DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {"tie_word_embeddings": True}),
     "llama3": ("LlamaConfig", {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}),
+    # dynamic NTK (InternLM2's, some long-context fine-tunes'): the plain rope within the positions
+    "llama_dynamic": ("LlamaConfig", {"tie_word_embeddings": True,
+                                      "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 16, "tie_word_embeddings": True}),
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16}),

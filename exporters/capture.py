@@ -14,7 +14,7 @@ from torch.export import Dim
 
 from edgepack.cases import Case, CaseOutput, MethodCall, Tolerance, compare, run_case
 from edgepack.errors import InputError
-from edgepack.exporters.decoder import POOLINGS, EncoderOutput, StaticCacheLM
+from edgepack.exporters.decoder import POOLINGS, EncoderOutput, StaticCacheLM, hold_rope_static
 from edgepack.exporters.tokenizer import encode
 from edgepack.stages import CapturedModel, LoadedModel, MethodSpec, TensorSpec
 
@@ -158,6 +158,7 @@ def capture_decoder_lm(loaded: LoadedModel, options: CaptureOptions) -> Captured
     max_seq_len = options.max_seq_len or limit
     if not 2 <= max_seq_len <= facts.max_positions:
         raise InputError(f"--max-seq-len {max_seq_len} is outside 2..{facts.max_positions} (the model's max positions)")
+    hold_rope_static(loaded.module, facts, max_seq_len)
     module = StaticCacheLM(loaded.module, facts, max_seq_len).eval()
     tok = loaded.tokenizer
     prompt_ids = encode(tok, GOLDEN_PROMPT) if tok else list(range(1, 9))

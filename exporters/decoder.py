@@ -46,6 +46,30 @@ class _SliceUpdateLayer(CacheLayerMixin):
         return self.owner.max_seq_len
 
 
+def hold_rope_static(model: nn.Module, facts: ModelFacts, max_seq_len: int) -> None:
+    """transformers' dynamic and LongRoPE rotaries rewrite their frequencies at every call from the
+    sequence's length: a data-dependent branch torch.export cannot trace (dynamic NTK), or a buffer
+    update CoreML cannot convert (LongRoPE). Up to a length (the model's positions; LongRoPE's
+    original length) they keep the frequencies they start with, so a cache no longer than that runs
+    them as the plain rope they are there. Past it they are left as they are."""
+    ropes = facts.rope or {}
+    for rotary in model.modules():
+        kinds = getattr(rotary, "rope_type", None)
+        if not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor) or kinds is None:
+            continue
+        held = {kind: "default" if max_seq_len <= _static_up_to(rotary, rope_type, ropes.get(kind, ropes), facts) else rope_type
+                for kind, rope_type in (kinds.items() if isinstance(kinds, dict) else [(None, kinds)])}
+        rotary.rope_type = held if isinstance(kinds, dict) else held[None]
+
+
+def _static_up_to(rotary: nn.Module, rope_type: str, rope: dict, facts: ModelFacts) -> float:
+    if "dynamic" in rope_type:  # grows past, and only past, the positions it was built for
+        return getattr(rotary, "original_max_seq_len", facts.max_positions)
+    if rope_type == "longrope":  # short factors up to the original length, long ones past it
+        return rope.get("original_max_position_embeddings") or 0
+    return float("inf")
+
+
 class StaticCacheLM(nn.Module):
     """A Hugging Face causal LM behind the ExecuTorch LLM runner's calling convention."""
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -213,37 +212,24 @@ def _fp16_safe_rms_norms(program) -> int:
     return rewritten
 
 
-@contextmanager
-def _longrope_as_static(captured: CapturedModel):
-    """LongRoPE's rotary (transformers') writes the short or the long frequencies into its inv_freq
-    at every call, by the sequence's length: a buffer update coremltools cannot convert (it is no
-    KV cache to make a state). Within the original length it always writes the short ones, which
-    inv_freq holds from the start, so the export reads them as a plain rope there; past it, refused."""
-    rotaries = [m for m in captured.module.modules() if getattr(m, "rope_type", None) == "longrope"]
-    if not rotaries:
-        yield
-        return
-    original, length = (captured.loaded.facts.rope or {}).get("original_max_position_embeddings"), captured.llm_metadata["get_max_seq_len"]
-    if not original or length > original:
-        raise InputError(f"coreml: LongRoPE past the model's original {original} positions (--max-seq-len {length}) "
-                         "switches its frequencies by a buffer update coremltools cannot convert",
-                         hint=f"give --max-seq-len {original} or less")
-    for rotary in rotaries:
-        rotary.rope_type = "default"
-    try:
-        yield
-    finally:
-        for rotary in rotaries:
-            rotary.rope_type = "longrope"
+def _check_rope(captured: CapturedModel) -> None:
+    """LongRoPE past its original length switches its frequencies by the sequence's length, a
+    buffer update (transformers' rotary rewrites inv_freq) that coremltools cannot convert; within
+    it the front end holds the rope static (decoder.hold_rope_static)."""
+    if any(getattr(m, "rope_type", None) == "longrope" for m in captured.module.modules()):
+        original = (captured.loaded.facts.rope or {}).get("original_max_position_embeddings")
+        raise InputError(f"coreml: LongRoPE past the model's original {original} positions (--max-seq-len "
+                         f"{captured.llm_metadata['get_max_seq_len']}) switches its frequencies by a buffer update "
+                         "coremltools cannot convert", hint=f"give --max-seq-len {original} or less")
 
 
 def export_program(work: _Work) -> None:
     """torch.export, then decompose only the ops coremltools' torch front end has no converter
     for (e.g. new_ones in BERT's mask code), where torch's core-ATen table knows a decomposition."""
     captured = work.captured
-    with _longrope_as_static(captured):
-        program = torch.export.export(captured.module, captured.example_inputs,
-                                      dynamic_shapes=captured.dynamic_shapes, strict=False).run_decompositions({})
+    _check_rope(captured)
+    program = torch.export.export(captured.module, captured.example_inputs,
+                                  dynamic_shapes=captured.dynamic_shapes, strict=False).run_decompositions({})
     _drop_aliases(program)
     if work.options.precision == "fp16":
         _fp16_safe_rms_norms(program)

@@ -138,12 +138,13 @@ def _rope_refusal(arch: Arch, facts: ModelFacts, max_seq_len: int | None = None)
     the file's base and dimension count; a linear scaling divides every frequency by the file's
     factor (global layers only: its sliding layers keep their own); Llama 3's rope and LongRoPE
     divide each by its own, from tensors only some graphs read; YaRN's blend of scaled and unscaled
-    frequencies it computes from the rope scaling keys, at its default bounds. Dynamic rope, which
-    changes with the sequence's length, is not written yet."""
+    frequencies it computes from the rope scaling keys, at its default bounds. Dynamic NTK rope
+    only changes past the model's positions, where no export reaches: it is written as the plain
+    rope (llama.cpp scales none past them)."""
     for kind, rope in _ropes(facts).items():
         where, rope_type = f" on {kind} layers" if kind else "", _rope_type(rope)
-        if rope_type == "default" or (rope_type == "linear" and kind in (None, "full_attention")):
-            continue
+        if rope_type in ("default", "dynamic") or (rope_type == "linear" and kind in (None, "full_attention")):
+            continue  # dynamic: the plain rope within the model's positions (decoder.hold_rope_static)
         if rope_type in ROPE_TABLES and kind is None:
             if rope_type not in arch.rope_tables:
                 return (f"llama.cpp's {arch.name} graph reads no per-frequency rope factors ({ROPE_TABLES[rope_type]}), "
@@ -164,7 +165,8 @@ def _rope_refusal(arch: Arch, facts: ModelFacts, max_seq_len: int | None = None)
                 return (f"yarn rope with beta_fast {rope.get('beta_fast')} and beta_slow {rope.get('beta_slow')}: "
                         f"llama-cpp-python (and so the smoke) overrides the file's with {YARN_BETAS[0]:g} and {YARN_BETAS[1]:g}")
             continue
-        return f"rope type {rope_type!r}{where} is not written to GGUF yet (default, linear, llama3, longrope and yarn only)"
+        return (f"rope type {rope_type!r}{where} is not written to GGUF yet (default, dynamic, linear, llama3, longrope "
+                f"and yarn; where each layer type has its own rope, default or dynamic, and linear on global layers)")
     return None
 
 

@@ -446,8 +446,9 @@ def test_scaled_rope_is_written_as_llama_cpp_reads_it(tmp_path, family, rope, gg
 @pytest.mark.parametrize("family, edit, reason", [
     ("mistral", {}, "llama.cpp's LLAMA graph has no sliding window, and this model's layers attend only to the last 16 of its 512 positions"),
     ("qwen2", {"rope_parameters": LLAMA3_ROPE}, "llama.cpp's QWEN2 graph reads no per-frequency rope factors (rope_freqs)"),
-    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
-     "rope type 'dynamic' is not written to GGUF yet (default, linear, llama3, longrope and yarn only)"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "sliding_attention": YARN_ROPE}},
+     "rope type 'yarn' on sliding_attention layers is not written to GGUF yet"),
     ("qwen2", {"rope_parameters": YARN_ROPE | {"beta_fast": 16}}, "yarn rope with beta_fast 16 and beta_slow None: "
      "llama-cpp-python (and so the smoke) overrides the file's with 32 and 1"),
     ("qwen2", {"rope_parameters": PHI3_LONGROPE}, "llama.cpp's QWEN2 graph reads no per-frequency rope factors "
