@@ -166,10 +166,12 @@ def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> str | N
 PLAN_BY_TASK = {"encoder": "encoder", "causal-lm": "decoder"}
 
 
-def backends_for(backends: list, loaded, quant: QuantSpec, targets: str) -> tuple[list, list[str]]:
-    """The backends that take this model, and why the others do not. A backend named in --target
-    that cannot take it is an input error; under --target all it is left out, and said so."""
-    refused = {b.name: reason for b in backends if (reason := b.refuses(loaded, quant))}
+def backends_for(backends: list, loaded, quant: QuantSpec, targets: str,
+                 max_seq_len: int | None = None) -> tuple[list, list[str]]:
+    """The backends that take this model (a decoder LM: at a cache of max_seq_len), and why the
+    others do not. A backend named in --target that cannot take it is an input error; under
+    --target all it is left out, and said so."""
+    refused = {b.name: reason for b in backends if (reason := b.refuses(loaded, quant, max_seq_len))}
     if refused and target_names(targets) != ["all"]:
         name, reason = next(iter(refused.items()))
         raise InputError(f"--target {name}: {reason}", hint=f"leave {name} out of --target")
@@ -214,7 +216,8 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
     with progress.stage("load"):
         loaded = load_source(request.source, name=request.name, no_tokenizer=request.no_tokenizer)
     quant.check_model(loaded.module)
-    backends, skipped = backends_for(backends, loaded, quant, request.targets)
+    length = capture_options.decoder_length(loaded.facts) if loaded.task == "causal-lm" and loaded.facts else None
+    backends, skipped = backends_for(backends, loaded, quant, request.targets, length)
     warnings = tokenizer_warnings(loaded, strict=request.strict)
     planning = plans_precision(request, loaded, quant)
     if request.eval_text is not None and loaded.task != "causal-lm":

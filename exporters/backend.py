@@ -109,6 +109,9 @@ class Backend:
     # "module:function": (LoadedModel, QuantSpec) -> why this backend cannot take the model at that
     # quantization, or None (it takes any)
     refusal: str | None = None
+    # "module:function": (LoadedModel, max_seq_len) -> why it cannot take a decoder LM at that cache
+    # length, or None
+    length_refusal: str | None = None
 
     def load(self):
         return importlib.import_module(self.lower)
@@ -133,10 +136,13 @@ class Backend:
         """What the artifact says about itself, read back from the file."""
         return function(self.metadata_reader)(path) if self.metadata_reader and path.exists() else []
 
-    def refuses(self, loaded, quant) -> str | None:
+    def refuses(self, loaded, quant, max_seq_len: int | None = None) -> str | None:
         """Why the backend cannot lower `loaded` at `quant` (a task, family or grid it has no form
-        for), or None."""
-        return function(self.refusal)(loaded, quant) if self.refusal else None
+        for), or a decoder LM at a cache of `max_seq_len`, or None."""
+        reason = function(self.refusal)(loaded, quant) if self.refusal else None
+        if reason is None and max_seq_len is not None and self.length_refusal:
+            reason = function(self.length_refusal)(loaded, max_seq_len)
+        return reason
 
     def app_lines_for(self, artifact: dict, task: str) -> "AppLines":
         return function(self.app_lines)(artifact, task)

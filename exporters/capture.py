@@ -147,6 +147,10 @@ class CaptureOptions:
     max_seq_len: int | None = None  # decoder KV cache length / encoder max tokens
     pooling: str = "none"  # encoders: see POOLINGS
 
+    def decoder_length(self, facts) -> int:
+        """A decoder LM's KV cache length: --max-seq-len, else the model's positions up to DEFAULT_MAX_SEQ_LEN."""
+        return self.max_seq_len or min(facts.max_positions, DEFAULT_MAX_SEQ_LEN)
+
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise InputError(f"--pooling {self.pooling!r} is not a pooling", hint=f"choose one of {', '.join(POOLINGS)}")
@@ -154,8 +158,7 @@ class CaptureOptions:
 
 def capture_decoder_lm(loaded: LoadedModel, options: CaptureOptions) -> CapturedModel:
     facts = loaded.facts
-    limit = min(facts.max_positions, DEFAULT_MAX_SEQ_LEN)
-    max_seq_len = options.max_seq_len or limit
+    max_seq_len = options.decoder_length(facts)
     if not 2 <= max_seq_len <= facts.max_positions:
         raise InputError(f"--max-seq-len {max_seq_len} is outside 2..{facts.max_positions} (the model's max positions)")
     hold_rope_static(loaded.module, facts, max_seq_len)

@@ -9,4 +9,5 @@ BACKEND = Backend(
     host_runtime="edgepack.exporters.coreml.mil:coreml_host",
     arm64="CoreML runs only on Apple platforms (Linux checks its MIL program with a numpy evaluator)",
     apps=("ios",), app_lines="edgepack.exporters.coreml.app_lines:app_lines",
+    length_refusal="edgepack.exporters.coreml.lower:length_refusal",
 )

@@ -212,22 +212,24 @@ def _fp16_safe_rms_norms(program) -> int:
     return rewritten
 
 
-def _check_rope(captured: CapturedModel) -> None:
+def length_refusal(loaded, max_seq_len: int) -> str | None:
     """LongRoPE past its original length switches its frequencies by the sequence's length, a
     buffer update (transformers' rotary rewrites inv_freq) that coremltools cannot convert; within
     it the front end holds the rope static (decoder.hold_rope_static)."""
-    if any(getattr(m, "rope_type", None) == "longrope" for m in captured.module.modules()):
-        original = (captured.loaded.facts.rope or {}).get("original_max_position_embeddings")
-        raise InputError(f"coreml: LongRoPE past the model's original {original} positions (--max-seq-len "
-                         f"{captured.llm_metadata['get_max_seq_len']}) switches its frequencies by a buffer update "
-                         "coremltools cannot convert", hint=f"give --max-seq-len {original} or less")
+    rope = (loaded.facts.rope or {}) if loaded.facts else {}
+    original = rope.get("original_max_position_embeddings")
+    if rope.get("rope_type") != "longrope" or not original or max_seq_len <= original:
+        return None
+    return (f"LongRoPE past the model's original {original} positions (--max-seq-len {max_seq_len}) switches its "
+            f"frequencies by a buffer update coremltools cannot convert; give --max-seq-len {original} or less")
 
 
 def export_program(work: _Work) -> None:
     """torch.export, then decompose only the ops coremltools' torch front end has no converter
     for (e.g. new_ones in BERT's mask code), where torch's core-ATen table knows a decomposition."""
     captured = work.captured
-    _check_rope(captured)
+    if reason := length_refusal(captured.loaded, captured.llm_metadata["get_max_seq_len"]):
+        raise InputError(f"coreml: {reason}", hint="leave coreml out of --target")
     program = torch.export.export(captured.module, captured.example_inputs,
                                   dynamic_shapes=captured.dynamic_shapes, strict=False).run_decompositions({})
     _drop_aliases(program)

@@ -15,5 +15,5 @@ BACKEND = Backend(
                        requires=("diskcache", "jinja2", "markupsafe", "typing-extensions")),
     apps=(), app_lines="edgepack.exporters.gguf.app_lines:app_lines",
     metadata_reader="edgepack.exporters.gguf.app_lines:describe_file",
-    refusal="edgepack.exporters.gguf.lower:refusal",
+    refusal="edgepack.exporters.gguf.lower:refusal", length_refusal="edgepack.exporters.gguf.lower:length_refusal",
 )

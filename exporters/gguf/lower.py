@@ -133,7 +133,7 @@ def _rope_dims(facts: ModelFacts, rope: dict) -> int:
 ROPE_TABLES = {"llama3": "rope_freqs", "longrope": "rope_factors_long and rope_factors_short"}
 
 
-def _rope_refusal(arch: Arch, facts: ModelFacts, max_seq_len: int | None = None) -> str | None:
+def _rope_refusal(arch: Arch, facts: ModelFacts) -> str | None:
     """Rope llama.cpp cannot compute from what the file can say. It computes base^(-2i/n_rot) from
     the file's base and dimension count; a linear scaling divides every frequency by the file's
     factor (global layers only: its sliding layers keep their own); Llama 3's rope and LongRoPE
@@ -149,14 +149,6 @@ def _rope_refusal(arch: Arch, facts: ModelFacts, max_seq_len: int | None = None)
             if rope_type not in arch.rope_tables:
                 return (f"llama.cpp's {arch.name} graph reads no per-frequency rope factors ({ROPE_TABLES[rope_type]}), "
                         f"which {rope_type} rope needs")
-            original = rope.get("original_max_position_embeddings")
-            if rope_type == "longrope" and max_seq_len and original and _llama_cpp_context(max_seq_len) > original:
-                return (f"longrope with --max-seq-len {max_seq_len} over the model's original {original} positions (llama.cpp "
-                        f"rounds a context up to a multiple of {LLAMA_CPP_CONTEXT_STEP}): llama.cpp then turns every "
-                        f"position by the long factors, where the model turns the first {original} by the short ones, so "
-                        f"the file cannot be checked against the model at this length; give --max-seq-len "
-                        f"{original // LLAMA_CPP_CONTEXT_STEP * LLAMA_CPP_CONTEXT_STEP} or less (an app may still run it "
-                        f"at a longer context)")
             continue
         if rope_type == "yarn" and kind is None:
             if rope.get("truncate") is False:
@@ -186,8 +178,20 @@ def _yarn_keys(rope: dict, facts: ModelFacts, attention_scaling: float) -> tuple
 LLAMA_CPP_CONTEXT_STEP = 256  # llama_context rounds n_ctx up to a multiple of it (GGML_PAD)
 
 
-def _llama_cpp_context(n_ctx: int) -> int:
-    return -(-n_ctx // LLAMA_CPP_CONTEXT_STEP) * LLAMA_CPP_CONTEXT_STEP
+def length_refusal(loaded, max_seq_len: int) -> str | None:
+    """LongRoPE past its original length: llama.cpp takes the long factors for every position once
+    its context (rounded up) passes it, transformers the short ones up to it, so the smoke could
+    not check the file at this cache length."""
+    rope = (loaded.facts.rope or {}) if loaded.facts else {}
+    original = rope.get("original_max_position_embeddings")
+    step = LLAMA_CPP_CONTEXT_STEP
+    if _rope_type(rope) != "longrope" or not original or -(-max_seq_len // step) * step <= original:
+        return None
+    return (f"longrope with --max-seq-len {max_seq_len} over the model's original {original} positions (llama.cpp "
+            f"rounds a context up to a multiple of {step}): llama.cpp then turns every position by the long factors, "
+            f"where the model turns the first {original} by the short ones, so the file cannot be checked against the "
+            f"model at this length; give --max-seq-len {original // step * step} or less (an app may still run it at a "
+            f"longer context)")
 
 
 def _rope_frequency_factors(module: torch.nn.Module, facts: ModelFacts) -> np.ndarray:
@@ -302,7 +306,7 @@ def _relayout(work: _Work, name: str, values: np.ndarray, *, back: bool = False)
 def read_architecture(work: _Work) -> None:
     loaded = work.captured.loaded
     reason = (_shape_refusal(loaded, work.quant) or _type_refusal(work.quant, work.options)
-              or _rope_refusal(ARCHES[loaded.facts.family], loaded.facts, work.captured.llm_metadata["get_max_seq_len"]))
+              or length_refusal(loaded, work.captured.llm_metadata["get_max_seq_len"]))
     if reason:
         raise InputError(f"gguf: {reason}", hint="leave gguf out of --target")
     work.arch = ARCHES[loaded.facts.family]

@@ -288,5 +288,5 @@ def test_longrope_past_its_original_length_is_refused(tmp_path):
     model = build_decoder_dir(tmp_path / "tiny-phi3", "phi3_longrope", max_train_steps=0)
     result = run_cli("export", model, "--target", "coreml", "--max-seq-len", "257", "--out", tmp_path / "out")
     stderr = " ".join(result.stderr.split())
-    assert result.exit_code == 1 and "LongRoPE past the model's original 256 positions (--max-seq-len 257)" in stderr, stderr
+    assert result.exit_code == 2 and "LongRoPE past the model's original 256 positions (--max-seq-len 257)" in stderr, stderr
     assert "give --max-seq-len 256 or less" in stderr and not (tmp_path / "out" / model.name).exists()

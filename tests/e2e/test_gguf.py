@@ -470,15 +470,27 @@ def test_what_llama_cpp_cannot_compute_is_refused(tmp_path, family, edit, reason
 def test_longrope_past_its_original_length_is_refused(tmp_path):
     """Past the original length llama.cpp turns every position by LongRoPE's long factors, where
     the model turns the first 256 by the short ones: the smoke cannot check the file there. 257
-    positions is past it: llama.cpp rounds the context up to 512."""
+    positions is past it: llama.cpp rounds the context up to 512. Named in --target, an input
+    error before any work; under --target all, GGUF and CoreML (which cannot convert the switch)
+    are left out and the others kept."""
     from demo_model.build import build_decoder_dir
+    from edgepack.exporters.registry import BACKENDS
+    from edgepack.exporters.sources import load_source
+    from edgepack.pipeline import backends_for
+    from edgepack.quant import QuantSpec
 
     model = build_decoder_dir(tmp_path / "tiny-phi3", "phi3_longrope", max_train_steps=0)
     result = run_cli("export", model, "--target", "gguf", "--max-seq-len", "257", "--out", tmp_path / "out")
     stderr = " ".join(result.stderr.split())
-    assert result.exit_code == 1 and "longrope with --max-seq-len 257 over the model's original 256 positions" in stderr
+    assert result.exit_code == 2 and "longrope with --max-seq-len 257 over the model's original 256 positions" in stderr
     assert "give --max-seq-len 256 or less" in stderr, stderr
     assert not (tmp_path / "out" / model.name).exists()
+    loaded, int4 = load_source(str(model)), QuantSpec.from_options("int4")
+    kept, skipped = backends_for(list(BACKENDS.values()), loaded, int4, "all", 257)
+    assert sorted(b.name for b in kept) == ["executorch", "mnn", "onnx", "tflite"], skipped
+    assert [s.split(":")[0] for s in skipped] == ["coreml", "gguf"] and "give --max-seq-len 256 or less" in skipped[0]
+    kept, skipped = backends_for(list(BACKENDS.values()), loaded, int4, "all", 256)  # within: every backend
+    assert len(kept) == len(BACKENDS) and not skipped
 
 
 @pytest.fixture(scope="module")
