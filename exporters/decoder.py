@@ -54,20 +54,22 @@ def hold_rope_static(model: nn.Module, facts: ModelFacts, max_seq_len: int) -> N
     them as the plain rope they are there. Past it they are left as they are."""
     ropes = facts.rope or {}
     for rotary in model.modules():
-        kinds = getattr(rotary, "rope_type", None)
-        if not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor) or kinds is None:
+        kinds = getattr(rotary, "rope_type", None)  # one, or one per layer type (Gemma 3's {kind}_inv_freq)
+        if kinds is None or not any(name.endswith("inv_freq") for name, _ in rotary.named_buffers(recurse=False)):
             continue
         held = {kind: "default" if max_seq_len <= _static_up_to(rotary, rope_type, ropes.get(kind, ropes), facts) else rope_type
                 for kind, rope_type in (kinds.items() if isinstance(kinds, dict) else [(None, kinds)])}
         rotary.rope_type = held if isinstance(kinds, dict) else held[None]
 
 
-def _static_up_to(rotary: nn.Module, rope_type: str, rope: dict, facts: ModelFacts) -> float:
+def _static_up_to(rotary: nn.Module, rope_type: str, rope: dict, facts: ModelFacts) -> int:
+    """How long a cache keeps `rope_type`'s first frequencies (0: the other types, which never
+    change them, keep their name)."""
     if "dynamic" in rope_type:  # grows past, and only past, the positions it was built for
         return getattr(rotary, "original_max_seq_len", facts.max_positions)
     if rope_type == "longrope":  # short factors up to the original length, long ones past it
         return rope.get("original_max_position_embeddings") or 0
-    return float("inf")
+    return 0
 
 
 class StaticCacheLM(nn.Module):

@@ -26,9 +26,9 @@ MAX_SEQ_LEN = 64
 TOLERANCE = 2e-4  # fp32 logits of a random tiny model are O(1); kernels reorder sums
 
 
-def _model(family: str):
+def _model(family: str, rope_parameters: dict | None = None):
     torch.manual_seed(0)
-    config = decoder_config(family)
+    config = decoder_config(family, rope_parameters=rope_parameters)
     config._attn_implementation = "eager"
     from transformers import AutoModelForCausalLM
 
@@ -171,3 +171,30 @@ def test_teacher_forced_pass_answers_like_stepwise_decoding(family, path):
     assert one_pass.get("logits").shape == (24, facts.vocab_size)
     _check(f"{path}, one pass", one_pass.get("logits"), stepwise.get("logits"))
     np.testing.assert_array_equal(one_pass.get("tokens"), stepwise.get("tokens"))
+
+
+GEMMA3_DYNAMIC_GLOBAL = {"full_attention": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+
+
+@pytest.mark.parametrize("family", ["llama_dynamic", "phi3_longrope", "llama3", "gemma3", "gemma3_dynamic_global"])
+def test_only_ropes_that_switch_by_length_are_held_static_and_only_where_they_are(family):
+    """hold_rope_static names a rotary plain only where transformers' own would keep its first
+    frequencies (dynamic NTK within the model's positions, LongRoPE within its original 256; on
+    Gemma 3 per layer type), and the model then answers as before; other ropes keep their names."""
+    from edgepack.exporters.decoder import hold_rope_static
+
+    model, facts = _model("gemma3", GEMMA3_DYNAMIC_GLOBAL) if family == "gemma3_dynamic_global" else _model(family)
+    rotary = model.model.rotary_emb
+    before = copy.deepcopy(rotary.rope_type)
+    if family == "phi3_longrope":
+        hold_rope_static(model, facts, 257)  # past the original length: the switch stays
+        assert rotary.rope_type == "longrope"
+    tokens = _prompt(facts.vocab_size)
+    want = _reference(model, tokens)
+    hold_rope_static(model, facts, facts.max_positions if family == "llama_dynamic" else MAX_SEQ_LEN)
+    held = {"llama_dynamic": "default", "phi3_longrope": "default",
+            "gemma3_dynamic_global": {"full_attention": "default", "sliding_attention": "default"}}
+    assert rotary.rope_type == held.get(family, before), (rotary.rope_type, before)
+    assert family != "gemma3_dynamic_global" or before["full_attention"] == "dynamic"
+    _check("the held rope", _reference(model, tokens), want)
