@@ -228,7 +228,8 @@ def export_program(work: _Work) -> None:
     """torch.export, then decompose only the ops coremltools' torch front end has no converter
     for (e.g. new_ones in BERT's mask code), where torch's core-ATen table knows a decomposition."""
     captured = work.captured
-    if reason := length_refusal(captured.loaded, captured.llm_metadata["get_max_seq_len"]):
+    length = captured.llm_metadata.get("get_max_seq_len")  # decoder LMs only
+    if length and (reason := length_refusal(captured.loaded, length)):
         raise InputError(f"coreml: {reason}", hint="leave coreml out of --target")
     program = torch.export.export(captured.module, captured.example_inputs,
                                   dynamic_shapes=captured.dynamic_shapes, strict=False).run_decompositions({})
