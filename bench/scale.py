@@ -6,7 +6,11 @@ ExecuTorch's export_llm on the largest as the reference. Writes bench/results/sc
 scale.png.
 
   python -m bench.scale [--sizes s135,s360,l1b] [--targets executorch,onnx,tflite,mnn] [--work DIR]
-                        [--no-export-llm] [--out FILE]
+                        [--no-export-llm] [--tokenizer DIR] [--out FILE]
+
+With --tokenizer (a model folder's tokenizer files, e.g. build/smollm2-135m-instruct) the models
+carry it, as a real model does, so the export also runs the decoder precision plan and the quality
+stage (perplexity through the artifact): what a real model's export costs, not the lowering's alone.
   python -m bench.scale --merge REPORT... [--out FILE]   (partial runs' reports as one, with its chart)
   make bench BENCH_ARGS=--scale         (all of it: an hour or more on 2 cores; not in CI)"""
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from importlib.metadata import version
@@ -48,18 +53,24 @@ def export_row(measured, summary: dict, manifest: dict, fp32_bytes: int) -> dict
     }
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
 def run(sizes: list[str], targets: list[str], work: Path, with_export_llm: bool,
-        out: Path = ROOT / "bench" / "results" / "scale.json") -> dict:
+        out: Path = ROOT / "bench" / "results" / "scale.json", tokenizer: Path | None = None) -> dict:
     rows: dict[str, dict] = {}
     for size in sizes:
         largest = size == sizes[-1]
         model = _built(work, size, meta=with_export_llm and largest)
+        for name in TOKENIZER_FILES if tokenizer else ():
+            if (tokenizer / name).is_file():
+                shutil.copy(tokenizer / name, model.hf_dir / name)
         fp32_bytes = model.n_params * 4
         rows[size] = {"params_tied_once": model.n_params, "fp32_weight_bytes": fp32_bytes, "exports": {}}
         for target in targets:
             print(f"{size}: edgepack export --target {target}", flush=True)
             measured, summary, manifest = edgepack_export(model.hf_dir, size, work / f"{size}-{target}", target,
-                                                          MAX_SEQ_LEN, 32)
+                                                          MAX_SEQ_LEN, 32, tokenizer=tokenizer is not None)
             rows[size]["exports"][target] = export_row(measured, summary, manifest, fp32_bytes)
         if with_export_llm and largest:
             print(f"{size}: export_llm", flush=True)
@@ -68,8 +79,11 @@ def run(sizes: list[str], targets: list[str], work: Path, with_export_llm: bool,
                 **export_row(measured, {}, {}, fp32_bytes), "artifact_bytes": pte.stat().st_size if pte.is_file() else 0}
         _free(work / size)
     report = {
-        "what": "edgepack export (default options, --no-tokenizer, --max-seq-len 512, smoke test included) per "
-                "backend in its own process; wall time and the process tree's peak RSS (wait4)",
+        "what": "edgepack export (default options, "
+                + (f"{tokenizer.name}'s tokenizer, so the precision plan and quality stage included"
+                   if tokenizer else "--no-tokenizer") +
+                ", --max-seq-len 512, smoke test included) per backend in its own process; wall time and the "
+                "process tree's peak RSS (wait4)",
         "ran": {"sizes": sizes, "targets": targets, "export_llm": with_export_llm},  # a partial run says so
         "rss_bound_vs_fp32_weights": RSS_BOUND,
         "shapes": {size: SHAPES[size] for size in sizes},
@@ -174,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", default=",".join(TARGETS), help="'' for export_llm alone")
     parser.add_argument("--work", type=Path, default=None, help="where models and exports go (default: a temporary folder)")
     parser.add_argument("--no-export-llm", action="store_true", help="skip export_llm on the largest size")
+    parser.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                        help="give the models DIR's tokenizer (the plan and quality stages then run)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json",
                         help="the JSON (the chart beside it as .png)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="REPORT",
@@ -188,10 +204,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown size or target: {', '.join(unknown)}")
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-        run(sizes, targets, args.work, not args.no_export_llm, args.out)
+        run(sizes, targets, args.work, not args.no_export_llm, args.out, args.tokenizer)
     else:
         with tempfile.TemporaryDirectory(prefix="edgepack-scale-") as work:
-            run(sizes, targets, Path(work), not args.no_export_llm, args.out)
+            run(sizes, targets, Path(work), not args.no_export_llm, args.out, args.tokenizer)
 
 
 if __name__ == "__main__":
