@@ -62,6 +62,13 @@ def hold_rope_static(model: nn.Module, facts: ModelFacts, max_seq_len: int) -> N
         rotary.rope_type = held if isinstance(kinds, dict) else held[None]
 
 
+def longrope_original_length(facts: ModelFacts | None) -> int | None:
+    """The length up to which a LongRoPE model's rope stays static (its short factors; past it the
+    rotary switches, see hold_rope_static), or None for the other ropes."""
+    rope = (facts.rope or {}) if facts else {}
+    return rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+
+
 def _static_up_to(rotary: nn.Module, rope_type: str, rope: dict, facts: ModelFacts) -> int:
     """How long a cache keeps `rope_type`'s first frequencies (0: the other types, which never
     change them, keep their name)."""

@@ -28,6 +28,7 @@ from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.coreml import BACKEND
 from edgepack.exporters.coreml.options import Options
 from edgepack.exporters.coreml.package import package_files
+from edgepack.exporters.decoder import longrope_original_length
 from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.exporters.weights import OffsetGrid, Rounding, weight_only_reference
 from edgepack.quant import QuantSpec, WeightQuant
@@ -216,9 +217,8 @@ def length_refusal(loaded, max_seq_len: int) -> str | None:
     """LongRoPE past its original length switches its frequencies by the sequence's length, a
     buffer update (transformers' rotary rewrites inv_freq) that coremltools cannot convert; within
     it the front end holds the rope static (decoder.hold_rope_static)."""
-    rope = (loaded.facts.rope or {}) if loaded.facts else {}
-    original = rope.get("original_max_position_embeddings")
-    if rope.get("rope_type") != "longrope" or not original or max_seq_len <= original:
+    original = longrope_original_length(loaded.facts)
+    if not original or max_seq_len <= original:
         return None
     return (f"LongRoPE past the model's original {original} positions (--max-seq-len {max_seq_len}) switches its "
             f"frequencies by a buffer update coremltools cannot convert; give --max-seq-len {original} or less")

@@ -28,6 +28,7 @@ import torch
 from edgepack import __version__
 from edgepack.errors import InputError
 from edgepack.exporters.capture import quantized_reference
+from edgepack.exporters.decoder import longrope_original_length
 from edgepack.exporters.gguf import BACKEND
 from edgepack.exporters.gguf import runtime as gguf_runtime
 from edgepack.exporters.gguf.options import LLAMA_CPP_MIXES, Options
@@ -182,10 +183,8 @@ def length_refusal(loaded, max_seq_len: int) -> str | None:
     """LongRoPE past its original length: llama.cpp takes the long factors for every position once
     its context (rounded up) passes it, transformers the short ones up to it, so the smoke could
     not check the file at this cache length."""
-    rope = (loaded.facts.rope or {}) if loaded.facts else {}
-    original = rope.get("original_max_position_embeddings")
-    step = LLAMA_CPP_CONTEXT_STEP
-    if _rope_type(rope) != "longrope" or not original or -(-max_seq_len // step) * step <= original:
+    original, step = longrope_original_length(loaded.facts), LLAMA_CPP_CONTEXT_STEP
+    if not original or -(-max_seq_len // step) * step <= original:
         return None
     return (f"longrope with --max-seq-len {max_seq_len} over the model's original {original} positions (llama.cpp "
             f"rounds a context up to a multiple of {step}): llama.cpp then turns every position by the long factors, "
