@@ -172,7 +172,9 @@ def write_chart(report: dict, path: Path) -> None:
         right.plot(x, [e["peak_rss_bytes"] / 2**30 for _, e in points], marker="o", label=backend)
     x = [row["params_tied_once"] / 1e6 for row in report["sizes"].values()]
     right.plot(x, [RSS_BOUND * row["fp32_weight_bytes"] / 2**30 for row in report["sizes"].values()],
-               linestyle="dashed", color="black", label=f"{RSS_BOUND}× fp32 weights")
+               linestyle="dashed", marker="_", markersize=14, color="black", label=f"{RSS_BOUND}× fp32 weights")
+    for axis in (left, right):  # from zero, with room above the bound (one size is one point per line)
+        axis.set_ylim(0, axis.get_ylim()[1] * 1.1)
     left.set(xlabel="parameters (M)", ylabel="export wall time (min)", title="export time")
     right.set(xlabel="parameters (M)", ylabel="peak RSS (GiB)", title="export peak RSS")
     left.legend(), right.legend()
