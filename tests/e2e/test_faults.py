@@ -236,6 +236,23 @@ def test_a_unicode_bundle_name_works(llama_dir, tmp_path):
     assert run_cli("smoke", tmp_path / "mödel ü 1").exit_code == 0
 
 
+# `python -m edgepack` held once ONNX has written the float graph and weights into its folder: on a
+# tiny model that folder lives for a fraction of a second, which polling from the test could miss
+# (a clean-clone CI run on 2026-12-06 did: the export finished first). Everything else is the real run.
+_HELD_AFTER_THE_ONNX_EXPORT = """
+import runpy, sys, time
+import edgepack.exporters.onnx_capture as capture
+exported = capture.export_onnx
+def export_then_wait(*args, **kwargs):
+    model = exported(*args, **kwargs)
+    time.sleep(600)
+    return model
+capture.export_onnx = export_then_wait
+sys.argv = ["edgepack", *sys.argv[1:]]
+runpy.run_module("edgepack", run_name="__main__")
+"""
+
+
 def test_a_terminated_export_leaves_no_bundle_and_no_temporary_weights(llama_dir, tmp_path):
     """SIGTERM (a CI job's timeout) while ONNX holds the float weights in its folder under TMPDIR
     (gigabytes for a 1B model): the export removes that folder and its staged bundle, then ends by
@@ -250,14 +267,15 @@ def test_a_terminated_export_leaves_no_bundle_and_no_temporary_weights(llama_dir
 
     tmp, out = tmp_path / "tmp", tmp_path / "out"
     tmp.mkdir()
-    child = subprocess.Popen([sys.executable, "-m", "edgepack", "export", str(llama_dir), "--target", "onnx", "--out", str(out),
-                              "--no-cache"], env={**os.environ, "TMPDIR": str(tmp)}, cwd=REPO_ROOT,
+    child = subprocess.Popen([sys.executable, "-c", _HELD_AFTER_THE_ONNX_EXPORT, "export", str(llama_dir), "--target", "onnx",
+                              "--out", str(out), "--no-cache"], env={**os.environ, "TMPDIR": str(tmp)}, cwd=REPO_ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list(tmp.glob("edgepack-run-*/edgepack-onnx-weights-*/exported.graph")) and child.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.05)
     assert child.poll() is None, "the export ended before it could be terminated mid-way"
+    assert list(tmp.glob("edgepack-run-*/edgepack-onnx-weights-*/exported.graph")), "the weights were never written"
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=120) == -signal.SIGTERM  # ended by the signal, as without the cleanup
     # nothing left but the log of the stage it stopped, kept as any unfinished stage's is
