@@ -26,7 +26,9 @@ import math
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from bench.quality import eval_text
@@ -83,21 +85,15 @@ def calibration_hessians(model: torch.nn.Module, linears: dict[str, torch.nn.Lin
     return {name: h.float() for name, h in hessians.items()}
 
 
-def perplexity(model: torch.nn.Module, text) -> float:
-    """edgepack's quality measure, in eager: each window's tokens after its prefill, scored."""
-    nll = []
-    with torch.no_grad():
-        for window in text.windows:
-            logits = model(input_ids=torch.from_numpy(window)[None]).logits[0, text.prefill - 1:-1].double()
-            targets = torch.from_numpy(window[text.prefill:])
-            nll.append(-torch.log_softmax(logits, -1)[torch.arange(targets.numel()), targets])
-    return math.exp(torch.cat(nll).mean().item())
+def perplexity(nll) -> float:
+    return math.exp(float(np.concatenate(nll).mean()))
 
 
 def run(out_dir: Path) -> dict:
     from edgepack.exporters.mixed_precision import read_calibration
     from edgepack.exporters.sources import load_source
     from edgepack.exporters.tokenizer import encode
+    from edgepack.packaging.quality import score_in_eager
 
     model_dir = ROOT / DEFAULT_OUT
     text = eval_text(model_dir)
@@ -113,7 +109,7 @@ def run(out_dir: Path) -> dict:
     with torch.no_grad():
         table.copy_(round_to_nearest(table, hqq_scales(table.detach())))
 
-    def measure(label: str, rounded: dict) -> dict:
+    def measure(label: str, rounded: Callable[[str], torch.Tensor]) -> dict:
         started = time.perf_counter()
         error = 0.0
         with torch.no_grad():
@@ -122,19 +118,19 @@ def run(out_dir: Path) -> dict:
                 delta = layer.weight - floats[name]
                 error += torch.einsum("ij,jk,ik->", delta, hessians[name], delta).item()
         seconds = time.perf_counter() - started
-        entry = {"rounding": label, "perplexity": round(perplexity(model, text), 3),
+        nll, _ = score_in_eager(model, text.windows, text.prefill)
+        entry = {"rounding": label, "perplexity": round(perplexity(nll), 3),
                  "calibration_error": round(error, 1), "rounding_s": round(seconds, 1)}
         print(entry, flush=True)
         return entry
 
     rows = [measure("round to nearest", lambda n: round_to_nearest(floats[n], scales[n]))]
     rows += [measure(f"GPTQ, damping {d}", lambda n, d=d: gptq(floats[n], hessians[n], scales[n], d)) for d in DAMPING]
-    fp32 = math.exp(float(sum(x.sum() for x in text.fp32_nll) / sum(x.size for x in text.fp32_nll)))
     report = {
-        "model": model_dir.name, "grid": f"symmetric int{QMAX.bit_length() + 1} blocks of {BLOCK}, HQQ scales",
+        "model": model_dir.name, "grid": f"symmetric int4 blocks of {BLOCK}, HQQ scales",
         "calibration": {"text": source, "tokens": ids.shape[1]},
-        "evaluation": {"text": text.source, "scored_tokens": sum(x.size for x in text.fp32_nll)},
-        "perplexity_fp32": round(fp32, 3), "rows": rows,
+        "evaluation": {"text": text.source, "scored_tokens": text.scored_tokens},
+        "perplexity_fp32": round(perplexity(text.fp32_nll), 3), "rows": rows,
         "machine": machine(),
         "versions": {"edgepack": git_commit(), **{p: version(p) for p in ("torch", "torchao")}},
         "date": time.strftime("%Y-%m-%d"),

@@ -101,12 +101,24 @@ def windows_of(ids: list[list[int]], limit: int, prefill: int) -> list[np.ndarra
 def prepare_eval_text(model, encode: Callable[[str], list[int]], text: str, source: str, max_seq_len: int) -> EvalText:
     """Tokenize the documents and score them with the fp32 model (`model`: the Hugging Face causal
     LM, called as model(input_ids).logits)."""
-    import torch
-
     documents = [d.strip("\n") for d in text.split(DOCUMENT_SEPARATOR) if d.strip()]
     limit = min(WINDOW, max_seq_len)
     prefill = min(PREFILL, limit // 4)  # a short cache keeps most of each window scored
     windows = windows_of([encode(d) for d in documents], limit, prefill)
+    nll, top1 = score_in_eager(model, windows, prefill)
+    scored = sum(n.size for n in nll)
+    if scored < MIN_SCORED:
+        raise InputError(f"the evaluation text ({source}) gives {scored} scored tokens at --max-seq-len {max_seq_len}; "
+                         f"at least {MIN_SCORED} are needed", hint="give a longer --eval-text")
+    return EvalText(source, hashlib.sha256(text.encode("utf-8")).hexdigest(), prefill, tuple(windows),
+                    tuple(nll), tuple(top1))
+
+
+def score_in_eager(model, windows, prefill: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per window, -log p(token) of the tokens after `prefill` and the greedy choice at each, from
+    one forward pass of `model` (a Hugging Face causal LM) over the whole window."""
+    import torch
+
     nll, top1 = [], []
     with torch.no_grad():
         for window in windows:
@@ -114,12 +126,7 @@ def prepare_eval_text(model, encode: Callable[[str], list[int]], text: str, sour
             targets = torch.from_numpy(window[prefill:])
             nll.append((-torch.log_softmax(logits, -1)[torch.arange(targets.numel()), targets]).numpy())
             top1.append(logits.argmax(-1).numpy())
-    scored = sum(n.size for n in nll)
-    if scored < MIN_SCORED:
-        raise InputError(f"the evaluation text ({source}) gives {scored} scored tokens at --max-seq-len {max_seq_len}; "
-                         f"at least {MIN_SCORED} are needed", hint="give a longer --eval-text")
-    return EvalText(source, hashlib.sha256(text.encode("utf-8")).hexdigest(), prefill, tuple(windows),
-                    tuple(nll), tuple(top1))
+    return nll, top1
 
 
 def _log_softmax(row: np.ndarray) -> np.ndarray:
