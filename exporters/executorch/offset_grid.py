@@ -2,19 +2,20 @@
 weights.quantize_min_max) on the kernels an ExecuTorch app links.
 
 XNNPACK's 4-bit blocks (qb4w) are symmetric: one zero point per tensor. A weight on the offset
-grid is w = scale·(q - 8) + offset per block, so a linear layer becomes two that XNNPACK runs:
+grid is w = scale·(q - 8) + offset per block, so a linear layer becomes what XNNPACK runs:
 
-    [y_sym, sums(x)] = x·[W_sym; I]ᵀ        y = y_sym + sums(x)·Mᵀ + b
+    y = x·W_symᵀ + means(x)·(32·M)ᵀ + b
 
 W_sym the symmetric part (int4 blocks: the grid's own codes and scales, the scales in bf16 as
-XNNPACK stores every block scale, so the reference holds the .pte's weights exactly), I the
-indicator rows below it (0/1 per input block: code 4 × scale 0.25, exact), whose outputs are each
-input block's sum, and M the per-block offsets (int8 per row). M has a 32nd of the weight's
-entries, I in/32 rows of `in`. Every linear takes int8 dynamic activations as 8da4w does; I's
-rows share W_sym's linear, as shared_input.py's layers do, so the input is quantized and
-multiplied once (its rows are independent: the same arithmetic as two linears). Embedding tables
-need no side layer: ExecuTorch's embedding_4bit kernel takes a float zero point per block, so
-w = scale·(q - 8 - zero_point) holds the grid itself (in fp16, as CoreML's offsets)."""
+XNNPACK stores every block scale, so the reference holds the .pte's weights exactly), means(x)
+each input block's mean (a 4-D mean over [tokens, blocks, 32, 1], which XNNPACK runs as global
+average pooling where it refuses a 3-D mean) and M the per-block offsets (int8 per row, the
+block's 32 folded in: a power of two, so the int8 codes are those of M). M has a 32nd of the
+weight's entries. The symmetric part takes int8 dynamic activations as 8da4w does; the block
+means read the float input. Every operator is XNNPACK's, so a layer stays in one delegate call
+and no side rows are stored. Embedding tables need no side layer: ExecuTorch's embedding_4bit
+kernel takes a float zero point per block, so w = scale·(q - 8 - zero_point) holds the grid
+itself (in fp16, as CoreML's offsets)."""
 
 from __future__ import annotations
 
@@ -27,22 +28,21 @@ from edgepack.exporters.weights import OffsetGrid, split_min_max
 # scales is not the model the .pte runs (measured on the real SmolLM2-135M: fp16 scales put the
 # .pte at logits cosine 0.963 from its reference, bf16 ones at 0.979, within the reference's noise).
 XNNPACK_BLOCK_SCALE = torch.bfloat16
-# An indicator row's ones as int4 code × scale, both exact in XNNPACK's bf16 block scales.
-_ONE_CODE, _ONE_SCALE = 4, 0.25
 
 
 class OffsetLinear(nn.Module):
-    """A linear layer on the offset grid: its first `rows` outputs of `wide` (the symmetric part),
-    plus `offsets` of the rest (the block sums); the bias is in `offsets`."""
+    """A linear layer on the offset grid: `symmetric` (int4 blocks) plus `offsets` of the input's
+    block means; the bias is in `offsets`."""
 
-    def __init__(self, wide: nn.Linear, rows: int, offsets: nn.Linear):
+    def __init__(self, symmetric: nn.Linear, block: int, offsets: nn.Linear):
         super().__init__()
-        self.wide, self.rows, self.offsets = wide, rows, offsets
+        self.symmetric, self.block, self.offsets = symmetric, block, offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        both = self.wide(x)
-        symmetric, sums = both.split([self.rows, both.shape[-1] - self.rows], dim=-1)  # one kernel, as SharedInput
-        return symmetric + self.offsets(sums)
+        blocks = x.shape[-1] // self.block
+        means = x.reshape(-1, blocks, self.block, 1).mean((2, 3), keepdim=True)  # the only mean XNNPACK takes
+        # the tokens as -1, not as a size read from x: XNNPACK takes no view whose size is computed
+        return self.symmetric(x) + self.offsets(means.reshape(*x.shape[:-2], -1, blocks))
 
 
 def _int4_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block: int,
@@ -64,33 +64,22 @@ def _frozen(linear: nn.Linear, weight) -> nn.Linear:
     return linear
 
 
-def _indicator(cols: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The indicator rows' int4 codes and block scales: row i sums input block i."""
-    blocks = cols // block
-    codes = torch.zeros(blocks, cols, dtype=torch.int8)
-    codes.view(blocks, blocks, block)[torch.arange(blocks), torch.arange(blocks)] = _ONE_CODE
-    return codes, torch.full((blocks, blocks), _ONE_SCALE)
-
-
 def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_config) -> OffsetLinear:
     """`layer` on the offset grid; `int8_config` is the torchao config of the offsets' int8 rows."""
     from torchao.quantization import quantize_
 
     weight = layer.weight.detach().float()
     rows, cols = weight.shape
-    blocks = cols // block
     codes, scale, offset = split_min_max(weight, block, XNNPACK_BLOCK_SCALE)
-    ones, one_scale = _indicator(cols, block)
-    codes, scale = torch.cat([codes, ones]), torch.cat([scale, one_scale.to(scale.dtype)])
-    wide = _frozen(nn.Linear(cols, rows + blocks, bias=False), _int4_blocks(
+    symmetric = _frozen(nn.Linear(cols, rows, bias=False), _int4_blocks(
         codes, scale, torch.zeros_like(scale, dtype=torch.int8), block, dynamic_activations))
-    offsets = nn.Linear(blocks, rows, bias=layer.bias is not None)
+    offsets = nn.Linear(cols // block, rows, bias=layer.bias is not None)
     with torch.no_grad():
-        offsets.weight.copy_(offset)
+        offsets.weight.copy_(offset * block)  # the forward takes block means, not sums
         if layer.bias is not None:
             offsets.bias.copy_(layer.bias.detach())
     quantize_(offsets, int8_config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-    return OffsetLinear(wide, rows, offsets)
+    return OffsetLinear(symmetric, block, offsets)
 
 
 def offset_embedding(table: nn.Embedding, block: int) -> None:

@@ -5,7 +5,7 @@ The rows of a linear layer are quantized independently (per-row int8, per-block 
 input's dynamic int8 quantization is per token, so the wide layer computes exactly what the
 layers did. XNNPACK then runs one GEMM and quantizes the input once instead of once per layer,
 and the lowering, whose time grows with the graph's nodes, carries fewer of them (a linear on
-the offset grid is three)."""
+the offset grid is two linears, a mean and an add)."""
 
 from __future__ import annotations
 

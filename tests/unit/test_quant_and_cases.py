@@ -172,10 +172,9 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
     torchao's rounding): a tied table and LM head, a biased linear. The embedding holds the offset
     grid's fp16 image (weights.OffsetGrid: fp16 scales and zero points, rows looked up in fp16 as
     embedding_4bit returns them, then widened to float32); a linear's
-    symmetric part (its scales in bf16, as XNNPACK stores them) and the indicator rows below it in
-    the same linear are exact, its
-    int8 offsets within half a step of the blocks' offsets, and eager output matches the grid's
-    float model up to the int8 activations."""
+    symmetric part (its scales in bf16, as XNNPACK stores them) is exact, its int8 offsets (taken
+    by block means: 32× the blocks' offsets) within half a step, and eager output matches the
+    grid's float model up to the int8 activations."""
     import copy
 
     import torch
@@ -201,10 +200,8 @@ def test_executorch_offset_grid_stores_each_blocks_min_max_grid():
         layer, w = quantized[name], model[name].weight.detach()
         assert isinstance(layer, OffsetLinear)
         q, scale, minimum = quantize_min_max(w, 4, 32, scale_dtype=torch.bfloat16)
-        wide, rows = layer.wide.weight.dequantize(), w.shape[0]
-        assert torch.equal(wide[:rows].reshape(q.shape), (q - 8) * scale)
-        assert torch.equal(wide[rows:], torch.eye(2).repeat_interleave(32, dim=1))
-        offsets, want = layer.offsets.weight.dequantize(), (minimum + 8 * scale).squeeze(-1)
+        assert torch.equal(layer.symmetric.weight.dequantize().reshape(q.shape), (q - 8) * scale)
+        offsets, want = layer.offsets.weight.dequantize(), 32 * (minimum + 8 * scale).squeeze(-1)
         step = want.abs().amax(-1, keepdim=True) / 127
         assert ((offsets - want).abs() <= 0.51 * step + 1e-7).all()
     assert torch.equal(quantized["mid"].offsets.bias, mid.bias)
@@ -234,7 +231,7 @@ def test_executorch_offset_grid_runs_a_constant_block_in_xnnpack():
         model[0].weight[3, :32] = 0.0
     quantized = quantize_module(model, QuantSpec.from_options("int4", 32), "offset")
     layer = quantized[0]
-    assert torch.equal(layer.wide.weight.dequantize()[3, :32], torch.zeros(32))
+    assert torch.equal(layer.symmetric.weight.dequantize()[3, :32], torch.zeros(32))
     assert layer.offsets.weight.dequantize()[3, 0] == 0.0
     x = torch.randn(1, 64)
     with torch.no_grad():
@@ -244,48 +241,34 @@ def test_executorch_offset_grid_runs_a_constant_block_in_xnnpack():
     assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max()
 
 
-def test_executorch_offset_grid_block_sums_in_the_symmetric_gemm_change_no_output():
-    """A linear on the offset grid computes its symmetric part and its input's block sums in one
-    GEMM, the indicator rows stacked under the symmetric rows. XNNPACK computes each row alone
-    from one quantization of the input, so through the ExecuTorch runtime the outputs are those of
-    two GEMMs on the same rows, to the bit."""
+def test_executorch_offset_grid_layer_is_one_delegate_call_over_a_dynamic_length():
+    """A linear on the offset grid takes its input's block means by a 4-D mean, which XNNPACK runs
+    as global average pooling (it refuses a 3-D mean): the symmetric GEMM, the means, the offsets'
+    GEMM and the add lower to one delegate call with nothing outside it, over a dynamic number of
+    tokens, and the runtime's output is the eager module's within the int8 activations' noise."""
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
     from edgepack.exporters.executorch.lower import quantize_module
-    from edgepack.exporters.executorch.offset_grid import _int4_blocks
 
     torch.manual_seed(0)
     quantized = quantize_module(nn.Sequential(nn.Linear(96, 48)), QuantSpec.from_options("int4", 32), "offset")
-    layer = quantized[0]
-    wide = layer.wide.weight
-
-    def rows(part: slice) -> nn.Linear:
-        codes = wide.qdata[part]
-        linear = nn.Linear(96, codes.shape[0], bias=False)
-        linear.weight = nn.Parameter(_int4_blocks(codes, wide.scale[part], wide.zero_point[part], 32, True),
-                                     requires_grad=False)
-        return linear
-
-    class TwoGemms(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.symmetric, self.sums, self.offsets = rows(slice(0, layer.rows)), rows(slice(layer.rows, None)), layer.offsets
-
-        def forward(self, x):
-            return self.symmetric(x) + self.offsets(self.sums(x))
-
-    x = torch.randn(1, 5, 96)
-
-    def run(module: nn.Module) -> torch.Tensor:
-        program = to_edge_transform_and_lower(torch.export.export(module, (x,)), partitioner=[XnnpackPartitioner()])
-        return Runtime.get().load_program(program.to_executorch().buffer).load_method("forward").execute([x])[0]
-
-    one, two = run(quantized), run(TwoGemms())
-    assert torch.equal(one, two), (one - two).abs().max()
-    assert one.abs().max() > 0.1
+    tokens = torch.export.Dim("tokens", min=1, max=64)
+    example = torch.randn(1, 5, 96)
+    program = to_edge_transform_and_lower(torch.export.export(quantized, (example,), dynamic_shapes=({1: tokens},)),
+                                          partitioner=[XnnpackPartitioner()])
+    called = [str(n.target) for n in program.exported_program().graph.nodes if n.op == "call_function"]
+    assert called == ["executorch_call_delegate", "<built-in function getitem>"], called
+    method = Runtime.get().load_program(program.to_executorch().buffer).load_method("forward")
+    for length in (1, 7):
+        x = torch.randn(1, length, 96)
+        [got] = method.execute([x])
+        with torch.no_grad():
+            want = quantized(x)
+        assert got.shape == want.shape and want.abs().max() > 0.1
+        assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max()
 
 
 @pytest.mark.parametrize("grid", ["offset", "symmetric"])
