@@ -42,6 +42,7 @@ class OffsetLinear(nn.Module):
         blocks = x.shape[-1] // self.block
         means = x.reshape(-1, blocks, self.block, 1).mean((2, 3), keepdim=True)  # the only mean XNNPACK takes
         # the tokens as -1, not as a size read from x: XNNPACK takes no view whose size is computed
+        # (so x has a token dimension, as every caller's [batch, tokens, features] has)
         return self.symmetric(x) + self.offsets(means.reshape(*x.shape[:-2], -1, blocks))
 
 

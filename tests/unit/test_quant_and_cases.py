@@ -261,7 +261,10 @@ def test_executorch_offset_grid_layer_is_one_delegate_call_over_a_dynamic_length
                                           partitioner=[XnnpackPartitioner()])
     called = [str(n.target) for n in program.exported_program().graph.nodes if n.op == "call_function"]
     assert called == ["executorch_call_delegate", "<built-in function getitem>"], called
-    method = Runtime.get().load_program(program.to_executorch().buffer).load_method("forward")
+    # the Program and its bytes held while the method runs: a Method keeps neither, and the runtime
+    # reads the bytes in place (a temporary here crashed the runtime now and then)
+    pte = Runtime.get().load_program(program.to_executorch().buffer)
+    method = pte.load_method("forward")
     for length in (1, 7):
         x = torch.randn(1, length, 96)
         [got] = method.execute([x])
