@@ -80,6 +80,21 @@ def run_cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+class ExecutorchMethod:
+    """A method of an ExecuTorch program in memory, called with its inputs. It holds the Program,
+    which holds the bytes the runtime reads in place: a Method keeps neither, so a Method whose
+    Program was a temporary reads freed memory (a crash, or no outputs, now and then)."""
+
+    def __init__(self, pte: bytes, name: str = "forward"):
+        from executorch.runtime import Runtime
+
+        self.program = Runtime.get().load_program(pte)
+        self.method = self.program.load_method(name)
+
+    def __call__(self, inputs: list) -> list:
+        return self.method.execute(inputs)
+
+
 def export_json(*args: str) -> tuple[int, dict]:
     result = run_cli("export", *args, "--json")
     return result.exit_code, json.loads(result.stdout)

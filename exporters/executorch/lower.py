@@ -216,7 +216,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
         quantization=QuantRecord(quant.describe(), f"torchao {version('torchao')}",
                                  {"delegate": "XNNPACK", "scale_search": SCALE_SEARCH,
                                   **({"grid": options.grid} if quant.scheme == "int4" else {})}),
-        # the grid's own cost, as the other backends count it; the .pte's int8 offsets and indicator rows
+        # the grid's own cost, as the other backends count it; the .pte's int8 offsets and their scales
         # (and a tied table's second copy) show in its ratio to this ideal
         ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: on_offset_grid(options.grid, wq)),
         runtime=RuntimeRecord("executorch", version("executorch"), facts),

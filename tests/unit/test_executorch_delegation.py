@@ -9,6 +9,7 @@ from torch import nn
 
 from edgepack.exporters.executorch.lower import delegate_to_xnnpack, quantize_module
 from edgepack.quant import QuantSpec
+from tests.conftest import ExecutorchMethod
 
 
 def _checked(program):
@@ -31,8 +32,6 @@ def _counting_decompositions(monkeypatch) -> list:
 
 @pytest.mark.parametrize("grid", ["offset", "symmetric"])
 def test_quantized_linears_lower_with_one_decomposition_less_to_the_same_pte(grid, monkeypatch):
-    from executorch.runtime import Runtime
-
     torch.manual_seed(0)
     model = quantize_module(nn.Sequential(nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 32)),
                             QuantSpec.from_options("int4", 32), grid)
@@ -43,7 +42,7 @@ def test_quantized_linears_lower_with_one_decomposition_less_to_the_same_pte(gri
     ours = delegate_to_xnnpack(torch.export.export(model, (x,)), None).to_executorch().buffer
     assert len(calls) < checked_calls  # 2 against 3 (symmetric) and 9 (offset: the check itself decomposes)
     assert ours == checked
-    [got] = Runtime.get().load_program(ours).load_method("forward").execute([x])
+    [got] = ExecutorchMethod(ours)([x])
     with torch.no_grad():
         want = model(x)
     assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import ExecutorchMethod
+
 
 @pytest.fixture(scope="module")
 def tiny_llama_capture(llama_dir):
@@ -49,7 +51,6 @@ def test_split_outputs_and_rotary_save_kernel_calls_and_change_no_logits(tiny_ll
     slice left inside a layer, and, through the ExecuTorch runtime, the same logits to the bit."""
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
     from executorch.kernels import quantized  # noqa: F401  (embedding_4bit)
-    from executorch.runtime import Runtime
 
     from bench.run import kernel_calls
     from edgepack.exporters.executorch import BACKEND
@@ -69,9 +70,9 @@ def test_split_outputs_and_rotary_save_kernel_calls_and_change_no_logits(tiny_ll
         return work.files[BACKEND.artifact]
 
     def logits(program: bytes) -> torch.Tensor:
-        method = Runtime.get().load_program(program).load_method("forward")
-        prompt = method.execute([torch.tensor([[5, 9, 17, 3, 22]]), torch.tensor([0])])[0].clone()
-        return torch.cat([prompt, method.execute([torch.tensor([[13]]), torch.tensor([5])])[0]])
+        method = ExecutorchMethod(program)
+        prompt = method([torch.tensor([[5, 9, 17, 3, 22]]), torch.tensor([0])])[0].clone()
+        return torch.cat([prompt, method([torch.tensor([[13]]), torch.tensor([5])])[0]])
 
     split, sliced = pte(True), pte(False)
     calls, plain = kernel_calls(split), kernel_calls(sliced)

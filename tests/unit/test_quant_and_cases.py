@@ -9,6 +9,7 @@ from torch import nn
 from edgepack.cases import CaseOutput, Tolerance, compare, compare_free_running, cosine, decode_greedy, within
 from edgepack.errors import InputError
 from edgepack.quant import QuantSpec
+from tests.conftest import ExecutorchMethod
 
 
 def test_quant_spec_translations():
@@ -221,7 +222,6 @@ def test_executorch_offset_grid_runs_a_constant_block_in_xnnpack():
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from executorch.runtime import Runtime
 
     from edgepack.exporters.executorch.lower import quantize_module
 
@@ -237,7 +237,7 @@ def test_executorch_offset_grid_runs_a_constant_block_in_xnnpack():
     with torch.no_grad():
         want = quantized(x)
     program = to_edge_transform_and_lower(torch.export.export(quantized, (x,)), partitioner=[XnnpackPartitioner()])
-    [got] = Runtime.get().load_program(program.to_executorch().buffer).load_method("forward").execute([x])
+    [got] = ExecutorchMethod(program.to_executorch().buffer)([x])
     assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max()
 
 
@@ -249,7 +249,6 @@ def test_executorch_offset_grid_layer_is_one_delegate_call_over_a_dynamic_length
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from executorch.runtime import Runtime
 
     from edgepack.exporters.executorch.lower import quantize_module
 
@@ -261,13 +260,10 @@ def test_executorch_offset_grid_layer_is_one_delegate_call_over_a_dynamic_length
                                           partitioner=[XnnpackPartitioner()])
     called = [str(n.target) for n in program.exported_program().graph.nodes if n.op == "call_function"]
     assert called == ["executorch_call_delegate", "<built-in function getitem>"], called
-    # the Program and its bytes held while the method runs: a Method keeps neither, and the runtime
-    # reads the bytes in place (a temporary here crashed the runtime now and then)
-    pte = Runtime.get().load_program(program.to_executorch().buffer)
-    method = pte.load_method("forward")
+    method = ExecutorchMethod(program.to_executorch().buffer)
     for length in (1, 7):
         x = torch.randn(1, length, 96)
-        [got] = method.execute([x])
+        [got] = method([x])
         with torch.no_grad():
             want = quantized(x)
         assert got.shape == want.shape and want.abs().max() > 0.1
