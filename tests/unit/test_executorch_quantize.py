@@ -46,9 +46,10 @@ def test_quantized_copy_shares_and_keeps_the_float_weights(tiny_llama_capture, g
 def test_split_outputs_and_rotary_save_kernel_calls_and_change_no_logits(tiny_llama_capture):
     """XNNPACK's partitioner takes no slice over the dynamic token length, so every slice is a
     kernel call of its own between delegate calls. A wide linear's output (q/k/v, gate/up) and each
-    rotary half-turn are split by one kernel, and cos/sin are widened to the heads once a forward: against transformers' own rotary (two slices a tensor and
-    an unsqueeze of cos and sin a layer) that is 2 slice and 2 unsqueeze calls a layer fewer, no
-    slice left inside a layer, and, through the ExecuTorch runtime, the same logits to the bit."""
+    rotary half-turn are split by one kernel, and cos/sin are widened to the heads once a forward:
+    against transformers' own rotary (two slices a tensor and an unsqueeze of cos and sin a layer)
+    that is 2 slice and 2 unsqueeze calls a layer fewer, no slice left inside a layer, and, through
+    the ExecuTorch runtime, the same logits to the bit."""
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::*)
     from executorch.kernels import quantized  # noqa: F401  (embedding_4bit)
 
