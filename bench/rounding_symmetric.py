@@ -9,8 +9,7 @@ ExecuTorch's 8da4w and export_llm store), rounded
 - by GPTQ (Frantar et al., 2022) with the same scales: columns are rounded in order and each
   one's error is spread over the columns not yet rounded through the inverse of the layer's input
   Hessian (2·XᵀX on edgepack's built-in calibration text, the precision plan's, in chunks of
-  512 tokens; dampened by a
-  fraction of its mean diagonal), or
+  512 tokens; dampened by a fraction of its mean diagonal), or
 - after AWQ's scaling (Lin et al., 2023): the layers that read one input (q/k/v after a norm,
   gate/up after a norm, down after up's rows) have their input channels multiplied by s = m^α,
   m each channel's mean magnitude on the calibration text, α searched on a grid per group for the
@@ -47,7 +46,7 @@ from bench.real_model import DEFAULT_OUT
 from bench.run import ROOT, git_commit, machine
 
 BLOCK, QMIN, QMAX = 32, -8, 7
-DAMPING = (0.01, 0.1)  # GPTQ's usual fraction, and ten times it against a small calibration set
+DAMPING = (0.01, 0.1)  # GPTQ's usual fraction, and ten times it
 CHUNK = 512  # calibration tokens a forward pass
 MAX_TOKENS = 8192  # each layer's inputs are held in memory: about 3 GB at this many
 ALPHAS = [i / 20 for i in range(20)]  # AWQ's grid; α = 0 is rounding to nearest
@@ -116,13 +115,13 @@ def awq_groups(model: torch.nn.Module) -> list[list[str]]:
 
 def calibration_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], ids: list[int], skip: int) -> dict:
     """Each linear layer's inputs [tokens, channels] on `ids` in chunks of CHUNK tokens, without
-    the first `skip` positions of each chunk (the first is the attention sink, whose states are far
-    larger than the others')."""
+    the first `skip` positions of each chunk (the first is the attention sink, whose inputs carry
+    much of the calibration error: docs/limits.md). Layers that read one tensor (q/k/v, gate/up)
+    share one result."""
     inputs, hooks, seen = {n: [] for n in linears}, [], {}
     for name, layer in linears.items():
         def record(module, args, output, name=name):
-            # layers that read one tensor (q/k/v, gate/up) share one copy of it; the tensor is
-            # held until the chunk ends so that no later one can take its id
+            # the tensor is held until the chunk ends, so that no later one can take its id
             if id(args[0]) not in seen:
                 seen[id(args[0])] = (args[0], args[0][0, skip:].detach().clone())
             inputs[name].append(seen[id(args[0])][1])
@@ -133,8 +132,16 @@ def calibration_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Linea
             seen.clear()
     for hook in hooks:
         hook.remove()
-    joined = {}
-    return {n: joined.setdefault(tuple(t.data_ptr() for t in x), torch.cat(x)) for n, x in inputs.items()}
+    return shared_per_input(inputs, torch.cat, key=lambda parts: tuple(map(id, parts)))
+
+
+def shared_per_input(per_layer: dict, compute: Callable, key: Callable = id) -> dict:
+    """`compute(value)` for each layer's value, once for the layers whose values have one key."""
+    results = {}
+    for value in per_layer.values():
+        if key(value) not in results:
+            results[key(value)] = compute(value)
+    return {n: results[key(value)] for n, value in per_layer.items()}
 
 
 def perplexity(nll) -> float:
@@ -156,11 +163,7 @@ def run(out_dir: Path, calibration: Path | None, skip: int) -> dict:
     texts, source = read_calibration(calibration)
     ids = [i for t in texts for i in encode(loaded.tokenizer, t + "\n")][:MAX_TOKENS]
     inputs = calibration_inputs(model, linears, ids, skip)
-    hessians = {}
-    for n, x in inputs.items():
-        hessians[n] = next((h for m, h in hessians.items() if inputs[m] is x), None)
-        if hessians[n] is None:
-            hessians[n] = (2 * x.double().T @ x.double()).float()
+    hessians = shared_per_input(inputs, lambda x: (2 * x.double().T @ x.double()).float())
     floats = {n: m.weight.detach().clone() for n, m in linears.items()}
     scales = {n: hqq_scales(w) for n, w in floats.items()}
     with torch.no_grad():
