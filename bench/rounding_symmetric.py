@@ -184,7 +184,10 @@ def run(out_dir: Path, calibration: Path | None, skip: int) -> dict:
         print(entry, flush=True)
         return entry
 
-    rows = [measure("round to nearest", lambda n: round_to_nearest(floats[n], scales[n]))]
+    def nearest(name: str) -> torch.Tensor:
+        return round_to_nearest(floats[name], scales[name])
+
+    rows = [measure("round to nearest", nearest)]
     rows += [measure(f"GPTQ, damping {d}", lambda n, d=d: gptq(floats[n], hessians[n], scales[n], d)) for d in DAMPING]
     started, awq, alphas = time.perf_counter(), {}, []
     for group in awq_groups(model):
@@ -192,7 +195,7 @@ def run(out_dir: Path, calibration: Path | None, skip: int) -> dict:
         awq.update({n: awq_rounded(floats[n], s) for n in group})
         alphas.append(alpha)
     search_s = time.perf_counter() - started
-    rows.append(measure("AWQ scaling, then round to nearest", lambda n: awq.get(n, round_to_nearest(floats[n], scales[n]))))
+    rows.append(measure("AWQ scaling, then round to nearest", lambda n: awq[n] if n in awq else nearest(n)))
     rows[-1].update({"search_s": round(search_s, 1), "alpha_mean": round(sum(alphas) / len(alphas), 3),
                      "groups_scaled": sum(a > 0 for a in alphas), "groups": len(alphas)})
     report = {
