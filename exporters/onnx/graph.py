@@ -243,7 +243,8 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
                             folder: Path | None = None) -> int:
     """Rewrite the named MatMul / Gather nodes to hold 4-bit blocks on a grid with a float offset
     per block: w = scale·(q - 8) + offset, from `quantize_blocks(weight [out, in] float32) ->
-    (q uint8 [out, in] in 0..15, scales float16 [out, blocks], offsets float16 [out, blocks])`.
+    (q uint8 [out, in] in 0..15, scales float16 [out, blocks], offset codes int8 [out, blocks],
+    offset scales float32 [out, 1])`, offset = code·scale.
 
     MatMulNBits computes the symmetric part (zero point 8 implied, so its fast kernels run); the
     offsets add Σ_b (Σ_{k in b} x_k)·offset[n, b]: the block sums (x reshaped into its blocks and
@@ -252,8 +253,8 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
     their blocks (offsets[ids] · E^T, E the 0/1 block-indicator matrix [K, blocks]). A tied table
     (the embedding and the LM head) is stored once: the Gather reads the MatMul's codes, scales
     and offsets.
-    Scales and offsets are stored fp16 (the file's 4.5 -> 5 bits a weight instead of 5.5 with
-    fp32 scales); the Casts, Transposes and Reshapes of these constants come first in the graph
+    Scales are stored fp16 and offsets int8 (4.75 bits a weight; 5.5 with fp32 scales and
+    offsets); the Casts, Muls, Transposes and Reshapes of these constants come first in the graph
     and onnxruntime folds them when it loads the model, before MatMulNBits packs its weights.
     Returns how many tables were stored once for two nodes."""
     from onnx import TensorProto, helper, numpy_helper
@@ -300,11 +301,12 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
         for known, stored_name in tables:
             if known.shape == table.shape and np.array_equal(known, table):
                 return stored_name, True
-        q, scales, offsets = quantize_blocks(table)
+        q, scales, offset_codes, offset_scales = quantize_blocks(table)
         rows, cols = q.shape
         const(f"{name}_Q4", (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(rows, cols // block, block // 2))
         const(f"{name}_scales", scales.astype(np.float16))
-        const(f"{name}_offsets", offsets.astype(np.float16))
+        const(f"{name}_offsets", offset_codes.astype(np.int8))
+        const(f"{name}_offset_scales", offset_scales.astype(np.float32))
         if table.shape in gather_shapes:
             tables.append((table, name))
         return name, False
@@ -321,13 +323,14 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
         name, reused = store(table, weight_name)
         shared += reused and not is_matmul
         rows, cols = table.shape
-        codes, scales, offsets = f"{name}_Q4", as_float(f"{name}_scales"), f"{name}_offsets"
+        codes, scales = f"{name}_Q4", as_float(f"{name}_scales")
+        offsets = derived("Mul", [as_float(f"{name}_offsets"), f"{name}_offset_scales"], f"{name}_block_offsets")
         out, tag = node.output[0], node.name
         if is_matmul:
             attrs = {"K": cols, "N": rows, "bits": 4, "block_size": block}
             if accuracy_level:
                 attrs["accuracy_level"] = accuracy_level
-            offsets_t = as_float(derived("Transpose", [offsets], f"{offsets}_t", perm=[1, 0]))
+            offsets_t = derived("Transpose", [offsets], f"{offsets}_t", perm=[1, 0])
             nodes = [
                 helper.make_node("MatMulNBits", [node.input[0], codes, scales], [f"{tag}_sym"], name=f"{tag}_Q4",
                                  domain="com.microsoft", **attrs),
@@ -340,9 +343,7 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
             nodes = [
                 helper.make_node("GatherBlockQuantized", [rows_of, node.input[1], scales], [f"{tag}_sym"], name=f"{tag}_Q4",
                                  domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1),
-                helper.make_node("Gather", [offsets, node.input[1]], [f"{tag}_offsets16"], name=f"{tag}_offsets", axis=0),
-                helper.make_node("Cast", [f"{tag}_offsets16"], [f"{tag}_row_offsets"], name=f"{tag}_offsets_cast",
-                                 to=TensorProto.FLOAT),
+                helper.make_node("Gather", [offsets, node.input[1]], [f"{tag}_row_offsets"], name=f"{tag}_offsets", axis=0),
                 helper.make_node("MatMul", [f"{tag}_row_offsets", spread], [f"{tag}_offset_term"], name=f"{tag}_offset_term"),
             ]
         nodes.append(helper.make_node("Add", [f"{tag}_sym", f"{tag}_offset_term"], [out], name=f"{tag}_add_offsets"))

@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 from edgepack.errors import InputError
 from edgepack.exporters.backend import INT4_GRIDS, flag
 
-# offset: stored as MatMulNBits' symmetric codes plus one fp16 offset per block added by a small
-# side product; symmetric: onnxruntime's own MatMulNBitsQuantizer grid, faster and less accurate,
-# so the precision plan keeps more layers int8 on it, which can make the file larger (the real
-# SmolLM2-135M: 92.4 MB against 84.5 MB; docs/bench.md).
+# offset: stored as MatMulNBits' symmetric codes plus one int8 offset per block (a float32 scale
+# per row) added by a small side product; symmetric: onnxruntime's own MatMulNBitsQuantizer grid,
+# faster and less accurate, so the precision plan keeps more layers int8 on it, which can make the
+# file larger (the real SmolLM2-135M: 92.4 MB against 81.1 MB; docs/bench.md).
 
 
 @dataclass(frozen=True)
 class Options:
     grid: str = field(default="offset", metadata=flag(
-        "--onnx-grid", "ONNX: the int4 grid: 'offset' (each block its own min..max, +1 fp16 per 32 weights; "
+        "--onnx-grid", "ONNX: the int4 grid: 'offset' (each block its own min..max, +1 int8 offset per 32 weights; "
         "the default) or 'symmetric' (onnxruntime's quantizer: faster decode, less accurate; the precision plan "
         "keeps more layers int8 on it, so the file can be larger).", str))
 

@@ -36,21 +36,21 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _offsets(model, node, initializers: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray | None:
+def _offsets(model, node, constants: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray | None:
     """The offset grid's per-block offsets [out, blocks] added to `node`'s output, found by
     walking the graph, not by name: an Add of the node's output and a MatMul one of whose inputs
-    comes (through Cast, Transpose or Gather) from an fp16 initializer of that shape."""
+    comes (through Transpose or Gather) from a float constant of that shape (`constants`: int8
+    codes times their rows' scales, as onnxruntime folds them)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     for add in (n for n in model.graph.node if n.op_type == "Add" and node.output[0] in n.input):
         term = producer.get(next(i for i in add.input if i != node.output[0]))
         todo = list(term.input) if term is not None and term.op_type == "MatMul" else []
         while todo:
             name = todo.pop()
-            if name in initializers:
-                if initializers[name].dtype == np.float16 and initializers[name].shape == shape:
-                    return initializers[name].astype(np.float32)
-            elif name in producer and producer[name].op_type in ("Cast", "Transpose", "Gather"):
+            if name in producer and producer[name].op_type in ("Transpose", "Gather"):
                 todo.extend(producer[name].input)
+            elif name in constants and constants[name].dtype == np.float32 and constants[name].shape == shape:
+                return constants[name]
     return None
 
 
@@ -72,6 +72,8 @@ def _constants(model) -> dict[str, np.ndarray]:
             values[node.output[0]] = np.transpose(x, a.get("perm"))
         elif node.op_type == "Reshape":
             values[node.output[0]] = x.reshape(values[node.input[1]])
+        elif node.op_type == "Mul":
+            values[node.output[0]] = x * values[node.input[1]]
     return values
 
 
@@ -81,7 +83,7 @@ def _stored(model) -> list[tuple[str, int, int, np.ndarray, np.ndarray]]:
     documented layouts (4 bits: uint4 with zero point 8 packed low nibble first, or for
     onnxruntime's Gather quantizer signed int4; 8 bits: uint8 with zero point 128), plus each
     block's offset on the offset grid, independently of edgepack."""
-    values, initializers = _constants(model), _initializers(model)
+    values = _constants(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     head_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
     stored = []
@@ -105,7 +107,7 @@ def _stored(model) -> list[tuple[str, int, int, np.ndarray, np.ndarray]]:
         k = q.shape[1]
         scales = scales.reshape(n, -1)
         weight = q * np.repeat(scales, block, axis=1)[:, :k]
-        offsets = _offsets(model, node, initializers, scales.shape)
+        offsets = _offsets(model, node, values, scales.shape)
         if offsets is not None:
             weight = weight + np.repeat(offsets, block, axis=1)
         stored.append((node.op_type, bits, block, scales, weight))
@@ -169,12 +171,12 @@ def test_graph_has_genai_io_and_every_linear_layer_is_matmulnbits(onnx_export, l
     assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("Split") == 2 and ops.count("GatherBlockQuantized") == 1
     graph = read_manifest(bundle)["artifacts"][0]["runtime"]["graph"]
     assert (graph["linear_matmuls"], graph["linear_matmuls_fused"], graph["matmul_nbits"]) == (linears, 2 * 3, 2 * 4 + 1)
-    # No float weight is left: the only constant operands of plain MatMuls and Gathers are the
-    # offset grid's 0/1 block indicators and its fp16 per-block offsets (1/32 of a weight).
+    # No float weight is left: the only float32 matrices stored are the offset grid's 0/1 block
+    # indicators and its offsets' per-row scales; the offsets themselves are int8 (1/32 of a weight).
     weights = _initializers(model)
-    constant = [weights[n.input[1 if n.op_type != "Gather" else 0]] for n in model.graph.node
-                if n.op_type in ("MatMul", "Gemm", "Gather") and n.input[1 if n.op_type != "Gather" else 0] in weights]
-    assert constant and all(np.isin(c, (0, 1)).all() or c.dtype == np.float16 for c in constant)
+    matrices = [w for w in weights.values() if w.ndim == 2]
+    assert all(np.isin(w, (0, 1)).all() or w.shape[1] == 1 for w in matrices if w.dtype == np.float32)
+    assert {w.dtype for w in matrices} == {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8)}
     assert all(a["accuracy_level"] == 4 and a["bits"] == 4 and a["block_size"] == 32
                for n in model.graph.node if n.op_type == "MatMulNBits" for a in [_attrs(n)])
     # Each layer's attention is one fused GroupQueryAttention reading its past and writing its
@@ -205,7 +207,7 @@ def _tied_table_read_once(model) -> None:
 @pytest.mark.slow
 def test_offset_grid_weights_span_each_blocks_range_and_are_the_references(onnx_export, llama_dir):
     """The default grid read back from the file: each block of 32 spans exactly its float block's
-    [min, max] (codes 0 and 15; up to the fp16 offset's rounding), every weight is within half a
+    [min, max] (codes 0 and 15; up to the int8 offset's rounding), every weight is within half a
     step of its float value, and the stored values are those the smoke's reference computes with."""
     from edgepack.exporters.onnx.lower import offset_parts
     from edgepack.exporters.sources import load_source
@@ -227,16 +229,17 @@ def test_offset_grid_weights_span_each_blocks_range_and_are_the_references(onnx_
                    and np.abs(f.numpy() - w).max() <= scales.max() / 2 + 1e-3 * np.abs(f.numpy()).max()]
         [float_weight] = matches
         blocks, stored = float_weight.numpy().reshape(w.shape[0], -1, block), w.reshape(w.shape[0], -1, block)
-        slack = 2 ** -10 * np.abs(stored).max()  # the offset is fp16
-        assert np.abs(stored.max(-1) - blocks.max(-1)).max() <= slack and np.abs(stored.min(-1) - blocks.min(-1)).max() <= slack
         symmetric, offsets = offset_parts(float_weight, block)
+        # half an int8 step of the row's largest offset, and the fp16 scales' rounding
+        slack = offsets.abs().amax(dim=1, keepdim=True).numpy() / 254 * (1 + 1e-5) + 2 ** -10 * np.abs(stored).max()
+        assert (np.abs(stored.max(-1) - blocks.max(-1)) <= slack).all() and (np.abs(stored.min(-1) - blocks.min(-1)) <= slack).all()
         np.testing.assert_array_equal(w, (symmetric + offsets.repeat_interleave(block, dim=1)).numpy())
     _tied_table_read_once(model)
     runtime = art["runtime"]
     assert runtime["quantized_bytes"] == art["bytes"] and art["bytes"] * 4 < runtime["float_bytes"]
-    # Weights: 4 bits + one fp32 scale and one fp16 offset per 32 (5.5 bits; the ideal counts fp16
-    # scales, 5 bits); the rest of the file is the graph and the fp32 norms.
-    assert sum(w.size * 5.5 for *_, w in found) / 8 <= 1.12 * art["ideal_bytes"]
+    # Weights: 4 bits + an fp16 scale and an int8 offset per 32 (4.75 bits, and a float32 scale
+    # per row; the ideal counts fp16 offsets, 5 bits); the rest of the file is the graph and the fp32 norms.
+    assert sum(w.size * 4.75 for *_, w in found) / 8 <= art["ideal_bytes"]
     assert art["bytes"] <= 1.6 * art["ideal_bytes"], (art["bytes"], art["ideal_bytes"])
 
 
