@@ -146,3 +146,24 @@ def test_the_exported_module_weights_are_not_held_after_the_export(tmp_path):
     del module, signature
     gc.collect()
     assert [w() for w in weights if w() is not None] == []
+
+
+def test_onnxruntime_folds_the_offsets_into_float_constants_when_it_loads(tmp_path):
+    """The offset grid stores its offsets int8 with a float32 scale per row; the Casts, Muls and
+    Transposes that make them float32 read constants only, and onnxruntime folds them at load: the
+    graph it runs holds none of them, only the side product's own nodes (block sums, MatMul, Add)."""
+    import onnxruntime as ort
+
+    (tmp_path / "model.onnx").write_bytes(rewritten(small_graph(), None)["model.onnx"])
+    stored = onnx.load(tmp_path / "model.onnx")
+    int8 = [t for t in stored.graph.initializer if t.data_type == TensorProto.INT8]
+    assert len(int8) == 2  # the q/k stack's offsets and the tied table's
+    prologue = [n for n in stored.graph.node if n.op_type in ("Cast", "Mul", "Transpose")]
+    assert len(prologue) >= 3 * len(int8)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert not [n.name for n in optimized.graph.node if n.op_type in ("Cast", "Mul", "Transpose")]
+    assert [n.op_type for n in optimized.graph.node].count("Add") == 1 + 3  # the residual, and the stack's, the head's and the lookup's offsets
