@@ -4,6 +4,7 @@ Every number comes from the run or the manifest; nothing here measures or guesse
 from __future__ import annotations
 
 import json
+import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -15,6 +16,28 @@ from edgepack.exporters.backend import CompanionCheck, function
 from edgepack.exporters.registry import BACKENDS
 from edgepack.packaging.integration import integration_snippets
 
+
+def describe_tensors(tensors: list[dict]) -> str:
+    """`name: dtype[shape]` for each tensor, in order; tensors alike but for one number in their
+    names (a KV cache's two per layer) as one entry where there are three or more numbered 0..n-1:
+    `past_key_values.{0..29}.key: float32[...]` instead of thirty lines."""
+    def run_of(t: dict) -> tuple[tuple, int] | None:
+        numbered = re.fullmatch(r"(\D*)(\d+)(.*)", t["name"])
+        return numbered and ((numbered[1], numbered[3], t["dtype"], str(t["shape"])), int(numbered[2]))
+
+    runs: dict[tuple, list[int]] = {}
+    for key, number in filter(None, map(run_of, tensors)):
+        runs.setdefault(key, []).append(number)
+    entries, shown = [], set()
+    for t in tensors:
+        key = (run_of(t) or (None,))[0]
+        if key and len(runs[key]) >= 3 and sorted(runs[key]) == list(range(len(runs[key]))):
+            if key not in shown:
+                shown.add(key)
+                entries.append(f"{key[0]}{{0..{len(runs[key]) - 1}}}{key[1]}: {t['dtype']}{t['shape']}")
+            continue
+        entries.append(f"{t['name']}: {t['dtype']}{t['shape']}")
+    return ", ".join(entries)
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
@@ -277,9 +300,7 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
         if a["quantization"].get("grid"):
             table.add_row("int4 stored as", a["quantization"]["grid"])
         for m in a["methods"]:
-            inputs = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in m["inputs"])
-            outputs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in m["outputs"])
-            table.add_row(f"method {m['name']}", f"({inputs}) -> {outputs}")
+            table.add_row(f"method {m['name']}", f"({describe_tensors(m['inputs'])}) -> {describe_tensors(m['outputs'])}")
         for label, text in BACKENDS[a["backend"]].embedded_metadata(bundle / a["path"]):
             table.add_row(f"in file: {label}", text)
         if a["backend"] in fidelity:
