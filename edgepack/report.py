@@ -39,6 +39,7 @@ def describe_tensors(tensors: list[dict]) -> str:
         entries.append(f"{t['name']}: {t['dtype']}{t['shape']}")
     return ", ".join(entries)
 
+
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 
