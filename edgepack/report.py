@@ -25,12 +25,14 @@ def describe_tensors(tensors: list[dict]) -> str:
         numbered = re.fullmatch(r"(\D*)(\d+)(.*)", t["name"])
         return numbered and ((numbered[1], numbered[3], t["dtype"], str(t["shape"])), int(numbered[2]))
 
+    numbered = [(t, run_of(t)) for t in tensors]
     runs: dict[tuple, list[int]] = {}
-    for key, number in filter(None, map(run_of, tensors)):
-        runs.setdefault(key, []).append(number)
+    for _, run in numbered:
+        if run:
+            runs.setdefault(run[0], []).append(run[1])
     entries, shown = [], set()
-    for t in tensors:
-        key = (run_of(t) or (None,))[0]
+    for t, run in numbered:
+        key = run and run[0]
         if key and len(runs[key]) >= 3 and sorted(runs[key]) == list(range(len(runs[key]))):
             if key not in shown:
                 shown.add(key)
