@@ -435,6 +435,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
                                  {**({"grid": options.grid} if quant.scheme == "int4" else {}),
                                   "ops": work.storage or "none",
                                   "accuracy_level": INT8_COMPUTE if quant.dynamic_int8_activations else 0}),
+        # the offset grid counted as the other backends count it (an fp16 offset a block); the .onnx stores int8
         ideal_bytes=quant.ideal_bytes(captured.module, offsets=lambda wq: on_offset_grid(options, wq)),
         runtime=RuntimeRecord("onnxruntime", version("onnxruntime"), facts),
         reference=work.reference,
