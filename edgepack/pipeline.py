@@ -1,6 +1,7 @@
-"""The whole export, in order: check → load → capture → plan precision (encoders at int4) → lower
-(per backend) → package → smoke → quality (decoder LMs: perplexity on text) → commit (to NAME/ when
-everything passed, else to NAME.failed/).
+"""The whole export, in order: check → load → capture → plan precision (models with a tokenizer at
+int4) → lower (per backend; decoder LMs: the backends on the offset grid after fp32's perplexity and
+the fit of that grid's blocks to the calibration text) → package → smoke → quality (decoder LMs:
+perplexity on text) → commit (to NAME/ when everything passed, else to NAME.failed/).
 No stage here knows a backend by name; backends come from the registry. The plan, each lowering and
 each perplexity are kept in the stage cache (edgepack/cache.py) and taken from it when an export
 repeats them."""
@@ -24,7 +25,7 @@ from edgepack.errors import (
     write_error,
 )
 from edgepack.exporters.capture import CaptureOptions, capture
-from edgepack.exporters.decoder_precision import check_budget, plan_decoder_precision
+from edgepack.exporters.decoder_precision import check_budget, fit_offset_blocks, plan_decoder_precision
 from edgepack.exporters.lowering import lower
 from edgepack.exporters.mixed_precision import DEFAULT_FLOOR, plan_mixed_precision, read_calibration
 from edgepack.exporters.registry import DEFAULT_TARGET, resolve_targets, target_names
@@ -262,10 +263,24 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
 
     # Each backend's QuantSpec: its int4 grid's own plan (decoder LMs), or one for all
     specs = {name: plans.get(grid, quant) for name, grid in grids.items()}
-    artifact_keys = {name: digest("artifact", model_key, name, options[name], specs[name].record())
+    # The offset grid's plan (decoder LMs) comes with its blocks fitted to the calibration text, in
+    # place (fit_offset_blocks), before the first offset-grid backend the cache does not hold. What
+    # needs the float weights comes first: the backends on other grids, and fp32's perplexity.
+    fitting = "offset" in plans
+    artifact_keys = {name: digest("artifact", model_key, name, options[name], specs[name].record(),
+                                  calibration if fitting and grids[name] == "offset" else None)
                      for name in specs} if cache.enabled else {}
+    fp32_text = None
     artifacts, failures = [], []
-    for backend in backends:
+    for backend in sorted(backends, key=lambda b: fitting and grids[b.name] == "offset"):
+        if fitting and grids[backend.name] == "offset" and not cache.has_artifact(artifact_keys.get(backend.name)):
+            with progress.stage("quality fp32") as stage:
+                fp32_text = fp32_eval_text(captured, eval_text, stage, cache, model_key)
+            with progress.stage("fit offset grid") as stage:
+                fit = fit_offset_blocks(captured, plans["offset"], calibration[0], on_step=stage.step)
+                stage.note(f"{fit['changed']} of {fit['weights']} weights moved, median weighted error "
+                           f"{fit['median_weighted_error_vs_min_max']:g}× min..max's")
+            fitting = False
         try:
             with progress.stage(f"lower {backend.name}") as stage:
                 artifacts.append(lowered(backend, captured, specs[backend.name], options[backend.name], cache,
@@ -276,6 +291,8 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
                 raise
             failures.append(_failure(e, backend.name))
             progress.console.print(f"[red]{backend.name} failed:[/] {e}")
+    order = [b.name for b in backends]
+    artifacts.sort(key=lambda a: order.index(a.backend))
     result = ExportResult(None, artifacts, failures, [], progress, warnings=warnings, skipped=skipped, cache=cache)
     if not artifacts:
         result.peak_rss_bytes = peak_rss_bytes()
@@ -297,8 +314,8 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
         gate_cosine(request, quant, manifest, result)
         if loaded.task == "causal-lm" and loaded.tokenizer is not None:
             with progress.stage("quality") as stage:
-                manifest["quality"] = measure_quality(request, captured, staging, manifest, eval_text, stage, result,
-                                                      model_key, artifact_keys)
+                text = fp32_text or fp32_eval_text(captured, eval_text, stage, cache, model_key)
+                manifest["quality"] = measure_quality(request, text, staging, manifest, stage, result, artifact_keys)
         manifest["verdict"] = {"passed": result.passed, "failures": verdict_failures(result), "warnings": result.warnings,
                                "skipped": result.skipped}
         with progress.stage("archive"):  # deflating a 1B model's weights takes from half a minute to minutes
@@ -374,22 +391,27 @@ def gate_cosine(request: ExportRequest, quant: QuantSpec, manifest: dict, result
                 f"or gate the export with --min-cosine")
 
 
-def measure_quality(request: ExportRequest, captured, staging: StagedBundle, manifest: dict, eval_text: tuple[str, str],
-                    stage, result: ExportResult, model_key: str | None, artifact_keys: dict[str, str]) -> dict:
-    """Perplexity of every artifact on the evaluation text against fp32 (fp32's and each artifact's
-    from the cache when this model, or that artifact, was measured on this text before), and the
-    gates on it."""
-    loaded, cache = captured.loaded, result.cache
+def fp32_eval_text(captured, eval_text: tuple[str, str], stage, cache: StageCache, model_key: str | None) -> quality.EvalText:
+    """The evaluation text's windows and the float model's perplexity on them (from the cache when
+    this model was measured on this text before)."""
+    loaded = captured.loaded
     stage.step("fp32")
     text_key = digest("eval text", model_key, eval_text) if cache.enabled else None
     kept = cache.get_json("quality", text_key, "quality fp32") if text_key else None
     if kept is not None:
-        text = quality.EvalText.from_record(kept)
-    else:
-        text = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t),
-                                         *eval_text, captured.llm_metadata["get_max_seq_len"])
-        if text_key:
-            cache.put_json("quality", text_key, text.record())
+        return quality.EvalText.from_record(kept)
+    text = quality.prepare_eval_text(loaded.module, lambda t: encode(loaded.tokenizer, t),
+                                     *eval_text, captured.llm_metadata["get_max_seq_len"])
+    if text_key:
+        cache.put_json("quality", text_key, text.record())
+    return text
+
+
+def measure_quality(request: ExportRequest, text: quality.EvalText, staging: StagedBundle, manifest: dict,
+                    stage, result: ExportResult, artifact_keys: dict[str, str]) -> dict:
+    """Perplexity of every artifact on the evaluation text against fp32's (each artifact's from the
+    cache when it was measured on this text before), and the gates on it."""
+    cache = result.cache
     bound = quality.DEFAULT_MAX_INCREASE_PCT if request.max_ppl_increase is None else request.max_ppl_increase
     keys = {backend: digest("quality", key, text.sha256) for backend, key in artifact_keys.items()}
     measured = {a["backend"]: kept for a in manifest["artifacts"] if a["backend"] in keys

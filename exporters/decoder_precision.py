@@ -23,7 +23,7 @@ import torch
 from edgepack.errors import InputError
 from edgepack.exporters.mixed_precision import INT8
 from edgepack.exporters.tokenizer import encode
-from edgepack.exporters.weights import OffsetGrid, Rounding, fake_quantize, row_slices
+from edgepack.exporters.weights import OffsetGrid, Rounding, fake_quantize, fit_min_max_, row_slices
 from edgepack.packaging.quality import DEFAULT_BITS_PER_WEIGHT
 from edgepack.quant import QuantSpec, WeightQuant
 from edgepack.stages import CapturedModel
@@ -47,6 +47,9 @@ INT4_GRID = {
                                                                    "stores; an fp16 scale per block)"),
 }
 EIGHT = Rounding.symmetric(8, narrow=True)
+BLOCK_FIT = ("each 4-bit block's scale and minimum fitted to the calibration text: weighted least squares, "
+             "weighted by the layer's mean squared input (weights.fit_min_max_); a block already on the grid "
+             "stays as it is")
 
 
 def stored_bits(wq: WeightQuant, cols: int, grid: str = "symmetric", scale_bits: int = 16) -> float:
@@ -123,8 +126,45 @@ def _plan_on_grid(spec: QuantSpec, units: list, fisher: list[torch.Tensor], grid
         "int8_layer_names": sorted(chosen),
         "estimated_loss_all_int4": round(all_int4 / calibration["tokens"], 6),
         "estimated_loss_planned": round((all_int4 - saved) / calibration["tokens"], 6),
+        **({"block_fit": BLOCK_FIT} if grid == "offset" else {}),
     }
     return spec.with_overrides({n: INT8 for n in chosen}, plan)
+
+
+def fit_offset_blocks(captured: CapturedModel, spec: QuantSpec, texts: list[str], on_step=None) -> dict:
+    """In place: every int4 weight of the offset grid's plan `spec` that a linear layer reads moved
+    onto its block grid fitted to that layer's inputs on the calibration texts (weights.fit_min_max_;
+    a tied table by its LM head's inputs). The backends' min..max quantizers then hold these
+    weights exactly, as they hold a Q4_1 source's, so every offset-grid backend stores the same
+    fitted blocks. An untied embedding table, whose lookup has no input to weigh by, keeps
+    min..max. Returns what changed: weights fitted and the weighted error left against min..max's."""
+    step = on_step or (lambda _: None)
+    layers = dict(captured.module.named_modules())
+    fitted: dict[int, tuple[torch.Tensor, torch.nn.Linear, WeightQuant]] = {}
+    for name, wq in spec.layers(captured.module).items():
+        if wq.bits == 4 and wq.group_size and isinstance(layers[name], torch.nn.Linear):
+            fitted.setdefault(id(layers[name].weight), (layers[name].weight, layers[name], wq))
+    chunks = _chunks(captured, texts)
+    step(f"input magnitudes on {sum(c.numel() for c in chunks)} calibration tokens")
+    squares = {id(linear): torch.zeros(linear.in_features) for _, linear, _ in fitted.values()}
+
+    def add_squares(linear, args):
+        x = args[0].detach().float()
+        squares[id(linear)] += (x * x).reshape(-1, x.shape[-1]).sum(0)
+
+    hooks = [linear.register_forward_pre_hook(add_squares) for _, linear, _ in fitted.values()]
+    try:
+        with torch.no_grad():
+            for chunk in chunks:
+                captured.loaded.module(input_ids=chunk, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    step(f"fit {len(fitted)} weights' blocks")
+    ratios = [fit_min_max_(weight, wq.group_size, squares[id(linear)]) for weight, linear, wq in fitted.values()]
+    changed = [r for r in ratios if r < 1]
+    return {"weights": len(fitted), "changed": len(changed),
+            "median_weighted_error_vs_min_max": round(sorted(changed)[len(changed) // 2], 3) if changed else 1.0}
 
 
 def _rounding_cost(w: torch.Tensor, f: torch.Tensor, wq: WeightQuant, rounding) -> float:

@@ -9,8 +9,11 @@ import re
 import subprocess
 import sys
 
+import gguf
+import numpy as np
 import onnx
 import pytest
+import torch
 
 from edgepack.packaging.bundle import read_bundle
 from tests.conftest import export_json, run_cli
@@ -65,4 +68,37 @@ def test_backends_on_two_grids_get_a_plan_each(llama_dir, tmp_path):
     stderr = " ".join(result.stderr.split())
     assert "precision: gguf: 0 of" in stderr and "precision: onnx: " in stderr
     assert "gguf: the offset grid stores int4 at 5 bits a weight, over --bits-per-weight 4.75" in stderr
+    # the offset grid's blocks are fitted to the calibration text in place: ONNX's symmetric grid
+    # is lowered from the float weights before that, and fp32's perplexity measured; GGUF after
+    assert "block_fit" in offset["plan"] and "block_fit" not in symmetric["plan"]
+    assert [a["backend"] for a in manifest["artifacts"]] == ["gguf", "onnx"]
+    stages = [re.search(rf"✓ {name} \d", stderr).start() for name in ("lower onnx", "quality fp32", "fit offset grid",
+                                                                         "lower gguf", "quality")]
+    assert stages == sorted(stages), stderr
+    # what GGUF stores is the fit (weights.fit_min_max_, weighted by each layer's inputs on the
+    # built-in calibration texts), which the float weights' own min..max is not
+    fitted, plain = _fitted_and_min_max(llama_dir, "model.layers.1.mlp.down_proj")
+    reader = gguf.GGUFReader(tmp_path / "tiny-llama" / "gguf" / "model.gguf")
+    [tensor] = [t for t in reader.tensors if t.name == "blk.1.ffn_down.weight"]
+    stored = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)).reshape(fitted.shape)
+    assert torch.allclose(stored, fitted, atol=1e-6, rtol=0)
+    assert (stored - plain).abs().max() > 1e-3
+
+
+def _fitted_and_min_max(llama_dir, layer: str):
+    """`layer`'s weight in the tiny Llama as the offset grid's fit leaves it, and as min..max
+    (fp16 scale and minimum) rounds its float weight."""
+    from edgepack.exporters.capture import CaptureOptions, capture
+    from edgepack.exporters.decoder_precision import fit_offset_blocks
+    from edgepack.exporters.mixed_precision import read_calibration
+    from edgepack.exporters.sources import load_source
+    from edgepack.exporters.weights import quantize_min_max
+    from edgepack.quant import QuantSpec
+
+    captured = capture(load_source(str(llama_dir)), CaptureOptions())
+    weight = captured.loaded.module.get_submodule(layer).weight
+    q, scale, minimum = quantize_min_max(weight.detach(), 4, 32, scale_dtype=torch.float16)
+    plain = (q * scale + minimum.half().float()).reshape(weight.shape)
+    fit_offset_blocks(captured, QuantSpec.from_options("int4", 32), read_calibration(None)[0])
+    return weight.detach().clone(), plain
 

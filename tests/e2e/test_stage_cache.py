@@ -76,8 +76,9 @@ def monkeypatch_module():
 
 def test_a_killed_export_resumes_at_its_last_finished_stage(resumed):
     cache, out, summary = resumed
-    # the plan and GGUF's lowering finished before the kill: taken from the cache; ONNX's did not
-    assert summary["cache"] == {"dir": str(cache), "reused": ["plan precision", "lower gguf"]}
+    # the plan, fp32's perplexity (measured before the offset grid's fit, ahead of both offset-grid
+    # lowerings) and GGUF's lowering finished before the kill: taken from the cache; ONNX's did not
+    assert summary["cache"] == {"dir": str(cache), "reused": ["plan precision", "lower gguf", "quality fp32"]}
     assert _stage_seconds(summary, "lower gguf") < 2
     # fp32's answers on the evaluation text, and each artifact's perplexity there
     assert set(_entries(cache, "artifact")) == {"gguf", "onnx"} and len(_entries(cache, "quality")) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from edgepack.cases import CaseOutput, Tolerance, compare, compare_free_running, cosine, decode_greedy, within
@@ -410,3 +411,42 @@ def test_offset_grids_are_the_same_computed_on_slices_of_rows(monkeypatch):
     for name, make in cases.items():
         for got, want in zip(make(), whole[name], strict=True):
             assert got.shape == want.shape and torch.equal(got, want), name
+
+
+def test_fitted_blocks_lower_the_weighted_error_and_survive_a_min_max_quantizer():
+    """weights.fit_min_max_ on weights off any 4-bit grid (rows enough for two of its slices): less
+    importance-weighted error than min..max, and each block spans codes 0..15, so quantize_min_max
+    holds the fitted weight as it holds a Q4_1 source (the backends quantize it again)."""
+    from edgepack.exporters.weights import fit_min_max_, quantize_min_max
+
+    torch.manual_seed(0)
+    weight = torch.randn(40000, 64)
+    importance = torch.rand(64) ** 4 * 100  # a few columns carry most of the input
+    fitted = weight.clone()
+    ratio = fit_min_max_(fitted, 32, importance)
+    q, scale, minimum = quantize_min_max(weight, 4, 32, scale_dtype=torch.float16)
+    plain = (q * scale + minimum.half().float()).reshape(weight.shape)
+
+    def weighted(image):
+        return float((importance * (image - weight) ** 2).sum())
+
+    assert weighted(fitted) < 0.8 * weighted(plain) and ratio == pytest.approx(weighted(fitted) / weighted(plain), rel=1e-3)
+    q, scale, minimum = quantize_min_max(fitted, 4, 32, scale_dtype=torch.float16)
+    assert torch.allclose((q * scale + minimum).reshape(fitted.shape), fitted, atol=1e-6, rtol=0)
+
+
+def test_fitted_blocks_leave_a_q4_1_source_as_it_is():
+    """A weight already on the offset grid (fp16 scale and minimum, codes 0..15 in every block)
+    comes back unchanged whatever the importance, a column weighing nothing included."""
+    from edgepack.exporters.weights import fit_min_max_
+
+    torch.manual_seed(1)
+    codes = torch.randint(0, 16, (32, 4, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    scale = (torch.rand(32, 4, 1) * 0.1).half().float()
+    minimum = (torch.randn(32, 4, 1) * 0.1).half().float()
+    source = (codes * scale + minimum).reshape(32, 128)
+    importance = torch.rand(128)
+    importance[:7] = 0
+    fitted = source.clone()
+    assert fit_min_max_(fitted, 32, importance) == 1.0 and torch.equal(fitted, source)
