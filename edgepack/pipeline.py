@@ -266,21 +266,21 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
     # The offset grid's plan (decoder LMs) comes with its blocks fitted to the calibration text, in
     # place (fit_offset_blocks), before the first offset-grid backend the cache does not hold. What
     # needs the float weights comes first: the backends on other grids, and fp32's perplexity.
-    fitting = "offset" in plans
+    fitted = {name for name, grid in grids.items() if grid == "offset" and "offset" in plans}
     artifact_keys = {name: digest("artifact", model_key, name, options[name], specs[name].record(),
-                                  calibration if fitting and grids[name] == "offset" else None)
+                                  calibration if name in fitted else None)
                      for name in specs} if cache.enabled else {}
-    fp32_text = None
+    fit_due, fp32_text = bool(fitted), None
     artifacts, failures = [], []
-    for backend in sorted(backends, key=lambda b: fitting and grids[b.name] == "offset"):
-        if fitting and grids[backend.name] == "offset" and not cache.has_artifact(artifact_keys.get(backend.name)):
+    for backend in sorted(backends, key=lambda b: b.name in fitted):  # stable: --target's order otherwise
+        if fit_due and backend.name in fitted and not cache.has_artifact(artifact_keys.get(backend.name)):
             with progress.stage("quality fp32") as stage:
                 fp32_text = fp32_eval_text(captured, eval_text, stage, cache, model_key)
             with progress.stage("fit offset grid") as stage:
                 fit = fit_offset_blocks(captured, plans["offset"], calibration[0], on_step=stage.step)
                 stage.note(f"{fit['changed']} of {fit['weights']} weights moved, median weighted error "
                            f"{fit['median_weighted_error_vs_min_max']:g}× min..max's")
-            fitting = False
+            fit_due = False
         try:
             with progress.stage(f"lower {backend.name}") as stage:
                 artifacts.append(lowered(backend, captured, specs[backend.name], options[backend.name], cache,

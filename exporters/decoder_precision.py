@@ -137,7 +137,8 @@ def fit_offset_blocks(captured: CapturedModel, spec: QuantSpec, texts: list[str]
     a tied table by its LM head's inputs). The backends' min..max quantizers then hold these
     weights exactly, as they hold a Q4_1 source's, so every offset-grid backend stores the same
     fitted blocks. An untied embedding table, whose lookup has no input to weigh by, keeps
-    min..max. Returns what changed: weights fitted and the weighted error left against min..max's."""
+    min..max. Returns the weights searched, how many moved, and the median of the moved ones'
+    importance-weighted error as a fraction of min..max's."""
     step = on_step or (lambda _: None)
     layers = dict(captured.module.named_modules())
     fitted: dict[int, tuple[torch.Tensor, torch.nn.Linear, WeightQuant]] = {}
