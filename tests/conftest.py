@@ -258,3 +258,19 @@ def files_under(path: Path) -> list[str]:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def offset_grid_weights(model_dir: Path) -> dict:
+    """The decoder's weights as a default export stores them on the offset grid: its int4 weights
+    fitted to the built-in calibration texts (decoder_precision.fit_offset_blocks, all int4 as the
+    default plan keeps a small model), the rest as they are; float32 arrays by the model's own
+    parameter names."""
+    from edgepack.exporters.capture import CaptureOptions, capture
+    from edgepack.exporters.decoder_precision import fit_offset_blocks
+    from edgepack.exporters.mixed_precision import read_calibration
+    from edgepack.exporters.sources import load_source
+    from edgepack.quant import QuantSpec
+
+    captured = capture(load_source(str(model_dir)), CaptureOptions())
+    fit_offset_blocks(captured, QuantSpec.from_options("int4", 32), read_calibration(None)[0])
+    return {name: t.detach().float().numpy() for name, t in captured.loaded.module.state_dict().items()}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from edgepack.packaging.bundle import read_bundle
-from tests.conftest import export_json, run_cli
+from tests.conftest import export_json, offset_grid_weights, run_cli
 
 
 @pytest.mark.slow
@@ -77,28 +77,17 @@ def test_backends_on_two_grids_get_a_plan_each(llama_dir, tmp_path):
     assert stages == sorted(stages), stderr
     # what GGUF stores is the fit (weights.fit_min_max_, weighted by each layer's inputs on the
     # built-in calibration texts), which the float weights' own min..max is not
-    fitted, plain = _fitted_and_min_max(llama_dir, "model.layers.1.mlp.down_proj")
+    from safetensors.torch import load_file
+
+    from edgepack.exporters.weights import quantize_min_max
+
+    fitted = torch.from_numpy(offset_grid_weights(llama_dir)["model.layers.1.mlp.down_proj.weight"])
+    weight = load_file(str(llama_dir / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"].float()
+    q, scale, minimum = quantize_min_max(weight, 4, 32, scale_dtype=torch.float16)
+    plain = (q * scale + minimum.half().float()).reshape(weight.shape)
     reader = gguf.GGUFReader(tmp_path / "tiny-llama" / "gguf" / "model.gguf")
     [tensor] = [t for t in reader.tensors if t.name == "blk.1.ffn_down.weight"]
     stored = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)).reshape(fitted.shape)
     assert torch.allclose(stored, fitted, atol=1e-6, rtol=0)
     assert (stored - plain).abs().max() > 1e-3
-
-
-def _fitted_and_min_max(llama_dir, layer: str):
-    """`layer`'s weight in the tiny Llama as the offset grid's fit leaves it, and as min..max
-    (fp16 scale and minimum) rounds its float weight."""
-    from edgepack.exporters.capture import CaptureOptions, capture
-    from edgepack.exporters.decoder_precision import fit_offset_blocks
-    from edgepack.exporters.mixed_precision import read_calibration
-    from edgepack.exporters.sources import load_source
-    from edgepack.exporters.weights import quantize_min_max
-    from edgepack.quant import QuantSpec
-
-    captured = capture(load_source(str(llama_dir)), CaptureOptions())
-    weight = captured.loaded.module.get_submodule(layer).weight
-    q, scale, minimum = quantize_min_max(weight.detach(), 4, 32, scale_dtype=torch.float16)
-    plain = (q * scale + minimum.half().float()).reshape(weight.shape)
-    fit_offset_blocks(captured, QuantSpec.from_options("int4", 32), read_calibration(None)[0])
-    return weight.detach().clone(), plain
 
