@@ -154,10 +154,6 @@ class StageCache:
         self.hits.append(stage)
         return _artifact_from(entry["value"], data)
 
-    def has_artifact(self, key: str | None) -> bool:
-        """Whether get_artifact(key) would give an artifact (its files read and checked, as there)."""
-        return key is not None and self._read("artifact", key) is not None
-
     def put_artifact(self, key: str, artifact: Artifact) -> None:
         # the arrays in the record's order of cases and names ("reference"), numbered
         arrays = {f"a{i}": array for i, array in enumerate(

@@ -25,7 +25,7 @@ from edgepack.errors import (
     write_error,
 )
 from edgepack.exporters.capture import CaptureOptions, capture
-from edgepack.exporters.decoder_precision import check_budget, fit_offset_blocks, plan_decoder_precision
+from edgepack.exporters.decoder_precision import BLOCK_FIT, check_budget, fit_offset_blocks, plan_decoder_precision
 from edgepack.exporters.lowering import lower
 from edgepack.exporters.mixed_precision import DEFAULT_FLOOR, plan_mixed_precision, read_calibration
 from edgepack.exporters.registry import DEFAULT_TARGET, resolve_targets, target_names
@@ -142,11 +142,17 @@ def artifact_warnings(artifact: Artifact, *, strict: bool) -> list[str]:
     return [f"{artifact.backend}: {w}" for w in artifact.warnings]
 
 
+def calibrated(loaded, quant: QuantSpec) -> str | None:
+    """What calibration text serves ("encoder" or "decoder"), or None: models with a tokenizer (the
+    calibration text is text) at int4. Encoders plan precision with it; decoder LMs plan precision
+    and fit the offset grid's blocks to it."""
+    return PLAN_BY_TASK.get(loaded.task) if loaded.tokenizer is not None and quant.scheme == "int4" else None
+
+
 def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> str | None:
-    """Which precision plan the export makes ("encoder" or "decoder"): models with a tokenizer
-    (the calibration text is text) at int4, unless turned off. An option asked for where it cannot
-    apply is refused rather than ignored."""
-    kind = PLAN_BY_TASK.get(loaded.task) if loaded.tokenizer is not None and quant.scheme == "int4" else None
+    """Which precision plan the export makes ("encoder" or "decoder"), unless turned off. An option
+    asked for where it cannot apply is refused rather than ignored."""
+    kind = calibrated(loaded, quant)
     asked = [option for option, given in (("--calibration", request.calibration is not None),
                                           ("--bits-per-weight", request.bits_per_weight is not None),
                                           ("--mixed-precision auto", request.mixed_precision == "auto")) if given]
@@ -158,8 +164,10 @@ def plans_precision(request: ExportRequest, loaded, quant: QuantSpec) -> str | N
     if "--bits-per-weight" in asked and kind != "decoder":
         raise InputError(f"--bits-per-weight applies to decoder LMs; {loaded.source} is a {loaded.task}",
                          hint="encoders plan for a quality floor instead (--min-cosine)")
-    if request.mixed_precision == "off" and asked:
-        raise InputError(f"{asked[0]} plans mixed precision, and --mixed-precision off turns it off",
+    # a decoder LM's calibration text also fits the offset grid's blocks, plan or no plan
+    planning = [option for option in asked if not (option == "--calibration" and kind == "decoder")]
+    if request.mixed_precision == "off" and planning:
+        raise InputError(f"{planning[0]} plans mixed precision, and --mixed-precision off turns it off",
                          hint="drop one of the two")
     return kind if request.mixed_precision != "off" else None
 
@@ -263,28 +271,30 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
 
     # Each backend's QuantSpec: its int4 grid's own plan (decoder LMs), or one for all
     specs = {name: plans.get(grid, quant) for name, grid in grids.items()}
-    # The offset grid's plan (decoder LMs) comes with its blocks fitted to the calibration text, in
-    # place (fit_offset_blocks), before the first offset-grid backend the cache does not hold. What
-    # needs the float weights comes first: the backends on other grids, and fp32's perplexity.
-    fitted = {name for name, grid in grids.items() if grid == "offset" and "offset" in plans}
+    # A decoder LM's offset-grid blocks are fitted to the calibration text, in place
+    # (fit_offset_blocks), before the first offset-grid backend the cache does not hold. What needs
+    # the float weights comes first: the backends on other grids, and fp32's perplexity.
+    fitted = {name for name, grid in grids.items() if grid == "offset"} if calibrated(loaded, quant) == "decoder" else set()
     artifact_keys = {name: digest("artifact", model_key, name, options[name], specs[name].record(),
                                   calibration if name in fitted else None)
                      for name in specs} if cache.enabled else {}
     fit_due, fp32_text = bool(fitted), None
     artifacts, failures = [], []
     for backend in sorted(backends, key=lambda b: b.name in fitted):  # stable: --target's order otherwise
-        if fit_due and backend.name in fitted and not cache.has_artifact(artifact_keys.get(backend.name)):
+        key = artifact_keys.get(backend.name)
+        kept = cache.get_artifact(key, f"lower {backend.name}") if key else None
+        if fit_due and backend.name in fitted and kept is None:
             with progress.stage("quality fp32") as stage:
                 fp32_text = fp32_eval_text(captured, eval_text, stage, cache, model_key)
             with progress.stage("fit offset grid") as stage:
-                fit = fit_offset_blocks(captured, plans["offset"], calibration[0], on_step=stage.step)
+                fit = fit_offset_blocks(captured, specs[backend.name], calibration[0], on_step=stage.step)
                 stage.note(f"{fit['changed']} of {fit['weights']} weights moved, median weighted error "
                            f"{fit['median_weighted_error_vs_min_max']:g}× min..max's")
             fit_due = False
         try:
             with progress.stage(f"lower {backend.name}") as stage:
-                artifacts.append(lowered(backend, captured, specs[backend.name], options[backend.name], cache,
-                                         artifact_keys.get(backend.name), stage))
+                artifacts.append(lowered(backend, captured, specs[backend.name], options[backend.name], cache, key,
+                                         kept, stage))
             warnings += artifact_warnings(artifacts[-1], strict=request.strict)
         except EdgepackError as e:
             if request.strict or no_space(e) or isinstance(e, CaptureAltered):
@@ -303,7 +313,7 @@ def _export(request: ExportRequest, progress: Progress) -> ExportResult:
             progress.console.print(f"[dim]removed {left.folder}, a bundle a killed export left half-written "
                                    f"({left.bytes / 1e9:.2f} GB)[/]", soft_wrap=True)
         with progress.stage("package"):
-            manifest = stage_contents(staging, captured, quantization_record(quant, {a.backend: specs[a.backend] for a in artifacts}, grids), artifacts, failures)
+            manifest = stage_contents(staging, captured, quantization_record(quant, {a.backend: specs[a.backend] for a in artifacts}, grids, fitted), artifacts, failures)
             for artifact in artifacts:  # on disk now: a 1B float .onnx's 6 GB would sit beside the runtime the smoke loads
                 artifact.files.clear()
         with progress.stage("smoke") as stage:
@@ -339,12 +349,12 @@ def cached_plan(cache: StageCache, inputs: tuple, stage, plan) -> dict[str, "Qua
     return plans
 
 
-def lowered(backend, captured, spec: QuantSpec, options, cache: StageCache, key: str | None, stage) -> Artifact:
-    """The backend's artifact from the cache, or lowered now (and kept there)."""
-    artifact = cache.get_artifact(key, f"lower {backend.name}") if key else None
-    if artifact is not None:
+def lowered(backend, captured, spec: QuantSpec, options, cache: StageCache, key: str | None,
+            kept: Artifact | None, stage) -> Artifact:
+    """The backend's artifact: `kept`, the cache's, or lowered now (and kept there)."""
+    if kept is not None:
         stage.note("from the cache")
-        return artifact
+        return kept
     artifact = lower(backend, captured, spec, options, on_step=stage.step)
     if key:
         cache.put_artifact(key, artifact)
@@ -362,19 +372,25 @@ def over_budget(plans: dict[str, QuantSpec], grids: dict[str, str], budget: floa
 OWN_QUANTIZER = "none: the backend's quantizer chose"  # the plans' key for backends with no int4 grid
 
 
-def quantization_record(request: QuantSpec, specs: dict[str, QuantSpec], grids: dict[str, str]) -> dict:
+def quantization_record(request: QuantSpec, specs: dict[str, QuantSpec], grids: dict[str, str],
+                        fitted: set[str]) -> dict:
     """The manifest's quantization: the one spec every backend followed or, when the backends'
     int4 grids got plans of their own (or a backend's own quantizer chose), the request's scheme
-    and each grid's plan (its overrides and how they were chosen) with the backends that follow it."""
+    and each grid's plan (its overrides and how they were chosen) with the backends that follow it;
+    and which backends store blocks fitted to the calibration text, and how."""
     if len({id(s) for s in specs.values()}) <= 1 and all(grids[name] for name in specs):
-        return next(iter(specs.values()), request).describe()
-    plans: dict[str, dict] = {}
-    for name, spec in sorted(specs.items()):
-        described = spec.describe()
-        grid = grids[name] or OWN_QUANTIZER
-        plans.setdefault(grid, {"backends": [], **{k: described[k] for k in ("overrides", "plan") if k in described}})
-        plans[grid]["backends"].append(name)
-    return {**request.describe(), "plans": dict(sorted(plans.items()))}
+        record = next(iter(specs.values()), request).describe()
+    else:
+        plans: dict[str, dict] = {}
+        for name, spec in sorted(specs.items()):
+            described = spec.describe()
+            grid = grids[name] or OWN_QUANTIZER
+            plans.setdefault(grid, {"backends": [], **{k: described[k] for k in ("overrides", "plan") if k in described}})
+            plans[grid]["backends"].append(name)
+        record = {**request.describe(), "plans": dict(sorted(plans.items()))}
+    if fit := [name for name in specs if name in fitted]:
+        record["block_fit"] = {"backends": fit, "method": BLOCK_FIT}
+    return record
 
 
 def gate_cosine(request: ExportRequest, quant: QuantSpec, manifest: dict, result: ExportResult) -> None:

@@ -126,7 +126,6 @@ def _plan_on_grid(spec: QuantSpec, units: list, fisher: list[torch.Tensor], grid
         "int8_layer_names": sorted(chosen),
         "estimated_loss_all_int4": round(all_int4 / calibration["tokens"], 6),
         "estimated_loss_planned": round((all_int4 - saved) / calibration["tokens"], 6),
-        **({"block_fit": BLOCK_FIT} if grid == "offset" else {}),
     }
     return spec.with_overrides({n: INT8 for n in chosen}, plan)
 

@@ -260,11 +260,11 @@ def files_under(path: Path) -> list[str]:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def offset_grid_weights(model_dir: Path) -> dict:
+def offset_grid_weights(model_dir: Path, calibration: Path | None = None) -> dict:
     """The decoder's weights as a default export stores them on the offset grid: its int4 weights
-    fitted to the built-in calibration texts (decoder_precision.fit_offset_blocks, all int4 as the
-    default plan keeps a small model), the rest as they are; float32 arrays by the model's own
-    parameter names."""
+    fitted to the calibration texts, the built-in ones by default (decoder_precision.fit_offset_blocks,
+    all int4 as the default plan keeps a small model and --mixed-precision off keeps any), the rest
+    as they are; float32 arrays by the model's own parameter names."""
     from edgepack.exporters.capture import CaptureOptions, capture
     from edgepack.exporters.decoder_precision import fit_offset_blocks
     from edgepack.exporters.mixed_precision import read_calibration
@@ -272,5 +272,5 @@ def offset_grid_weights(model_dir: Path) -> dict:
     from edgepack.quant import QuantSpec
 
     captured = capture(load_source(str(model_dir)), CaptureOptions())
-    fit_offset_blocks(captured, QuantSpec.from_options("int4", 32), read_calibration(None)[0])
+    fit_offset_blocks(captured, QuantSpec.from_options("int4", 32), read_calibration(calibration)[0])
     return {name: t.detach().float().numpy() for name, t in captured.loaded.module.state_dict().items()}

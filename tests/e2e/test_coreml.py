@@ -12,7 +12,7 @@ import pytest
 from edgepack.exporters.coreml.mil import load_program
 from edgepack.packaging.bundle import directory_digest
 from edgepack.packaging.manifest import read_manifest
-from tests.conftest import LLAMA_BACKEND_OPTIONS, export_json, run_cli
+from tests.conftest import LLAMA_BACKEND_OPTIONS, export_json, offset_grid_weights, run_cli
 
 PACKAGE = "coreml/model.mlpackage"
 
@@ -121,14 +121,14 @@ def test_llama_weights_fit_the_ideal_size(coreml_llama):
 
 
 @pytest.mark.slow
-def test_offset_grid_blocks_span_each_float_blocks_range(coreml_llama, llama_dir):
-    """Each stored block, decompressed by coremltools itself, spans its float block's [min, max]
-    (codes 0 and 15, up to fp16 rounding), and every weight is within half a step of its float
-    value: the grid a Q4_1 source is already on."""
-    from edgepack.exporters.sources import load_source
-
+def test_offset_grid_blocks_span_each_fitted_blocks_range(coreml_llama, llama_dir):
+    """Each stored block, decompressed by coremltools itself, spans the fitted block's [min, max]
+    (codes 0 and 15, up to fp16 rounding; the fit to the calibration text runs under
+    --mixed-precision off too), and every weight is within half a step of its fitted value: the
+    grid a Q4_1 source is already on."""
     program = load_program(coreml_llama[2] / PACKAGE)
-    weights = [p.detach().numpy() for p in load_source(str(llama_dir)).module.parameters() if p.ndim == 2]
+    # the tied table once (the state dict names it twice)
+    weights = list({w.tobytes(): w for w in offset_grid_weights(llama_dir).values() if w.ndim == 2}.values())
     blocks = [op for op in program.functions["main"].operations if op.op_type == "constexpr_blockwise_shift_scale"]
     assert len(blocks) == TINY_LLAMA_QUANTIZED_WEIGHTS
     for op in blocks:

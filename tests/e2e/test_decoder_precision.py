@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from edgepack.packaging.bundle import read_bundle
-from tests.conftest import export_json, offset_grid_weights, run_cli
+from tests.conftest import REPO_ROOT, export_json, offset_grid_weights, run_cli
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_backends_on_two_grids_get_a_plan_each(llama_dir, tmp_path):
     assert "gguf: the offset grid stores int4 at 5 bits a weight, over --bits-per-weight 4.75" in stderr
     # the offset grid's blocks are fitted to the calibration text in place: ONNX's symmetric grid
     # is lowered from the float weights before that, and fp32's perplexity measured; GGUF after
-    assert "block_fit" in offset["plan"] and "block_fit" not in symmetric["plan"]
+    assert quant["block_fit"]["backends"] == ["gguf"] and "block_fit" not in offset["plan"]
     assert [a["backend"] for a in manifest["artifacts"]] == ["gguf", "onnx"]
     stages = [re.search(rf"✓ {name} \d", stderr).start() for name in ("lower onnx", "quality fp32", "fit offset grid",
                                                                          "lower gguf", "quality")]
@@ -91,3 +91,22 @@ def test_backends_on_two_grids_get_a_plan_each(llama_dir, tmp_path):
     assert torch.allclose(stored, fitted, atol=1e-6, rtol=0)
     assert (stored - plain).abs().max() > 1e-3
 
+
+
+@pytest.mark.slow
+def test_the_fit_needs_no_plan_and_reads_the_given_calibration_text(llama_dir, tmp_path):
+    """--mixed-precision off keeps every layer int4 and still fits the offset grid's blocks, to the
+    texts --calibration gives: what GGUF stores is that fit, not the built-in texts' one."""
+    calibration = REPO_ROOT / "demo_model" / "corpus.txt"
+    code, summary = export_json(str(llama_dir), "--target", "gguf", "--mixed-precision", "off", "--calibration",
+                                str(calibration), "--out", str(tmp_path))
+    assert code == 0, json.dumps(summary["failures"])
+    quant = read_bundle(tmp_path / "tiny-llama")["quantization"]
+    assert "plan" not in quant and "overrides" not in quant and quant["block_fit"]["backends"] == ["gguf"]
+    reader = gguf.GGUFReader(tmp_path / "tiny-llama" / "gguf" / "model.gguf")
+    [tensor] = [t for t in reader.tensors if t.name == "blk.0.ffn_down.weight"]  # (q and k rows are permuted)
+    stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    given, built_in = (offset_grid_weights(llama_dir, texts)["model.layers.0.mlp.down_proj.weight"]
+                       for texts in (calibration, None))
+    assert np.allclose(stored.reshape(given.shape), given, atol=1e-6, rtol=0)
+    assert np.abs(given - built_in).max() > 1e-3

@@ -25,6 +25,9 @@ def test_mixed_precision_is_refused_where_it_cannot_apply(llama_dir, bert_dir, t
     assert result.exit_code == 2 and "auto, off" in result.stderr
     result = run_cli("export", bert_dir, "--calibration", tmp_path / "nope.txt", "--out", tmp_path)
     assert result.exit_code == 2 and "no such file" in result.stderr
+    # an encoder's calibration text only plans (a decoder LM's also fits its blocks, plan or no plan)
+    result = run_cli("export", bert_dir, "--calibration", __file__, "--mixed-precision", "off", "--out", tmp_path)
+    assert result.exit_code == 2 and "--calibration plans mixed precision, and --mixed-precision off turns it off" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
 
 

@@ -15,7 +15,7 @@ import torch
 from edgepack.cases import cosine
 from edgepack.packaging.manifest import read_manifest
 from edgepack.quant import QuantSpec
-from tests.conftest import REPO_ROOT, export_json, run_cli
+from tests.conftest import REPO_ROOT, export_json, offset_grid_weights, run_cli
 
 
 def _model(path: Path):
@@ -206,17 +206,20 @@ def _tied_table_read_once(model) -> None:
 
 @pytest.mark.slow
 def test_offset_grid_weights_span_each_blocks_range_and_are_the_references(onnx_export, llama_dir):
-    """The default grid read back from the file: each block of 32 spans exactly its float block's
-    [min, max] (codes 0 and 15; up to the int8 offset's rounding), every weight is within half a
-    step of its float value, and the stored values are those the smoke's reference computes with."""
+    """The default grid read back from the file: each block of 32 spans exactly the fitted block's
+    [min, max] (codes 0 and 15; up to the int8 offset's rounding; the fit runs under --mixed-precision
+    off too), every weight is within half a step of the fitted value, and the stored values are
+    those the smoke's reference computes with."""
     from edgepack.exporters.onnx.lower import offset_parts
     from edgepack.exporters.sources import load_source
 
     bundle = onnx_export[2]
-    [art] = read_manifest(bundle)["artifacts"]
-    assert art["quantization"]["grid"] == "offset"
+    manifest = read_manifest(bundle)
+    [art] = manifest["artifacts"]
+    assert art["quantization"]["grid"] == "offset" and manifest["quantization"]["block_fit"]["backends"] == ["onnx"]
     model = _model(bundle / art["path"])
     module = load_source(str(llama_dir)).module
+    module.load_state_dict({name: torch.from_numpy(w) for name, w in offset_grid_weights(llama_dir).items()})
     weights = [p.detach() for p in module.parameters() if p.ndim == 2]
     for layer in module.model.layers:  # the layers that read one input are stored as one, rows stacked
         attention, mlp = layer.self_attn, layer.mlp
