@@ -281,9 +281,12 @@ def print_manifest(console: Console, manifest: dict, bundle: Path) -> None:
         gen = manifest["generation"]
         head.add_row("max seq len", f"{gen['max_seq_len']} (prefill 1..{gen['prefill_len']['max']}, prepend {gen['num_bos']} BOS)")
     quant = manifest["quantization"]
-    head.add_row("quantization", ", ".join(f"{k} {v}" for k, v in quant.items() if k not in ("overrides", "plan", "plans")))
+    head.add_row("quantization", ", ".join(f"{k} {v}" for k, v in quant.items()
+                                           if k not in ("overrides", "plan", "plans", "block_fit")))
     for backends, plan in precision_plans(quant):
         head.add_row("precision", (f"{', '.join(backends)}: " if backends else "") + describe_plan(plan))
+    if "block_fit" in quant:  # absent where no block was fitted, and from bundles older than the field
+        head.add_row("blocks fitted", f"{', '.join(quant['block_fit']['backends'])}: {quant['block_fit']['method']}")
     for plan in [quant, *quant.get("plans", {}).values()]:
         for kind in sorted(set(plan.get("overrides", {}).values())):
             whom = f"{', '.join(plan['backends'])}: " if "backends" in plan else ""

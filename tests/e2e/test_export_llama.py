@@ -184,6 +184,9 @@ def test_smoke_rejects_a_tampered_manifest(bundle_copy):
 def test_inspect_prints_tables_and_json(llama_export):
     text = run_cli("inspect", llama_export[2])
     assert text.exit_code == 0 and "executorch/model.pte" in text.stdout and "bos / eos / pad" in text.stdout
+    # all int4 (--mixed-precision off), no plan, and still the offset grid's blocks fitted
+    shown = " ".join(text.stdout.split())
+    assert "blocks fitted │ executorch: each 4-bit block's scale and minimum fitted" in shown and "precision │" not in shown
     as_json = run_cli("inspect", llama_export[2], "--json")
     assert json.loads(as_json.stdout) == read_manifest(llama_export[2])
 
@@ -193,7 +196,7 @@ def test_summary_reports_measured_figures(llama_export):
     [art] = summary["artifacts"]
     assert art["bytes"] == (bundle / "executorch/model.pte").stat().st_size
     assert art["ratio_to_ideal"] == round(art["bytes"] / art["ideal_bytes"], 3)
-    assert {s["name"] for s in summary["stages"]} >= {"load", "capture", "lower executorch", "package", "smoke"}
+    assert {s["name"] for s in summary["stages"]} >= {"load", "capture", "fit offset grid", "lower executorch", "package", "smoke"}
     assert summary["peak_rss_bytes"] > 100e6
     assert art["lowering_fidelity"]["passed"] and "greedy" in art["quantization_quality"]
 
