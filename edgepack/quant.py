@@ -24,6 +24,10 @@ class WeightQuant:
 
     def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
+        if self.bits == 4 and self.group_size:
+            # blocks of int4 are stored on each backend's own grid (offset or symmetric, the
+            # artifact's `grid`): the spec does not say which
+            return f"int4 {group}"
         return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
 
 

@@ -472,7 +472,7 @@ LLAMA_CPP_STEPS: tuple[Step, ...] = (
     Step("reference", record_reference),
 )
 
-# What the file's 4-bit layers store (the plan's "int4 ... sym" names the planner's grid, not this one).
+# What the file's 4-bit layers store (the spec's "int4 g32" names no grid).
 GRIDS = {"Q4_1": "4-bit layers Q4_1: each block of 32 on its own min..max (fp16 scale and minimum); 8-bit layers Q8_0",
          "Q4_0": "4-bit layers Q4_0: blocks of 32, symmetric, one fp16 scale; 8-bit layers Q8_0",
          "Q4_K_M": "llama.cpp's Q4_K_M mix, each tensor's type chosen by llama.cpp's quantizer (gguf_types); "

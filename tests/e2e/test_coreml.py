@@ -217,7 +217,7 @@ def test_mixed_plan_is_stored_layer_by_layer(coreml_mixed_bert, bert_dir):
     overrides = art["quantization"]["overrides"]
     captured = capture(load_source(str(bert_dir)), CaptureOptions(pooling="mean"))
     plan = QuantSpec.from_options("int4").with_overrides({n: INT8 for n in overrides}, plan={}).layers(captured.module)
-    on_offset_grid = {"int4 g32 sym": "uint4 g32 asym"}  # the default --coreml-grid offset
+    on_offset_grid = {"int4 g32": "uint4 g32 asym"}  # the default --coreml-grid offset
     expected = {"p_" + name.replace(".", "_") + "_weight": on_offset_grid.get(wq.describe(), wq.describe())
                 for name, wq in plan.items() if not name.startswith("model.pooler")}
     assert _stored_weights(bundle / art["path"]) == expected and len(expected) == 15

@@ -393,8 +393,8 @@ def test_mixed_precision_stores_each_layer_as_planned_and_matches_its_reference(
     assert runtime["graph"]["linear_matmuls_fused"] == 3
     assert runtime["graph"]["bits"] == {"GatherBlockQuantized": {"4": 1, "8": 2}, "MatMulNBits": {"4": 9 - 3, "8": 3}}
     quant = artifact.quantization.as_dict()
-    assert set(quant["overrides"]) == set(MIXED_INT8) and set(quant["ops"]) == {"int4 g32 sym", "int8 per-channel sym"}
-    assert "offset" in quant["ops"]["int4 g32 sym"]["linear"] and quant["grid"] == "offset"
+    assert set(quant["overrides"]) == set(MIXED_INT8) and set(quant["ops"]) == {"int4 g32", "int8 per-channel sym"}
+    assert "offset" in quant["ops"]["int4 g32"]["linear"] and quant["grid"] == "offset"
     assert set(quant["ops"]["int8 per-channel sym"]) == {"linear", "embedding"}
     props = session(path).get_modelmeta().custom_metadata_map
     assert json.loads(props["quantization"]) == json.loads(json.dumps(spec.describe()))
