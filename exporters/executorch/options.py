@@ -15,7 +15,7 @@ class Options:
         "GGUF holds it: XNNPACK's symmetric blocks plus each input block's mean through a small int8 offsets "
         "layer; the default) or 'symmetric' (torchao's 8da4w with HQQ scales, export_llm's: smaller and "
         "faster, less accurate; on the real SmolLM2-135M 94.0 MB at +66 % perplexity against 99.2 MB at "
-        "+9.3 %, docs/quantization.md).", str))
+        "+6.1 %, docs/quantization.md).", str))
 
     def __post_init__(self):
         if self.grid not in INT4_GRIDS:
