@@ -128,6 +128,57 @@ def _split_min_max(weight: torch.Tensor, block: int, scale_dtype: torch.dtype,
     return (q.reshape(rows, cols) - 8).to(torch.int8), scale.reshape(rows, -1), offset.reshape(rows, -1)
 
 
+# The steps a symmetric 4-bit block's scale search starts from, as max|w| over each: 8 maps the
+# largest weight onto -8 (HQQ's start), the smaller ones clip the block's extremes and the larger
+# ones leave the grid's ends unused. One least-squares step from each holds nearly all the gain:
+# on Gaussian weights and three of the real SmolLM2's linears, 6.3-8.6 % less squared error than
+# HQQ alone (its table 3.5 %); eight of these starts with five steps each, 6.5-8.7 % at twice the time.
+SCALE_STARTS = (6.0, 6.5, 7.0, 7.25, 7.5, 7.75, 8.0, 8.5, 9.0, 9.5, 10.0, 11.0)
+
+
+def search_symmetric_scales(weight: torch.Tensor, block: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int4 blocks with zero point 0 (codes -8..7, 8da4w's storage) whose scales are searched, not
+    taken from the largest weight: for each block, the candidate with the least squared error once
+    its scale is rounded to `scale_dtype` (what the format keeps) and the codes rounded again. The
+    candidates: torchao's half-quadratic least squares (HQQ, `export_llm`'s choice), and one
+    least-squares step from each of SCALE_STARTS. So no block is further from its weights than
+    HQQ leaves it. Returns the codes (int8 [out, in]) and the scales ([out, blocks], float32 holding
+    `scale_dtype` values; an all-zero block gets scale 1, which XNNPACK takes)."""
+    return by_row_slices(_search_symmetric_scales, weight, block, scale_dtype)
+
+
+def _search_symmetric_scales(weight: torch.Tensor, block: int, scale_dtype: torch.dtype):
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_scale_only_hqq
+
+    rows, cols = weight.shape
+    w = weight.detach().float().reshape(rows, cols // block, block)
+    largest, squares = w.abs().amax(-1), (w * w).sum(-1)
+
+    def as_stored(scale: torch.Tensor) -> torch.Tensor:
+        return torch.where(scale > 0, scale, 1.0).to(scale_dtype).float()
+
+    def codes_for(scale: torch.Tensor) -> torch.Tensor:
+        return torch.round(w / scale.unsqueeze(-1)).clamp_(-8, 7)
+
+    def error(scale: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # expanded: no [.., block] temporary
+        return squares - 2 * scale * (w * q).sum(-1) + scale * scale * (q * q).sum(-1)
+
+    _, hqq = _choose_qparams_and_quantize_scale_only_hqq(w.reshape(rows, cols), [1, block], -8, 7)
+    scale = as_stored(hqq.reshape(rows, -1).float())
+    best = error(scale, codes_for(scale))
+    unit = w / largest.clamp_min(1e-30).unsqueeze(-1)  # each block on -1..1
+    for start in SCALE_STARTS:
+        q = torch.round(unit * start).clamp_(-8, 7)
+        wq, qq = (w * q).sum(-1), (q * q).sum(-1)
+        candidate = as_stored(wq / qq.clamp_min(1))
+        # with the codes it was fitted to: rounding them again to the stored scale can only do better
+        candidate_error = squares - 2 * candidate * wq + candidate * candidate * qq
+        better = candidate_error < best
+        scale, best = torch.where(better, candidate, scale), torch.where(better, candidate_error, best)
+    scale = torch.where(largest > 0, scale, 1.0)
+    return codes_for(scale).reshape(rows, cols).to(torch.int8), scale
+
+
 # How far the fit's starting grids clip each block: 0, a half and a whole step of its 15 inside its
 # min..max. On the real SmolLM2's table one start gave less, 5 and 21 about the same as these
 # three; each start is one more pass over the weights.

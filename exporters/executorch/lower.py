@@ -15,9 +15,10 @@ from edgepack.exporters.capture import quantized_reference
 from edgepack.exporters.decoder import StaticCacheLM
 from edgepack.exporters.executorch import BACKEND
 from edgepack.exporters.executorch.llm_ops import use_llm_custom_ops
-from edgepack.exporters.executorch.offset_grid import XNNPACK_BLOCK_SCALE, offset_embedding, offset_linear
+from edgepack.exporters.executorch.offset_grid import offset_embedding, offset_linear
 from edgepack.exporters.executorch.options import Options
 from edgepack.exporters.executorch.shared_input import share_inputs
+from edgepack.exporters.executorch.symmetric_grid import SCALE_SEARCH, symmetric_blocks_
 from edgepack.exporters.lowering import Lowered, Lowering, Step, run_steps
 from edgepack.exporters.weights import copy_sharing_weights
 from edgepack.quant import QuantSpec, WeightQuant
@@ -31,9 +32,9 @@ KERNEL_LIBRARIES = {
 }
 
 
-# Each group's scale is searched (half-quadratic, as HQQ) rather than taken from its largest
-# weight: the same choice ExecuTorch's own export_llm makes, measurably closer to fp32 (bench/).
-SCALE_SEARCH = "hqq_scale_only"
+# The int8 layers' scales (one a row) are searched by torchao's half-quadratic least squares, as
+# ExecuTorch's own export_llm searches its; the 4-bit blocks' are searched by symmetric_grid.py.
+INT8_SCALE_SEARCH = "hqq_scale_only"
 
 
 @dataclass
@@ -57,9 +58,9 @@ def _torchao_config(wq: WeightQuant, dynamic_activations: bool, for_linear: bool
     if for_linear and dynamic_activations:
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
                                                      weight_mapping_type=mapping,
-                                                     intx_choose_qparams_algorithm=SCALE_SEARCH)
+                                                     intx_choose_qparams_algorithm=INT8_SCALE_SEARCH)
     return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=mapping,
-                                intx_choose_qparams_algorithm=SCALE_SEARCH)
+                                intx_choose_qparams_algorithm=INT8_SCALE_SEARCH)
 
 
 def take_llm_fast_path(work: _Work) -> None:
@@ -84,12 +85,14 @@ def on_offset_grid(grid: str, wq: WeightQuant) -> bool:
 
 def quantize_module(module: nn.Module, spec: QuantSpec, grid: str = "symmetric",
                     example_inputs: tuple | None = None) -> nn.Module:
-    """torchao rewrites the module's linear and embedding weights in place, as the .pte stores
-    them (eager, the result is the quantized model the .pte must reproduce). One pass per storage
-    kind: mixed precision (spec.overrides) is just more than one kind. On the offset grid, 4-bit
-    layers are built by exporters/executorch/offset_grid.py first, from the float weights (a
-    tied table's users are replaced, never written into: each reads the float table). With
-    `example_inputs`, linears that read one input and are stored alike become one (shared_input.py)."""
+    """The module's linear and embedding weights replaced by torchao tensors, as the .pte stores
+    them (eager, the result is the quantized model the .pte must reproduce). 4-bit layers are built
+    here from the float weights, on the offset grid (offset_grid.py) or the symmetric one
+    (symmetric_grid.py), one layer at a time, each float weight let go once its replacement is
+    built (the transient memory is one layer's, not the model's; a tied table's users are replaced,
+    never written into, so each reads the float table). torchao's quantize_ stores the rest (int8
+    per channel), one pass per storage kind. With `example_inputs`, linears that read one input and
+    are stored alike become one (shared_input.py)."""
     from torchao.quantization import quantize_
 
     for m in module.modules():
@@ -100,38 +103,26 @@ def quantize_module(module: nn.Module, spec: QuantSpec, grid: str = "symmetric",
     layers = spec.layers(module)
     if example_inputs is not None:
         layers = share_inputs(module, example_inputs, layers)
-    offset = {name: wq for name, wq in layers.items() if on_offset_grid(grid, wq)}
-    if offset:
-        int8_rows = _torchao_config(WeightQuant(bits=8, group_size=None), spec.dynamic_int8_activations, for_linear=True)
-        modules = dict(module.named_modules())
-        # One layer at a time, each float weight let go once its replacement is built: the
-        # transient memory is one layer's, not the model's.
-        for name, wq in offset.items():
-            if isinstance(modules[name], nn.Embedding):
-                offset_embedding(modules[name], wq.group_size)
-            else:
-                parent, _, child = name.rpartition(".")
-                setattr(module.get_submodule(parent), child,
-                        offset_linear(modules.pop(name), wq.group_size, spec.dynamic_int8_activations, int8_rows))
-        layers = {name: wq for name, wq in layers.items() if name not in offset}
+    blocks = {name: wq for name, wq in layers.items() if wq.bits == 4 and wq.group_size is not None}
+    modules = dict(module.named_modules())
+    dynamic = spec.dynamic_int8_activations
+    int8_rows = _torchao_config(WeightQuant(bits=8, group_size=None), dynamic, for_linear=True)
+    for name, wq in blocks.items():
+        layer = modules.pop(name)
+        if grid == "symmetric":
+            symmetric_blocks_(layer, wq.group_size, dynamic)
+        elif isinstance(layer, nn.Embedding):
+            offset_embedding(layer, wq.group_size)
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent), child, offset_linear(layer, wq.group_size, dynamic, int8_rows))
+    layers = {name: wq for name, wq in layers.items() if name not in blocks}
     kinds = {(isinstance(m, nn.Linear), layers[name]) for name, m in module.named_modules() if name in layers}
     for for_linear, wq in sorted(kinds, key=lambda k: (k[0], k[1].bits)):  # embeddings first, as before
-        config = _torchao_config(wq, for_linear and spec.dynamic_int8_activations, for_linear=for_linear)
+        config = _torchao_config(wq, for_linear and dynamic, for_linear=for_linear)
         quantize_(module, config, filter_fn=lambda m, fqn, kind=(for_linear, wq):
                   fqn in layers and (isinstance(m, nn.Linear), layers[fqn]) == kind)
-    round_block_scales_as_stored(module)
     return module
-
-
-def round_block_scales_as_stored(module: nn.Module) -> None:
-    """Every linear's 4-bit block scales rounded as XNNPACK stores them (bf16; torchao's own are
-    float32), so the eager module is the model the .pte runs. The codes stay: the .pte keeps them."""
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
-
-    for m in module.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, nn.Linear) and isinstance(w, IntxUnpackedToInt8Tensor) and w.block_size[-1] < w.shape[-1]:
-            w.scale = w.scale.to(XNNPACK_BLOCK_SCALE).float()
 
 
 def record_reference(work: _Work) -> None:
@@ -214,7 +205,7 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
     return Lowered(
         files=work.files,
         quantization=QuantRecord(quant.describe(), f"torchao {version('torchao')}",
-                                 {"delegate": "XNNPACK", "scale_search": SCALE_SEARCH,
+                                 {"delegate": "XNNPACK", "scale_search": {"int4": SCALE_SEARCH, "int8": INT8_SCALE_SEARCH},
                                   **({"grid": options.grid} if quant.scheme == "int4" else {})}),
         # the grid's own cost, as the other backends count it; the .pte's int8 offsets and their scales
         # (and a tied table's second copy) show in its ratio to this ideal

@@ -22,12 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgepack.exporters.executorch.symmetric_grid import XNNPACK_BLOCK_SCALE, int4_blocks
 from edgepack.exporters.weights import OffsetGrid, split_min_max
-
-# XNNPACK stores a 4-bit block's scale in bf16 (whatever torch gave it): a reference with finer
-# scales is not the model the .pte runs (measured on the real SmolLM2-135M: fp16 scales put the
-# .pte at logits cosine 0.963 from its reference, bf16 ones at 0.979, within the reference's noise).
-XNNPACK_BLOCK_SCALE = torch.bfloat16
 
 
 class OffsetLinear(nn.Module):
@@ -46,20 +42,6 @@ class OffsetLinear(nn.Module):
         return self.symmetric(x) + self.offsets(means.reshape(*x.shape[:-2], -1, blocks))
 
 
-def _int4_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block: int,
-                 dynamic_activations: bool, dtype: torch.dtype = torch.float32):
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8Tensor,
-        IntxUnpackedToInt8TensorActivationQuantization,
-    )
-
-    return IntxUnpackedToInt8Tensor(
-        qdata=codes, scale=scale, zero_point=zero_point, target_dtype=torch.int4, block_size=(1, block),
-        dtype=dtype,
-        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN
-        if dynamic_activations else None)
-
-
 def _frozen(linear: nn.Linear, weight) -> nn.Linear:
     linear.weight = nn.Parameter(weight, requires_grad=False)
     return linear
@@ -72,7 +54,7 @@ def offset_linear(layer: nn.Linear, block: int, dynamic_activations: bool, int8_
     weight = layer.weight.detach().float()
     rows, cols = weight.shape
     codes, scale, offset = split_min_max(weight, block, XNNPACK_BLOCK_SCALE)
-    symmetric = _frozen(nn.Linear(cols, rows, bias=False), _int4_blocks(
+    symmetric = _frozen(nn.Linear(cols, rows, bias=False), int4_blocks(
         codes, scale, torch.zeros_like(scale, dtype=torch.int8), block, dynamic_activations))
     offsets = nn.Linear(cols // block, rows, bias=layer.bias is not None)
     with torch.no_grad():
@@ -91,7 +73,7 @@ def offset_embedding(table: nn.Embedding, block: int) -> None:
     # the real SmolLM2's .pte 3.5 MB larger), and holds a Q4_1 source's table exactly.
     q, scale, offset = OffsetGrid(torch.float16).blocks(table.weight.detach().float(), block)
     codes = (q - 8).to(torch.int8)  # the kernel's codes are signed: w = scale·(codes - zero point)
-    table.weight = nn.Parameter(_int4_blocks(codes, scale, offset - 8, block, False, torch.float16),
+    table.weight = nn.Parameter(int4_blocks(codes, scale, offset - 8, block, False, torch.float16),
                                 requires_grad=False)
     table.register_forward_hook(_widen)
 
