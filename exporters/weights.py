@@ -132,17 +132,18 @@ def _split_min_max(weight: torch.Tensor, block: int, scale_dtype: torch.dtype,
 # largest weight onto -8 (HQQ's start), the smaller ones clip the block's extremes and the larger
 # ones leave the grid's ends unused. One least-squares step from each holds nearly all the gain:
 # on Gaussian weights and three of the real SmolLM2's linears, 6.3-8.6 % less squared error than
-# HQQ alone (its table 3.5 %); eight of these starts with five steps each, 6.5-8.7 % at twice the time.
+# HQQ alone (its table 3.5 %); eight of these starts with five steps each, 6.5-8.7 % at 1.5x the time.
 SCALE_STARTS = (6.0, 6.5, 7.0, 7.25, 7.5, 7.75, 8.0, 8.5, 9.0, 9.5, 10.0, 11.0)
 
 
 def search_symmetric_scales(weight: torch.Tensor, block: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Int4 blocks with zero point 0 (codes -8..7, 8da4w's storage) whose scales are searched, not
     taken from the largest weight: for each block, the candidate with the least squared error once
-    its scale is rounded to `scale_dtype` (what the format keeps) and the codes rounded again. The
-    candidates: torchao's half-quadratic least squares (HQQ, `export_llm`'s choice), and one
-    least-squares step from each of SCALE_STARTS. So no block is further from its weights than
-    HQQ leaves it. Returns the codes (int8 [out, in]) and the scales ([out, blocks], float32 holding
+    its scale is rounded to `scale_dtype` (what the format keeps). The candidates: torchao's
+    half-quadratic least squares (HQQ, `export_llm`'s choice), judged with its codes rounded again
+    to that scale, and one least-squares step from each of SCALE_STARTS, judged with the codes it
+    was fitted to (rounding them again to the kept scale, as the returned codes are, can only
+    lower the error). So no block is further from its weights than HQQ leaves it. Returns the codes (int8 [out, in]) and the scales ([out, blocks], float32 holding
     `scale_dtype` values; an all-zero block gets scale 1, which XNNPACK takes)."""
     return by_row_slices(_search_symmetric_scales, weight, block, scale_dtype)
 
