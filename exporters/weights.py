@@ -143,8 +143,9 @@ def search_symmetric_scales(weight: torch.Tensor, block: int, scale_dtype: torch
     half-quadratic least squares (HQQ, `export_llm`'s choice), judged with its codes rounded again
     to that scale, and one least-squares step from each of SCALE_STARTS, judged with the codes it
     was fitted to (rounding them again to the kept scale, as the returned codes are, can only
-    lower the error). So no block is further from its weights than HQQ leaves it. Returns the codes (int8 [out, in]) and the scales ([out, blocks], float32 holding
-    `scale_dtype` values; an all-zero block gets scale 1, which XNNPACK takes)."""
+    lower the error). So no block is further from its weights than HQQ leaves it. Returns the
+    codes (int8 [out, in]) and the scales ([out, blocks], float32 holding `scale_dtype` values;
+    an all-zero block gets scale 1, which XNNPACK takes)."""
     return by_row_slices(_search_symmetric_scales, weight, block, scale_dtype)
 
 
@@ -161,19 +162,21 @@ def _search_symmetric_scales(weight: torch.Tensor, block: int, scale_dtype: torc
     def codes_for(scale: torch.Tensor) -> torch.Tensor:
         return torch.round(w / scale.unsqueeze(-1)).clamp_(-8, 7)
 
-    def error(scale: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # expanded: no [.., block] temporary
-        return squares - 2 * scale * (w * q).sum(-1) + scale * scale * (q * q).sum(-1)
+    def sums(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (w * q).sum(-1), (q * q).sum(-1)
+
+    def error(scale: torch.Tensor, wq: torch.Tensor, qq: torch.Tensor) -> torch.Tensor:
+        return squares - 2 * scale * wq + scale * scale * qq  # expanded: no [.., block] temporary
 
     _, hqq = _choose_qparams_and_quantize_scale_only_hqq(w.reshape(rows, cols), [1, block], -8, 7)
     scale = as_stored(hqq.reshape(rows, -1).float())
-    best = error(scale, codes_for(scale))
+    best = error(scale, *sums(codes_for(scale)))
     unit = w / largest.clamp_min(1e-30).unsqueeze(-1)  # each block on -1..1
     for start in SCALE_STARTS:
-        q = torch.round(unit * start).clamp_(-8, 7)
-        wq, qq = (w * q).sum(-1), (q * q).sum(-1)
+        wq, qq = sums(torch.round(unit * start).clamp_(-8, 7))
         candidate = as_stored(wq / qq.clamp_min(1))
         # with the codes it was fitted to: rounding them again to the stored scale can only do better
-        candidate_error = squares - 2 * candidate * wq + candidate * candidate * qq
+        candidate_error = error(candidate, wq, qq)
         better = candidate_error < best
         scale, best = torch.where(better, candidate, scale), torch.where(better, candidate_error, best)
     scale = torch.where(largest > 0, scale, 1.0)
