@@ -1,14 +1,15 @@
 """edgepack's ONNX beside onnxruntime-genai's own model builder, the anchor an ONNX Runtime user would
 pick (`python -m onnxruntime_genai.models.builder -p int4 -e cpu`, blocks of 32), on the real
-SmolLM2-135M-Instruct, edgepack's both by default (the offset grid) and on the builder's own
-symmetric grid: every folder through onnxruntime-genai's generator (bench.speed genai), the same
+SmolLM2-135M-Instruct, edgepack's by default (the offset grid), on the builder's own symmetric
+grid with its precision plan, and on that grid with every layer int4 as the builder's (like for
+like): every folder through onnxruntime-genai's generator (bench.speed genai), the same
 prompt and teacher-forced tokens, runs interleaved so the host's load falls on all; the file
 sizes beside the ideal; each graph's node count; and the perplexity of each on edgepack's built-in
 evaluation text through ONNX Runtime, by packaging.quality.measure (edgepack's own export measured
 it; the builder's model is driven here with its attention mask and past). Writes
 bench/results/ort-genai-smollm2.json.
 
-  python -m bench.ort_genai_anchor [--work DIR] [--rounds N]      (~12 min on 2 cores)"""
+  python -m bench.ort_genai_anchor [--work DIR] [--rounds N]      (~20 min on 2 cores)"""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ from bench.quality import DECODE_STEPS, MAX_SEQ_LEN, PROMPT_LEN, REPEATS, eval_t
 from bench.real_model import DEFAULT_OUT, build
 from bench.run import ROOT, exported_once, git_commit, machine, save_tokens
 
-# edgepack's folders: the default (the offset grid) and the builder's own grid (symmetric blocks)
-EDGEPACK = {"edgepack": [], "edgepack_symmetric": ["--onnx-grid", "symmetric"]}
+# edgepack's folders: the default (the offset grid), the builder's own grid (symmetric blocks) with
+# the precision plan, and without it (every layer int4, as the builder stores them)
+EDGEPACK = {"edgepack": [], "edgepack_symmetric": ["--onnx-grid", "symmetric"],
+            "edgepack_symmetric_int4": ["--onnx-grid", "symmetric", "--mixed-precision", "off"]}
+LIKE_BUILDER = "edgepack_symmetric_int4"  # the same layers int4 in the same blocks: the builder's ideal size
 
 
 def builder(hf_dir: Path, out: Path) -> Path:
@@ -88,7 +92,8 @@ def run(work: Path, rounds: int) -> dict:
     hf_dir = build(ROOT / DEFAULT_OUT)
     manifests = {name: exported_once(hf_dir, "smollm2", work / name, "onnx", MAX_SEQ_LEN, PROMPT_LEN, extra=extra)
                  for name, extra in EDGEPACK.items()}
-    [artifact] = manifests["edgepack"]["artifacts"]
+    ideal = {name: m["artifacts"][0]["ideal_bytes"] for name, m in manifests.items()}
+    ideal["builder"] = ideal[LIKE_BUILDER]
     folders = {**{name: work / name / "smollm2" / "onnx" for name in EDGEPACK},
                "builder": builder(hf_dir, work / "builder" / "model")}
     tokens = work / "tokens.npy"
@@ -112,8 +117,8 @@ def run(work: Path, rounds: int) -> dict:
         "runs": f"{rounds} interleaved rounds of {REPEATS} per folder, one warm-up each (bench.speed genai)",
         "builder": "python -m onnxruntime_genai.models.builder -p int4 -e cpu --extra_options int4_block_size=32",
         "edgepack": {name: " ".join(["edgepack export --target onnx", *extra]) for name, extra in EDGEPACK.items()},
-        "bytes": sizes, "ideal_bytes": artifact["ideal_bytes"],
-        "size_vs_ideal": {name: round(size / artifact["ideal_bytes"], 3) for name, size in sizes.items()},
+        "bytes": sizes, "ideal_bytes": ideal,
+        "size_vs_ideal": {name: round(size / ideal[name], 3) for name, size in sizes.items()},
         "nodes": {name: node_count(folder / "model.onnx") for name, folder in folders.items()},
         "quality": quality,
         "median": median,

@@ -21,16 +21,11 @@ from torch.export import Dim
 
 from edgepack.exporters.attention import grouped_query_attention
 from edgepack.exporters.decoder import ExplicitCacheLM
-from edgepack.exporters.weights import float32_weight_bytes
 from edgepack.stages import CapturedModel, MethodSpec, TensorSpec
 
 PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
 PRESENT = ("present.%d.key", "present.%d.value")
 INPUT_IDS, POSITION_IDS, LOGITS = "input_ids", "position_ids", "logits"
-# A float graph held as one protobuf cannot pass 2 GiB (ByteSize, the checker and copies fail
-# with EncodeError; measured on a Llama-3.2-1B-shaped model's 4.9 GB graph); export_onnx's
-# weights_dir keeps the weights out of it.
-PROTOBUF_LIMIT = 2**31
 # What torch.onnx records on each node: the classes and the module paths it was traced in.
 _CLASSES = "pkg.torch.onnx.class_hierarchy"
 _SCOPES = "pkg.torch.onnx.name_scopes"
@@ -131,17 +126,6 @@ def onnx_signature(captured: CapturedModel, model: nn.Module | None = None, *,
     if captured.loaded.task == "causal-lm":
         return _decoder_signature(captured, captured.loaded.module if model is None else model, decoder)
     return _module_signature(captured, captured.module if model is None else model)
-
-
-def too_large_for_one_protobuf(module: nn.Module, what: str) -> str | None:
-    """Why `what`, which holds the float graph in one protobuf, cannot take a model whose float32
-    weights alone (tied ones once) pass the protobuf limit, or None."""
-    weights = float32_weight_bytes(module)
-    if weights < PROTOBUF_LIMIT:
-        return None
-    return (f"the model's float32 weights are {weights / 1e9:.2f} GB, and {what} holds the float graph in one "
-            f"protobuf, which cannot pass {PROTOBUF_LIMIT / 2**30:.0f} GiB (about {PROTOBUF_LIMIT // 4 / 1e6:.0f}M "
-            "parameters)")
 
 
 def _let_go_of_weights(graph) -> None:

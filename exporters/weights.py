@@ -57,6 +57,8 @@ def quantize_groups(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     if rounding.scale_dtype is not None:
         scale = scale.to(rounding.scale_dtype).float()
+        # a scale under fp16's subnormals flushes to 0; its group is ~0 anyway and gets codes 0
+        scale = torch.where(scale == 0, torch.finfo(rounding.scale_dtype).tiny, scale)
     ratio = w / scale
     q = torch.clamp(torch.floor(ratio + 0.5) if rounding.half_up else torch.round(ratio), rounding.qmin, rounding.qmax)
     return q, scale
@@ -314,7 +316,7 @@ def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
     shared = {id(p): p for name in keep_float for p in [layers[name].weight] if id(p) not in rewritten}
     copied = copy.deepcopy(module, shared)
     folded_norms = folded_norms or {}
-    done: dict[int, torch.Tensor] = {}
+    done: set[int] = set()
     with torch.no_grad():
         for name, layer in copied.named_modules():
             wq = spec.for_layer(name, layer)
@@ -327,8 +329,10 @@ def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
                 continue
             weight = layer.weight
             if id(weight) not in done:
-                done[id(weight)] = fake_quantize(weight, wq, rounding)
-                weight.copy_(done[id(weight)])
+                done.add(id(weight))
+                # in place, a slice of rows at a time: a 1B model's table alone is 1 GB in float32
+                for rows in row_slices(*weight.shape):
+                    weight[rows] = fake_quantize(weight[rows], wq, rounding)
     return copied
 
 

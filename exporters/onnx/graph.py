@@ -67,8 +67,8 @@ def has_external_weights(model) -> bool:
 
 
 def inline_weights(model, folder: Path | None) -> None:
-    """Read the weights kept in files under `folder` into the protobuf (for code that reads the
-    graph's weights itself: onnxruntime's quantizer, the final file)."""
+    """Read the weights kept in files under `folder` into the protobuf (for the final file under
+    2 GiB)."""
     if has_external_weights(model):
         from onnx.external_data_helper import load_external_data_for_model
 
@@ -239,23 +239,24 @@ def store_int8_per_channel(model, node_names: set[str], quantize_rows, accuracy_
     return blocks
 
 
-def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block: int, accuracy_level: int,
-                            folder: Path | None = None) -> int:
-    """Rewrite the named MatMul / Gather nodes to hold 4-bit blocks on a grid with a float offset
-    per block: w = scale·(q - 8) + offset, from `quantize_blocks(weight [out, in] float32) ->
-    (q uint8 [out, in] in 0..15, scales float16 [out, blocks], offset codes int8 [out, blocks],
-    offset scales float32 [out, 1])`, offset = code·scale.
+def store_int4_blocks(model, node_names: set[str], quantize_blocks, block: int, accuracy_level: int,
+                      folder: Path | None = None) -> int:
+    """Rewrite the named MatMul / Gather nodes to hold 4-bit blocks, w = scale·(q - 8) (+ offset
+    where the grid has a float offset per block), from `quantize_blocks(weight [out, in] float32)
+    -> (q uint8 [out, in] in 0..15, scales float16 [out, blocks], offsets)`, offsets None or
+    (codes int8 [out, blocks], scales float32 [out, 1]), offset = code·scale.
 
-    MatMulNBits computes the symmetric part (zero point 8 implied, so its fast kernels run); the
-    offsets add Σ_b (Σ_{k in b} x_k)·offset[n, b]: the block sums (x reshaped into its blocks and
+    MatMulNBits computes scale·(q - 8) (zero point 8 implied, so its fast kernels run); offsets
+    add Σ_b (Σ_{k in b} x_k)·offset[n, b]: the block sums (x reshaped into its blocks and
     summed) times offsets^T [blocks, N] (about 1/blocksize of the main product's work). A Gather
     becomes GatherBlockQuantized on the same packed layout plus its rows' offsets spread over
     their blocks (offsets[ids] · E^T, E the 0/1 block-indicator matrix [K, blocks]). A tied table
     (the embedding and the LM head) is stored once: the Gather reads the MatMul's codes, scales
     and offsets.
-    Scales are stored fp16 and offsets int8 (4.75 bits a weight; 5.5 with fp32 scales and
-    offsets); the Casts, Muls, Transposes and Reshapes of these constants come first in the graph
-    and onnxruntime folds them when it loads the model, before MatMulNBits packs its weights.
+    Scales are stored fp16 and offsets int8 (4.5 bits a weight without offsets, 4.75 with them;
+    5.5 with fp32 scales and offsets); the Casts, Muls, Transposes and Reshapes of these constants
+    come first in the graph and onnxruntime folds them when it loads the model, before MatMulNBits
+    packs its weights.
     Returns how many tables were stored once for two nodes."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -301,12 +302,13 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
         for known, stored_name in tables:
             if known.shape == table.shape and np.array_equal(known, table):
                 return stored_name, True
-        q, scales, offset_codes, offset_scales = quantize_blocks(table)
+        q, scales, offsets = quantize_blocks(table)
         rows, cols = q.shape
         const(f"{name}_Q4", (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(rows, cols // block, block // 2))
         const(f"{name}_scales", scales.astype(np.float16))
-        const(f"{name}_offsets", offset_codes.astype(np.int8))
-        const(f"{name}_offset_scales", offset_scales.astype(np.float32))
+        if offsets is not None:
+            const(f"{name}_offsets", offsets[0].astype(np.int8))
+            const(f"{name}_offset_scales", offsets[1].astype(np.float32))
         if table.shape in gather_shapes:
             tables.append((table, name))
         return name, False
@@ -324,29 +326,32 @@ def store_int4_with_offsets(model, node_names: set[str], quantize_blocks, block:
         shared += reused and not is_matmul
         rows, cols = table.shape
         codes, scales = f"{name}_Q4", as_float(f"{name}_scales")
-        offsets = derived("Mul", [as_float(f"{name}_offsets"), f"{name}_offset_scales"], f"{name}_block_offsets")
+        with_offsets = f"{name}_offsets" in added
         out, tag = node.output[0], node.name
+        blocks_out = f"{tag}_sym" if with_offsets else out
         if is_matmul:
             attrs = {"K": cols, "N": rows, "bits": 4, "block_size": block}
             if accuracy_level:
                 attrs["accuracy_level"] = accuracy_level
-            offsets_t = derived("Transpose", [offsets], f"{offsets}_t", perm=[1, 0])
-            nodes = [
-                helper.make_node("MatMulNBits", [node.input[0], codes, scales], [f"{tag}_sym"], name=f"{tag}_Q4",
-                                 domain="com.microsoft", **attrs),
-                *block_sums(node.input[0], cols, tag),
-                helper.make_node("MatMul", [f"{tag}_block_sums", offsets_t], [f"{tag}_offset_term"], name=f"{tag}_offset_term"),
-            ]
+            nodes = [helper.make_node("MatMulNBits", [node.input[0], codes, scales], [blocks_out], name=f"{tag}_Q4",
+                                      domain="com.microsoft", **attrs)]
         else:
             rows_of = derived("Reshape", [codes, const(f"rows_{rows}", np.array([rows, -1], np.int64))], f"{codes}_rows")
-            spread = derived("Transpose", [indicator(cols)], f"{indicator(cols)}_t", perm=[1, 0])
-            nodes = [
-                helper.make_node("GatherBlockQuantized", [rows_of, node.input[1], scales], [f"{tag}_sym"], name=f"{tag}_Q4",
-                                 domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1),
-                helper.make_node("Gather", [offsets, node.input[1]], [f"{tag}_row_offsets"], name=f"{tag}_offsets", axis=0),
-                helper.make_node("MatMul", [f"{tag}_row_offsets", spread], [f"{tag}_offset_term"], name=f"{tag}_offset_term"),
-            ]
-        nodes.append(helper.make_node("Add", [f"{tag}_sym", f"{tag}_offset_term"], [out], name=f"{tag}_add_offsets"))
+            nodes = [helper.make_node("GatherBlockQuantized", [rows_of, node.input[1], scales], [blocks_out], name=f"{tag}_Q4",
+                                      domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=1)]
+        if with_offsets:
+            offsets = derived("Mul", [as_float(f"{name}_offsets"), f"{name}_offset_scales"], f"{name}_block_offsets")
+            if is_matmul:
+                offsets_t = derived("Transpose", [offsets], f"{offsets}_t", perm=[1, 0])
+                nodes += [*block_sums(node.input[0], cols, tag),
+                          helper.make_node("MatMul", [f"{tag}_block_sums", offsets_t], [f"{tag}_offset_term"],
+                                           name=f"{tag}_offset_term")]
+            else:
+                spread = derived("Transpose", [indicator(cols)], f"{indicator(cols)}_t", perm=[1, 0])
+                nodes += [helper.make_node("Gather", [offsets, node.input[1]], [f"{tag}_row_offsets"], name=f"{tag}_offsets", axis=0),
+                          helper.make_node("MatMul", [f"{tag}_row_offsets", spread], [f"{tag}_offset_term"],
+                                           name=f"{tag}_offset_term")]
+            nodes.append(helper.make_node("Add", [f"{tag}_sym", f"{tag}_offset_term"], [out], name=f"{tag}_add_offsets"))
         rewritten.append((index, nodes))
     for index, nodes in sorted(rewritten, key=lambda item: item[0], reverse=True):
         del graph.node[index]
@@ -371,44 +376,6 @@ def _finish_contrib_rewrite(model, rewrote: bool) -> None:
 def matmul_int8_block(k: int) -> int:
     """The widest MatMulNBits block (16 .. 256, a power of two) that divides K; 0 if none does."""
     return next((b for b in (256, 128, 64, 32, 16) if k % b == 0), 0)
-
-
-def share_tied_tables(model) -> int:
-    """A tied LM head and embedding are quantized twice by the quantizer (as a MatMulNBits weight
-    and as a GatherBlockQuantized table) to the same values. GatherBlockQuantized also reads
-    MatMulNBits' packed layout (uint8 rows of 4-bit values, zero point 8, `bits` 4: how
-    onnxruntime-genai's builder ties them), so the embedding reads the head's weight and its own
-    copy goes. Tables are matched by content, so only truly identical ones are shared."""
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    values = {t.name: t for t in graph.initializer}
-    heads = {}
-    for node in graph.node:
-        if node.op_type == "MatMulNBits" and _attr(node, "bits") == 4 and node.input[2] in values:  # not offset-grid ones
-            packed = numpy_helper.to_array(values[node.input[1]])
-            n, k = _attr(node, "N"), _attr(node, "K")
-            q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, -1)[:, :k].astype(np.int8) - 8
-            heads[node.input[1]] = (node, q, numpy_helper.to_array(values[node.input[2]]))
-    reshapes = []
-    four_bit = [n for n in graph.node if n.op_type == "GatherBlockQuantized" and len(n.input) == 3
-                and _attr(n, "bits") in (None, 4) and n.input[0] in values]
-    for gather in four_bit:
-        table = numpy_helper.to_array(values[gather.input[0]]).astype(np.int8)
-        scales = numpy_helper.to_array(values[gather.input[2]])
-        for weight, (head, q, head_scales) in heads.items():
-            if (_attr(head, "block_size") == _attr(gather, "block_size") and q.shape == table.shape
-                    and np.array_equal(q, table) and np.array_equal(head_scales.reshape(scales.shape), scales)):
-                rows = f"{weight}_rows"
-                graph.initializer.append(numpy_helper.from_array(np.array([q.shape[0], -1], np.int64), f"{rows}_shape"))
-                reshapes.append(helper.make_node("Reshape", [weight, f"{rows}_shape"], [rows], name=f"{gather.name}_rows"))
-                gather.input[0], gather.input[2] = rows, head.input[2]
-                gather.attribute.append(helper.make_attribute("bits", 4))
-                break
-    for node in reshapes:
-        graph.node.insert(0, node)
-    _drop_unused_initializers(graph)
-    return len(reshapes)
 
 
 def _attr(node, name: str):

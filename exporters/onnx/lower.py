@@ -1,16 +1,15 @@
 """ONNX lowering for ONNX Runtime (Mobile): torch.onnx.export(dynamo=True) of the captured model,
 int4 block-wise weights as MatMulNBits (linear layers) and GatherBlockQuantized (embeddings): on
 the offset grid (each block its own min..max, the symmetric codes plus a per-block offset term;
-the default) or with onnxruntime's own MatMulNBitsQuantizer (symmetric, --onnx-grid symmetric),
-int8 per-channel weights (mixed precision's overrides, or --quant int8) as the same two ops with
-bits 8, metadata_props, and for decoder LMs the KV cache as inputs and outputs with
-onnxruntime-genai's names plus a genai_config.json beside the model. The exported graph's float
-weights stay in a temporary folder (`_Work.folder`) until they are quantized, so a model past
-protobuf's 2 GiB exports as a small one does."""
+the default) or on onnxruntime's symmetric grid (--onnx-grid symmetric), int8 per-channel weights
+(mixed precision's overrides, or --quant int8) as the same two ops with bits 8, metadata_props,
+and for decoder LMs the KV cache as inputs and outputs with onnxruntime-genai's names plus a
+genai_config.json beside the model. The exported graph's float weights stay in a temporary folder
+(`_Work.folder`) until they are quantized, so a model past protobuf's 2 GiB exports as a small one
+does."""
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -38,7 +37,6 @@ from edgepack.exporters.onnx_capture import (
     class_names,
     export_onnx,
     onnx_signature,
-    too_large_for_one_protobuf,
     weight_nodes,
 )
 from edgepack.exporters.weights import (
@@ -72,19 +70,20 @@ INT8_COMPUTE = 4
 def rounding(bits: int) -> Rounding:
     """onnxruntime's symmetric grid for MatMul weights (MLAS BlockwiseQuantizer::range2scale):
     scale = the group's value of largest magnitude / -2^(bits-1), q in [-2^(bits-1), 2^(bits-1) - 1],
-    ties rounded up."""
+    ties rounded up; edgepack writes the blocks (graph.store_int4_blocks, store_int8_per_channel),
+    linears and tables alike. int4 block scales are stored fp16 (onnxruntime's quantizer kept
+    float32: half a bit a weight more), int8 row scales float32."""
     half = 2 ** (bits - 1)
-    return Rounding(-half, half - 1, float(half), signed_scale=True, half_up=True)
+    return Rounding(-half, half - 1, float(half), scale_dtype=torch.float16 if bits == 4 else None,
+                    signed_scale=True, half_up=True)
 
 
-def gather_rounding(bits: int) -> Rounding:
-    """The grid of embedding tables. int4: the same grid as MatMul weights but with ties rounded
-    to even (the quantizer's numpy quant_slice_symmetric). int8: the quantizer has no 8-bit Gather,
-    so edgepack stores them (store_int8_per_channel) on the int8 MatMul grid, rounding(8)."""
-    if bits == 8:
-        return rounding(8)
-    half = 2 ** (bits - 1)
-    return Rounding(-half, half - 1, float(half), signed_scale=True)
+def symmetric_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """The symmetric grid (--onnx-grid symmetric, rounding(4)) as graph.store_int4_blocks stores
+    it: codes q in 0..15 (MatMulNBits' zero point 8 implied), fp16 scales, no offsets."""
+    q, scale = by_row_slices(quantize_groups, torch.from_numpy(weight), WeightQuant(bits=4, group_size=block), rounding(4))
+    rows, cols = weight.shape
+    return (q.reshape(rows, cols) + 8).to(torch.uint8).numpy(), scale.reshape(rows, -1).to(torch.float16).numpy(), None
 
 
 # The offsets' own grid: int8 per row, -127..127, a float32 scale per row. The rows' scales stay
@@ -92,9 +91,9 @@ def gather_rounding(bits: int) -> Rounding:
 OFFSET_ROUNDING = Rounding.symmetric(8, narrow=True)
 
 
-def offset_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def offset_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """The offset grid (weights.quantize_min_max, 4 bits, scales in fp16) as
-    graph.store_int4_with_offsets stores it: codes q in 0..15, fp16 scales, and the offsets
+    graph.store_int4_blocks stores it: codes q in 0..15, fp16 scales, and the offsets
     minimum + 8·scale as int8 codes [out, blocks] with one float32 scale per row [out, 1], so that
     w = scale·(q - 8) + offset_code·row_scale with MatMulNBits' implied zero point 8. An int8
     offset a block is 4.75 bits a weight where fp16 offsets took 5; on the real SmolLM2-135M the
@@ -104,7 +103,7 @@ def offset_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarra
     offset_codes, offset_scales = quantize_groups((minimum + 8 * scale).reshape(rows, -1),
                                                   WeightQuant(bits=8, group_size=None), OFFSET_ROUNDING)
     return (q.reshape(rows, cols).to(torch.uint8).numpy(), scale.reshape(rows, -1).to(torch.float16).numpy(),
-            offset_codes.reshape(rows, -1).to(torch.int8).numpy(), offset_scales.reshape(rows, 1).numpy())
+            (offset_codes.reshape(rows, -1).to(torch.int8).numpy(), offset_scales.reshape(rows, 1).numpy()))
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ class OffsetWeight:
 
     @classmethod
     def of(cls, weight: torch.Tensor, block: int) -> "OffsetWeight":
-        q, scale, offset_codes, offset_scales = offset_blocks(weight.detach().float().numpy(), block)
+        q, scale, (offset_codes, offset_scales) = offset_blocks(weight.detach().float().numpy(), block)
         offsets = torch.from_numpy(offset_codes).float() * torch.from_numpy(offset_scales)
         return cls(torch.from_numpy(q.astype(np.int8) - 8), torch.from_numpy(scale).float(), offsets, block)
 
@@ -152,8 +151,8 @@ def _int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # How each kind of stored layer lands in the graph (the manifest's quantization.ops).
 STORED_AS = {
-    (4, "linear"): "MatMulNBits bits=4 block_size={block} (onnxruntime MatMulNBitsQuantizer)",
-    (4, "embedding"): "GatherBlockQuantized int4 block_size={block} (onnxruntime MatMulNBitsQuantizer)",
+    (4, "linear"): "MatMulNBits bits=4 block_size={block}, fp16 scales (edgepack, onnxruntime's symmetric grid)",
+    (4, "embedding"): "GatherBlockQuantized bits=4 block_size={block}, fp16 scales (edgepack, onnxruntime's symmetric grid)",
     (8, "linear"): "MatMulNBits bits=8, one scale per output channel repeated over its 16..256-wide blocks (edgepack)",
     (8, "embedding"): "GatherBlockQuantized bits=8 uint8, one block (one scale) per row (edgepack)",
 }
@@ -171,8 +170,6 @@ class _Work(Lowering):
     layers: dict[str, WeightQuant] = field(default_factory=dict)  # layer path -> how it is stored
     linear: dict[str, str] = field(default_factory=dict)  # node name -> layer path: MatMuls of linear layers
     embedding: dict[str, str] = field(default_factory=dict)  # Gathers of embedding tables
-    other_matmuls: list[str] = field(default_factory=list)  # constant-weight nodes from elsewhere
-    other_gathers: list[str] = field(default_factory=list)
     float_bytes: int = 0
     counts: dict = field(default_factory=dict)
     storage: dict[str, dict[str, str]] = field(default_factory=dict)  # WeightQuant.describe() -> {kind: ops}
@@ -192,9 +189,6 @@ def check_scheme(work: _Work) -> None:
     module = work.captured.module
     work.layers = work.quant.layers(module)
     modules = dict(module.named_modules())
-    if any(wq.group_size for wq in work.layers.values()) and work.options.grid == "symmetric":
-        if why := too_large_for_one_protobuf(module, "onnxruntime's quantizer (--onnx-grid symmetric)"):
-            raise InputError(f"--onnx-grid symmetric: {why}", hint="use the default --onnx-grid offset for this model")
     for name, wq in work.layers.items():
         layer = modules[name]
         kind = "linear" if isinstance(layer, nn.Linear) else "embedding"
@@ -254,8 +248,7 @@ def _offset_linear(layer: nn.Linear, stored: OffsetWeight, int8_inputs: bool):
 def record_reference(work: _Work) -> None:
     spec = work.quant
     offset = {name: wq for name, wq in work.layers.items() if on_offset_grid(work.options, wq)}
-    module = weight_only_reference(work.captured.module, spec, rounding, embedding_rounding=gather_rounding,
-                                   keep_float=frozenset(offset))
+    module = weight_only_reference(work.captured.module, spec, rounding, keep_float=frozenset(offset))
     layers = dict(module.named_modules())
     # All parts from the float weights first: a tied embedding and LM head share one Parameter.
     parts = {name: OffsetWeight.of(layers[name].weight, wq.group_size) for name, wq in offset.items()}
@@ -282,37 +275,16 @@ def export(work: _Work) -> None:
     work.counts["transposes_folded"] = onnx_graph.fold_weight_transposes(model, folder)
     work.counts["gemms_rewritten"] = onnx_graph.linear_gemms_to_matmuls(model, linear_classes, folder)
     # Which nodes are the model's linear and embedding layers is known only from the trace records.
-    work.linear, work.other_matmuls = weight_nodes(model, "MatMul", linear_classes)
-    work.embedding, work.other_gathers = weight_nodes(model, "Gather", embedding_classes)
+    work.linear, _ = weight_nodes(model, "MatMul", linear_classes)  # other constant-weight nodes stay fp32
+    work.embedding, _ = weight_nodes(model, "Gather", embedding_classes)
     onnx_graph.strip_trace_records(model)
     onnx_graph.check_graph(model, folder)
     work.model, work.float_bytes = model, onnx_graph.graph_bytes(model)
 
 
-def _blockwise_pass(model, nodes: list[str], exclude: list[str], wq: WeightQuant, accuracy_level: int, with_gathers: bool):
-    """onnxruntime's MatMulNBitsQuantizer on `nodes` (every other weight node excluded)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-    from onnxruntime.quantization.quant_utils import QuantFormat
-
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=wq.group_size, is_symmetric=True, bits=wq.bits, accuracy_level=accuracy_level,
-        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul", "Gather") if with_gathers else ("MatMul",),
-        quant_axes=(("MatMul", 0), ("Gather", 1)))
-    quantizer_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = quantizer_log.level
-    quantizer_log.setLevel(logging.WARNING)  # it logs every node at INFO
-    try:
-        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
-        quantizer.process()
-    finally:
-        quantizer_log.setLevel(level)
-    return quantizer.model.model
-
-
 def quantize(work: _Work) -> None:
-    """Each linear-layer MatMul and embedding Gather stored as spec.for_layer says: int4 blocks on
-    the offset grid by store_int4_with_offsets, or by onnxruntime's MatMulNBitsQuantizer, one pass
-    per block size with every other weight node excluded; int8 per channel by
+    """Each linear-layer MatMul and embedding Gather stored as spec.for_layer says: int4 blocks by
+    store_int4_blocks, on the offset grid or the symmetric one; int8 per channel by
     store_int8_per_channel. MatMuls that read one input and are stored alike are stacked into one
     first, on every grid. A constant-weight MatMul or Gather from elsewhere stays fp32, as in the
     reference."""
@@ -343,18 +315,13 @@ def quantize(work: _Work) -> None:
         work.storage[wq.describe()] = {
             kind: (STORED_AS_OFFSET[kind] if offset_grid else STORED_AS[wq.bits, kind]).format(block=wq.group_size)
             for kind, names in (("linear", linear), ("embedding", embedding)) if any(n in names for n in group)}
-        if offset_grid:
-            shared += onnx_graph.store_int4_with_offsets(
-                work.model, set(group), lambda w, block=wq.group_size: offset_blocks(w, block), wq.group_size, accuracy_level,
-                work.folder)
-            continue
         if wq.group_size is None:
             onnx_graph.store_int8_per_channel(work.model, set(group), _int8_rows, accuracy_level, work.folder)
             continue
-        exclude = work.other_matmuls + work.other_gathers + [n for n in stored if n not in group]
-        onnx_graph.inline_weights(work.model, work.folder)  # the quantizer reads them from the protobuf
-        work.model = _blockwise_pass(work.model, group, exclude, wq, accuracy_level, any(n in embedding for n in group))
-    work.counts["tied_tables_shared"] = shared + onnx_graph.share_tied_tables(work.model)
+        blocks = offset_blocks if offset_grid else symmetric_blocks
+        shared += onnx_graph.store_int4_blocks(work.model, set(group), lambda w, block=wq.group_size: blocks(w, block),
+                                               wq.group_size, accuracy_level, work.folder)
+    work.counts["tied_tables_shared"] = shared
     work.counts["linear_matmuls_fused"] = fused
     counts = onnx_graph.op_counts(work.model)
     work.counts.update(matmul_nbits=counts.get("MatMulNBits", 0), gather_block_quantized=counts.get("GatherBlockQuantized", 0),
@@ -406,9 +373,11 @@ STEPS: tuple[Step, ...] = (
 
 
 def _library(quant: QuantSpec, options: Options) -> str:
-    if quant.linear and on_offset_grid(options, quant.linear):
-        return f"edgepack offset grid (weights.quantize_min_max) on onnxruntime {version('onnxruntime')} MatMulNBits"
-    return f"onnxruntime {version('onnxruntime')} MatMulNBitsQuantizer"
+    if quant.scheme != "int4":
+        return f"edgepack int8 per channel on onnxruntime {version('onnxruntime')} MatMulNBits"
+    grid = ("offset grid (weights.quantize_min_max)" if options.grid == "offset"
+            else "symmetric grid (onnxruntime's round to nearest, fp16 scales)")
+    return f"edgepack {grid} on onnxruntime {version('onnxruntime')} MatMulNBits"
 
 
 def lower(captured: CapturedModel, quant: QuantSpec, options: Options,

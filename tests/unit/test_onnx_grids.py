@@ -1,5 +1,6 @@
-"""ONNX's grids and file layout without an export: onnxruntime's own int4 and int8 grids, the offset
-grid keeping a Q4_1 source, and weights beside a model past the protobuf limit."""
+"""ONNX's grids and file layout without an export: the symmetric int4 grid against onnxruntime's
+own quantizer, the int8 grid, the offset grid keeping a Q4_1 source, and weights
+beside a model past the protobuf limit."""
 
 from __future__ import annotations
 
@@ -9,39 +10,60 @@ import torch
 from edgepack.quant import QuantSpec
 
 
-def test_rounding_is_onnxruntimes_own_grid():
-    """The eager reference's fake quantization against onnxruntime's two quantizers (MLAS in C++
-    for MatMul weights, numpy for Gather tables) on the same random matrices: bit for bit."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+def test_symmetric_grid_is_onnxruntimes_own_with_fp16_scales_and_runs_as_stored(tmp_path):
+    """--onnx-grid symmetric: the reference's grid with float32 scales is onnxruntime's MLAS
+    quantizer bit for bit (ties rounded up); stored, the scales are MLAS's rounded to fp16 and the
+    codes follow them (a weight changes code only where it sat within fp16's rounding of a tie).
+    ONNX Runtime's MatMulNBits on the stored codes and scales computes what the reference
+    multiplies, and an all-zero block is stored as codes 8 (zero) with a nonzero scale."""
+    import dataclasses
 
-    from edgepack.exporters.onnx.lower import gather_rounding, rounding
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from edgepack.exporters.onnx.lower import rounding, symmetric_blocks
+    from edgepack.exporters.onnx.runtime import session
     from edgepack.exporters.weights import fake_quantize
 
-    spec = QuantSpec.from_options("int4", 32)
-    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    wq = QuantSpec.from_options("int4", 32).linear
+    n, k = 48, 128
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
     weight[0, :32] = torch.linspace(-1, 1, 32)  # a tie between +max and -max: the negative one wins
-    # exact halves (scale -0.125): MatMul rounds them up, Gather to even
     weight[1, :32] = 0.0
-    weight[1, :5] = torch.tensor([1.0, 0.1875, -0.1875, 0.0625, -0.0625])  # / scale: -8, -1.5, 1.5, -0.5, 0.5
-    ours = fake_quantize(weight, spec.linear, rounding(4)).numpy()
-    ours_gather = fake_quantize(weight, spec.linear, gather_rounding(4)).numpy()
-    assert (ours[1, 1:5] / -0.125).tolist() == [-1, 2, 0, 1] and (ours_gather[1, 1:5] / -0.125).tolist() == [-2, 2, 0, 0]
-
-    k, n = 128, 48  # MatMul weight is [K, N] = W^T; quantized per column in blocks along K
+    weight[1, :5] = torch.tensor([1.0, 0.1875, -0.1875, 0.0625, -0.0625])  # / scale -0.125: -8, -1.5, 1.5, -0.5, 0.5
+    weight[2, :32] = 0.0
     packed = np.zeros((n, k // 32, 16), np.uint8)
     scales = np.zeros((n, k // 32), np.float32)
     quantize_matmul_4bits(packed, np.ascontiguousarray(weight.numpy().T), scales, np.zeros((n, 4), np.uint8), 32, n, k, True)
-    q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, k).astype(np.float32) - 8
-    matmul = (q.reshape(n, 4, 32) * scales[..., None]).reshape(n, k)
-    np.testing.assert_array_equal(ours, matmul)
+    mlas_codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, k)
+    mlas = ((mlas_codes.astype(np.float32) - 8).reshape(n, 4, 32) * scales[..., None]).reshape(n, k)
+    float32_scales = fake_quantize(weight, wq, dataclasses.replace(rounding(4), scale_dtype=None)).numpy()
+    np.testing.assert_array_equal(float32_scales, mlas)
+    assert (float32_scales[1, 1:5] / -0.125).tolist() == [-1, 2, 0, 1]
 
-    data, gather_scales, _ = DefaultWeightOnlyQuantizer.quantize_ndarray(weight.numpy(), 1, 32, True)
-    low, high = (data & 0xF).astype(np.int8), (data >> 4).astype(np.int8)
-    signed = np.stack([low, high], axis=-1).reshape(n, k)
-    signed = np.where(signed > 7, signed - 16, signed).astype(np.float32)
-    gather = (signed.reshape(n, 4, 32) * gather_scales.reshape(n, 4, 1)).reshape(n, k)
-    np.testing.assert_array_equal(ours_gather, gather)
+    codes, fp16_scales, offsets = symmetric_blocks(weight.numpy(), 32)
+    assert offsets is None and codes.dtype == np.uint8 and fp16_scales.dtype == np.float16
+    expected_scales = scales.astype(np.float16)
+    expected_scales[2, 0] = 1.0  # the all-zero block: MLAS's scale 0, the reference's 1 (codes 8 either way)
+    np.testing.assert_array_equal(fp16_scales, expected_scales)
+    assert (codes != mlas_codes).mean() < 1e-3 and (np.abs(codes.astype(int) - mlas_codes) <= 1).all()
+    assert (codes[2, :32] == 8).all()
+    reference = fake_quantize(weight, wq, rounding(4)).numpy()
+    np.testing.assert_array_equal(((codes.astype(np.float32) - 8).reshape(n, 4, 32)
+                                   * fp16_scales.astype(np.float32)[..., None]).reshape(n, k), reference)
+
+    x = np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)
+    stored = [numpy_helper.from_array((codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // 32, 16), "w"),
+              numpy_helper.from_array(fp16_scales.astype(np.float32), "s")]
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=32)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], stored)
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    [y] = session(tmp_path / "m.onnx").run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ reference.T, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_per_channel_is_the_references_grid_and_mlas_8_bit_one():
@@ -53,7 +75,7 @@ def test_int8_per_channel_is_the_references_grid_and_mlas_8_bit_one():
     from onnxruntime.capi._pybind_state import quantize_matmul_8bits
 
     from edgepack.exporters.mixed_precision import INT8
-    from edgepack.exporters.onnx.lower import _int8_rows, gather_rounding, rounding
+    from edgepack.exporters.onnx.lower import _int8_rows, rounding
     from edgepack.exporters.weights import fake_quantize
 
     weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
@@ -62,7 +84,7 @@ def test_int8_per_channel_is_the_references_grid_and_mlas_8_bit_one():
     weight[2] = 0.0  # an all-zero row: codes 0
     q, scales = _int8_rows(weight.numpy())
     reference = fake_quantize(weight, INT8, rounding(8)).numpy()
-    assert gather_rounding(8) == rounding(8) and q.dtype == np.int8 and scales.shape == (48,)
+    assert q.dtype == np.int8 and scales.shape == (48,)
     np.testing.assert_array_equal(q * scales[:, None], reference)
     assert q[1, :3].tolist() == [-128, -1, 2] and not q[2].any()
 
@@ -91,7 +113,7 @@ def test_offset_grid_keeps_a_q4_1_source():
     weight = (d * codes + m).reshape(rows, blocks * 32)
     q, scale, minimum = quantize_min_max(weight, 4, 32)
     assert torch.equal(q, codes.float()) and torch.allclose(scale, d, rtol=1e-6) and torch.equal(minimum, m)
-    stored_q, stored_scale, offset_codes, offset_scales = offset_blocks(weight.numpy(), 32)
+    stored_q, stored_scale, (offset_codes, offset_scales) = offset_blocks(weight.numpy(), 32)
     assert np.array_equal(stored_q.reshape(rows, blocks, 32), codes.numpy())
     assert offset_codes.dtype == np.int8 and np.abs(offset_codes).max() == 127 and offset_scales.shape == (rows, 1)
     symmetric, offsets = offset_parts(weight, 32)

@@ -6,9 +6,9 @@ ONNX and MNN keep the exported graph's float weights in files (export_onnx's wei
 neither stops at the protobuf limit: a Llama-3.2-1B-shaped model exported to ONNX in 3.7 min at a
 10.64 GiB peak, 2.31x its float32 weights, and to MNN at 2.73x (bench.scale, 2026-12-04). Each
 refuses only a model that would need more memory than the machine grants, or more free disk under
-TMPDIR than there is. onnxruntime's own quantizer (--onnx-grid symmetric) still reads one protobuf:
-on such a model the export otherwise failed after minutes with protobuf's bare "EncodeError: Failed
-to serialize proto" (bench.scale, 2026-12-03)."""
+TMPDIR than there is. Both int4 grids store their blocks from those files (graph.store_int4_blocks;
+until 2026-12-07 --onnx-grid symmetric ran onnxruntime's own quantizer, which reads one protobuf,
+and was refused past the limit)."""
 
 import shutil
 import tempfile
@@ -19,11 +19,9 @@ import pytest
 from torch import nn
 
 from edgepack.errors import InputError
-from edgepack.exporters import onnx_capture
 from edgepack.exporters import weights as shared_weights
 from edgepack.exporters.mnn import lower as mnn_lower
 from edgepack.exporters.onnx import lower as onnx_lower
-from edgepack.exporters.onnx.options import Options
 from edgepack.exporters.registry import BACKENDS
 from edgepack.exporters.tflite import lower as tflite_lower
 from edgepack.pipeline import backends_for
@@ -34,12 +32,10 @@ LOWERINGS = {"onnx": onnx_lower, "mnn": mnn_lower}
 
 
 @pytest.fixture
-def loaded(monkeypatch):
-    """A tied model of 64,000 weights, with the protobuf limit set just at its float32 bytes (the
-    real limit needs a 2 GB model)."""
+def loaded():
+    """A tied model of 64,000 weights."""
     model = nn.Sequential(nn.Embedding(1000, 64), nn.Linear(64, 1000, bias=False))
     model[1].weight = model[0].weight  # tied: counted once, as the graph stores it
-    monkeypatch.setattr(onnx_capture, "PROTOBUF_LIMIT", WEIGHTS)
     return SimpleNamespace(module=model)
 
 
@@ -85,19 +81,6 @@ def test_a_24_gib_machine_takes_a_1b_model_on_onnx_and_mnn():
     10.93 GiB (MNN)."""
     for lowering in LOWERINGS.values():
         assert lowering.EXPORT_MEMORY_PER_WEIGHT_BYTE * 1_235_814_400 * 4 < 24 * 2**30
-
-
-def test_the_symmetric_grid_past_the_limit_is_an_input_error_before_any_slow_step(loaded):
-    for grid, refused in (("symmetric", True), ("offset", False)):
-        work = onnx_lower._Work(SimpleNamespace(module=loaded.module), QuantSpec.from_options("int4"), Options(grid=grid))
-        if not refused:
-            onnx_lower.check_scheme(work)
-            continue
-        with pytest.raises(InputError) as error:
-            onnx_lower.check_scheme(work)
-        assert str(error.value).startswith("--onnx-grid symmetric: the model's float32 weights are 0.00 GB, and "
-                                           "onnxruntime's quantizer (--onnx-grid symmetric) holds the float graph")
-        assert error.value.hint == "use the default --onnx-grid offset for this model"
 
 
 def test_named_in_target_it_is_an_input_error_under_all_it_is_left_out(loaded, monkeypatch):

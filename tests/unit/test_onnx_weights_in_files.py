@@ -2,7 +2,7 @@
 past protobuf's 2 GiB can be exported): the rewrites read and write them there and must write the
 same artifact, byte for byte, as on a graph that holds its weights in the protobuf. Checked on a
 small graph with every rewrite that reads or makes a float weight: a tied table (Gather and LM
-head), two MatMuls on one input stacked into one, the offset grid's storage."""
+head), two MatMuls on one input stacked into one, and the int4 storage of both grids."""
 
 import numpy as np
 import onnx
@@ -11,10 +11,22 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.exporters.onnx import graph as onnx_graph
-from edgepack.exporters.onnx.lower import offset_blocks, offset_parts
+from edgepack.exporters.onnx.lower import offset_blocks, offset_parts, rounding, symmetric_blocks
 from edgepack.exporters.onnx.runtime import session
+from edgepack.exporters.weights import fake_quantize
+from edgepack.quant import WeightQuant
 
 BLOCK = 32
+
+
+def offset_weight(weight: torch.Tensor) -> torch.Tensor:
+    symmetric, offsets = offset_parts(weight, BLOCK)
+    return symmetric + offsets.repeat_interleave(BLOCK, dim=1)
+
+
+# Each grid's blocks, and the [out, in] weight the artifact computes with.
+GRIDS = {"offset": (offset_blocks, offset_weight),
+         "symmetric": (symmetric_blocks, lambda w: fake_quantize(w, WeightQuant(bits=4, group_size=BLOCK), rounding(4)))}
 
 
 def small_graph() -> onnx.ModelProto:
@@ -35,20 +47,22 @@ def small_graph() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
 
 
-def rewritten(model: onnx.ModelProto, folder) -> dict[str, bytes]:
+def rewritten(model: onnx.ModelProto, folder, blocks) -> dict[str, bytes]:
     stacks = onnx_graph.stack_shared_input_matmuls(model, {"q_proj": "int4", "k_proj": "int4", "lm_head": "int4, the head"}, folder)
     assert stacks == {"q_proj": ["q_proj", "k_proj"]}
     onnx_graph.check_graph(model, folder)
-    shared = onnx_graph.store_int4_with_offsets(model, {"q_proj", "lm_head", "embed"}, lambda w: offset_blocks(w, BLOCK),
-                                                BLOCK, 0, folder)  # fp32 compute: exact to compare
+    shared = onnx_graph.store_int4_blocks(model, {"q_proj", "lm_head", "embed"}, lambda w: blocks(w, BLOCK),
+                                          BLOCK, 0, folder)  # fp32 compute: exact to compare
     assert shared == 1  # the Gather reads the LM head's table
     onnx_graph.check_graph(model, folder)
     return onnx_graph.serialize(model, "model.onnx", folder)
 
 
-def test_weights_in_files_write_the_same_artifact_as_weights_in_the_protobuf(tmp_path, monkeypatch):
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_weights_in_files_write_the_same_artifact_as_weights_in_the_protobuf(tmp_path, monkeypatch, grid):
+    blocks, computed = GRIDS[grid]
     monkeypatch.setattr(onnx_graph, "EXTERNAL_MIN_BYTES", 0)  # every new float weight to a file, as a 1B model's are
-    in_protobuf = rewritten(small_graph(), None)
+    in_protobuf = rewritten(small_graph(), None, blocks)
 
     folder = tmp_path / "weights"
     folder.mkdir()
@@ -57,16 +71,15 @@ def test_weights_in_files_write_the_same_artifact_as_weights_in_the_protobuf(tmp
     model = onnx.load(folder / "exported.onnx", load_external_data=False)
     assert onnx_graph.has_external_weights(model) and model.ByteSize() < 1000
     assert onnx_graph.graph_bytes(model) > (100 * 64 * 2 + 64 * 96) * 4  # the weights count, wherever they are
-    in_files = rewritten(model, folder)
+    in_files = rewritten(model, folder, blocks)
     assert len(list(folder.glob("*.bin"))) == 1  # the stacked q/k weight went to a file of its own
 
     assert in_files == in_protobuf and list(in_files) == ["model.onnx"]
     (tmp_path / "model.onnx").write_bytes(in_files["model.onnx"])
     x, ids = np.ones((1, 3, 64), np.float32), np.array([[0, 5, 99]], np.int64)
     q, logits = session(tmp_path / "model.onnx").run(["q", "logits"], {"x": x, "ids": ids})
-    def stored(weight: np.ndarray) -> np.ndarray:  # [in, out] as the offset grid holds it
-        symmetric, offsets = offset_parts(torch.from_numpy(np.ascontiguousarray(weight.T)), BLOCK)
-        return (symmetric + offsets.repeat_interleave(BLOCK, dim=1)).numpy().T
+    def stored(weight: np.ndarray) -> np.ndarray:  # [in, out] as the grid holds it
+        return computed(torch.from_numpy(np.ascontiguousarray(weight.T))).numpy().T
 
     w = {t.name: numpy_helper.to_array(t) for t in small_graph().graph.initializer}
     h = x + stored(w["table_t"]).T[ids]
@@ -154,7 +167,7 @@ def test_onnxruntime_folds_the_offsets_into_float_constants_when_it_loads(tmp_pa
     graph it runs holds none of them, only the side product's own nodes (block sums, MatMul, Add)."""
     import onnxruntime as ort
 
-    (tmp_path / "model.onnx").write_bytes(rewritten(small_graph(), None)["model.onnx"])
+    (tmp_path / "model.onnx").write_bytes(rewritten(small_graph(), None, offset_blocks)["model.onnx"])
     stored = onnx.load(tmp_path / "model.onnx")
     int8 = [t for t in stored.graph.initializer if t.data_type == TensorProto.INT8]
     assert len(int8) == 2  # the q/k stack's offsets and the tied table's
