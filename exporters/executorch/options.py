@@ -15,7 +15,7 @@ class Options:
         "GGUF holds it: XNNPACK's symmetric blocks plus each input block's mean through a small int8 offsets "
         "layer; the default) or 'symmetric' (export_llm's 8da4w grid, each block's scale searched: smaller and "
         "faster, less accurate; on the real SmolLM2-135M 94.0 MB at +62 % perplexity, export_llm's own +65 %, "
-        "against 99.2 MB at +6.1 %, docs/quantization.md).", str))
+        "against 99.2 MB at +7.1 %, docs/quantization.md).", str))
 
     def __post_init__(self):
         if self.grid not in INT4_GRIDS:
