@@ -183,18 +183,12 @@ def class_names(module, kind: type) -> set[str]:
     return {f"{type(m).__module__}.{type(m).__qualname__}" for m in module.modules() if isinstance(m, kind)}
 
 
-def weight_nodes(model, op_type: str, module_classes: set[str]) -> tuple[dict[str, str], list[str]]:
-    """({name: layer path} of the `op_type` nodes traced directly inside one of `module_classes`
-    whose weight is an initializer, names of the other `op_type` nodes with an initializer weight).
-    Layer paths are module names in the exported module (`model.encoder.layer.0.attention.self.value`)."""
+def weight_nodes(model, op_type: str, module_classes: set[str]) -> dict[str, str]:
+    """{name: layer path} of the `op_type` nodes traced directly inside one of `module_classes`
+    whose weight is an initializer (other constant-weight nodes stay as they are). Layer paths are
+    module names in the exported module (`model.encoder.layer.0.attention.self.value`)."""
     initializers = {t.name for t in model.graph.initializer}
     weight_input = 1 if op_type == "MatMul" else 0
-    chosen, other = {}, []
-    for node in model.graph.node:
-        if node.op_type != op_type or node.input[weight_input] not in initializers:
-            continue
-        if module_class(node) in module_classes:
-            chosen[node.name] = _innermost(node, _SCOPES)
-        else:
-            other.append(node.name)
-    return chosen, other
+    return {node.name: _innermost(node, _SCOPES) for node in model.graph.node
+            if node.op_type == op_type and node.input[weight_input] in initializers
+            and module_class(node) in module_classes}

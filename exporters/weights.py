@@ -54,11 +54,10 @@ def quantize_groups(weight: torch.Tensor, wq: WeightQuant, rounding: Rounding) -
         scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -rounding.scale_divisor
     else:
         scale = w.abs().amax(dim=-1, keepdim=True) / rounding.scale_divisor
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     if rounding.scale_dtype is not None:
         scale = scale.to(rounding.scale_dtype).float()
-        # a scale under fp16's subnormals flushes to 0; its group is ~0 anyway and gets codes 0
-        scale = torch.where(scale == 0, torch.finfo(rounding.scale_dtype).tiny, scale)
+    # an all-zero group, or one whose scale its dtype flushes to 0 (under fp16's subnormals): codes 0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     ratio = w / scale
     q = torch.clamp(torch.floor(ratio + 0.5) if rounding.half_up else torch.round(ratio), rounding.qmin, rounding.qmax)
     return q, scale
@@ -298,10 +297,9 @@ def int8_per_row(x: torch.Tensor) -> torch.Tensor:
 
 def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
                           folded_norms: dict[str, "NormAffine"] | None = None, *,
-                          embedding_rounding=None, keep_float: frozenset[str] = frozenset()) -> nn.Module:
+                          keep_float: frozenset[str] = frozenset()) -> nn.Module:
     """A copy of `module` whose quantized layers hold fake-quantized weights. `rounding_for_bits`
-    maps a bit width to the backend's Rounding (`embedding_rounding` for embedding tables, where a
-    backend quantizes them with other code). Tied weights stay tied (quantized once).
+    maps a bit width to the backend's Rounding. Tied weights stay tied (quantized once).
 
     folded_norms: layer name -> the affine (γ, β) of the norm that feeds it, for converters that
     fold it into the layer before quantizing: the copy does the same fold, so the layer holds
@@ -322,8 +320,7 @@ def weight_only_reference(module: nn.Module, spec: QuantSpec, rounding_for_bits,
             wq = spec.for_layer(name, layer)
             if wq is None or name in keep_float:
                 continue
-            rounding = (embedding_rounding if embedding_rounding and isinstance(layer, nn.Embedding)
-                        else rounding_for_bits)(wq.bits)
+            rounding = rounding_for_bits(wq.bits)
             if name in folded_norms:
                 folded_norms[name].fold_into(layer, lambda w: fake_quantize(w, wq, rounding))
                 continue

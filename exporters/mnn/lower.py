@@ -223,7 +223,7 @@ def export(work: _Work) -> None:
         transformers_model.config._attn_implementation = "eager"
     work.signature = onnx_signature(work.captured, transformers_model if task == "causal-lm" else module)
     work.onnx_model = export_onnx(work.signature, transformers_model, OPSET, weights_dir=work.folder)
-    nodes, _ = weight_nodes(work.onnx_model, "MatMul", class_names(work.signature.module, nn.Linear))
+    nodes = weight_nodes(work.onnx_model, "MatMul", class_names(work.signature.module, nn.Linear))
     # The graph's files hold the rounded weights now: the rounded copy goes (5 GB for a 1B model).
     work.module, work.signature = None, replace(work.signature, module=None)
     graph = work.onnx_model.graph

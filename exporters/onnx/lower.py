@@ -275,8 +275,8 @@ def export(work: _Work) -> None:
     work.counts["transposes_folded"] = onnx_graph.fold_weight_transposes(model, folder)
     work.counts["gemms_rewritten"] = onnx_graph.linear_gemms_to_matmuls(model, linear_classes, folder)
     # Which nodes are the model's linear and embedding layers is known only from the trace records.
-    work.linear, _ = weight_nodes(model, "MatMul", linear_classes)  # other constant-weight nodes stay fp32
-    work.embedding, _ = weight_nodes(model, "Gather", embedding_classes)
+    work.linear = weight_nodes(model, "MatMul", linear_classes)  # other constant-weight nodes stay fp32
+    work.embedding = weight_nodes(model, "Gather", embedding_classes)
     onnx_graph.strip_trace_records(model)
     onnx_graph.check_graph(model, folder)
     work.model, work.float_bytes = model, onnx_graph.graph_bytes(model)
