@@ -1,11 +1,11 @@
 """The captured model as an ONNX graph, for the backends that start from one (ONNX Runtime's own,
 and MNN, whose converter reads ONNX): one calling convention, one torch.onnx export.
 
-Decoder LMs take the KV cache as inputs and return it grown (onnxruntime-genai's names and its
-default `past_present_share_buffer: false`): each call takes `past_key_values.N.key/value`
-[1, kv_heads, past_len, head_dim] and returns `present.N.key/value` [1, kv_heads, past_len + T,
-head_dim], the past followed by the new tokens; the first call passes past_len 0. Other models
-keep the captured signature."""
+Decoder LMs take the KV cache as inputs and return it grown (onnxruntime-genai's names): each
+call takes `past_key_values.N.key/value` [1, kv_heads, past_len, head_dim] and returns
+`present.N.key/value` [1, kv_heads, past_len + T, head_dim], the past followed by the new tokens;
+the first call passes past_len 0. (ONNX's fused attention also takes genai's shared buffer:
+exporters/onnx/metadata.py.) Other models keep the captured signature."""
 
 from __future__ import annotations
 

@@ -58,13 +58,16 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_ke
 
 
 def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
-                          past_value: torch.Tensor, scale: float, softcap: float, window: int,
-                          rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
+                          past_value: torch.Tensor, positions: torch.Tensor, scale: float, softcap: float,
+                          window: int, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
     """_attend's arguments and results; under torch.onnx.export one com.microsoft node, with the
-    lengths it wants from the shapes (seqlens_k: total - 1 per batch row, and the total, int32).
-    The op rotates by position ids into cos/sin tables of at least total rows: here this call's
-    own cos/sin rows (what the model's rotary module computed for these tokens, whatever its
-    scaling), padded to the total, read at 0 .. T - 1."""
+    lengths it wants (seqlens_k: total - 1 per batch row, and the total, int32) taken from the
+    last new token's position (`positions` [1, T], the cache positions), not from the past's
+    shape: with onnxruntime-genai's past_present_share_buffer the past is a buffer of the whole
+    context whose first total - T rows are filled, and the op writes the new rows in place.
+    The op rotates by position ids into cos/sin tables of at least the present's rows: here this
+    call's own cos/sin rows (what the model's rotary module computed for these tokens, whatever
+    its scaling), padded by the past's rows, read at 0 .. T - 1."""
     if not torch.onnx.is_in_onnx_export():
         return _attend(query, key, value, past_key, past_value, scale, softcap, window, rotary)
     batch, heads, length, dim = query.shape
@@ -76,8 +79,8 @@ def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     def table(x: torch.Tensor) -> torch.Tensor:  # [1, T, D] -> [P + T, D / 2]
         return torch.cat([x[0, :, :dim // 2], x.new_zeros(past_key.shape[2], dim // 2)])
 
-    seqlens = torch.full((batch,), total - 1, dtype=torch.int32)
-    total_length = torch.full((), total, dtype=torch.int32)
+    last = positions[:, -1].to(torch.int32)
+    seqlens, total_length = last.expand(batch), last[0] + 1
     inputs = [rows(query), rows(key), rows(value), past_key, past_value, seqlens, total_length]
     if rotary is not None:
         inputs += [table(rotary[0]), table(rotary[1]), torch.arange(length).unsqueeze(0)]
@@ -91,10 +94,12 @@ def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 @dataclass
 class _Step:
-    """One call's caches: the past by layer (graph inputs) and the present the op returns; and
-    the rotary cos/sin a layer deferred to the op (set by _deferred_rotary, taken by _attention)."""
+    """One call's caches: the past by layer (graph inputs), the new tokens' cache positions [1, T]
+    and the present the op returns; and the rotary cos/sin a layer deferred to the op (set by
+    _deferred_rotary, taken by _attention)."""
 
     past: dict[str, torch.Tensor]
+    positions: torch.Tensor
     windows: list[int]
     present: dict[str, torch.Tensor] = field(default_factory=dict)
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -113,7 +118,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if rotary is not None and rotary[0].shape[-1] != dim:  # partial rotary: the op is not asked to
         query, key, rotary = rotate(query, *rotary), rotate(key, *rotary), None
     out, step.present[f"k_{index}"], step.present[f"v_{index}"] = group_query_attention(
-        query, key, value, step.past[f"k_{index}"], step.past[f"v_{index}"],
+        query, key, value, step.past[f"k_{index}"], step.past[f"v_{index}"], step.positions,
         dim ** -0.5 if scaling is None else scaling, softcap or 0.0, step.windows[index], rotary)
     return out.reshape(*out.shape[:2], -1, dim), None
 
@@ -154,7 +159,7 @@ class GroupQueryAttentionDecoder(nn.Module):
         self.rotary_families = halves_rotating_families(model)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: dict[str, torch.Tensor]):
-        step = _Step(past, layer_windows(self.facts))
+        step = _Step(past, position_ids, layer_windows(self.facts))
         token = _STEP.set(step)
         try:
             total = past["k_0"].shape[2] + input_ids.shape[1]

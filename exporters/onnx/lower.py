@@ -395,7 +395,8 @@ def lower(captured: CapturedModel, quant: QuantSpec, options: Options,
     }
     if captured.loaded.task == "causal-lm":
         facts["kv_cache"] = {"past": list(PAST), "present": list(PRESENT), "layout": "[1, kv_heads, length, head_dim]",
-                             "growth": "present = past followed by the new tokens (past_present_share_buffer false)"}
+                             "growth": "present = past followed by the new tokens; onnxruntime-genai shares one buffer of "
+                                       "the context for both (past_present_share_buffer true)"}
         facts["genai_config"] = GENAI_CONFIG
     return Lowered(
         files=dict(work.files),

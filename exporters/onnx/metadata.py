@@ -3,9 +3,11 @@
 onnxruntime-genai reads to drive the model (its `model.decoder` I/O names, head layout, stop tokens,
 context length, and search defaults: greedy).
 
-KV cache convention: exporters/onnx_capture.py (onnxruntime-genai's default,
-`past_present_share_buffer: false`; its shared-buffer mode is for graphs built around its
-GroupQueryAttention op, which a torch.export graph does not contain)."""
+KV cache convention: exporters/onnx_capture.py. genai runs it with `past_present_share_buffer:
+true`, as its own builder's models: the past is one buffer of the whole context per layer and
+GroupQueryAttention writes each call's keys and values into it in place, taking the filled length
+from the position ids (exporters/onnx/group_query_attention.py); other ONNX Runtime apps may pass
+a past of exactly the filled length and take the grown present, the same graph."""
 
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def genai_config(facts, tokenizer, max_seq_len: int, model_file: str) -> dict:
         "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": max_seq_len, "min_length": 0,
         "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
         "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
-        "past_present_share_buffer": False,
+        "past_present_share_buffer": True,
     }
     return {"model": model, "search": search}
 
