@@ -42,11 +42,19 @@ def loaded_version(loaded) -> str:
     return "weights " + hashlib.sha256("".join(h for _, h in loaded.weight_files).encode()).hexdigest()[:16]
 
 
+# The model types onnxruntime-genai (0.18) runs as its plain decoder-only model, edgepack's graph.
+# It runs others its own way (gpt2 with one combined past a layer) or not at all; for those the
+# config names its generic "decoder" type.
+GENAI_DECODER_TYPES = frozenset({"chatglm", "ernie4_5", "gemma", "gemma2", "gemma3_text", "granite", "internlm2",
+                                 "llama", "mistral", "nemotron", "olmo", "phi", "phi3", "phimoe", "qwen2", "qwen3",
+                                 "smollm3"})
+
+
 def genai_config(facts, tokenizer, max_seq_len: int, model_file: str) -> dict:
     """onnxruntime-genai's genai_config.json for a decoder LM exported by edgepack."""
     eos = list(tokenizer.eos_ids) if tokenizer and tokenizer.eos_ids else []
     model = {
-        "type": facts.model_type,
+        "type": facts.model_type if facts.model_type in GENAI_DECODER_TYPES else "decoder",
         "context_length": max_seq_len,
         "vocab_size": facts.vocab_size,
         "decoder": {

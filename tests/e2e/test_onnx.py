@@ -17,7 +17,7 @@ import torch
 from edgepack.cases import cosine
 from edgepack.packaging.manifest import read_manifest
 from edgepack.quant import QuantSpec
-from tests.conftest import REPO_ROOT, export_json, offset_grid_weights, run_cli
+from tests.conftest import REPO_ROOT, export_json, genai_smoke_case, offset_grid_weights, run_cli
 
 
 def _model(path: Path):
@@ -318,39 +318,17 @@ def test_onnxruntime_genai_runs_the_smoke_case(onnx_export, tmp_path, share_buff
     smoke's cosine bound of the artifact's expected ones, and decoding greedily it gives the case's
     tokens. As shipped (one buffer of the context per layer, written in place by the attention
     op) and with the cache growing (past and present apart, as genai runs other models)."""
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     bundle = onnx_export[2]
-    manifest = read_manifest(bundle)
-    case = manifest["smoke"]["cases"][0]
-    prompt = np.load(bundle / case["inputs"][0]["path"]).reshape(-1).astype(np.int32)
-    expected = np.load(bundle / case["expected"]["onnx"]["tokens"]["path"])
-    expected_logits = np.load(bundle / case["expected"]["onnx"]["logits"]["path"])
     folder = tmp_path / "onnx"
     shutil.copytree(bundle / "onnx", folder)
     config = json.loads((folder / "genai_config.json").read_text())
     config["search"]["past_present_share_buffer"] = share_buffer
     (folder / "genai_config.json").write_text(json.dumps(config))
-    model = og.Model(str(folder))
-
-    def generator():
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt.size + len(expected), do_sample=False)
-        return og.Generator(model, params)
-
-    forced = generator()
-    rows = []
-    for step in [prompt, *expected[:-1, None].astype(np.int32)]:
-        forced.append_tokens(step)
-        rows.append(forced.get_logits().reshape(-1).copy())
-    cosines = [cosine(row, reference) for row, reference in zip(rows, expected_logits)]
-    assert min(cosines) >= manifest["smoke"]["tolerance"]["min_cosine"], cosines
-    greedy, tokens = generator(), []
-    greedy.append_tokens(prompt)
-    while not greedy.is_done():
-        greedy.generate_next_token()
-        tokens.append(int(greedy.get_next_tokens()[0]))
+    cosines, tokens, expected = genai_smoke_case(bundle, folder)
+    assert min(cosines) >= read_manifest(bundle)["smoke"]["tolerance"]["min_cosine"], cosines
     # genai stops at a stop token, which the smoke case decodes past
-    assert tokens == expected.tolist()[:len(tokens)] and (len(tokens) == len(expected) or tokens[-1] in (1, 2))
+    assert tokens == expected[:len(tokens)] and (len(tokens) == len(expected) or tokens[-1] in (1, 2))
 
 
 # Mixed precision on the tiny BERT: int8 per channel for two tables and three linear layers (one
