@@ -166,6 +166,15 @@ def _rows(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, 1)
 
 
+def judge_greedy(run: Callable[[Case, CaseOutput | None], CaseOutput], case: Case, expected: CaseOutput,
+                 tolerance: Tolerance) -> dict:
+    """A greedy case through an artifact (`run(case, forced)`): teacher-forced on the reference's
+    tokens (gated, every step), then free-running (recorded: where the greedy paths part)."""
+    metrics = compare(expected, run(case, expected))
+    metrics["free_running"] = compare_free_running(expected, run(case, None))
+    return {**metrics, "failures": within(metrics, tolerance)}
+
+
 def within(metrics: dict, tol: Tolerance) -> list[str]:
     """The reasons `metrics` fail `tol`; empty when they pass."""
     if "shape_mismatch" in metrics:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgepack.cases import Case, CaseOutput, Tolerance, compare, compare_free_running, run_case, within
+from edgepack.cases import Case, CaseOutput, Tolerance, compare, judge_greedy, run_case, within
 from edgepack.errors import EdgepackError, InputError
 from edgepack.exporters.backend import CompanionCheck, function
 from edgepack.exporters.registry import BACKENDS
@@ -72,12 +72,10 @@ def judge_case(case: Case, run: Callable[[Case, CaseOutput | None], CaseOutput],
     (gated, every step), then free-running (recorded: where the greedy paths part); other cases
     once, also compared with fp32 (recorded)."""
     if case.kind == "greedy":
-        metrics = compare(expected, run(case, expected))
-        metrics["free_running"] = compare_free_running(expected, run(case, None))
-    else:
-        actual = run(case, None)
-        metrics = compare(expected, actual)
-        metrics["vs_fp32"] = compare(fp32, actual)
+        return judge_greedy(run, case, expected, tolerance)
+    actual = run(case, None)
+    metrics = compare(expected, actual)
+    metrics["vs_fp32"] = compare(fp32, actual)
     return {**metrics, "failures": within(metrics, tolerance)}
 
 

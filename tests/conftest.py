@@ -260,40 +260,6 @@ def files_under(path: Path) -> list[str]:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def genai_smoke_case(bundle: Path, onnx_folder: Path | None = None) -> tuple[list[float], list[int], list[int]]:
-    """The bundle's ONNX decoder run by onnxruntime-genai as its genai_config.json says (the
-    bundle's onnx/, or a copy of it at `onnx_folder`) on the smoke case: the cosine of each step's
-    logits, fed the prompt and then the expected tokens, against the artifact's expected logits;
-    the tokens it decodes greedily from the prompt (stopping at a stop token); the expected ones."""
-    import numpy as np
-    import onnxruntime_genai as og
-
-    from edgepack.cases import cosine
-    from edgepack.packaging.manifest import read_manifest
-
-    case = read_manifest(bundle)["smoke"]["cases"][0]
-    prompt = np.load(bundle / case["inputs"][0]["path"]).reshape(-1).astype(np.int32)
-    expected = np.load(bundle / case["expected"]["onnx"]["tokens"]["path"])
-    expected_logits = np.load(bundle / case["expected"]["onnx"]["logits"]["path"])
-    model = og.Model(str(onnx_folder or bundle / "onnx"))
-
-    def generator():
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt.size + len(expected), do_sample=False)
-        return og.Generator(model, params)
-
-    forced, cosines = generator(), []
-    for step, reference in zip([prompt, *expected[:-1, None].astype(np.int32)], expected_logits):
-        forced.append_tokens(step)
-        cosines.append(cosine(forced.get_logits().reshape(-1), reference))
-    greedy, tokens = generator(), []
-    greedy.append_tokens(prompt)
-    while not greedy.is_done():
-        greedy.generate_next_token()
-        tokens.append(int(greedy.get_next_tokens()[0]))
-    return cosines, tokens, expected.tolist()
-
-
 def offset_grid_weights(model_dir: Path, calibration: Path | None = None) -> dict:
     """The decoder's weights as a default export stores them on the offset grid: its int4 weights
     fitted to the calibration texts, the built-in ones by default (decoder_precision.fit_offset_blocks,
