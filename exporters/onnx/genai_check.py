@@ -16,14 +16,17 @@ from edgepack.cases import Case, CaseOutput, MethodCall, Tolerance, judge_greedy
 from edgepack.errors import RuntimeUnavailableError
 
 
-def generator_call(folder: Path, max_length: int) -> MethodCall:
-    """forward(tokens [1, T], input_pos [1]) on genai's generator: position 0 starts a new one,
-    later calls append their tokens to it; the logits of the last token appended."""
+def _model(folder: Path):
     try:
         import onnxruntime_genai as og
     except ImportError as e:
         raise RuntimeUnavailableError("onnxruntime-genai is not installed", hint="pip install 'edgepack[onnx]'") from e
-    model = og.Model(str(folder))
+    return og, og.Model(str(folder))
+
+
+def generator_call(og, model, max_length: int) -> MethodCall:
+    """forward(tokens [1, T], input_pos [1]) on genai's generator for `model`: position 0 starts a
+    new one, later calls append their tokens to it; the logits of the last token appended."""
     state: dict = {}
 
     def call(_: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -40,12 +43,13 @@ def generator_call(folder: Path, max_length: int) -> MethodCall:
 
 def check_on_genai(bundle: Path, manifest: dict, artifact: dict, cases: list[tuple[Case, CaseOutput]],
                    host_cases: dict[str, dict]) -> dict[str, dict]:
-    """Each greedy case through genai, against the artifact's expected outputs and tolerance."""
-    folder = (bundle / artifact["runtime"]["genai_config"]).parent
+    """Each greedy case through genai (the folder loaded once), against the artifact's expected
+    outputs and tolerance."""
+    og, model = _model((bundle / artifact["runtime"]["genai_config"]).parent)
     tolerance = Tolerance.from_dict(artifact["smoke_tolerance"])
     results = {}
     for case, expected in cases:
         if case.kind == "greedy":
-            call = generator_call(folder, case.inputs[0].size + case.steps)
+            call = generator_call(og, model, case.inputs[0].size + case.steps)
             results[case.name] = judge_greedy(lambda c, forced: run_case(c, call, forced), case, expected, tolerance)
     return results
