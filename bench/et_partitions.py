@@ -148,17 +148,20 @@ def prefill_and_decode(method, ids) -> tuple[float, float, list]:
 
 def speeds(paths: dict[str, Path], tokens: np.ndarray, rounds: int) -> tuple[dict, dict]:
     """Tokens per second of each .pte through ExecuTorch's runtime (the LLM kernels loaded), the
-    .pte files interleaved within each round so that the host's load falls on all of them; and the
-    logits of each (the prompt's last position, then every decode step)."""
+    .pte files interleaved within each round so that the host's load falls on all of them, each
+    round starting one .pte further on (a .pte's place in the round moves its speed: on the Intel
+    host the first of three decoded 2-3 % faster, 2026-12-07); and the logits of each (the
+    prompt's last position, then every decode step)."""
     import torch
 
     methods = load_methods(paths)
+    names = list(methods)
     ids = torch.from_numpy(tokens)[None]
     runs = {name: {"prefill_tokens_per_s": [], "decode_tokens_per_s": []} for name in paths}
     logits = {}
     for round_ in range(rounds + 1):  # round 0 warms up and is not counted
-        for name, method in methods.items():
-            prefill_s, decode_s, rows = prefill_and_decode(method, ids)
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            prefill_s, decode_s, rows = prefill_and_decode(methods[name], ids)
             logits[name] = np.concatenate([r.reshape(1, -1).numpy() for r in rows])
             if round_:
                 runs[name]["prefill_tokens_per_s"].append(round(PROMPT_LEN / prefill_s, 1))
