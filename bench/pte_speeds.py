@@ -33,12 +33,13 @@ def compare(paths: dict[str, Path], rounds: int, vocab: int) -> dict:
     for i, name in enumerate(names):
         entry = {"pte": str(paths[name]), "bytes": paths[name].stat().st_size, **pte_instructions(paths[name]),
                  "runs": runs[name], **{f"median_{m}": float(np.median(v)) for m, v in runs[name].items()}}
+        entry["vs"] = {}
         for other in names[i + 1:]:
-            entry[f"vs_{other}"] = {"max_abs_logits_diff": float(np.abs(logits[name] - logits[other]).max())}
+            vs = entry["vs"][other] = {"max_abs_logits_diff": float(np.abs(logits[name] - logits[other]).max())}
             for metric, per_round in runs[name].items():
                 ratio = np.array(per_round) / np.array(runs[other][metric])
-                entry[f"vs_{other}"][metric] = {"median_of_rounds": round(float(np.median(ratio)), 3),
-                                                "faster_in": int((ratio > 1).sum()), "rounds": rounds}
+                vs[metric] = {"median_of_rounds": round(float(np.median(ratio)), 3),
+                              "faster_in": int((ratio > 1).sum()), "rounds": rounds}
         report[name] = entry
     return report
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, entry in report["ptes"].items():
         print(f"{name}: decode {entry['median_decode_tokens_per_s']:.1f} tokens/s, prefill "
               f"{entry['median_prefill_tokens_per_s']:.1f}, {entry['delegate_calls']} delegate calls")
-        for other, vs in ((k[3:], v) for k, v in entry.items() if k.startswith("vs_")):
+        for other, vs in entry["vs"].items():
             decode, prefill = vs["decode_tokens_per_s"], vs["prefill_tokens_per_s"]
             print(f"  vs {other}: decode {decode['median_of_rounds']}x (faster in {decode['faster_in']} of "
                   f"{decode['rounds']} rounds), prefill {prefill['median_of_rounds']}x")
